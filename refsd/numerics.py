@@ -1,0 +1,188 @@
+"""Precision modes and float16 rounding.
+
+Three modes, named after TFLite GPU's ``CalculationsPrecision``:
+
+``f32``
+    float32 storage and math. The ideal every other mode is measured against.
+``f32_f16``
+    float16 *storage*: every op input and output is rounded to fp16
+    (round-to-nearest-even, overflow to inf, NaN kept); math inside an op is
+    float32.
+``f16``
+    float16 storage *and* math: each primitive inside an unfused op is rounded
+    to fp16, and reductions / matmul / conv accumulate under the **blocked
+    model**: float32 partial sums of ``block`` consecutive terms (products of
+    two fp16 numbers are exact in float32), each partial rounded to fp16 and
+    added to an fp16 running sum::
+
+        s = r16(P_0);  s = r16(s + r16(P_j))  for j = 1 .. ceil(K / block) - 1
+
+    ``block=1`` is a sequential fp16 dot product, bit for bit what a
+    ``np.float16`` scalar loop computes. A GPU shader that accumulates FLT4
+    slices in half registers is ``block=4``; the default ``block=32`` models a
+    kernel that keeps a short fp32 partial (and keeps emulation fast).
+
+``ftz=True`` flushes fp16 subnormals (``|x| < 2**-14``) to signed zero, as many
+mobile GPUs do.
+
+All arrays stay ``float32`` holding fp16 values: rounding is emulated around
+float32 BLAS, never computed in ``np.float16`` loops (NumPy's float16 matmul is
+hundreds of times slower and accumulates in float32 anyway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+MODES = ("f32", "f32_f16", "f16")
+FP16_MAX = 65504.0
+FP16_MIN_NORMAL = 2.0**-14
+FP16_MIN_SUBNORMAL = 2.0**-24
+# Unit roundoff u (half an ulp at 1): 11 significant bits for fp16, 24 for fp32.
+U_F32 = 2.0**-24
+U_F16 = 2.0**-11
+
+_U32 = np.uint32
+_SIGN = _U32(0x80000000)
+_ABS = _U32(0x7FFFFFFF)
+_INF = _U32(0x7F800000)
+# float32 bit patterns: smallest magnitude that rounds to fp16 inf (65520),
+# and the smallest fp16 normal (2**-14).
+_OVERFLOW_FROM = _U32(0x477FF000)
+_NORMAL_FROM = _U32(0x38800000)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A precision mode: ``mode`` in MODES, flush-to-zero, f16 accumulation block."""
+
+    mode: str = "f32"
+    ftz: bool = False
+    block: int = 32
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown precision mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if not isinstance(self.block, (int, np.integer)) or self.block < 1:
+            raise ValueError(f"accumulation block must be a positive integer, got {self.block!r}")
+
+    @property
+    def storage16(self) -> bool:
+        """Tensors between ops are fp16."""
+        return self.mode != "f32"
+
+    @property
+    def math16(self) -> bool:
+        """Primitives inside unfused ops are fp16."""
+        return self.mode == "f16"
+
+    @property
+    def unit_roundoff(self) -> float:
+        return U_F32 if self.mode == "f32" else U_F16
+
+
+_PRECISION: contextvars.ContextVar[Precision] = contextvars.ContextVar("refsd_precision", default=Precision())
+
+
+@contextlib.contextmanager
+def precision(mode: str | Precision = "f32", *, ftz: bool = False, block: int = 32) -> Iterator[Precision]:
+    """Run the enclosed ops under a precision mode::
+
+        with precision("f16", ftz=True):
+            y = ops.gelu(x, approximate="tanh")
+    """
+    p = mode if isinstance(mode, Precision) else Precision(mode, ftz, block)
+    token = _PRECISION.set(p)
+    try:
+        yield p
+    finally:
+        _PRECISION.reset(token)
+
+
+def current_precision() -> Precision:
+    return _PRECISION.get()
+
+
+@dataclass(frozen=True)
+class RoundingStats:
+    """What one rounding to fp16 did. Counts are element counts."""
+
+    overflow: int  # finite in float32, inf in fp16
+    to_zero: int  # non-zero in float32, zero in fp16
+    to_subnormal: int  # non-zero, lands in fp16's subnormal range (lost precision)
+    had_nan: bool  # NaN already present before rounding
+    had_inf: bool  # inf already present before rounding
+    max_abs: float  # of the rounded result, NaN ignored
+
+
+def round_f16(x: np.ndarray, *, ftz: bool = False) -> np.ndarray:
+    """Round to the nearest fp16 value (ties to even), returned as float32.
+
+    Overflow goes to +-inf (anything >= 65520 in magnitude), NaN stays NaN,
+    subnormals are kept (``ftz=False``) or flushed to signed zero.
+    Bit for bit equal to ``x.astype(np.float16).astype(np.float32)`` when
+    ``ftz=False``, and about twice as fast (bench/README.md).
+    """
+    return _round_f16(np.asarray(x, dtype=np.float32), ftz, stats=False)[0]
+
+
+def round_f16_stats(x: np.ndarray, *, ftz: bool = False) -> tuple[np.ndarray, RoundingStats]:
+    """``round_f16`` plus what it did, for the exception monitor."""
+    return _round_f16(np.asarray(x, dtype=np.float32), ftz, stats=True)
+
+
+def _round_f16(x: np.ndarray, ftz: bool, stats: bool) -> tuple[np.ndarray, RoundingStats | None]:
+    x = np.ascontiguousarray(x)
+    u = x.view(_U32)
+    a = u & _ABS
+    # Round-to-nearest-even onto 10 mantissa bits: add 0x0FFF plus the lowest
+    # kept bit, then truncate the 13 dropped bits. Carries into the exponent
+    # are exactly the round-up-to-next-binade cases.
+    r = a >> _U32(13)
+    r &= _U32(1)
+    r += a
+    r += _U32(0x0FFF)
+    r &= _U32(0xFFFFE000)
+    hi = int(a.max()) if a.size else 0
+    lo = int(a.min()) if a.size else 0
+    overflow = to_zero = to_subnormal = 0
+    had_nan = hi > int(_INF)
+    had_inf = False
+    if hi >= int(_OVERFLOW_FROM):
+        big = a >= _OVERFLOW_FROM
+        nonfinite = a >= _INF
+        had_inf = bool(np.any(a == _INF))
+        if stats:
+            overflow = int(np.count_nonzero(big & ~nonfinite))
+        r[big] = _INF
+        r[nonfinite] = a[nonfinite]  # keep inf and NaN (with payload)
+    if lo < int(_NORMAL_FROM):
+        small = a < _NORMAL_FROM
+        if stats:
+            nonzero_small = small & (a != 0)
+        if ftz:
+            r[small] = 0
+        else:
+            # Below 2**-14 fp16 is a fixed-point grid of step 2**-24; adding 0.5
+            # (whose float32 ulp is 2**-24) rounds onto it, ties to even.
+            half = np.float32(0.5)
+            r[small] = ((a[small].view(np.float32) + half) - half).view(_U32)
+        if stats:
+            zero_after = r == 0
+            to_zero = int(np.count_nonzero(nonzero_small & zero_after))
+            to_subnormal = int(np.count_nonzero(nonzero_small)) - to_zero
+    r |= u & _SIGN
+    out = r.view(np.float32).reshape(x.shape)
+    if not stats:
+        return out, None
+    # Rounding is monotonic in |x|, so the largest rounded magnitude is the
+    # rounding of the largest input magnitude (NaN bit patterns excluded).
+    top = hi if not had_nan else int(a[a <= _INF].max(initial=0))
+    max_abs = float(_round_f16(np.array([top], _U32).view(np.float32), ftz, stats=False)[0][0])
+    return out, RoundingStats(overflow, to_zero, to_subnormal, had_nan, had_inf, max_abs)
+

@@ -1,0 +1,41 @@
+"""The ops: pure functions on NumPy arrays, NHWC, each honouring the active
+precision mode (``refsd.numerics.precision``) and reporting to the active
+exception monitor (``refsd.monitor.monitoring``).
+
+Arrays are positional, attributes keyword-only. Every rewrite sits beside the
+op it replaces; ``REWRITES`` maps each to its original.
+"""
+
+from refsd.ops.activations import erf, geglu, geglu_clip, geglu_fused, gelu, gelu_clip, gelu_fused, quick_gelu, silu
+from refsd.ops.attention import attention, flash_attention, softmax, softmax_partial_fused
+from refsd.ops.conv import conv2d, conv_output_hw, serial_conv, serial_conv_factor
+from refsd.ops.elementwise import add, mul, scale
+from refsd.ops.embedding import timestep_embedding
+from refsd.ops.linear import fc_as_conv, linear
+from refsd.ops.norm import gn4d, group_norm, group_norm_fused, layer_norm
+from refsd.ops.quant import dequantize_int8, quantize_int8
+from refsd.ops.resample import upsample_nearest2x
+from refsd.ops.winograd import conv2d_winograd, winograd_error_scale
+
+# rewrite -> the op it replaces (same positional arrays, same result up to rounding)
+REWRITES = {
+    "fc_as_conv": "linear",
+    "serial_conv": "conv2d",
+    "gn4d": "group_norm",
+    "group_norm_fused": "group_norm",
+    "gelu_clip": "gelu",
+    "gelu_fused": "gelu",
+    "geglu_clip": "geglu",
+    "geglu_fused": "geglu",
+    "softmax_partial_fused": "attention",
+    "flash_attention": "attention",
+    "conv2d_winograd": "conv2d",
+}
+
+__all__ = [
+    "REWRITES", "add", "attention", "conv2d", "conv2d_winograd", "conv_output_hw", "dequantize_int8", "erf",
+    "fc_as_conv", "flash_attention", "geglu", "geglu_clip", "geglu_fused", "gelu", "gelu_clip", "gelu_fused",
+    "gn4d", "group_norm", "group_norm_fused", "layer_norm", "linear", "mul", "quantize_int8", "quick_gelu",
+    "scale", "serial_conv", "serial_conv_factor", "silu", "softmax", "softmax_partial_fused", "timestep_embedding",
+    "upsample_nearest2x", "winograd_error_scale",
+]

@@ -1,0 +1,273 @@
+"""What every op is built from: the precision-aware load / store / primitive
+rounding, blocked fp16 accumulation, and the hook into the exception monitor.
+
+An op body reads its inputs with ``load`` (activations) and ``param``
+(weights), rounds each primitive with ``prim`` (a no-op unless ``f16``),
+accumulates with ``matmul`` / ``reduce_sum`` and returns ``store(y)``.
+
+Outputs of ops are returned read-only and remembered as "already fp16", so the
+next op's ``load`` does not round them again (weights rounded once at load
+time are remembered the same way via ``mark_stored``). The memo is keyed on
+the array object itself and dies with it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+
+from refsd import monitor as _mon
+from refsd.numerics import RoundingStats, current_precision, round_f16, round_f16_stats
+
+# ---------------------------------------------------------------- op frames
+
+
+@dataclass
+class _Frame:
+    op: str
+    inputs_finite: bool
+    nonfinite_reported: bool = False
+    out_max_abs: float = 0.0
+
+
+_FRAME: contextvars.ContextVar[_Frame | None] = contextvars.ContextVar("refsd_op_frame", default=None)
+
+# id(array) -> (weakref to it, ftz it was rounded with or None if not rounded, all finite)
+_KNOWN: dict[int, tuple[weakref.ref, bool | None, bool]] = {}
+
+
+def _remember(arr: np.ndarray, ftz: bool | None, finite: bool) -> None:
+    key = id(arr)
+    if key not in _KNOWN:
+        weakref.finalize(arr, _KNOWN.pop, key, None)
+    _KNOWN[key] = (weakref.ref(arr), ftz, finite)
+
+
+def _known(arr) -> tuple[bool | None, bool] | None:
+    info = _KNOWN.get(id(arr))
+    if info is None or info[0]() is not arr:
+        return None
+    return info[1], info[2]
+
+
+def mark_stored(arr: np.ndarray, *, ftz: bool = False) -> np.ndarray:
+    """Round ``arr`` to fp16 once, make it read-only and remember it, so ops
+    in fp16-storage modes use it without rounding again (for weights)."""
+    out = round_f16(arr, ftz=ftz)
+    out.flags.writeable = False
+    _remember(out, ftz, bool(np.isfinite(out).all()))
+    return out
+
+
+def op(fn):
+    """Make ``fn`` an op: it reports to the active monitor under its name."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        mon = _mon.active_monitor()
+        if mon is None:
+            with np.errstate(all="ignore"):  # inf and NaN are results here, reported by the monitor
+                return fn(*args, **kwargs)
+        finite = all(_is_finite(a) for a in args if isinstance(a, np.ndarray) and a.dtype.kind == "f")
+        frame = _Frame(name, finite)
+        token = _FRAME.set(frame)
+        try:
+            with np.errstate(all="ignore"):
+                out = fn(*args, **kwargs)
+        finally:
+            _FRAME.reset(token)
+        mon.op_output(name, frame.out_max_abs)
+        return out
+
+    wrapper.__refsd_op__ = name
+    return wrapper
+
+
+def _is_finite(a: np.ndarray) -> bool:
+    known = _known(a)
+    if known is not None:
+        return known[1]
+    return bool(np.isfinite(a).all())
+
+
+def _frame() -> _Frame:
+    # Ops called outside a monitored op body (helpers used directly) get a throwaway frame.
+    return _FRAME.get() or _Frame("?", True)
+
+
+# ---------------------------------------------------------------- rounding points
+
+
+def _report(stats, primitive: str, *, constant: str | None = None) -> None:
+    mon = _mon.active_monitor()
+    frame = _frame()
+    if constant is not None:
+        if stats.overflow:
+            mon.event("constant", frame.op, primitive, stats.overflow, f"{constant} overflows fp16 (becomes inf)", True)
+        if stats.to_zero:
+            mon.event("constant", frame.op, primitive, stats.to_zero, f"{constant} flushes to zero in fp16", True)
+        if stats.to_subnormal:
+            mon.event(
+                "constant", frame.op, primitive, stats.to_subnormal,
+                f"{constant} is subnormal in fp16 (precision lost; zero on FTZ hardware)", False,
+            )
+        return
+    if stats.overflow:
+        mon.event("overflow", frame.op, primitive, stats.overflow, "finite value rounds to inf in fp16", True)
+    if (stats.had_nan or stats.had_inf) and not frame.nonfinite_reported:
+        frame.nonfinite_reported = True
+        if not frame.inputs_finite:
+            mon.event("propagated", frame.op, primitive, 1, "inputs held inf/NaN", False)
+        elif stats.had_nan:
+            mon.event("invalid", frame.op, primitive, 1, "NaN from NaN-free inputs", True)
+        else:
+            mon.event("overflow", frame.op, primitive, 1, "inf computed from finite inputs", True)
+    if stats.to_zero:
+        mon.event("underflow", frame.op, primitive, stats.to_zero, "non-zero to zero", False)
+    if stats.to_subnormal:
+        mon.event("underflow", frame.op, primitive, stats.to_subnormal, "non-zero to subnormal", False)
+
+
+def _round(x: np.ndarray, primitive: str, *, constant: str | None = None) -> np.ndarray:
+    ftz = current_precision().ftz
+    if _mon.active_monitor() is None:
+        return round_f16(x, ftz=ftz)
+    r, stats = round_f16_stats(x, ftz=ftz)
+    _report(stats, primitive, constant=constant)
+    return r
+
+
+def load(x, primitive: str = "input") -> np.ndarray:
+    """An activation input: float32, rounded to fp16 in fp16-storage modes."""
+    x = np.asarray(x, dtype=np.float32)
+    p = current_precision()
+    if not p.storage16:
+        return x
+    known = _known(x)
+    if known is not None and known[0] is not None and (known[0] or not p.ftz):
+        return x
+    return _round(x, primitive)
+
+
+def param(w, name: str) -> np.ndarray:
+    """A weight or bias: like ``load``, but losses are ``constant`` events."""
+    w = np.asarray(w, dtype=np.float32)
+    p = current_precision()
+    if not p.storage16:
+        return w
+    known = _known(w)
+    if known is not None and known[0] is not None and (known[0] or not p.ftz):
+        return w
+    return _round(w, name, constant=f"weight {name}")
+
+
+def const(value, name: str):
+    """A constant of the graph (eps, a mask value, a scale): stored as fp16 in
+    fp16-storage modes, where losing it is a ``constant`` event."""
+    arr = np.asarray(value, dtype=np.float32)
+    if not current_precision().storage16:
+        return arr if arr.ndim else np.float32(arr)
+    r = _round(arr, name, constant=f"{name}={_short(value)}")
+    return r if r.ndim else np.float32(r)
+
+
+def _short(value) -> str:
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        return f"{float(arr):g}"
+    finite = arr[np.isfinite(arr)]
+    lo = float(finite.min()) if finite.size else float("nan")
+    return f"array{list(arr.shape)} min {lo:g}"
+
+
+def prim(x: np.ndarray, primitive: str) -> np.ndarray:
+    """A primitive inside an unfused op: rounded to fp16 only in ``f16``."""
+    if not current_precision().math16:
+        return x
+    return _round(np.asarray(x, dtype=np.float32), primitive)
+
+
+def stored(x: np.ndarray, primitive: str) -> np.ndarray:
+    """A tensor a composite op writes to memory between its kernels (attention
+    scores, softmax probabilities, Winograd transforms): fp16 in fp16-storage
+    modes. The fused rewrites exist to avoid exactly these roundings."""
+    if not current_precision().storage16:
+        return x
+    return _round(np.asarray(x, dtype=np.float32), primitive)
+
+
+def store(y: np.ndarray, primitive: str = "output") -> np.ndarray:
+    """An op output: rounded to fp16 in fp16-storage modes, read-only, remembered."""
+    y = np.asarray(y, dtype=np.float32)
+    p = current_precision()
+    mon = _mon.active_monitor()
+    if p.storage16:
+        if mon is None:
+            out = round_f16(y, ftz=p.ftz)
+            finite = None
+        else:
+            out, stats = round_f16_stats(y, ftz=p.ftz)
+            _report(stats, primitive)
+            finite = not (stats.had_nan or stats.had_inf or stats.overflow)
+            _frame().out_max_abs = float("nan") if stats.had_nan else (
+                float("inf") if not finite else stats.max_abs)
+    else:
+        out = y
+        finite = None
+        if mon is not None:
+            hi = float(max(out.max(), -out.min())) if out.size else 0.0
+            finite = bool(np.isfinite(hi))
+            if not finite:
+                _report(_f32_stats(out), primitive)
+            _frame().out_max_abs = hi
+    if finite is None:
+        finite = bool(np.isfinite(out).all()) if mon is not None else True
+    out.flags.writeable = False
+    _remember(out, p.ftz if p.storage16 else None, finite)
+    return out
+
+
+def _f32_stats(y: np.ndarray) -> RoundingStats:
+    return RoundingStats(0, 0, 0, bool(np.isnan(y).any()), bool(np.isinf(y).any()), float("nan"))
+
+
+# ---------------------------------------------------------------- accumulation
+
+
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` on float32 BLAS; in ``f16`` under the blocked model over K."""
+    p = current_precision()
+    if not p.math16:
+        return np.matmul(a, b)
+    k = a.shape[-1]
+    s = None
+    for k0 in range(0, k, p.block):
+        part = prim(np.matmul(a[..., k0 : k0 + p.block], b[..., k0 : k0 + p.block, :]), "matmul.partial")
+        s = part if s is None else prim(s + part, "matmul.accumulate")
+    return s
+
+
+def reduce_sum(x: np.ndarray, axis, *, keepdims: bool = False) -> np.ndarray:
+    """Sum over ``axis`` (int or tuple); in ``f16`` under the blocked model,
+    summing the reduced axes in C order (last fastest)."""
+    p = current_precision()
+    if not p.math16:
+        return np.sum(x, axis=axis, dtype=np.float32, keepdims=keepdims)
+    axes = tuple(sorted(a % x.ndim for a in ((axis,) if np.isscalar(axis) else axis)))
+    keep = [i for i in range(x.ndim) if i not in axes]
+    flat = np.transpose(x, keep + list(axes)).reshape([x.shape[i] for i in keep] + [-1])
+    k = flat.shape[-1]
+    s = None
+    for k0 in range(0, k, p.block):
+        part = prim(np.sum(flat[..., k0 : k0 + p.block], axis=-1, dtype=np.float32), "sum.partial")
+        s = part if s is None else prim(s + part, "sum.accumulate")
+    if s is None:
+        s = np.zeros(flat.shape[:-1], np.float32)
+    if keepdims:
+        s = s.reshape([1 if i in axes else n for i, n in enumerate(x.shape)])
+    return s

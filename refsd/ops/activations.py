@@ -1,0 +1,135 @@
+"""Activations: SiLU, GELU (erf and tanh), QuickGELU, GEGLU, and the GELU
+rewrites: input clipping (Choi et al. 2023) and a fused kernel (Chen et al. 2023).
+
+Unfused tanh-GELU, ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x**3)))``,
+is eight kernels; in ``f16`` each rounds, and ``x**3`` overflows fp16 for
+``|x| >= 40.3`` (41**3 = 68921 > 65504).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refsd.ops._core import const, load, op, prim, store
+
+_SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
+_INV_SQRT2 = float(1.0 / np.sqrt(2.0))
+_GELU_COEFF = 0.044715
+APPROXIMATIONS = ("none", "tanh")
+
+# Numerical Recipes' erfc (Chebyshev fit), fractional error < 1.2e-7 for all x:
+# the accuracy of float32 without SciPy, and vectorized.
+_ERFC_COEFFS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
+                0.27886807, -1.13520398, 1.48851587, -0.82215223, 0.17087277)
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """Error function in float32 (absolute error < 1.2e-7)."""
+    x = np.asarray(x, dtype=np.float32)
+    z = np.abs(x)
+    t = np.float32(1.0) / (np.float32(1.0) + np.float32(0.5) * z)
+    poly = np.float32(_ERFC_COEFFS[-1])
+    for c in reversed(_ERFC_COEFFS[:-1]):
+        poly = poly * t + np.float32(c)
+    erfc = t * np.exp(poly - z * z)
+    return np.copysign(np.float32(1.0) - erfc, x)
+
+
+def _check_approximate(approximate: str) -> None:
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"gelu approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
+
+
+def _gelu_unfused(x: np.ndarray, approximate: str, clip: float | None = None) -> np.ndarray:
+    if approximate == "none":
+        e = prim(erf(prim(x * const(_INV_SQRT2, "inv_sqrt2"), "scale")), "erf")
+    else:
+        g = x if clip is None else np.clip(x, -np.float32(clip), np.float32(clip))
+        cube = prim(g * g * g, "pow3")
+        inner = prim(g + prim(cube * const(_GELU_COEFF, "gelu_coeff"), "mul_coeff"), "add")
+        e = prim(np.tanh(prim(inner * const(_SQRT_2_OVER_PI, "sqrt_2_over_pi"), "mul_sqrt_2_over_pi")), "tanh")
+    return prim(x * np.float32(0.5), "half") * prim(np.float32(1.0) + e, "add_one")
+
+
+def gelu_f32(x: np.ndarray, approximate: str = "none") -> np.ndarray:
+    """GELU in plain float32 math (what a fused kernel computes in registers)."""
+    if approximate == "none":
+        return np.float32(0.5) * x * (np.float32(1.0) + erf(x * np.float32(_INV_SQRT2)))
+    inner = np.float32(_SQRT_2_OVER_PI) * (x + np.float32(_GELU_COEFF) * x * x * x)
+    return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(inner))
+
+
+@op
+def gelu(x: np.ndarray, *, approximate: str = "none") -> np.ndarray:
+    """GELU as ``torch.nn.functional.gelu``: ``0.5 x (1 + erf(x / sqrt 2))``,
+    or the tanh approximation with ``approximate="tanh"``. Unfused."""
+    _check_approximate(approximate)
+    return store(_gelu_unfused(load(x), approximate))
+
+
+@op
+def gelu_clip(x: np.ndarray, *, M: float = 10.0) -> np.ndarray:
+    """Numerically stable tanh-GELU (Choi et al. 2023, Sec. 3.2):
+    ``0.5 x (1 + tanh(sqrt(2/pi) (g + 0.044715 g**3)))`` with ``g = clip(x, -M, M)``.
+    For ``|x| > M`` (M >= 10) tanh has already saturated in fp32 and fp16, so
+    the result equals tanh-GELU while ``g**3 <= M**3`` cannot overflow."""
+    if not M > 0:
+        raise ValueError(f"gelu_clip needs M > 0, got {M!r}")
+    return store(_gelu_unfused(load(x), "tanh", clip=M))
+
+
+@op
+def gelu_fused(x: np.ndarray, *, approximate: str = "tanh") -> np.ndarray:
+    """GELU as one kernel (Chen et al. 2023): float32 registers, only the
+    output rounded in fp16 modes, so ``x**3`` never reaches memory or fp16."""
+    _check_approximate(approximate)
+    return store(gelu_f32(load(x), approximate))
+
+
+@op
+def silu(x: np.ndarray) -> np.ndarray:
+    """``x * sigmoid(x)`` with ``sigmoid(x) = 1 / (1 + exp(-x))``; in ``f16``
+    ``exp(-x)`` overflows for x < -11.1 (harmlessly: the result is -0)."""
+    x = load(x)
+    e = prim(np.exp(-x), "exp")
+    return store(x * prim(np.float32(1.0) / prim(np.float32(1.0) + e, "add_one"), "reciprocal"))
+
+
+@op
+def quick_gelu(x: np.ndarray) -> np.ndarray:
+    """CLIP's ``x * sigmoid(1.702 x)``."""
+    x = load(x)
+    z = prim(x * const(1.702, "quick_gelu_coeff"), "scale")
+    e = prim(np.exp(-z), "exp")
+    return store(x * prim(np.float32(1.0) / prim(np.float32(1.0) + e, "add_one"), "reciprocal"))
+
+
+def _split_geglu(h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if h.shape[-1] % 2:
+        raise ValueError(f"geglu expects an even last dimension (value, gate), got {h.shape[-1]}")
+    half = h.shape[-1] // 2
+    return h[..., :half], h[..., half:]
+
+
+@op
+def geglu(h: np.ndarray, *, approximate: str = "none") -> np.ndarray:
+    """GEGLU gate on a projected tensor ``h = [a, g]`` (last axis halves):
+    ``a * gelu(g)`` as diffusers' ``GEGLU`` after its ``proj`` linear."""
+    _check_approximate(approximate)
+    a, g = _split_geglu(load(h))
+    return store(a * _gelu_unfused(g, approximate))
+
+
+@op
+def geglu_fused(h: np.ndarray, *, approximate: str = "tanh") -> np.ndarray:
+    """``geglu`` with its GELU as one float32 kernel (``gelu_fused``)."""
+    _check_approximate(approximate)
+    a, g = _split_geglu(load(h))
+    return store(a * gelu_f32(g, approximate))
+
+
+@op
+def geglu_clip(h: np.ndarray, *, M: float = 10.0) -> np.ndarray:
+    """``geglu`` with ``gelu_clip``'s clipped tanh-GELU."""
+    a, g = _split_geglu(load(h))
+    return store(a * _gelu_unfused(g, "tanh", clip=M))

@@ -1,0 +1,148 @@
+"""Softmax and attention, with the memory-saving attention rewrites of
+Chen et al. 2023 ("Speed is all you need"): partially fused softmax and
+FlashAttention.
+
+Attention is modelled as the graph it is on a GPU: a batched matmul writes the
+scaled scores ``S = scale * Q K^T (+ mask)``, a softmax kernel writes
+``P = softmax(S)``, a batched matmul writes ``Y = P V``. ``S`` and ``P`` are
+tensors in memory, so in fp16-storage modes they are fp16: ``S`` overflows
+for large activations (``upcast_attention`` keeps it float32, as diffusers
+does) and an additive mask of -1e9 becomes -inf, making a fully masked row
+NaN. The rewrites differ exactly in which of these tensors they store.
+
+Shapes: ``q`` (N, Lq, H*D), ``k`` (N, Lk, H*D), ``v`` (N, Lk, H*Dv) ->
+(N, Lq, H*Dv). ``mask`` is additive, broadcastable to (N, H, Lq, Lk).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refsd.ops._core import const, load, matmul, op, prim, reduce_sum, store, stored
+
+
+def _softmax_math(x: np.ndarray, axis: int) -> np.ndarray:
+    """The three passes: max, sum of exp(x - max), divide. Primitives round in f16."""
+    m = np.max(x, axis=axis, keepdims=True)
+    e = prim(np.exp(prim(x - m, "subtract_max")), "exp")
+    return prim(e / reduce_sum(e, axis, keepdims=True), "divide")
+
+
+@op
+def softmax(x: np.ndarray, *, axis: int = -1) -> np.ndarray:
+    """``exp(x - max) / sum(exp(x - max))`` along ``axis``; in ``f16`` the
+    exponentials and the blocked sum round. A row of -inf gives NaN."""
+    return store(_softmax_math(load(x), axis))
+
+
+def _heads(t: np.ndarray, heads: int, name: str) -> np.ndarray:
+    if t.ndim != 3:
+        raise ValueError(f"attention expects {name} of shape (N, L, heads*dim), got {t.shape}")
+    n, length, c = t.shape
+    if heads < 1 or c % heads:
+        raise ValueError(f"attention: {heads} heads do not divide {name} width {c}")
+    return t.reshape(n, length, heads, c // heads).transpose(0, 2, 1, 3)
+
+
+def _merge(y: np.ndarray) -> np.ndarray:
+    n, h, length, d = y.shape
+    return y.transpose(0, 2, 1, 3).reshape(n, length, h * d)
+
+
+def _prepare(q, k, v, heads, mask, scale):
+    q, k, v = load(q), load(k), load(v)
+    qh, kh, vh = _heads(q, heads, "q"), _heads(k, heads, "k"), _heads(v, heads, "v")
+    if qh.shape[0] != kh.shape[0] or kh.shape[:3] != vh.shape[:3] or qh.shape[3] != kh.shape[3]:
+        raise ValueError(f"attention: incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}")
+    scale = float(qh.shape[-1] ** -0.5) if scale is None else float(scale)
+    m = None
+    if mask is not None:
+        m = const(mask, "mask")
+        try:
+            np.broadcast_shapes(np.shape(m), qh.shape[:3] + (kh.shape[2],))
+        except ValueError:
+            raise ValueError(f"attention: mask shape {np.shape(mask)} does not broadcast to scores "
+                             f"{qh.shape[:3] + (kh.shape[2],)}") from None
+    return qh, kh, vh, scale, m
+
+
+def _scores(qh, kh, scale, m, upcast_attention: bool) -> np.ndarray:
+    if upcast_attention:  # float32 scores, never stored as fp16
+        s = np.matmul(qh, kh.transpose(0, 1, 3, 2)) * np.float32(scale)
+        return s if m is None else s + m
+    s = stored(prim(matmul(qh, kh.transpose(0, 1, 3, 2)) * const(scale, "scale"), "scale"), "scores")
+    return s if m is None else stored(s + m, "masked_scores")
+
+
+@op
+def attention(q, k, v, *, heads: int = 1, mask=None, scale: float | None = None,
+              upcast_attention: bool = False, upcast_softmax: bool = False) -> np.ndarray:
+    """Scaled dot-product attention, ``softmax(scale * Q K^T + mask) V``,
+    ``scale = 1/sqrt(D)`` by default, self or cross (Lk != Lq).
+
+    ``upcast_attention``: scores and softmax in float32 (diffusers'
+    ``upcast_attention``); ``upcast_softmax``: softmax in float32 only. In both
+    the probabilities are cast back to fp16 storage before ``P V``."""
+    qh, kh, vh, scale, m = _prepare(q, k, v, heads, mask, scale)
+    s = _scores(qh, kh, scale, m, upcast_attention)
+    if upcast_attention or upcast_softmax:
+        e = np.exp(s - np.max(s, axis=-1, keepdims=True))
+        p = e / np.sum(e, axis=-1, keepdims=True)
+    else:
+        p = _softmax_math(s, -1)
+    p = stored(p, "probs")
+    return store(_merge(matmul(p, vh)))
+
+
+@op
+def softmax_partial_fused(q, k, v, *, heads: int = 1, mask=None, scale: float | None = None,
+                          upcast_attention: bool = False, upcast_softmax: bool = False) -> np.ndarray:
+    """Attention with a partially fused softmax (Chen et al. 2023): the scores
+    ``S`` are stored, a reduction kernel stores only the row max ``m`` and row
+    sum ``s = sum exp(S - m)``, and the matmul kernel computes
+    ``(exp(S - m) / s) V`` in registers, so ``P = softmax(S)`` never exists in
+    memory (one fp16 rounding fewer than ``attention``). The fused matmul runs
+    in float32 registers. ``upcast_softmax`` is accepted for signature
+    compatibility; the softmax here is never stored in fp16 anyway."""
+    qh, kh, vh, scale, m = _prepare(q, k, v, heads, mask, scale)
+    s = _scores(qh, kh, scale, m, upcast_attention)
+    row_max = np.max(s, axis=-1, keepdims=True)
+    if upcast_attention:
+        row_sum = np.sum(np.exp(s - row_max), axis=-1, keepdims=True, dtype=np.float32)
+    else:
+        row_sum = stored(reduce_sum(prim(np.exp(prim(s - row_max, "subtract_max")), "exp"), -1, keepdims=True),
+                         "row_sum")
+    y = np.matmul(np.exp(s - row_max) / row_sum, vh)
+    return store(_merge(y))
+
+
+@op
+def flash_attention(q, k, v, *, heads: int = 1, mask=None, scale: float | None = None, tile: int = 64,
+                    upcast_attention: bool = False, upcast_softmax: bool = False) -> np.ndarray:
+    """FlashAttention (Dao et al. 2022; Chen et al. 2023): keys and values in
+    tiles of ``tile`` rows, online softmax with a running max, running sum and
+    running output, all in float32 registers; only the output is stored. A row
+    whose every score is -inf is NaN, as in ``attention``. The upcast flags
+    are accepted for signature compatibility (everything is float32 inside)."""
+    if not isinstance(tile, (int, np.integer)) or tile < 1:
+        raise ValueError(f"flash_attention tile must be a positive integer, got {tile!r}")
+    qh, kh, vh, scale, m = _prepare(q, k, v, heads, mask, scale)
+    n, h, lq, _ = qh.shape
+    lk = kh.shape[2]
+    mfull = None if m is None else np.broadcast_to(m, (n, h, lq, lk))
+    run_max = np.full((n, h, lq, 1), -np.inf, np.float32)
+    run_sum = np.zeros((n, h, lq, 1), np.float32)
+    acc = np.zeros((n, h, lq, vh.shape[-1]), np.float32)
+    for j in range(0, lk, tile):
+        s = np.matmul(qh, kh[:, :, j : j + tile].transpose(0, 1, 3, 2)) * np.float32(scale)
+        if mfull is not None:
+            s = s + mfull[..., j : j + tile]
+        new_max = np.maximum(run_max, np.max(s, axis=-1, keepdims=True))
+        # A tile (or row prefix) that is all -inf must not turn the running state into NaN.
+        safe_max = np.where(np.isneginf(new_max), np.float32(0), new_max)
+        p = np.exp(s - safe_max)
+        alpha = np.exp(run_max - safe_max)
+        run_sum = run_sum * alpha + np.sum(p, axis=-1, keepdims=True)
+        acc = acc * alpha + np.matmul(p, vh[:, :, j : j + tile])
+        run_max = new_max
+    return store(_merge(acc / run_sum))

@@ -1,0 +1,32 @@
+"""Sinusoidal timestep embedding, as diffusers' ``get_timestep_embedding``."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from refsd.ops._core import op, store
+
+
+@op
+def timestep_embedding(t: np.ndarray, *, dim: int, flip_sin_to_cos: bool = False,
+                       downscale_freq_shift: float = 1.0, scale: float = 1.0,
+                       max_period: float = 10000.0) -> np.ndarray:
+    """``freq_i = exp(-ln(max_period) * i / (dim/2 - shift))``, ``i < dim/2``;
+    ``emb = [sin(s t freq), cos(s t freq)]`` (swapped with ``flip_sin_to_cos``),
+    zero-padded to odd ``dim``. float32 math like diffusers; the output is
+    rounded in fp16 modes. ``t`` has shape (N,)."""
+    t = np.asarray(t, dtype=np.float32).reshape(-1)
+    if dim < 1:
+        raise ValueError(f"timestep_embedding dim must be >= 1, got {dim}")
+    half = dim // 2
+    exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
+    freqs = np.exp(exponent / np.float32(half - downscale_freq_shift))
+    args = np.float32(scale) * (t[:, None] * freqs[None, :])
+    emb = np.concatenate([np.sin(args), np.cos(args)], axis=-1)
+    if flip_sin_to_cos:
+        emb = np.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+    if dim % 2:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return store(emb)

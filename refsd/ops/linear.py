@@ -1,0 +1,43 @@
+"""Fully connected layers and the FullyConnected-as-Conv2D rewrite."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refsd.ops._core import load, matmul, op, param, prim, store
+from refsd.ops.conv import conv2d
+
+
+def _check_linear(x: np.ndarray, w: np.ndarray, b) -> None:
+    if w.ndim != 2:
+        raise ValueError(f"linear expects weights (out_features, in_features), got shape {w.shape}")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"linear: input has {x.shape[-1]} features, weights expect {w.shape[1]}")
+    if b is not None and np.shape(b) != (w.shape[0],):
+        raise ValueError(f"linear: bias shape {np.shape(b)} does not match {w.shape[0]} output features")
+
+
+@op
+def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """``y = x @ w.T + b`` with ``w`` of shape (out_features, in_features), as
+    ``torch.nn.functional.linear``. Accumulates like ``conv2d`` (blocked in f16)."""
+    x, w = load(x), param(w, "weight")
+    _check_linear(x, w, b)
+    y = matmul(x.reshape(-1, x.shape[-1]), w.T).reshape(*x.shape[:-1], w.shape[0])
+    if b is not None:
+        y = prim(y + param(b, "bias"), "bias_add")
+    return store(y)
+
+
+@op
+def fc_as_conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """FullyConnected on (N, L, C) as Reshape -> 1x1 Conv2D -> Reshape
+    (Choi et al. 2023, Fig. 1a): the same sums in the same order as ``linear``,
+    but a graph the GPU delegate accepts for large L (e.g. 1x4096x320)."""
+    x, w = load(x), param(w, "weight")
+    _check_linear(x, w, b)
+    if x.ndim != 3:
+        raise ValueError(f"fc_as_conv expects (N, L, C) input, got shape {x.shape}")
+    n, length, c = x.shape
+    y = conv2d(x.reshape(n, length, 1, c), w.T.reshape(1, 1, c, w.shape[0]), b)
+    return store(y.reshape(n, length, w.shape[0]))

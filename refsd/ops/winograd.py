@@ -1,0 +1,93 @@
+"""Winograd F(2x2, 3x3) and F(4x4, 3x3) for 3x3 stride-1 convolutions
+(Lavin & Gray 2016; Chen et al. 2023 use 4x4 tiles on mobile GPUs).
+
+``Y = A^T [ (G g G^T) (.) (B^T d B) ] A`` per tile, summed over input channels.
+As on the GPU, the transformed input ``V``, the element-wise products summed
+over channels ``M`` and the output are tensors in memory (fp16 in fp16-storage
+modes); the transformed weights ``U`` are stored fp16 like any weight. The
+transforms' coefficients (up to 5 in B^T, 1/24 in G) amplify rounding error:
+``winograd_error_scale`` gives the magnitude that bounds it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refsd.ops._core import load, matmul, op, param, prim, store, stored
+from refsd.ops.conv import _check_conv, _padding
+
+_F2 = (
+    np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32),  # B^T
+    np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32),  # G
+    np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32),  # A^T
+)
+_F4 = (
+    np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+              [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float32),
+    np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+              [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float32),
+    np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float32),
+)
+TILES = {2: _F2, 4: _F4}
+
+
+def _matrices(tile: int):
+    if tile not in TILES:
+        raise ValueError(f"winograd tile must be 2 or 4 (F(2x2,3x3) or F(4x4,3x3)), got {tile!r}")
+    return TILES[tile]
+
+
+def _winograd(x: np.ndarray, w: np.ndarray, padding, tile: int, bt, g, at, rnd_stored, rnd_prim, acc):
+    """The algorithm, parameterized by matrices and rounding so that the
+    error-scale computation runs the same code on absolute values."""
+    (pt, pb), (pl, pr) = _padding(padding)
+    n, h, wd, cin = x.shape
+    cout = w.shape[3]
+    m, a = tile, tile + 2
+    ho, wo = h + pt + pb - 2, wd + pl + pr - 2
+    th, tw = -(-ho // m), -(-wo // m)
+    # Pad so the tiles cover the output exactly; the extra rows/cols are cropped.
+    xp = np.pad(x, ((0, 0), (pt, pb + th * m - ho), (pl, pr + tw * m - wo), (0, 0)))
+    d = np.lib.stride_tricks.sliding_window_view(xp, (a, a), axis=(1, 2))[:, ::m, ::m][:, :th, :tw]
+    d = d.transpose(4, 5, 0, 1, 2, 3).reshape(a, a, -1)  # (a, a, P*C) with P = n*th*tw
+    v = rnd_prim(np.einsum("ij,jkp->ikp", bt, d), "input_transform")
+    v = rnd_stored(rnd_prim(np.einsum("ikp,lk->ilp", v, bt), "input_transform"), "transformed_input")
+    v = v.reshape(a * a, n * th * tw, cin)
+    u = np.einsum("ij,jkco,lk->ilco", g, w, g).reshape(a * a, cin, cout)
+    mm = rnd_stored(acc(v, u), "transformed_output")  # (a*a, P, cout)
+    mm = mm.reshape(a, a, -1)
+    y = rnd_prim(np.einsum("ij,jkp->ikp", at, mm), "output_transform")
+    y = rnd_prim(np.einsum("ikp,lk->ilp", y, at), "output_transform")  # (m, m, P*cout)
+    y = y.reshape(m, m, n, th, tw, cout).transpose(2, 3, 0, 4, 1, 5).reshape(n, th * m, tw * m, cout)
+    return y[:, :ho, :wo], u
+
+
+@op
+def conv2d_winograd(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, padding=1,
+                    tile: int = 4) -> np.ndarray:
+    """3x3 stride-1 convolution by Winograd F(tile x tile, 3x3), tile 2 or 4;
+    the same contract as ``conv2d(x, w, b, stride=1, padding=padding)``.
+    In ``f16`` the transforms round per stage and the channel sums accumulate
+    under the blocked model."""
+    x, w = load(x), param(w, "weight")
+    _check_conv(x, w, b)
+    if w.shape[:2] != (3, 3):
+        raise ValueError(f"winograd needs a 3x3 kernel, got {w.shape[:2]}")
+    bt, g, at = _matrices(tile)
+    y, _ = _winograd(x, w, padding, tile, bt, g, at, stored, prim,
+                     lambda v, u: matmul(v, stored(u, "transformed_weight")))
+    if b is not None:
+        y = prim(y + param(b, "bias"), "bias_add")
+    return store(y)
+
+
+def winograd_error_scale(x: np.ndarray, w: np.ndarray, *, padding=1, tile: int = 4) -> np.ndarray:
+    """Per-output magnitude ``|A^T| [ (|G| |g| |G^T|) (.) (|B^T| |d| |B|) ] |A|``
+    summed over channels: every rounding error of the algorithm is bounded by
+    a small multiple of the unit roundoff times this (the Winograd analogue
+    of ``sum |x| |w|`` for direct convolution)."""
+    bt, g, at = (np.abs(mat) for mat in _matrices(tile))
+    ident = lambda t, _name: t  # noqa: E731
+    y, _ = _winograd(np.abs(np.asarray(x, np.float32)), np.abs(np.asarray(w, np.float32)), padding, tile,
+                     bt, g, at, ident, ident, np.matmul)
+    return y
