@@ -30,7 +30,11 @@ from refsd.numerics import RoundingStats, current_precision, round_f16, round_f1
 class _Frame:
     op: str
     inputs_finite: bool
-    nonfinite_reported: bool = False
+    # Within one op an inf or a NaN is reported once, where it first appears;
+    # later ones are its consequences. An inf (overflow, a constant lost to inf)
+    # and the NaN it then makes (0 * inf, inf - inf) are distinct events.
+    inf_seen: bool = False
+    nan_seen: bool = False
     out_max_abs: float = 0.0
 
 
@@ -109,6 +113,8 @@ def _report(stats, primitive: str, *, constant: str | None = None) -> None:
     if constant is not None:
         if stats.overflow:
             mon.event("constant", frame.op, primitive, stats.overflow, f"{constant} overflows fp16 (becomes inf)", True)
+        if stats.overflow or stats.had_inf:
+            frame.inf_seen = True  # an inf this constant carries is not a new overflow where it lands
         if stats.to_zero:
             mon.event("constant", frame.op, primitive, stats.to_zero, f"{constant} flushes to zero in fp16", True)
         if stats.to_subnormal:
@@ -117,16 +123,21 @@ def _report(stats, primitive: str, *, constant: str | None = None) -> None:
                 f"{constant} is subnormal in fp16 (precision lost; zero on FTZ hardware)", False,
             )
         return
+    if stats.had_nan or stats.had_inf:
+        if not frame.inputs_finite:
+            if not (frame.inf_seen or frame.nan_seen):
+                mon.event("propagated", frame.op, primitive, 1, "inputs held inf/NaN", False)
+            frame.inf_seen = frame.nan_seen = True
+        else:
+            if stats.had_inf and not frame.inf_seen:
+                mon.event("overflow", frame.op, primitive, 1, "inf computed from finite inputs", True)
+            if stats.had_nan and not frame.nan_seen:
+                mon.event("invalid", frame.op, primitive, 1, "NaN from NaN-free inputs", True)
+            frame.inf_seen |= stats.had_inf
+            frame.nan_seen |= stats.had_nan
     if stats.overflow:
         mon.event("overflow", frame.op, primitive, stats.overflow, "finite value rounds to inf in fp16", True)
-    if (stats.had_nan or stats.had_inf) and not frame.nonfinite_reported:
-        frame.nonfinite_reported = True
-        if not frame.inputs_finite:
-            mon.event("propagated", frame.op, primitive, 1, "inputs held inf/NaN", False)
-        elif stats.had_nan:
-            mon.event("invalid", frame.op, primitive, 1, "NaN from NaN-free inputs", True)
-        else:
-            mon.event("overflow", frame.op, primitive, 1, "inf computed from finite inputs", True)
+        frame.inf_seen = True  # later infs in this op are its consequences
     if stats.to_zero:
         mon.event("underflow", frame.op, primitive, stats.to_zero, "non-zero to zero", False)
     if stats.to_subnormal:

@@ -1,4 +1,5 @@
-"""Elementwise arithmetic between tensors (residual adds, scaling)."""
+"""Elementwise arithmetic between tensors (residual adds, scaling), and the
+channel concatenation of skip connections."""
 
 from __future__ import annotations
 
@@ -23,3 +24,12 @@ def mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def scale(x: np.ndarray, *, factor: float) -> np.ndarray:
     """``x * factor`` with ``factor`` a graph constant (stored fp16 in fp16 modes)."""
     return store(load(x) * const(factor, "factor"))
+
+
+@op
+def concat(*arrays: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Concatenation along ``axis`` (the UNet's skip connections, channel axis
+    of NHWC), as ``torch.cat``. Exact: the inputs are already stored tensors."""
+    if not arrays:
+        raise ValueError("concat needs at least one array")
+    return store(np.concatenate([load(a) for a in arrays], axis=axis))

@@ -1,4 +1,5 @@
-"""Sinusoidal timestep embedding, as diffusers' ``get_timestep_embedding``."""
+"""Sinusoidal timestep embedding, as diffusers' ``get_timestep_embedding``, and
+the table lookup of token / position embeddings."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import math
 
 import numpy as np
 
-from refsd.ops._core import op, store
+from refsd.ops._core import op, param, store
 
 
 @op
@@ -30,3 +31,21 @@ def timestep_embedding(t: np.ndarray, *, dim: int, flip_sin_to_cos: bool = False
     if dim % 2:
         emb = np.pad(emb, ((0, 0), (0, 1)))
     return store(emb)
+
+
+@op
+def embedding(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Table lookup, as ``torch.nn.functional.embedding``: ``y[..., :] = table[ids[...], :]``
+    for integer ``ids`` of any shape and ``table`` of shape (num_embeddings, dim).
+
+    Exact (a gather): in fp16-storage modes the table is an fp16 weight
+    (losses reported as ``constant`` events), so the output is too."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"embedding expects integer ids, got dtype {ids.dtype}")
+    table = param(table, "table")
+    if table.ndim != 2:
+        raise ValueError(f"embedding expects a table of shape (num_embeddings, dim), got {table.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+        raise ValueError(f"embedding: ids must lie in [0, {table.shape[0]}), got range [{ids.min()}, {ids.max()}]")
+    return store(np.take(table, ids, axis=0))

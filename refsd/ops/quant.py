@@ -38,7 +38,11 @@ def dequantize_int8(q: np.ndarray, scale: np.ndarray, *, axis: int = 0) -> np.nd
     """``w = fp16(q * scale_c)``: always rounded to fp16 (the device
     dequantizes to fp16 whatever the activation precision), flushed to zero
     under FTZ. The error against the float weights is at most
-    ``scale_c / 2 + u16 * |w|`` per element."""
+    ``(scale_c / 2 + u16 * |w|) * (1 + 2**-10)`` per element (the factor covers
+    the float32 steps and ``u16 * scale_c / 2``) where ``q * scale_c`` is an fp16
+    normal; below 2**-14 add fp16's floor, half the subnormal spacing (2**-25),
+    or the flushed value itself (< 2**-14) under FTZ: a channel of tiny weights
+    has ``scale_c`` finer than fp16 can store."""
     q = np.asarray(q)
     if q.dtype != np.int8:
         raise ValueError(f"dequantize_int8 expects int8 weights, got {q.dtype}")

@@ -81,13 +81,22 @@ def conv2d_winograd(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *
     return store(y)
 
 
-def winograd_error_scale(x: np.ndarray, w: np.ndarray, *, padding=1, tile: int = 4) -> np.ndarray:
+def winograd_error_scale(x: np.ndarray, w: np.ndarray, *, padding=1, tile: int = 4, tiny: float = 0.0) -> np.ndarray:
     """Per-output magnitude ``|A^T| [ (|G| |g| |G^T|) (.) (|B^T| |d| |B|) ] |A|``
     summed over channels: every rounding error of the algorithm is bounded by
     a small multiple of the unit roundoff times this (the Winograd analogue
-    of ``sum |x| |w|`` for direct convolution)."""
+    of ``sum |x| |w|`` for direct convolution).
+
+    That holds while the intermediates are normal numbers. Below fp16's normal
+    range a rounding error is absolute (up to 2**-25; a flush loses up to
+    2**-14), i.e. at most ``u * max(|v|, tiny)`` with ``tiny = 2**-14``
+    (``2**-3`` under FTZ), and the transforms amplify it: pass ``tiny`` to raise
+    every intermediate of this computation by it (tiny weights make ``U``, whose
+    coefficients go down to 1/576 for F(4x4, 3x3), subnormal)."""
     bt, g, at = (np.abs(mat) for mat in _matrices(tile))
-    ident = lambda t, _name: t  # noqa: E731
+    tiny = np.float32(tiny)
+    lift = lambda t, _name: t + tiny if tiny else t  # noqa: E731
+    acc = (lambda v, u: np.matmul(v, u + tiny) + tiny) if tiny else np.matmul
     y, _ = _winograd(np.abs(np.asarray(x, np.float32)), np.abs(np.asarray(w, np.float32)), padding, tile,
-                     bt, g, at, ident, ident, np.matmul)
-    return y
+                     bt, g, at, lift, lift, acc)
+    return y + tiny if tiny else y

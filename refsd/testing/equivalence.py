@@ -9,7 +9,8 @@ from typing import Callable
 import numpy as np
 
 from refsd.numerics import precision
-from refsd.testing.tolerance import BUDGET, UNIT_ROUNDOFF, floor
+from refsd.testing.tolerance import BUDGET, UNIT_ROUNDOFF
+from refsd.testing.tolerance import floor as default_floor
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,8 @@ def _abs_inputs(inputs):
 
 
 def compare(original: Callable, rewritten: Callable, *inputs, mode: str = "f32", ftz: bool = False,
-            block: int = 32, budget: float | None = None, scale=None) -> tuple[Comparison, str]:
+            block: int = 32, budget: float | None = None, scale=None,
+            floor: float | None = None) -> tuple[Comparison, str]:
     budget = BUDGET[mode] if budget is None else budget
     with precision(mode, ftz=ftz, block=block):
         a = np.asarray(original(*inputs), dtype=np.float32)
@@ -60,7 +62,7 @@ def compare(original: Callable, rewritten: Callable, *inputs, mode: str = "f32",
     finite = np.isfinite(a) & np.isfinite(b)
     a0, b0 = np.where(finite, a, 0).astype(np.float64), np.where(finite, b, 0).astype(np.float64)
     s = np.maximum(np.maximum(s, np.abs(a0)), np.abs(b0))
-    u, fl = UNIT_ROUNDOFF[mode], floor(mode, ftz)
+    u, fl = UNIT_ROUNDOFF[mode], (default_floor(mode, ftz) if floor is None else float(floor))
     err = np.abs(a0 - b0)
     tol = budget * u * s + fl
     excess = np.where(err > fl, (err - fl) / np.maximum(u * s, np.finfo(np.float64).tiny), 0.0)
@@ -81,17 +83,20 @@ def compare(original: Callable, rewritten: Callable, *inputs, mode: str = "f32",
 
 def assert_rewrite_equivalent(original: Callable, rewritten: Callable, *inputs, mode: str = "f32",
                               ftz: bool = False, block: int = 32, budget: float | None = None,
-                              scale=None) -> Comparison:
+                              scale=None, floor: float | None = None) -> Comparison:
     """Run ``original(*inputs)`` and ``rewritten(*inputs)`` under precision
     ``mode`` and assert they agree element by element within
     ``budget * u * scale + floor`` (see ``refsd.testing.tolerance``).
 
     ``scale`` defaults to ``|original(|inputs|)|`` in float32 (``sum |x||w|``
-    for multilinear ops), never below ``|y|``. inf and NaN must match exactly.
+    for multilinear ops), never below ``|y|``. ``floor`` defaults to
+    ``tolerance.floor(mode, ftz)`` (one rounding below fp16's normal range);
+    ``tolerance.flush_floor`` gives it for several. inf and NaN must match exactly.
     On failure the message gives the max abs/rel error, where, and the budget
     that would have passed. Returns the ``Comparison`` on success.
     """
-    c, msg = compare(original, rewritten, *inputs, mode=mode, ftz=ftz, block=block, budget=budget, scale=scale)
+    c, msg = compare(original, rewritten, *inputs, mode=mode, ftz=ftz, block=block, budget=budget, scale=scale,
+                     floor=floor)
     if not c.passed:
         raise RewriteMismatch(msg)
     return c

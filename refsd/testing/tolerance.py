@@ -62,12 +62,29 @@ def winograd_budget(mode: str, tile: int) -> int:
 OVERRIDES = {
     "serial_conv": "serial_conv_budget(mode, factor): input serialization rounds every partial",
     "conv2d_winograd": "winograd_budget(mode, tile) against winograd_error_scale, not sum |x||w|",
-    "group_norm_fused": "f16 only: the unfused original's statistics carry blocked-sum error "
-    "amplified by 1/std; use blocked_budget(H*W*C/G, block) with scale |x - mean| / std",
+    # Not the scale |x - mean| / std: the error of the mean shifts every centred value, also where
+    # x ~ mean. Not the default |group_norm(|x|)| either: it fails even in f32 when beta cancels
+    # gamma * y_n (y ~ 0, error ~ u |beta|). Derivation: tests/test_rewrites.py, _gn_scale.
+    "group_norm_fused": "every mode: the original's statistics carry (blocked-)sum error amplified by "
+    "kappa = mean_g|x| / std_g; scale |gamma| (1 + kappa) (1 + |x - mean| / std) + |beta|, "
+    "budget BUDGET[mode] in f32 / f32_f16 and blocked_budget(H*W*C/G, block) in f16",
 }
 
 
 def floor(mode: str, ftz: bool) -> float:
+    """The default floor: one fp16 rounding of the compared outputs below the normal range."""
     if mode == "f32":
         return 0.0
     return FP16_MIN_NORMAL if ftz else FP16_MIN_SUBNORMAL
+
+
+def flush_floor(mode: str, ftz: bool, roundings: int) -> float:
+    """Floor for ``roundings`` fp16 roundings that may each land below fp16's normal
+    range: each loses up to 2**-14 under flush-to-zero (half the subnormal spacing,
+    2**-25, without), an absolute error that ``u * scale`` does not cover when the
+    rounded intermediate is small. ``floor`` counts one; a rewrite that stores
+    several intermediates (serial partial outputs) needs this, passed as
+    ``assert_rewrite_equivalent(..., floor=...)``. Never below ``floor``."""
+    if mode == "f32":
+        return 0.0
+    return max(floor(mode, ftz), roundings * (FP16_MIN_NORMAL if ftz else FP16_MIN_SUBNORMAL / 2))

@@ -1,0 +1,67 @@
+"""Structured L1-norm channel pruning of large convolutions (Choi et al. 2023,
+Sec. 3.4: "structured pruning on huge convolution layers").
+
+This changes the model, so it is measured, never asserted equal: run the
+model before and after and compare (tests/test_models_rewrites.py reports the
+error).
+
+For each Conv2d with at least ``min_weights`` weights, the input channels
+whose weight slices ``w[:, :, c, :]`` have the smallest L1 norms are removed:
+the conv keeps ``in_keep`` (a gather of its input) and a weight with fewer
+input channels, so its reduction is shorter and its weight smaller, while its
+output and every other layer are unchanged. (Removing *output* filters instead
+would also change the GroupNorm statistics downstream; input pruning keeps the
+change local to the pruned convolution.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from refsd.models.module import Conv2d, Module
+from refsd.ops._core import mark_stored
+
+DEFAULT_MIN_WEIGHTS = 4_000_000  # SD's 3x3 convs at 1280 channels (14.7M) and 1920/2560 -> 640/1280 in the up path
+
+
+@dataclass(frozen=True)
+class PrunedConv:
+    path: str
+    kept: int
+    total: int
+    weights_before: int
+    weights_after: int
+
+
+def prune(model: Module, *, amount: float = 0.25, min_weights: int = DEFAULT_MIN_WEIGHTS) -> list[PrunedConv]:
+    """Prune ``amount`` (0 <= amount < 1) of the input channels of every conv
+    with at least ``min_weights`` weights, in place, by smallest L1 norm.
+    Returns what was pruned. Re-quantizes under ``int8_weights``."""
+    if not 0 <= amount < 1:
+        raise ValueError(f"prune amount must lie in [0, 1), got {amount!r}")
+    done = []
+    for path, mod in model.named_modules():
+        if not isinstance(mod, Conv2d) or mod.weight is None or mod.weight.size < min_weights:
+            continue
+        w = np.asarray(mod.weight)
+        cin = w.shape[2]
+        drop = min(int(amount * cin), cin - 1)
+        if drop == 0:
+            continue
+        norms = np.abs(w).sum(axis=(0, 1, 3), dtype=np.float64)
+        keep = np.sort(np.argsort(norms, kind="stable")[drop:])
+        base = np.arange(cin) if mod.in_keep is None else mod.in_keep
+        new = np.ascontiguousarray(w[:, :, keep, :])
+        p = mod.opts.precision
+        if p.storage16:
+            new = mark_stored(new, ftz=p.ftz)  # already fp16 values: only re-registered
+        else:
+            new.flags.writeable = False
+        before = w.size
+        mod.weight, mod.in_keep = new, base[keep]
+        mod.quantize()
+        root = getattr(model, "_name", "")
+        done.append(PrunedConv(f"{root}.{path}" if root else path, int(keep.size), int(cin), before, int(new.size)))
+    return done

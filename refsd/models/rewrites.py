@@ -1,0 +1,130 @@
+"""Which graph rewrites a model runs with, chosen at construction.
+
+A rewrite set is a preset name, an explicit comma list, or a ``Rewrites``::
+
+    Rewrites.parse("none")
+    Rewrites.parse("paper")                       # Choi et al. 2023 (Squeezing ...)
+    Rewrites.parse("google")                      # Chen et al. 2023 (Speed is all you need)
+    Rewrites.parse("gn4d,fc_as_conv", serial_conv_limit=1 << 20)
+
+Names and what a model does with them (each op beside the op it replaces in
+``refsd.ops``):
+
+==========================  ==================================================================
+``fc_as_conv``              every FullyConnected on (N, L, C) runs as Reshape -> 1x1 Conv2D -> Reshape
+``serial_conv``             a Conv2D whose per-image activation exceeds ``serial_conv_limit``
+                            elements runs input-serialized with the smallest factor that meets
+                            the limit (``ops.serial_conv_factor``); output serialization if the
+                            input split cannot; unchanged if neither can
+``gn4d``                    GroupNorm with every tensor at rank <= 4
+``gelu_clip``               tanh-GELU (and GEGLU's gate) with its input clipped to [-M, M]. It
+                            rewrites *tanh*-GELU: on an erf-GELU model it also switches the
+                            approximation, so compare it against ``gelu_approximate="tanh"``
+``int8_weights``            conv / linear weights symmetric per-output-channel int8,
+                            dequantized to fp16 at use (changes the model: measured, not equal)
+``softmax_partial_fused``   attention storing only the row max and row sum
+``flash_attention``         tiled attention with online softmax (tile ``flash_tile``)
+``winograd``                3x3 stride-1 convs by Winograd F(``winograd_tile`` x tile, 3x3)
+``gelu_fused``              GELU / GEGLU as one float32 kernel (same approximation as the model)
+``group_norm_fused``        GroupNorm as one float32 kernel
+==========================  ==================================================================
+
+Structured pruning changes the weights, not the graph: ``refsd.models.prune``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+# name -> preset membership is documented above; order here is the canonical print order.
+NAMES = (
+    "fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "int8_weights",
+    "softmax_partial_fused", "flash_attention", "winograd", "gelu_fused", "group_norm_fused",
+)
+PRESETS = {
+    "none": (),
+    "paper": ("fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "int8_weights"),
+    "google": ("softmax_partial_fused", "winograd", "gelu_fused", "group_norm_fused"),
+}
+# Rewrites that compute the same function as the original graph (up to rounding):
+# a model with any of these stays within the f32 bound of the plain model.
+# ``gelu_clip`` is one against tanh-GELU; ``int8_weights`` changes the weights.
+EQUIVALENCE = tuple(n for n in NAMES if n != "int8_weights")
+# Pairs that replace the same op: at most one of each.
+EXCLUSIVE = (
+    ("gn4d", "group_norm_fused"),
+    ("softmax_partial_fused", "flash_attention"),
+    ("gelu_clip", "gelu_fused"),
+)
+
+# Per-image activation limit (elements) for ``serial_conv``. The paper's conv that
+# failed GPU delegation, 1x32x32x1920 -> 1x32x32x640, is 1.97 Mi elements at its
+# input; SD's largest ordinary activations (64x64x320) are 1.31 Mi. 1.5 Mi separates
+# them. Real delegate limits depend on the GPU and backend: set yours.
+DEFAULT_SERIAL_CONV_LIMIT = 1_572_864
+
+
+@dataclass(frozen=True)
+class Rewrites:
+    """A validated set of rewrite names plus their parameters."""
+
+    names: frozenset = field(default_factory=frozenset)
+    serial_conv_limit: int = DEFAULT_SERIAL_CONV_LIMIT
+    serial_conv_axis: str = "input"
+    winograd_tile: int = 4
+    flash_tile: int = 64
+    gelu_clip_M: float = 10.0
+
+    def __post_init__(self) -> None:
+        names = frozenset(self.names)
+        object.__setattr__(self, "names", names)
+        unknown = sorted(names - set(NAMES))
+        if unknown:
+            hint = " (pruning changes weights: use refsd.models.prune(model, ...))" if "prune" in unknown else ""
+            raise ValueError(
+                f"unknown rewrite{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}{hint}; "
+                f"valid names: {', '.join(NAMES)}; presets: {', '.join(PRESETS)}"
+            )
+        for a, b in EXCLUSIVE:
+            if a in names and b in names:
+                raise ValueError(f"rewrites {a!r} and {b!r} replace the same op: choose one")
+        if self.serial_conv_axis not in ("input", "output"):
+            raise ValueError(f"serial_conv_axis must be 'input' or 'output', got {self.serial_conv_axis!r}")
+        if not (isinstance(self.serial_conv_limit, int) and self.serial_conv_limit > 0):
+            raise ValueError(f"serial_conv_limit must be a positive int, got {self.serial_conv_limit!r}")
+        if self.winograd_tile not in (2, 4):
+            raise ValueError(f"winograd_tile must be 2 or 4, got {self.winograd_tile!r}")
+        if not (isinstance(self.flash_tile, int) and self.flash_tile > 0):
+            raise ValueError(f"flash_tile must be a positive int, got {self.flash_tile!r}")
+        if not self.gelu_clip_M > 0:
+            raise ValueError(f"gelu_clip_M must be > 0, got {self.gelu_clip_M!r}")
+
+    @classmethod
+    def parse(cls, spec: "str | Iterable[str] | Rewrites | None" = "none", **params) -> "Rewrites":
+        """``"none"`` / ``"paper"`` / ``"google"``, a comma list of names and
+        presets (``"google,fc_as_conv"``), an iterable of names, or a ``Rewrites``
+        (``params`` then override its parameters)."""
+        if isinstance(spec, Rewrites):
+            return replace(spec, **params) if params else spec
+        if spec is None:
+            spec = "none"
+        items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
+        names: set[str] = set()
+        for item in items:
+            if not item:
+                continue
+            if item in PRESETS:
+                names.update(PRESETS[item])
+            else:
+                names.add(item)
+        return cls(frozenset(names), **params)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def __iter__(self):
+        return (n for n in NAMES if n in self.names)
+
+    def __str__(self) -> str:
+        return ",".join(self) or "none"
