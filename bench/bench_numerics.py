@@ -39,17 +39,23 @@ from refsd.monitor import monitoring, scope  # noqa: E402
 from refsd.numerics import precision, round_f16  # noqa: E402
 
 
-def _median_ms(fn, runs: int) -> float:
+def _user_cpu() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
+
+
+def _median_ms(fn, runs: int) -> tuple[float, float]:
+    """Median wall ms and median user-CPU ms over ``runs`` calls after a warm-up."""
     fn()  # warm-up (page faults, caches)
-    times = []
+    wall, cpu = [], []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), _user_cpu()
         fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        wall.append((time.perf_counter() - w0) * 1e3)
+        cpu.append((_user_cpu() - c0) * 1e3)
+    return statistics.median(wall), statistics.median(cpu)
 
 
-def bench_rounding(n: int, runs: int) -> list[tuple[str, str, float]]:
+def bench_rounding(n: int, runs: int) -> list[tuple[str, str, float, float]]:
     rng = np.random.default_rng(0)
     inputs = {
         "N(0,1)*1000": (rng.standard_normal(n) * 1000).astype(np.float32),
@@ -73,7 +79,7 @@ def bench_rounding(n: int, runs: int) -> list[tuple[str, str, float]]:
                 ("astype f16->f32", lambda: x.astype(np.float16).astype(np.float32)),
                 ("np.copyto prealloc", lambda: copyto(x)),
             ):
-                rows.append((label, name, _median_ms(fn, runs)))
+                rows.append((label, name, *_median_ms(fn, runs)))
     return rows
 
 
@@ -109,10 +115,6 @@ def _unet_like(spatial: int, tokens: int):
         return h, y
 
     return run
-
-
-def _user_cpu() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
 
 
 def bench_monitor(spatial: int, tokens: int, runs: int) -> list[tuple]:
@@ -162,12 +164,13 @@ def main() -> None:
 
     print(f"BLAS threads: {os.environ.get('OPENBLAS_NUM_THREADS', 'library default')}\n")
     print(f"## fp16 rounding, {n / 2**20:g}M float32 elements, median of {args.runs} runs\n")
-    print("| input | method | ms | speed vs astype |")
-    print("|---|---|---:|---:|")
+    print("| input | method | wall ms | speed vs astype (wall) | user-CPU ms | speed vs astype (user CPU) |")
+    print("|---|---|---:|---:|---:|---:|")
     rows = bench_rounding(n, args.runs)
-    base = {label: ms for label, name, ms in rows if name.startswith("astype")}
-    for label, name, ms in rows:
-        print(f"| {label} | {name} | {ms:.1f} | **{base[label] / ms:.2f}x** |")
+    base = {label: (w, c) for label, name, w, c in rows if name.startswith("astype")}
+    for label, name, w, c in rows:
+        bw, bc = base[label]
+        print(f"| {label} | {name} | {w:.1f} | **{bw / w:.2f}x** | {c:.1f} | **{bc / c:.2f}x** |")
 
     print(f"\n## monitor overhead: group_norm + silu + conv2d 3x3 on (2, {spatial}, {spatial}, 320); "
           f"3 linear + attention (8 heads) + linear on (2, {tokens}, 320); median of {args.runs} interleaved runs\n")

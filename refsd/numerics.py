@@ -229,6 +229,10 @@ def _round_f16(x: np.ndarray, ftz: bool, stats: bool) -> tuple[np.ndarray, Round
     # Rounding is monotonic in |x|, so the largest rounded magnitude is the
     # rounding of the largest input magnitude (NaN bit patterns excluded).
     top = hi if not had_nan else int(a[a <= _INF].max(initial=0))
-    max_abs = float(_round_f16(np.array([top], _U32).view(np.float32), ftz, stats=False)[0][0])
+    if ftz and top < int(_NORMAL_FROM):
+        max_abs = 0.0
+    else:  # one scalar: NumPy's own conversion (bit-exact with ours) is cheaper than a second pass here
+        with np.errstate(over="ignore"):
+            max_abs = float(_U32(top).view(np.float32).astype(np.float16))
     return out, RoundingStats(overflow, to_zero, to_subnormal, had_nan, had_inf, max_abs)
 

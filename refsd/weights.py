@@ -143,14 +143,14 @@ def _pickle_message(found: list[Path]) -> str:
     names = ", ".join(str(p) for p in found)
     return (
         f"refusing PyTorch pickle checkpoint(s) {names}: unpickling runs arbitrary code, so refsd reads "
-        "safetensors only. Convert once, in an environment you trust:\n"
-        "  a diffusers folder:  python -c \"import diffusers as d; "
-        "p = d.StableDiffusionPipeline.from_pretrained('IN_DIR'); p.save_pretrained('OUT_DIR', safe_serialization=True)\"\n"
-        "  one component:       python -c \"import diffusers as d; "
-        "m = d.UNet2DConditionModel.from_pretrained('IN_DIR/unet'); m.save_pretrained('OUT_DIR/unet', safe_serialization=True)\"\n"
-        "                       (AutoencoderKL for vae/, transformers.CLIPTextModel for text_encoder/)\n"
-        "  a single-file .ckpt: python -c \"import diffusers as d; "
-        "p = d.StableDiffusionPipeline.from_single_file('model.ckpt'); p.save_pretrained('OUT_DIR', safe_serialization=True)\""
+        "safetensors only. Convert once, in an environment you trust (PyTorch + diffusers), e.g. in python:\n"
+        "  a diffusers folder: StableDiffusionPipeline.from_pretrained(IN).save_pretrained(OUT, "
+        "safe_serialization=True)\n"
+        "  one component:      UNet2DConditionModel / AutoencoderKL / transformers.CLIPTextModel\n"
+        "                      .from_pretrained(IN/<component>).save_pretrained(OUT/<component>, "
+        "safe_serialization=True)\n"
+        "  a single .ckpt:     StableDiffusionPipeline.from_single_file(CKPT).save_pretrained(OUT, "
+        "safe_serialization=True)"
     )
 
 

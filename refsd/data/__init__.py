@@ -42,7 +42,8 @@ def clip_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
     if len(vocab) != VOCAB_SIZE or len(set(vocab)) != VOCAB_SIZE:
-        raise RuntimeError(f"{BPE_PATH}: derived {len(vocab)} tokens ({len(set(vocab))} distinct), expected {VOCAB_SIZE}")
+        raise RuntimeError(f"{BPE_PATH}: derived {len(vocab)} tokens ({len(set(vocab))} distinct), "
+                           f"expected {VOCAB_SIZE}")
     return {tok: i for i, tok in enumerate(vocab)}, merges
 
 

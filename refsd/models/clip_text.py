@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refsd.models.module import (
-    Embedding, LayerNorm, Linear, Module, ModelOptions, RootModel, activation, attention_op, config_from_dict,
+    Embedding, LayerNorm, Linear, ModelOptions, Module, RootModel, activation, attention_op, config_from_dict,
     gelu_op,
 )
 

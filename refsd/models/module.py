@@ -31,7 +31,8 @@ import numpy as np
 
 from refsd.models.rewrites import Rewrites
 from refsd.monitor import scope
-from refsd.numerics import Precision, precision as _precision
+from refsd.numerics import Precision
+from refsd.numerics import precision as _precision
 from refsd.ops._core import mark_stored
 
 

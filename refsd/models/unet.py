@@ -22,7 +22,7 @@ import numpy as np
 
 from refsd.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D
 from refsd.models.module import (
-    Conv2d, GroupNorm, LayerNorm, Linear, Module, ModelOptions, RootModel, activation, attention_op,
+    Conv2d, GroupNorm, LayerNorm, Linear, ModelOptions, Module, RootModel, activation, attention_op,
     config_from_dict, gelu_op,
 )
 from refsd.monitor import scope

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from refsd.models.blocks import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D
-from refsd.models.module import Conv2d, GroupNorm, Module, ModelOptions, RootModel, activation, config_from_dict
+from refsd.models.module import Conv2d, GroupNorm, ModelOptions, Module, RootModel, activation, config_from_dict
 
 _EPS = 1e-6  # diffusers' VAE resnets, attention and output norms
 

@@ -29,13 +29,23 @@ from refsd.numerics import RoundingStats, current_precision, round_f16, round_f1
 @dataclass
 class _Frame:
     op: str
-    inputs_finite: bool
+    finite: bool | None  # all float array inputs finite; None: not checked yet (see inputs_finite)
     # Within one op an inf or a NaN is reported once, where it first appears;
     # later ones are its consequences. An inf (overflow, a constant lost to inf)
     # and the NaN it then makes (0 * inf, inf - inf) are distinct events.
     inf_seen: bool = False
     nan_seen: bool = False
     out_max_abs: float = 0.0
+    args: tuple = ()
+
+    @property
+    def inputs_finite(self) -> bool:
+        # Checked only when an inf or NaN shows up (rare), not on every op call:
+        # that saves a full pass over every raw input and weight per op.
+        if self.finite is None:
+            self.finite = all(_is_finite(a) for a in self.args if isinstance(a, np.ndarray) and a.dtype.kind == "f")
+            self.args = ()
+        return self.finite
 
 
 _FRAME: contextvars.ContextVar[_Frame | None] = contextvars.ContextVar("refsd_op_frame", default=None)
@@ -77,8 +87,7 @@ def op(fn):
         if mon is None:
             with np.errstate(all="ignore"):  # inf and NaN are results here, reported by the monitor
                 return fn(*args, **kwargs)
-        finite = all(_is_finite(a) for a in args if isinstance(a, np.ndarray) and a.dtype.kind == "f")
-        frame = _Frame(name, finite)
+        frame = _Frame(name, None, args=args)  # ops are pure: the inputs are unchanged when checked later
         token = _FRAME.set(frame)
         try:
             with np.errstate(all="ignore"):
