@@ -1,6 +1,9 @@
 """The ``refsd`` command line.
 
     refsd catalogue [--json FILE] [--case NAME ...]
+    refsd make-tiny DIR --arch sd15|sd21 --seed N
+    refsd generate --model DIR --prompt TEXT --out IMAGE.png [--trace TRACE.npz] ...
+    refsd fp16-check --model DIR --prompt TEXT [--json FILE] [--fail-on KINDS] ...
 
 Exit codes: 0 success, 1 the check ran and failed, 2 bad usage or input
 (one line on stderr, ``refsd: error: ...``, never a traceback).
@@ -71,9 +74,26 @@ def _cmd_catalogue(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- registry
 # One entry per subcommand, in the order `refsd --help` lists them.
-# Other subcommands (make-tiny, generate, fp16-check) are added here.
 
-SUBCOMMANDS: list[Callable] = [_add_catalogue]
+def _add_make_tiny(sub) -> None:
+    from refsd.tiny import add_make_tiny_parser
+
+    add_make_tiny_parser(sub)
+
+
+def _add_generate(sub) -> None:
+    from refsd.cli_pipeline import add_generate
+
+    add_generate(sub)
+
+
+def _add_fp16_check(sub) -> None:
+    from refsd.cli_pipeline import add_fp16_check
+
+    add_fp16_check(sub)
+
+
+SUBCOMMANDS: list[Callable] = [_add_catalogue, _add_make_tiny, _add_generate, _add_fp16_check]
 
 
 def build_parser() -> argparse.ArgumentParser:

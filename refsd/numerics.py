@@ -157,23 +157,56 @@ def _as_float32(x) -> np.ndarray:
     return y
 
 
+# Elements per chunk: the ~10 passes of the rounding run on a chunk while it is
+# in cache, so a large tensor (attention scores: 10**8 elements) is read and
+# written once from memory instead of once per pass (3x faster there).
+_CHUNK = 1 << 15
+
+
 def _round_f16(x: np.ndarray, ftz: bool, stats: bool) -> tuple[np.ndarray, RoundingStats | None]:
     shape = x.shape
-    x = np.ascontiguousarray(x)  # (at least 1-d: the result is reshaped back to `shape`)
-    u = x.view(_U32)
-    a = u & _ABS
+    u_all = np.ascontiguousarray(x).reshape(-1).view(_U32)
+    out = np.empty(u_all.size, np.float32)
+    r_all = out.view(_U32)
+    a_buf = np.empty(min(u_all.size, _CHUNK), _U32)
+    hi = top = 0
+    overflow = to_zero = to_subnormal = 0
+    had_inf = False
+    for s0 in range(0, u_all.size, _CHUNK):
+        u, r = u_all[s0 : s0 + _CHUNK], r_all[s0 : s0 + _CHUNK]
+        c = _round_chunk(u, r, a_buf[: u.size], ftz, stats)
+        hi, top = max(hi, c[0]), max(top, c[1])
+        overflow, to_zero, to_subnormal = overflow + c[2], to_zero + c[3], to_subnormal + c[4]
+        had_inf |= c[5]
+    out = out.reshape(shape)
+    if not stats:
+        return out, None
+    had_nan = hi > int(_INF)
+    # Rounding is monotonic in |x|, so the largest rounded magnitude is the
+    # rounding of the largest input magnitude (NaN bit patterns excluded).
+    if ftz and top < int(_NORMAL_FROM):
+        max_abs = 0.0
+    else:  # one scalar: NumPy's own conversion (bit-exact with ours) is cheaper than a second pass here
+        with np.errstate(over="ignore"):
+            max_abs = float(_U32(top).view(np.float32).astype(np.float16))
+    return out, RoundingStats(overflow, to_zero, to_subnormal, had_nan, had_inf, max_abs)
+
+
+def _round_chunk(u: np.ndarray, r: np.ndarray, a: np.ndarray, ftz: bool, stats: bool):
+    """Round the float32 bit patterns ``u`` into ``r`` (``a`` is scratch).
+    Returns (max |bits|, max non-NaN |bits|, overflow, to_zero, to_subnormal, had_inf)."""
+    np.bitwise_and(u, _ABS, out=a)
     # Round-to-nearest-even onto 10 mantissa bits: add 0x0FFF plus the lowest
     # kept bit, then truncate the 13 dropped bits. Carries into the exponent
     # are exactly the round-up-to-next-binade cases.
-    r = a >> _U32(13)
+    np.right_shift(a, _U32(13), out=r)
     r &= _U32(1)
     r += a
     r += _U32(0x0FFF)
     r &= _U32(0xFFFFE000)
-    hi = int(a.max()) if a.size else 0
-    lo = int(a.min()) if a.size else 0
+    hi = int(a.max())
+    lo = int(a.min())
     overflow = to_zero = to_subnormal = 0
-    had_nan = hi > int(_INF)
     had_inf = False
     if hi >= int(_OVERFLOW_FROM):
         big = a >= _OVERFLOW_FROM
@@ -222,17 +255,8 @@ def _round_f16(x: np.ndarray, ftz: bool, stats: bool) -> tuple[np.ndarray, Round
                 n_tiny = int(np.count_nonzero(a <= _ZERO_UPTO)) if lo <= int(_ZERO_UPTO) else 0
                 to_zero = n_tiny - n_exact
                 to_subnormal = n_small - n_tiny
-    r |= u & _SIGN
-    out = r.view(np.float32).reshape(shape)
-    if not stats:
-        return out, None
-    # Rounding is monotonic in |x|, so the largest rounded magnitude is the
-    # rounding of the largest input magnitude (NaN bit patterns excluded).
-    top = hi if not had_nan else int(a[a <= _INF].max(initial=0))
-    if ftz and top < int(_NORMAL_FROM):
-        max_abs = 0.0
-    else:  # one scalar: NumPy's own conversion (bit-exact with ours) is cheaper than a second pass here
-        with np.errstate(over="ignore"):
-            max_abs = float(_U32(top).view(np.float32).astype(np.float16))
-    return out, RoundingStats(overflow, to_zero, to_subnormal, had_nan, had_inf, max_abs)
+    top = hi if hi <= int(_INF) else int(a[a <= _INF].max(initial=0))
+    np.bitwise_and(u, _SIGN, out=a)
+    r |= a
+    return hi, top, overflow, to_zero, to_subnormal, had_inf
 

@@ -177,7 +177,7 @@ def random_state(model, component: str, seed: int, dtype: str = "float32") -> di
     norm scales 1 + N(0, 0.1^2); biases N(0, 0.05^2); token embeddings
     N(0, 0.02^2), position embeddings N(0, 0.01^2) (CLIP's magnitudes)."""
     out = {}
-    for key, (_, pname, spec) in model._param_table().items():
+    for key, spec in model.parameter_specs():
         if spec.layout == "buffer" or spec.optional:
             continue
         rng = np.random.default_rng([seed, _COMPONENT_IDS[component], zlib.crc32(key.encode())])
@@ -186,7 +186,7 @@ def random_state(model, component: str, seed: int, dtype: str = "float32") -> di
             w = z / np.sqrt(np.prod(spec.shape[1:]))
         elif spec.layout == "embedding":
             w = z * (0.01 if "position" in key else 0.02)
-        elif pname == "weight":
+        elif key.endswith(".weight"):  # GroupNorm / LayerNorm scale
             w = 1.0 + 0.1 * z
         else:
             w = 0.05 * z
@@ -255,13 +255,3 @@ def _run(args: argparse.Namespace) -> int:
     print(f"wrote tiny {args.arch} (seed {args.seed}, {args.dtype}) to {path}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="refsd")
-    add_make_tiny_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

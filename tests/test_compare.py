@@ -144,6 +144,8 @@ def test_mixed_dtypes_and_empty():
     assert r.passed and r.ref_dtype == "float32" and r.test_dtype == "float16"
     e = compare(np.zeros((0, 3)), np.zeros((0, 3)))
     assert e.passed and e.size == 0
+    s = compare(np.float32(1.0), np.float32(2.0))  # 0-d
+    assert not s.passed and s.first_mismatch == () and s.max_ulp_f16 == 1024
 
 
 # ------------------------------------------------------------------ metrics

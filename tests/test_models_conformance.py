@@ -139,7 +139,7 @@ def _diffusers_pipeline(arch: str, tokenizer_dir):
     # anything but 1 / 0; perturb them so every parameter matters.
     with torch.no_grad():
         for m in (unet, vae):
-            for name, p in m.named_parameters():
+            for _, p in m.named_parameters():
                 if p.ndim == 1:
                     p.add_(0.05 * torch.randn_like(p))
     text = transformers.CLIPTextModel(transformers.CLIPTextConfig(

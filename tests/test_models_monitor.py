@@ -92,6 +92,20 @@ def test_f16_reports_the_vae_groupnorm_overflow(tiny):
     assert mon.report().counts["overflow"] == 0
 
 
+def test_presets_run_in_f16(tiny):
+    """The paper's rank-4 GroupNorm keeps the blocked fp16 sum of squares (same
+    reduction, same overflow); Google's fused GroupNorm accumulates in float32."""
+    found = {}
+    for preset in ("paper", "google"):
+        comp = weights.load_pipeline(tiny, tokenizer=False, precision="f16", rewrites=preset)
+        with monitoring() as mon:
+            outs = _run_all(comp)
+        assert all(np.isfinite(a).all() for a in outs[:2])
+        found[preset] = mon.report()
+    assert found["paper"].first.op == "gn4d" and found["paper"].first.kind == "overflow"
+    assert found["google"].counts["overflow"] == 0
+
+
 def test_ops_only_through_the_namespace(tiny):
     calls: dict[str, int] = {}
 

@@ -295,5 +295,4 @@ def ulp_distance_f16(a, b) -> np.ndarray:
     with np.errstate(over="ignore"):  # float32/64 beyond 65504 round to inf, as fp16 storage would
         hx, hy = x.astype(np.float16), y.astype(np.float16)
     d = np.abs(_f16_ordered(hx) - _f16_ordered(hy)).astype(np.float64)
-    d[np.isnan(hx) | np.isnan(hy)] = math.inf
-    return d
+    return np.where(np.isnan(hx) | np.isnan(hy), math.inf, d)

@@ -123,6 +123,10 @@ class Module:
                 table[f"{path}.{pname}" if path else pname] = (mod, pname, spec)
         return table
 
+    def parameter_specs(self) -> list[tuple[str, ParamSpec]]:
+        """(checkpoint key, ``ParamSpec``) of every declared tensor, buffers included."""
+        return [(k, spec) for k, (_, _, spec) in self._param_table().items()]
+
     def named_parameter_shapes(self) -> list[tuple[str, tuple]]:
         """(checkpoint key, checkpoint shape) of every parameter, in model order
         (buffers and optional tensors excluded)."""
@@ -238,7 +242,7 @@ class RootModel(Module):
     def _finish(self, name: str, options: ModelOptions) -> None:
         self._name = name
         self._opts = options
-        for path, mod in self.named_modules():
+        for _, mod in self.named_modules():
             mod._opts = options
             for cname, child in mod.named_children():
                 child._name = cname

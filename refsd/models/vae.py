@@ -206,7 +206,7 @@ class AutoencoderKL(RootModel):
         with self.running():
             z = self.ops.scale(z, factor=1.0 / self.scaling_factor)
             if self.config.shift_factor is not None:
-                z = z + np.float32(self.config.shift_factor)
+                z = self.ops.add(z, np.float32(self.config.shift_factor))
         return self.decode(z)
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -21,11 +21,15 @@ import numpy as np
 from refsd.ops._core import const, load, matmul, op, prim, reduce_sum, store, stored
 
 
-def _softmax_math(x: np.ndarray, axis: int) -> np.ndarray:
-    """The three passes: max, sum of exp(x - max), divide. Primitives round in f16."""
+def _softmax_math(x: np.ndarray, axis: int, *, inplace: bool = False) -> np.ndarray:
+    """The three passes: max, sum of exp(x - max), divide. Primitives round in
+    f16. ``inplace``: ``x`` is a temporary of the caller and may be overwritten
+    (attention's score matrices are the largest tensors of the UNet)."""
     m = np.max(x, axis=axis, keepdims=True)
-    e = prim(np.exp(prim(x - m, "subtract_max")), "exp")
-    return prim(e / reduce_sum(e, axis, keepdims=True), "divide")
+    e = np.subtract(x, m, out=x if inplace else None)
+    e = prim(e, "subtract_max")
+    e = prim(np.exp(e, out=e), "exp")
+    return prim(np.divide(e, reduce_sum(e, axis, keepdims=True), out=e), "divide")
 
 
 @op
@@ -67,11 +71,14 @@ def _prepare(q, k, v, heads, mask, scale):
 
 
 def _scores(qh, kh, scale, m, upcast_attention: bool) -> np.ndarray:
+    """``scale * Q K^T + mask``, a fresh array the caller may overwrite."""
     if upcast_attention:  # float32 scores, never stored as fp16
-        s = np.matmul(qh, kh.transpose(0, 1, 3, 2)) * np.float32(scale)
-        return s if m is None else s + m
-    s = stored(prim(matmul(qh, kh.transpose(0, 1, 3, 2)) * const(scale, "scale"), "scale"), "scores")
-    return s if m is None else stored(s + m, "masked_scores")
+        s = np.matmul(qh, kh.transpose(0, 1, 3, 2))
+        s *= np.float32(scale)
+        return s if m is None else np.add(s, m, out=s)
+    s = matmul(qh, kh.transpose(0, 1, 3, 2))
+    s = stored(prim(np.multiply(s, const(scale, "scale"), out=s), "scale"), "scores")
+    return s if m is None else stored(np.add(s, m, out=s), "masked_scores")
 
 
 @op
@@ -86,10 +93,10 @@ def attention(q, k, v, *, heads: int = 1, mask=None, scale: float | None = None,
     qh, kh, vh, scale, m = _prepare(q, k, v, heads, mask, scale)
     s = _scores(qh, kh, scale, m, upcast_attention)
     if upcast_attention or upcast_softmax:
-        e = np.exp(s - np.max(s, axis=-1, keepdims=True))
-        p = e / np.sum(e, axis=-1, keepdims=True)
+        p = np.exp(np.subtract(s, np.max(s, axis=-1, keepdims=True), out=s), out=s)
+        p /= np.sum(p, axis=-1, keepdims=True)
     else:
-        p = _softmax_math(s, -1)
+        p = _softmax_math(s, -1, inplace=True)
     p = stored(p, "probs")
     return store(_merge(matmul(p, vh)))
 
