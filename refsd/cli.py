@@ -1,5 +1,6 @@
 """The ``refsd`` command line.
 
+    refsd demo [--out DIR]
     refsd catalogue [--json FILE] [--case NAME ...]
     refsd make-tiny DIR --arch sd15|sd21 --seed N
     refsd generate --model DIR --prompt TEXT --out IMAGE.png [--trace TRACE.npz] ...
@@ -93,7 +94,13 @@ def _add_fp16_check(sub) -> None:
     add_fp16_check(sub)
 
 
-SUBCOMMANDS: list[Callable] = [_add_catalogue, _add_make_tiny, _add_generate, _add_fp16_check]
+def _add_demo(sub) -> None:
+    from refsd.demo import add_demo_parser
+
+    add_demo_parser(sub)
+
+
+SUBCOMMANDS: list[Callable] = [_add_demo, _add_catalogue, _add_make_tiny, _add_generate, _add_fp16_check]
 
 
 def build_parser() -> argparse.ArgumentParser:

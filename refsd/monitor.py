@@ -200,9 +200,14 @@ class Report:
         for k in EVENT_KINDS:
             lines.append(f"{k:<11} {self.counts[k]:>7}  {self.ops_with[k]:>3}")
         if self.events:
+            # Severe events first (in order of occurrence), then the warnings:
+            # underflow is common and would otherwise bury the overflow.
+            severe = [e for e in self.events if e.severe]
+            shown = (severe + [e for e in self.events if not e.severe])[:max_events]
             lines.append("")
-            lines.append(f"events (first {min(max_events, len(self.events))} of {len(self.events)}):")
-            for e in self.events[:max_events]:
+            lines.append(f"events ({len(severe)} severe, {len(self.events) - len(severe)} warnings; "
+                         f"first {len(shown)}, severe first):")
+            for e in shown:
                 mark = "!" if e.severe else " "
                 lines.append(f" {mark} {e.kind:<10} {e.count:>8}  {e.where()}  {e.op}/{e.primitive}  {e.detail}")
         lines.append("")

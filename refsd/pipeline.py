@@ -101,6 +101,10 @@ class Pipeline:
     def __init__(self, model_dir: str | Path, *, precision: str = "f32", ftz: bool = False, block: int = 32,
                  rewrites: str = "none", low_memory: bool = False) -> None:
         self.model_dir = Path(model_dir)
+        if not self.model_dir.is_dir():
+            raise FileNotFoundError(2, "no such model folder", str(self.model_dir))
+        if not (self.model_dir / "model_index.json").is_file():
+            raise ValueError(f"{self.model_dir}: not a diffusers folder (no model_index.json)")
         self.options = ModelOptions.make(precision=Precision(precision, ftz, block), rewrites=rewrites)
         self.low_memory = low_memory
         self.tokenizer = load_tokenizer(self.model_dir / "tokenizer")

@@ -1,0 +1,112 @@
+"""``refsd demo``: the main job on the embedded default.
+
+Writes a tiny seeded SD 2.1-architecture folder, runs the float16 exception
+catalogue, generates an image with the golden reference (f32) and the same
+request under fp16 emulation with the exception monitor, and writes what a
+person wants to look at:
+
+    OUT/tiny/                 the model (diffusers format)
+    OUT/catalogue.json        the catalogue's cases and verdicts
+    OUT/image_f32.png         the reference image
+    OUT/image_<mode>.png      the same request in f32_f16 and f16 emulation
+    OUT/compare.png           per mode a row: f32 | mode | |difference| x amplification (heatmap)
+    OUT/fp16_report.json      the monitor's reports: first offending op, counts, headroom
+    OUT/trace_f32.npz         every boundary tensor of the reference run
+
+Exit 0 when the catalogue passes (fp16 events found in the model are the
+report's findings, not a failure of the job), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from refsd.catalogue import run_catalogue
+from refsd.monitor import Monitor
+from refsd.pipeline import Pipeline, Request
+from refsd.png import write_png
+from refsd.tiny import make_tiny
+
+PROMPT = "a photo of an astronaut riding a horse on mars"
+
+
+def heatmap(err: np.ndarray) -> np.ndarray:
+    """(H, W) in [0, 1] -> RGB, black -> red -> yellow -> white."""
+    e = np.clip(err, 0.0, 1.0)[..., None]
+    return np.concatenate([np.clip(3 * e, 0, 1), np.clip(3 * e - 1, 0, 1), np.clip(3 * e - 2, 0, 1)], axis=-1)
+
+
+def side_by_side(ref: np.ndarray, test: np.ndarray, *, scale: int = 4) -> tuple[np.ndarray, float]:
+    """ref | test | amplified |ref - test| heatmap, each upscaled ``scale``x
+    (nearest) so a tiny image is visible; returns the picture and the gain."""
+    bad = ~np.isfinite(test).all(axis=-1)  # NaN / inf pixels: shown magenta
+    err = np.where(bad, 0.0, np.abs(ref - np.nan_to_num(test)).max(axis=-1))
+    peak = float(err.max())
+    gain = 1.0 / peak if peak > 0 else 1.0
+    magenta = np.array([1.0, 0.0, 1.0], np.float32)
+    test = np.where(bad[..., None], magenta, test)
+    diff = np.where(bad[..., None], magenta, heatmap(err * gain))
+    sep = np.ones((ref.shape[0], 2, 3), np.float32)
+    row = np.concatenate([ref, sep, test, sep, diff], axis=1)
+    return np.repeat(np.repeat(row, scale, axis=0), scale, axis=1), gain
+
+
+def run_demo(out: str | Path, *, arch: str = "sd21", seed: int = 0, steps: int = 20, size: int = 64,
+             modes: tuple[str, ...] = ("f32_f16", "f16"), ftz: bool = False, rewrites: str = "none") -> int:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = make_tiny(out / "tiny", arch, seed=0)
+    print(f"model: {model} (tiny {arch}, seeded)")
+
+    cat = run_catalogue()
+    (out / "catalogue.json").write_text(cat.to_json() + "\n")
+    print("\n== float16 exception catalogue ==")
+    print(cat.table())
+
+    req = Request(PROMPT, seed=seed, steps=steps, scheduler="ddim", height=size, width=size)
+    ref = Pipeline(model)(req)
+    write_png(out / "image_f32.png", ref.image)
+    np.savez(out / "trace_f32.npz", **{k.replace("/", "__"): v for k, v in ref.trace.items()})
+
+    rows, summary = [], {}
+    for mode in modes:
+        test = Pipeline(model, precision=mode, ftz=ftz, rewrites=rewrites)(req, monitor=Monitor())
+        tag = mode + ("_ftz" if ftz else "")
+        write_png(out / f"image_{tag}.png", test.image)
+        picture, gain = side_by_side(ref.image, test.image)
+        rows.append(picture)
+        finite = np.isfinite(test.image)
+        diff = float(np.abs(ref.image - test.image)[finite].max(initial=0.0))
+        bad = int((~finite).any(axis=-1).sum())
+        summary[tag] = {"image_max_abs_diff_vs_f32": diff, "image_nonfinite_pixels": bad,
+                        "report": test.report.to_dict()}
+        print(f"\n== {tag} vs f32 on '{PROMPT}' ({steps} steps, {size}x{size}, rewrites {rewrites}) ==")
+        print(test.report.table(max_events=8))
+        print(f"image: max |f32 - {tag}| = {diff:.4f} over finite pixels, {bad} NaN/inf pixels "
+              f"(difference shown x{gain:.0f})")
+    gap = np.ones((8, rows[0].shape[1], 3), np.float32)
+    write_png(out / "compare.png", np.concatenate([x for r in rows for x in (r, gap)][:-1], axis=0))
+    doc = {"request": vars(req), "ftz": ftz, "rewrites": rewrites, "modes": summary}
+    (out / "fp16_report.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwrote {out}/: compare.png (rows: {', '.join(summary)}; columns: f32 | mode | |difference|, "
+          "NaN/inf magenta), image_*.png, fp16_report.json, catalogue.json, trace_f32.npz")
+    return 0 if cat.ok else 1
+
+
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the main job on the embedded tiny model: catalogue, image, fp16 report",
+                       description=__doc__.split("\n\n")[1])
+    p.add_argument("--out", default="out", help="output folder (default: out)")
+    p.add_argument("--arch", choices=("sd15", "sd21"), default="sd21")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--size", type=int, default=64, help="image height and width (default 64)")
+    p.add_argument("--precision", choices=("f32_f16", "f16"), action="append",
+                   help="fp16 mode(s) to compare with f32 (repeatable; default: f32_f16 and f16)")
+    p.add_argument("--ftz", action="store_true")
+    p.add_argument("--rewrites", default="none")
+    p.set_defaults(func=lambda a: run_demo(a.out, arch=a.arch, seed=a.seed, steps=a.steps, size=a.size,
+                                           modes=tuple(a.precision or ("f32_f16", "f16")), ftz=a.ftz, rewrites=a.rewrites))
