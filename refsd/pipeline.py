@@ -82,7 +82,18 @@ def initial_latents(seed: int, height: int, width: int, channels: int = 4) -> np
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
+    """Peak resident set size of this process image so far, in MiB.
+
+    Linux's ``VmHWM`` (this image only): ``getrusage``'s ``ru_maxrss`` survives
+    ``exec``, so a process started by a larger one would report its parent's
+    peak. ``ru_maxrss`` (KiB on Linux) where there is no /proc."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -160,3 +160,26 @@ def test_bad_inputs_are_clear_errors(tiny):
         te(np.zeros((1, 78), np.int64))
     with pytest.raises(ValueError, match="integer token ids"):
         te(np.zeros((1, 5), np.float32))
+
+
+def test_recording_names_every_module_output(tiny):
+    """``recording()`` keeps each module's output under its capture-bundle name
+    (``{stage}/step_{i}/{module path}``), the tensor the module returned."""
+    from refsd.monitor import recording
+
+    comp = weights.load_pipeline(tiny, tokenizer=False)
+    with recording() as rec:
+        h, eps, img = _run_all(comp)
+    assert rec["text_encoder/text_encoder"] is h
+    assert rec["unet/step_3/unet"] is eps
+    # decode_latents scales first, then calls the model: the root output is the image
+    np.testing.assert_array_equal(rec["vae/vae"], img)
+    conv = rec["unet/step_3/unet.down_blocks.0.downsamplers.0.conv"]
+    assert conv.shape == (2, 8, 8, 32)
+    names = [k for k in rec if k.startswith("unet/step_3/unet.down_blocks.0.resnets.0")]
+    assert "unet/step_3/unet.down_blocks.0.resnets.0.conv1" in names
+    assert not any("#" in k for k in rec), "no module runs twice at one location in one forward"
+    # a second forward at the same location does not overwrite the first
+    with recording(rec), location("unet", step=3):
+        again = comp.unet(np.zeros((2, 16, 16, 4), np.float32), 981, h)
+    assert rec["unet/step_3/unet"] is eps and rec["unet/step_3/unet#1"] is again

@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from refsd.models.rewrites import Rewrites
-from refsd.monitor import scope
+from refsd.monitor import record, scope
 from refsd.numerics import Precision
 from refsd.numerics import precision as _precision
 from refsd.ops._core import mark_stored
@@ -157,8 +157,10 @@ class Module:
         return self.opts.rewrites
 
     def __call__(self, *args, **kwargs):
-        with scope(self._name):
-            return self.forward(*args, **kwargs)
+        with scope(self._name) as path:
+            out = self.forward(*args, **kwargs)
+        record(path, out)
+        return out
 
     def forward(self, *args, **kwargs):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -258,7 +260,9 @@ class RootModel(Module):
 
     def __call__(self, *args, **kwargs):
         with self.running():
-            return self.forward(*args, **kwargs)
+            out = self.forward(*args, **kwargs)
+        record(self._name, out)
+        return out
 
     def parameter_count(self) -> int:
         return int(sum(np.prod(s) for _, s in self.named_parameter_shapes()))
