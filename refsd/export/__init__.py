@@ -1,0 +1,1 @@
+"""TensorFlow twins of the ops and the .tflite export (extra: export)."""
