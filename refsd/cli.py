@@ -100,7 +100,26 @@ def _add_demo(sub) -> None:
     add_demo_parser(sub)
 
 
-SUBCOMMANDS: list[Callable] = [_add_demo, _add_catalogue, _add_make_tiny, _add_generate, _add_fp16_check]
+def _add_export(sub) -> None:
+    from refsd.export.cli import add_export_parser  # noqa: PLC0415
+
+    add_export_parser(sub)
+
+
+def _add_lint_gpu(sub) -> None:
+    from refsd.export.cli import add_lint_gpu_parser  # noqa: PLC0415
+
+    add_lint_gpu_parser(sub)
+
+
+def _add_golden(sub) -> None:
+    from refsd.golden import add_golden_parser  # noqa: PLC0415
+
+    add_golden_parser(sub)
+
+
+SUBCOMMANDS: list[Callable] = [_add_demo, _add_catalogue, _add_make_tiny, _add_generate, _add_fp16_check,
+                               _add_export, _add_lint_gpu, _add_golden]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,8 +14,9 @@ from refsd.monitor import EVENT_KINDS
 FAIL_ON = ("severe",) + EVENT_KINDS
 
 
-def _add_request_args(p: argparse.ArgumentParser, *, default_precision: str) -> None:
-    p.add_argument("--model", required=True, metavar="DIR", help="diffusers-format folder (e.g. from refsd make-tiny)")
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    """The request fields every command that runs a pipeline takes (generate,
+    fp16-check, refsd-validate capture)."""
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--seed", type=int, default=0)
@@ -23,6 +24,11 @@ def _add_request_args(p: argparse.ArgumentParser, *, default_precision: str) -> 
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--scheduler", choices=("ddim", "euler", "dpm++2m"), default=None,
                    help="default: the folder's scheduler class (SD 1.5 ships PNDM, which refsd does not implement)")
+
+
+def _add_request_args(p: argparse.ArgumentParser, *, default_precision: str) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="diffusers-format folder (e.g. from refsd make-tiny)")
+    add_prompt_args(p)
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--precision", choices=("f32", "f32_f16", "f16"), default=default_precision)

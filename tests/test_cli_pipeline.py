@@ -116,8 +116,11 @@ def test_demo_writes_its_pictures_and_reports(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--steps", "2", "--size", "32"]) == 0
     for name in ("compare.png", "image_f32.png", "image_f32_f16.png", "image_f16.png", "fp16_report.json",
-                 "catalogue.json", "trace_f32.npz", "tiny/model_index.json"):
+                 "catalogue.json", "trace_f32.npz", "tiny/model_index.json", "tflite/unet.tflite",
+                 "capture/capture.json", "certificate/report.html"):
         assert (out / name).is_file(), name
+    cert = json.loads((out / "certificate" / "certificate.json").read_text())
+    assert cert["verdict"] == "certified"  # the LiteRT capture of the same graph (exit 0 says so too)
     doc = json.loads((out / "fp16_report.json").read_text())
     assert set(doc["modes"]) == {"f32_f16", "f16"}
     assert doc["modes"]["f32_f16"]["report"]["clean"]

@@ -96,8 +96,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return EXIT_PASS if result.passed else EXIT_FAIL
 
 
+def _add_certify(sub) -> None:
+    from refsd_validate.certify_cli import add_certify_parser  # noqa: PLC0415
+
+    add_certify_parser(sub)
+
+
+def _add_capture(sub) -> None:
+    from refsd_validate.capture import add_capture_parser  # noqa: PLC0415
+
+    add_capture_parser(sub)
+
+
 # Further subcommands are registered here.
-SUBCOMMANDS = [_add_compare]
+SUBCOMMANDS = [_add_compare, _add_certify, _add_capture]
 
 
 def build_parser() -> argparse.ArgumentParser:

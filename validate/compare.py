@@ -92,7 +92,7 @@ class CompareResult:
 
     def to_dict(self) -> dict:
         """JSON-safe: non-finite floats become the strings "inf", "-inf", "nan"."""
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     def summary(self) -> str:
         name = f"{self.name}: " if self.name else ""
@@ -123,13 +123,13 @@ def _pct(k: int, n: int) -> str:
     return f"{100.0 * k / n:.3g}%" if n else "0%"
 
 
-def _json_safe(v):
+def json_safe(v):
     if isinstance(v, float) and not math.isfinite(v):
         return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
     if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
+        return {k: json_safe(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
+        return [json_safe(x) for x in v]
     return v
 
 

@@ -171,4 +171,8 @@ class ClipTextModel(RootModel):
         if ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"{ids.shape[1]} tokens exceed max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
+        return self.graph(ids)
+
+    def graph(self, ids):
+        """The encoder on checked (N, L) ids (executor-agnostic, see ``UNet2DConditionModel.graph``)."""
         return self.text_model(ids, self.causal_mask(ids.shape[1]))

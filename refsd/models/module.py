@@ -264,6 +264,15 @@ class RootModel(Module):
         record(self._name, out)
         return out
 
+    def run_graph(self, *inputs):
+        """``graph(*inputs)`` under the model's precision and root scope, its
+        output recorded: what calling the model does after its NumPy input
+        checks, for an executor whose tensors are not NumPy arrays (``refsd.export``)."""
+        with self.running():
+            out = self.graph(*inputs)
+        record(self._name, out)
+        return out
+
     def parameter_count(self) -> int:
         return int(sum(np.prod(s) for _, s in self.named_parameter_shapes()))
 

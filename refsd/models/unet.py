@@ -354,7 +354,11 @@ class UNet2DConditionModel(RootModel):
         self._finish(name, options or ModelOptions.make(**option_kw))
 
     def forward(self, sample: np.ndarray, timestep, encoder_hidden_states: np.ndarray) -> np.ndarray:
-        c, ops = self.config, self.ops
+        return self.graph(*self.check_inputs(sample, timestep, encoder_hidden_states))
+
+    def check_inputs(self, sample, timestep, encoder_hidden_states) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """NumPy inputs -> float32 latents, timesteps broadcast to (N,), hidden states; shapes checked."""
+        c = self.config
         x = np.asarray(sample, np.float32)
         ctx = np.asarray(encoder_hidden_states, np.float32)
         if x.ndim != 4 or x.shape[-1] != c.in_channels:
@@ -367,6 +371,13 @@ class UNet2DConditionModel(RootModel):
             t = np.broadcast_to(t, (n,))
         elif t.shape != (n,):
             raise ValueError(f"timestep must be a scalar or of shape ({n},), got {np.shape(timestep)}")
+        return x, t, ctx
+
+    def graph(self, x, t, ctx):
+        """The network on checked inputs: only ``self.ops`` and shapes, so another
+        executor's tensors run through it too (``refsd.export`` traces it with
+        TensorFlow twins of the ops, ``t`` of shape (1,) broadcasting over the batch)."""
+        c, ops = self.config, self.ops
         if c.center_input_sample:
             x = ops.add(ops.scale(x, factor=2.0), np.float32(-1.0))
         with scope("time_proj"):

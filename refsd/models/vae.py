@@ -191,10 +191,23 @@ class AutoencoderKL(RootModel):
         return z
 
     def forward(self, z: np.ndarray) -> np.ndarray:
-        z = self._check_latents(z)
+        return self._decode(self._check_latents(z))
+
+    def _decode(self, z):
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
+
+    def unscale(self, latents):
+        """``latents / scaling_factor (+ shift)``: what pipelines do before decoding."""
+        z = self.ops.scale(latents, factor=1.0 / self.scaling_factor)
+        if self.config.shift_factor is not None:
+            z = self.ops.add(z, np.float32(self.config.shift_factor))
+        return z
+
+    def graph(self, latents):
+        """``decode_latents`` on checked latents (executor-agnostic, see ``UNet2DConditionModel.graph``)."""
+        return self._decode(self.unscale(latents))
 
     def decode(self, z: np.ndarray) -> np.ndarray:
         """``AutoencoderKL.decode(z).sample`` in NHWC (no scaling applied); same as calling the model."""
@@ -204,9 +217,7 @@ class AutoencoderKL(RootModel):
         """What SD pipelines decode: ``decode(latents / scaling_factor (+ shift))``."""
         z = self._check_latents(latents)
         with self.running():
-            z = self.ops.scale(z, factor=1.0 / self.scaling_factor)
-            if self.config.shift_factor is not None:
-                z = self.ops.add(z, np.float32(self.config.shift_factor))
+            z = self.unscale(z)
         return self.decode(z)
 
     def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

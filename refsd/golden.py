@@ -1,0 +1,214 @@
+"""``refsd golden make|verify``: the golden regression set, generated, never hand-edited.
+
+    golden/
+      MANIFEST.sha256        ``sha256  path`` per file (sha256sum format); verify fails on any changed byte
+      recipe.json            how every file was made: refsd version, ops, modes, requests, model sha256s
+      ops/{op}.npz           inputs ``in_{i}`` (fp16-representable, seeded) and outputs ``out_{mode}`` per mode
+      traces/{arch}_{mode}.npz   boundary tensors of a tiny model's pipeline run (refsd.tiny, seed 0)
+
+Modes: f32, f32_f16, f16 and f16 with FTZ (accumulation block 32). The .npz
+files are written deterministically (fixed zip timestamps, sorted members), so
+``make`` twice gives identical bytes and ``git diff`` shows only real changes.
+Tests read golden data through :func:`load`, which checks the file against
+the manifest first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from refsd import __version__, ops
+from refsd.numerics import precision, round_f16
+
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "golden"  # the repository's top-level golden/
+MANIFEST = "MANIFEST.sha256"
+MODES = {"f32": ("f32", False), "f32_f16": ("f32_f16", False), "f16": ("f16", False), "f16_ftz": ("f16", True)}
+TRACE_REQUEST = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "seed": 0, "steps": 3,
+                 "guidance": 7.5, "scheduler": "ddim", "height": 32, "width": 32}
+TRACE_MODES = ("f32", "f32_f16")
+ARCHES = ("sd15", "sd21")
+
+
+def _inputs(rng: np.random.Generator) -> dict[str, tuple[Callable, tuple, dict]]:
+    """One representative call per op family, on seeded fp16-representable inputs."""
+    def f16(shape, scale=1.0, loc=0.0):
+        return round_f16(rng.normal(loc, scale, shape).astype(np.float32))
+
+    x4, w3, b4 = f16((1, 6, 6, 8)), f16((3, 3, 8, 4), 0.3), f16((4,))
+    xl, wl, bl = f16((2, 5, 16)), f16((12, 16), 0.25), f16((12,))
+    g, be = f16((16,), 0.2, 1.0), f16((16,))
+    g8, be8 = f16((8,), 0.2, 1.0), f16((8,))
+    q, k, v = f16((2, 6, 16)), f16((2, 7, 16)), f16((2, 7, 16))
+    big = f16((2, 5, 16), 4.0)  # activations in the range where GELU / softmax round visibly
+    qi, sc = ops.quantize_int8(wl)
+    return {
+        "conv2d": (ops.conv2d, (x4, w3, b4), {"padding": 1}),
+        "conv2d_winograd": (ops.conv2d_winograd, (x4, w3, b4), {"padding": 1}),
+        "linear": (ops.linear, (xl, wl, bl), {}),
+        "group_norm": (ops.group_norm, (x4, g8, be8), {"num_groups": 2}),
+        "group_norm_fused": (ops.group_norm_fused, (x4, g8, be8), {"num_groups": 2}),
+        "layer_norm": (ops.layer_norm, (xl, g, be), {}),
+        "silu": (ops.silu, (big,), {}),
+        "gelu": (ops.gelu, (big,), {}),
+        "gelu_tanh": (ops.gelu, (big,), {"approximate": "tanh"}),
+        "quick_gelu": (ops.quick_gelu, (big,), {}),
+        "geglu": (ops.geglu, (xl,), {}),
+        "softmax": (ops.softmax, (big,), {}),
+        "attention": (ops.attention, (q, k, v), {"heads": 2}),
+        "flash_attention": (ops.flash_attention, (q, k, v), {"heads": 2}),
+        "upsample_nearest2x": (ops.upsample_nearest2x, (x4,), {}),
+        "timestep_embedding": (ops.timestep_embedding, (np.array([1.0, 500.0, 981.0], np.float32),), {"dim": 16}),
+        "dequantize_int8": (ops.dequantize_int8, (qi, sc), {}),
+        "add": (ops.add, (xl, bl[:1]), {}),
+        "mul": (ops.mul, (xl, big), {}),
+    }
+
+
+def op_vectors(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """op -> {"in_0": ..., "out_f32": ..., ...}: the op run on the same inputs in every mode."""
+    out = {}
+    for name, (fn, args, kwargs) in _inputs(np.random.default_rng(seed)).items():
+        arrays = {f"in_{i}": np.asarray(a) for i, a in enumerate(args)}
+        for mode, (m, ftz) in MODES.items():
+            with precision(m, ftz=ftz, block=32):
+                arrays[f"out_{mode}"] = np.asarray(fn(*args, **kwargs))
+        out[name] = arrays
+    return out
+
+
+def traces(workdir: Path) -> dict[str, tuple[dict[str, np.ndarray], str]]:
+    """"{arch}_{mode}" -> (boundary trace, model sha256) of each tiny model's run of TRACE_REQUEST."""
+    from refsd.pipeline import Pipeline, Request  # noqa: PLC0415
+    from refsd.tiny import make_tiny  # noqa: PLC0415
+    from refsd_validate.bundle import model_sha256  # noqa: PLC0415
+
+    out = {}
+    for arch in ARCHES:
+        model = make_tiny(workdir / arch, arch, seed=0)
+        sha = model_sha256(model)
+        for mode in TRACE_MODES:
+            result = Pipeline(model, precision=mode)(Request(**TRACE_REQUEST), progress=False)
+            out[f"{arch}_{mode}"] = (result.trace, sha)
+    return out
+
+
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    """A deterministic .npz: sorted members, fixed timestamps, no pickles."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in sorted(arrays):
+            member = io.BytesIO()
+            np.save(member, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, member.getvalue())
+    return buf.getvalue()
+
+
+def make(out: str | Path = DEFAULT_DIR) -> Path:
+    """Regenerate every golden file and the manifest into ``out`` (replacing what the manifest lists)."""
+    out = Path(out)
+    files: dict[str, bytes] = {}
+    for name, arrays in op_vectors().items():
+        files[f"ops/{name}.npz"] = npz_bytes(arrays)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace_models = {}
+        for key, (trace, sha) in traces(Path(tmp)).items():
+            files[f"traces/{key}.npz"] = npz_bytes(trace)
+            trace_models[key] = sha
+    recipe = {"generator": "refsd golden make", "refsd_version": __version__, "op_modes": MODES,
+              "op_seed": 0, "trace_request": TRACE_REQUEST, "trace_models": trace_models,
+              "trace_model_recipe": "refsd.tiny.make_tiny(DIR, arch, seed=0)"}
+    files["recipe.json"] = (json.dumps(recipe, indent=2, sort_keys=True) + "\n").encode()
+    old = _read_manifest(out) if (out / MANIFEST).is_file() else {}
+    for rel in old:
+        if rel not in files and (out / rel).is_file():
+            (out / rel).unlink()  # a file the new recipe no longer makes
+    for rel, data in files.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+    manifest = "".join(f"{hashlib.sha256(files[rel]).hexdigest()}  {rel}\n" for rel in sorted(files))
+    (out / MANIFEST).write_text(manifest, encoding="utf-8")
+    return out
+
+
+def _read_manifest(root: Path) -> dict[str, str]:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(2, "no golden manifest", str(path))
+    entries = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        digest, sep, rel = line.partition("  ")
+        if not sep or len(digest) != 64 or ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise ValueError(f"{path}:{n}: not a 'sha256  path' line")
+        entries[rel] = digest
+    return entries
+
+
+def verify(root: str | Path = DEFAULT_DIR) -> list[str]:
+    """Problems found (empty: every byte as the manifest says, no file missing or unlisted)."""
+    root = Path(root)
+    entries = _read_manifest(root)
+    problems = []
+    for rel, digest in entries.items():
+        p = root / rel
+        if not p.is_file():
+            problems.append(f"{rel}: missing")
+        elif hashlib.sha256(p.read_bytes()).hexdigest() != digest:
+            problems.append(f"{rel}: sha256 differs from {MANIFEST} (changed by hand or by a code change: "
+                            "regenerate with `refsd golden make` and review the diff)")
+    listed = set(entries) | {MANIFEST}
+    problems += [f"{p.relative_to(root).as_posix()}: not in {MANIFEST}" for p in sorted(root.rglob("*"))
+                 if p.is_file() and p.relative_to(root).as_posix() not in listed]
+    return problems
+
+
+def load(rel: str, root: str | Path = DEFAULT_DIR) -> dict[str, np.ndarray]:
+    """A golden .npz (``"ops/conv2d.npz"``), after checking its sha256 against the manifest."""
+    root = Path(root)
+    digest = _read_manifest(root).get(rel)
+    if digest is None:
+        raise KeyError(f"{rel} is not in {root / MANIFEST}")
+    data = (root / rel).read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError(f"{root / rel}: sha256 differs from the manifest; refusing to use it")
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return {n: z[n] for n in z.files}
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_golden_parser(sub) -> None:
+    p = sub.add_parser("golden", help="regenerate or verify the golden regression set (golden/)",
+                       description="make: regenerate op vectors (per op and precision mode) and the tiny models' "
+                       "expected traces, with a sha256 manifest. verify: fail on any changed, missing or unlisted "
+                       "byte. Exit 0 ok, 1 verification failed, 2 bad input.")
+    p.add_argument("action", choices=("make", "verify"))
+    p.add_argument("--dir", default=str(DEFAULT_DIR), help=f"golden folder (default {DEFAULT_DIR})")
+    p.set_defaults(func=_cmd_golden)
+
+
+def _cmd_golden(args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    if args.action == "make":
+        make(root)
+        size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        print(f"wrote {root}/ ({len(_read_manifest(root))} files, {size / 1e6:.2f} MB) and {MANIFEST}")
+        return 0
+    problems = verify(root)
+    for line in problems:
+        print(f"FAIL {line}")
+    print(f"{root}: {'verified' if not problems else f'{len(problems)} problem(s)'} "
+          f"({len(_read_manifest(root))} files in {MANIFEST})")
+    return 1 if problems else 0

@@ -1,0 +1,86 @@
+"""The golden set: the committed files verify byte for byte, any changed byte
+fails, and today's code reproduces them (read through ``refsd.golden.load``).
+
+Reproduction bounds (the golden files were made on one machine; BLAS builds
+may sum in another order): f32 outputs within 2^-20 of the tensor's max
+magnitude (16 float32 ulps of it), fp16-storage outputs within 2 fp16 ULPs
+elementwise (a last-bit difference in fp32 accumulation can flip one fp16
+rounding, and f16 math can carry it one step further). Traces, after three
+guided steps: f32 within 1e-5 of the max, f32_f16 within 4 fp16 ulps of the
+max (2^-9: flips amplified by guidance 7.5).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from refsd import golden
+from refsd.cli import main
+from refsd_validate.compare import ulp_distance_f16
+
+
+def test_committed_golden_verifies(capsys):
+    assert golden.verify() == []
+    assert main(["golden", "verify"]) == 0
+    assert "verified" in capsys.readouterr().out
+
+
+def test_golden_is_small():
+    size = sum(p.stat().st_size for p in golden.DEFAULT_DIR.rglob("*") if p.is_file())
+    assert size < 1_000_000
+
+
+@pytest.fixture
+def copy(tmp_path):
+    return shutil.copytree(golden.DEFAULT_DIR, tmp_path / "golden")
+
+
+def test_any_changed_byte_fails(copy, capsys):
+    f = copy / "ops" / "conv2d.npz"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    assert golden.verify(copy) == [f"ops/conv2d.npz: sha256 differs from {golden.MANIFEST} (changed by hand or "
+                                   "by a code change: regenerate with `refsd golden make` and review the diff)"]
+    assert main(["golden", "verify", "--dir", str(copy)]) == 1
+    assert "FAIL ops/conv2d.npz" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="sha256 differs from the manifest"):
+        golden.load("ops/conv2d.npz", copy)
+
+
+def test_missing_and_unlisted_files_fail(copy):
+    (copy / "traces" / "sd15_f32.npz").unlink()
+    (copy / "ops" / "extra.npz").write_bytes(b"x")
+    assert golden.verify(copy) == ["traces/sd15_f32.npz: missing", f"ops/extra.npz: not in {golden.MANIFEST}"]
+
+
+def test_npz_bytes_are_deterministic():
+    arrays = golden.op_vectors()["linear"]
+    assert golden.npz_bytes(arrays) == golden.npz_bytes(dict(reversed(list(arrays.items()))))
+
+
+def test_op_vectors_reproduce():
+    for op, arrays in golden.op_vectors().items():
+        want = golden.load(f"ops/{op}.npz")
+        assert sorted(want) == sorted(arrays), op
+        for name, got in arrays.items():
+            ref = want[name]
+            assert got.shape == ref.shape and got.dtype == ref.dtype, (op, name)
+            if name.startswith("in_") or name == "out_f32":
+                bound = 2.0**-20 * float(np.abs(ref).max(initial=0.0)) if name == "out_f32" else 0.0
+                assert np.abs(got.astype(np.float64) - ref).max(initial=0.0) <= bound, (op, name)
+            else:
+                assert ulp_distance_f16(ref, got).max(initial=0.0) <= 2, (op, name)
+
+
+def test_traces_reproduce(tmp_path):
+    for key, (trace, sha) in golden.traces(tmp_path).items():
+        want = golden.load(f"traces/{key}.npz")
+        assert sorted(want) == sorted(trace), key
+        rel = 1e-5 if key.endswith("_f32") else 2.0**-9
+        for name, ref in want.items():
+            bound = rel * float(np.abs(ref).max())
+            assert np.abs(trace[name].astype(np.float64) - ref).max() <= bound, (key, name)

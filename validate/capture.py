@@ -1,0 +1,220 @@
+"""``refsd-validate capture``: run an export's .tflite files with LiteRT's
+Interpreter through refsd's own pipeline loop and write a capture bundle.
+
+The loop is ``refsd.pipeline.Pipeline`` itself (tokenizer, seeded initial
+latents, scheduler, classifier-free guidance, boundary-tensor trace), with
+its three models replaced by LiteRT interpreters: what the validator reruns
+is then exactly what ran here, and only the models differ.
+
+Interpreters use LiteRT's builtin kernels without default delegates (no
+XNNPACK), so every intermediate tensor is readable after ``invoke()``; the
+bundle says so (``delegate: none``, precision ``f32``, device ``host``). With
+``delegate=LIB.so`` an external delegate is loaded (``load_delegate``); its
+precision cannot be read from the library, so the caller states it.
+
+Intermediates (``intermediates=True``): every module output the export's
+``refsd_export.json`` maps to a TFLite tensor, named as the reference names
+it (``refsd.monitor.tensor_name``: ``unet/step_3/unet.mid_block``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import platform
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from refsd.cli_pipeline import add_prompt_args
+from refsd.pipeline import Pipeline
+from refsd_validate.bundle import model_sha256, write_bundle
+
+PRECISIONS = ("f32", "f32_f16", "f16")
+
+
+class _LiteRTModel:
+    """One exported component behind the interface ``Pipeline`` calls."""
+
+    def __init__(self, tflite_dir: Path, name: str, entry: dict, *, delegate, intermediates: bool) -> None:
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: PLC0415
+
+        path = tflite_dir / entry["file"]
+        delegates = [delegate] if delegate is not None else None
+        try:
+            self.interp = Interpreter(
+                model_path=str(path), experimental_delegates=delegates,
+                experimental_preserve_all_tensors=intermediates,
+                experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+            self.interp.allocate_tensors()
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"{path}: LiteRT cannot load it ({' '.join(str(e).split())})") from None
+        self.name = name
+        self.inputs = {d["name"]: d for d in self.interp.get_input_details()}
+        self.tensors = entry["tensors"] if intermediates else {}
+        self.index = {d["name"]: d["index"] for d in self.interp.get_tensor_details()}
+        self.captured: dict[str, np.ndarray] = {}
+        shapes = entry["inputs"]
+        if "sample" in shapes:  # the UNet: Pipeline reads the latent channels from its config
+            self.config = SimpleNamespace(in_channels=shapes["sample"]["shape"][-1])
+
+    def _run(self, **feeds) -> np.ndarray:
+        from refsd.monitor import tensor_name  # noqa: PLC0415
+
+        for key, value in feeds.items():
+            d = self.inputs[key]
+            arr = np.asarray(value, dtype=d["dtype"])
+            if tuple(arr.shape) != tuple(d["shape"]):
+                raise ValueError(f"{self.name}: input {key} has shape {arr.shape}, the .tflite was exported for "
+                                 f"{tuple(int(s) for s in d['shape'])}")
+            self.interp.set_tensor(d["index"], arr)
+        self.interp.invoke()
+        for path, info in self.tensors.items():  # named at the pipeline's current stage and step
+            self.captured[tensor_name(path)] = np.array(self.interp.get_tensor(self.index[info["tensor"]]))
+        return np.array(self.interp.get_tensor(self.interp.get_output_details()[0]["index"]))
+
+    # the calls Pipeline makes
+    def __call__(self, *args):
+        if self.name == "text_encoder":
+            (ids,) = args
+            return self._run(input_ids=ids)
+        sample, timestep, context = args
+        return self._run(sample=sample, timestep=np.reshape(timestep, (1,)), encoder_hidden_states=context)
+
+    def decode_latents(self, latents):
+        return self._run(latents=latents)
+
+
+class _LiteRTPipeline(Pipeline):
+    """refsd's pipeline whose stages get their models from ``models``; low-memory
+    mode, so constructing it loads only the tokenizer and scheduler config."""
+
+    def __init__(self, model_dir: Path, models: dict) -> None:
+        super().__init__(model_dir, low_memory=True)
+        self.models = models
+
+    def _model(self, name: str):
+        return self.models[name]
+
+
+def capture(tflite_dir, model_dir, request, out, *, delegate: str | None = None, intermediates: bool = False,
+            delegate_precision: str | None = None, progress: bool = True) -> Path:
+    """Run ``request`` (a ``refsd.pipeline.Request``) on the export in
+    ``tflite_dir`` of the diffusers folder ``model_dir``; write the bundle
+    directory ``out`` and return it."""
+    from refsd.export.build import COMPONENTS, read_manifest  # noqa: PLC0415
+    from refsd.schedulers import default_scheduler_name, make_scheduler  # noqa: PLC0415
+
+    tflite_dir, model_dir = Path(tflite_dir), Path(model_dir)
+    manifest = read_manifest(tflite_dir)
+    missing = [c for c in COMPONENTS if c not in manifest.get("components", {})]
+    if missing:
+        raise ValueError(f"{tflite_dir}: the export has no {', '.join(missing)}")
+    if model_sha256(model_dir) != manifest["model_sha256"]:
+        raise ValueError(f"{model_dir} is not the model {tflite_dir} was exported from (model sha256 differs)")
+    if (request.height, request.width) != (manifest["height"], manifest["width"]):
+        raise ValueError(f"the .tflite files were exported for {manifest['height']}x{manifest['width']} images, "
+                         f"the request asks for {request.height}x{request.width}")
+    files = {}
+    for name in COMPONENTS:
+        entry = manifest["components"][name]
+        path = tflite_dir / entry["file"]
+        if not path.is_file():
+            raise FileNotFoundError(2, "no such file", str(path))
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        if digest != entry["sha256"]:
+            raise ValueError(f"{path}: sha256 differs from {tflite_dir / 'refsd_export.json'} (file replaced?)")
+        files[name] = {"file": entry["file"], "sha256": digest}
+
+    delegate_info = {"name": "none", "library": None, "precision": "f32", "ftz": None, "options": {}}
+    loaded = None
+    if delegate is not None:
+        if delegate_precision not in PRECISIONS:
+            raise ValueError(f"with a delegate, state its precision (one of {', '.join(PRECISIONS)}): the bundle "
+                             "records it and it cannot be read from the library")
+        if not Path(delegate).is_file():
+            raise FileNotFoundError(2, "no such delegate library", str(delegate))
+        from ai_edge_litert.interpreter import load_delegate  # noqa: PLC0415
+
+        try:
+            loaded = load_delegate(str(delegate))
+        except (ValueError, RuntimeError, OSError) as e:
+            raise ValueError(f"{delegate}: cannot load the delegate ({' '.join(str(e).split())})") from None
+        delegate_info = {"name": Path(delegate).stem, "library": str(delegate), "precision": delegate_precision,
+                         "ftz": None, "options": {}}
+
+    models = {name: _LiteRTModel(tflite_dir, name, manifest["components"][name], delegate=loaded,
+                                 intermediates=intermediates) for name in COMPONENTS}
+    pipe = _LiteRTPipeline(model_dir, models)
+    scheduler = request.scheduler or default_scheduler_name(pipe.scheduler_config)
+    result = pipe(request, progress=progress)
+
+    tensors = dict(result.trace)
+    tensors["inputs/token_ids"] = np.concatenate([pipe.token_ids(request.negative_prompt),
+                                                  pipe.token_ids(request.prompt)])
+    tensors["scheduler/timesteps"] = np.asarray(
+        make_scheduler(scheduler, pipe.scheduler_config).set_timesteps(request.steps)).astype(np.int64)
+    for m in models.values():
+        tensors.update(m.captured)
+    doc = {
+        "tool": f"refsd-validate capture (refsd {_version()})",
+        "device": {"name": "host", "manufacturer": None, "soc": None, "gpu": None,
+                   "os": platform.platform(), "cpu": platform.machine() or None},
+        "runtime": {"name": "ai-edge-litert", "version": _litert_version(), "delegate": delegate_info},
+        "model": {"sha256": manifest["model_sha256"], "weights": manifest["weights"],
+                  "rewrites": manifest["rewrites"], "components": files},
+        "request": {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
+                    "steps": request.steps, "scheduler": scheduler, "guidance": float(request.guidance),
+                    "height": request.height, "width": request.width},
+    }
+    return write_bundle(out, doc, tensors)
+
+
+def _version() -> str:
+    from refsd import __version__  # noqa: PLC0415
+
+    return __version__
+
+
+def _litert_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
+
+    try:
+        return version("ai-edge-litert")
+    except PackageNotFoundError:  # pragma: no cover - imported above, so installed
+        return "unknown"
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_capture_parser(sub) -> None:
+    p = sub.add_parser(
+        "capture", help="run exported .tflite files with LiteRT and write a capture bundle",
+        description="Run the text encoder, UNet (every step) and VAE exported by 'refsd export' with LiteRT's "
+        "Interpreter through refsd's pipeline loop (same tokenizer, seeded noise, scheduler, guidance) and "
+        "write a capture bundle (capture.json + .npy tensors).")
+    p.add_argument("--tflite", required=True, metavar="DIR", help="folder written by 'refsd export'")
+    p.add_argument("--model", required=True, metavar="DIR", help="the diffusers folder it was exported from")
+    add_prompt_args(p)
+    p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write")
+    p.add_argument("--delegate", metavar="LIB.so", help="external delegate library to load")
+    p.add_argument("--delegate-precision", choices=PRECISIONS, help="the delegate's precision (required with "
+                   "--delegate; recorded in the bundle)")
+    p.add_argument("--intermediates", action="store_true", help="also capture every module output the export maps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_capture)
+
+
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from refsd.export.build import read_manifest  # noqa: PLC0415
+    from refsd.pipeline import Request  # noqa: PLC0415
+
+    manifest = read_manifest(args.tflite)
+    req = Request(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance, args.scheduler,
+                  manifest["height"], manifest["width"])
+    out = capture(args.tflite, args.model, req, args.out, delegate=args.delegate, intermediates=args.intermediates,
+                  delegate_precision=args.delegate_precision, progress=not args.quiet)
+    print(f"wrote capture bundle {out}")
+    return 0

@@ -1,0 +1,68 @@
+"""An emulated device: a capture bundle written from refsd's own pipeline run
+in an fp16 precision mode, to try ``refsd-validate certify`` without a phone
+(and the fixture that the validator's tests derive bad devices from: the
+validator must not care who produced a bundle).
+
+    emulated_capture(model_dir, Request("a cat", steps=4, scheduler="ddim", height=64, width=64), "bundle/",
+                     precision="f32_f16", ftz=True, rewrites="google")
+
+The bundle declares ``runtime.name = "refsd-emulation"`` and ``device.name =
+"refsd-emulated"``; there are no .tflite files, so each component's sha256 is
+that of zero bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from refsd import __version__
+from refsd.monitor import recording
+from refsd.pipeline import Pipeline, Request
+from refsd.schedulers import make_scheduler
+from refsd_validate.bundle import model_sha256, write_bundle
+
+_NO_FILE = hashlib.sha256(b"").hexdigest()
+
+
+def emulated_capture(model_dir: str | Path, request: Request, out: str | Path, *, precision: str = "f32_f16",
+                     ftz: bool = False, rewrites: str = "none", declare_ftz: bool | None = None,
+                     intermediates: Sequence[str] = (), fault: Callable[[Pipeline], None] | None = None) -> Path:
+    """Write the bundle of ``request`` run under ``precision``/``ftz``/``rewrites``.
+    ``declare_ftz``: what the capture says about FTZ (None: unknown, as most
+    delegates do not report it). ``intermediates``: name prefixes of module
+    outputs to include (``"unet/step_2/unet.mid_block"``); none by default.
+    ``fault``: called with the loaded pipeline before the run, to emulate a
+    faulty device (wrap a module's ``forward`` to inject a NaN or a bias):
+    the fault then propagates through the rest of the run as on a device."""
+    if request.scheduler is None:
+        raise ValueError("the request must name its scheduler (a bundle records it)")
+    pipe = Pipeline(model_dir, precision=precision, ftz=ftz, rewrites=rewrites)
+    if fault is not None:
+        fault(pipe)
+    with recording() as rec:
+        result = pipe(request, progress=False)
+    tensors = dict(result.trace)
+    tensors.update({n: v for n, v in rec.items() if any(n.startswith(p) for p in intermediates)})
+    tensors["inputs/token_ids"] = np.concatenate([pipe.token_ids(request.negative_prompt),
+                                                  pipe.token_ids(request.prompt)])
+    tensors["scheduler/timesteps"] = np.asarray(
+        make_scheduler(request.scheduler, pipe.scheduler_config).set_timesteps(request.steps), np.int64)
+    capture = {
+        "tool": f"refsd {__version__} emulated device (refsd_validate.certify_emulate)",
+        "device": {"name": "refsd-emulated", "soc": None, "gpu": None, "os": platform.platform()},
+        "runtime": {"name": "refsd-emulation", "version": __version__,
+                    "delegate": {"name": "emulated", "precision": precision, "ftz": declare_ftz,
+                                 "options": {"rewrites": rewrites, "ftz": ftz}}},
+        "model": {"sha256": model_sha256(model_dir), "weights": "fp32", "rewrites": rewrites,
+                  "components": {c: {"file": "(none: emulated)", "sha256": _NO_FILE}
+                                 for c in ("text_encoder", "unet", "vae")}},
+        "request": {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
+                    "steps": request.steps, "scheduler": request.scheduler, "guidance": request.guidance,
+                    "height": request.height, "width": request.width},
+    }
+    return write_bundle(out, capture, tensors)

@@ -1,0 +1,341 @@
+"""Reading a capture bundle: strict, safe, and one clear line for every fault.
+
+A bundle (a directory, or a ``.zip`` of one, with or without a single top
+folder) comes from a device we do not control, so nothing in it is trusted:
+
+* ``capture.json`` is at most 4 MiB, must be UTF-8 JSON (no NaN literals), of
+  schema ``refsd-capture`` version 1, and valid against
+  ``schema/capture-1.schema.json``;
+* a tensor's file is named ``tensors/...npy`` with no ``.``/``..`` parts; in a
+  directory it must resolve inside the bundle (a symlink out is refused), in a
+  zip it must be a regular member (no symlink, no duplicate, not encrypted);
+* sizes are checked *before* reading: the declared shape and dtype fix the
+  data size, so a file (or a zip member's declared and actual size) larger
+  than that plus a 16 KiB header allowance is refused unread: no zip bomb;
+* the .npy header is parsed first (pickles and object arrays refused: only
+  ``np.load(..., allow_pickle=False)`` ever runs), then dtype, shape, the
+  exact data length (a truncated file is named as such) and the sha256 in
+  ``capture.json`` are checked;
+* boundary tensors must have the shapes the model's configs imply
+  (:class:`ModelGeometry`), token ids must be integers in the vocabulary,
+  initial latents finite; every missing boundary tensor is listed.
+
+Every fault raises :class:`BundleError` (a ``ValueError``) whose message is
+one line; the CLI prints it and exits 2. NumPy, jsonschema and the standard
+library only (no refsd import: the validator must not trust the reference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+import stat
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from refsd_validate.bundle import SCHEMA, SCHEMA_PATH, SCHEMA_VERSION
+
+MAX_CAPTURE_JSON = 4 << 20
+NPY_HEADER_ALLOWANCE = 16 << 10  # real .npy headers are 128-4096 bytes
+MAX_TENSOR_BYTES = 4 << 30  # per tensor: SD 1.5's largest attention scores at 512x512 are 1 GiB
+TOKENS = 77
+FLOATS = ("float32", "float16")
+INTS = ("int32", "int64")
+STAGES = ("text_encoder", "unet", "vae")
+_STEP = re.compile(r"^(unet/step_(\d+)/noise_pred|scheduler/step_(\d+)/latents)$")
+_INTERMEDIATE = re.compile(r"^(text_encoder|unet|vae)/(?:step_(\d+)/)?([A-Za-z0-9_.]+(?:#\d+)?)$")
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+class BundleError(ValueError):
+    """A malformed bundle; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What a diffusers folder's configs say the boundary tensors look like."""
+
+    text_hidden: int  # text_encoder hidden_size (D of the hidden states)
+    vocab_size: int
+    latent_channels: int  # unet in_channels
+    unet_out_channels: int
+    vae_scale: int  # image pixels per latent pixel
+    image_channels: int
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelGeometry":
+        root = Path(model_dir)
+
+        def cfg(rel: str) -> dict:
+            p = root / rel
+            try:
+                doc = json.loads(p.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise BundleError(f"{p}: missing (is --model a diffusers folder?)") from None
+            except (OSError, ValueError) as e:
+                raise BundleError(f"{p}: unreadable config ({_one_line(e)})") from None
+            return doc
+
+        text, unet, vae = cfg("text_encoder/config.json"), cfg("unet/config.json"), cfg("vae/config.json")
+        try:
+            return cls(int(text["hidden_size"]), int(text["vocab_size"]), int(unet["in_channels"]),
+                       int(unet["out_channels"]), 2 ** (len(vae["block_out_channels"]) - 1), int(vae["out_channels"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{root}: model config lacks a field the validator needs ({_one_line(e)})") from None
+
+
+
+def required_tensors(request: dict, geometry: ModelGeometry | None) -> dict[str, tuple[tuple | None, tuple]]:
+    """Name -> (shape, allowed dtypes) of every tensor ``request`` requires, in
+    pipeline order; shapes are None without the model's geometry."""
+    height, width, steps = request["height"], request["width"], request["steps"]
+    per_step = [f"{s}/step_{i}/{t}" for i in range(steps) for s, t in (("unet", "noise_pred"), ("scheduler", "latents"))]
+    names = ["inputs/token_ids", "text_encoder/hidden_states", "scheduler/latents_init", *per_step, "vae/image"]
+    dtypes = {n: INTS if n == "inputs/token_ids" else FLOATS for n in names}
+    if geometry is None:
+        return {n: (None, dtypes[n]) for n in names}
+    g = geometry
+    if height % g.vae_scale or width % g.vae_scale:
+        raise BundleError(f"request size {height}x{width} is not a multiple of the model's VAE scale {g.vae_scale}")
+    h, w, c = height // g.vae_scale, width // g.vae_scale, g.latent_channels
+    shapes = {"inputs/token_ids": (2, TOKENS), "text_encoder/hidden_states": (2, TOKENS, g.text_hidden),
+              "scheduler/latents_init": (1, h, w, c), "vae/image": (1, height, width, g.image_channels)}
+    for i in range(steps):
+        shapes[f"unet/step_{i}/noise_pred"] = (2, h, w, g.unet_out_channels)
+        shapes[f"scheduler/step_{i}/latents"] = (1, h, w, c)
+    return {n: (shapes[n], dtypes[n]) for n in names}
+
+
+@dataclass
+class Bundle:
+    """A validated bundle. ``tensors`` holds the boundary tensors and inputs;
+    intermediates (possibly large) are re-read, and re-verified, by ``tensor()``."""
+
+    source: Path
+    capture: dict
+    sha256: str  # of capture.json's bytes, which pin every tensor file by sha256
+    tensors: dict[str, np.ndarray]
+    intermediates: list[str] = field(default_factory=list)
+    _files: "_Files | None" = None
+
+    @property
+    def request(self) -> dict:
+        return self.capture["request"]
+
+    def tensor(self, name: str) -> np.ndarray:
+        if name in self.tensors:
+            return self.tensors[name]
+        if name not in self.intermediates:
+            raise KeyError(name)
+        return _load_tensor(self._files, name, self.capture["tensors"][name])
+
+
+def read_bundle(path: str | Path, geometry: ModelGeometry | None = None) -> Bundle:
+    """Read and check a bundle; ``geometry`` (from the model folder) adds the
+    shape checks of the boundary tensors. Raises :class:`BundleError`."""
+    src = Path(path)
+    files = _ZipFiles(src) if src.is_file() else _DirFiles(src)
+    raw = files.read("capture.json", MAX_CAPTURE_JSON)
+    doc = _parse_capture(raw)
+    request, table = doc["request"], doc["tensors"]
+    expected = required_tensors(request, geometry)
+    missing = [n for n in expected if n not in table]
+    if missing:
+        raise BundleError(f"missing tensors ({len(missing)}): {', '.join(missing)}")
+    intermediates = []
+    for name, entry in table.items():
+        if name in expected or name == "scheduler/timesteps":
+            continue
+        if _STEP.match(name) or not _INTERMEDIATE.match(name):
+            raise BundleError(f"tensor {name}: not a boundary tensor of this request ({request['steps']} steps) "
+                              "nor an intermediate named {stage}/step_{i}/{module path}")
+        step = _INTERMEDIATE.match(name).group(2)
+        if step is not None and int(step) >= request["steps"]:
+            raise BundleError(f"tensor {name}: step {step} is past the request's {request['steps']} steps")
+        if entry["dtype"] not in FLOATS:
+            raise BundleError(f"tensor {name}: dtype {entry['dtype']}; intermediates are float32 or float16")
+        intermediates.append(name)
+
+    tensors = {}
+    for name, entry in table.items():
+        shape, dtypes = expected.get(name, (None, FLOATS + INTS))
+        if name == "scheduler/timesteps":
+            shape, dtypes = (request["steps"],), INTS
+        if entry["dtype"] not in dtypes:
+            raise BundleError(f"tensor {name}: dtype {entry['dtype']}, expected {' or '.join(dtypes)}")
+        if shape is not None and tuple(entry["shape"]) != shape:
+            raise BundleError(f"tensor {name}: shape {tuple(entry['shape'])}, expected {shape} for this model "
+                              "and request")
+        if math.prod(entry["shape"]) == 0:
+            raise BundleError(f"tensor {name}: empty (shape {tuple(entry['shape'])})")
+        arr = _load_tensor(files, name, entry)
+        if name in intermediates:
+            continue  # verified; re-read on use
+        tensors[name] = arr
+    _check_inputs(tensors, geometry)
+    return Bundle(src, doc, hashlib.sha256(raw).hexdigest(), tensors, intermediates, files)
+
+
+def _check_inputs(tensors: dict, geometry: ModelGeometry | None) -> None:
+    ids = tensors.get("inputs/token_ids")
+    if ids is not None and geometry is not None and (ids.min() < 0 or ids.max() >= geometry.vocab_size):
+        raise BundleError(f"tensor inputs/token_ids: ids must lie in [0, {geometry.vocab_size}), found "
+                          f"{int(ids.min())}..{int(ids.max())}")
+    lat = tensors.get("scheduler/latents_init")
+    if lat is not None and not np.isfinite(lat).all():
+        raise BundleError("tensor scheduler/latents_init: holds NaN or inf; the initial noise must be finite")
+
+
+def _parse_capture(raw: bytes) -> dict:
+    def no_constants(c: str):
+        raise ValueError(f"non-standard JSON constant {c}")
+
+    try:
+        doc = json.loads(raw.decode("utf-8"), parse_constant=no_constants)
+    except UnicodeDecodeError:
+        raise BundleError("capture.json: not UTF-8 text") from None
+    except ValueError as e:
+        raise BundleError(f"capture.json: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(doc, dict):
+        raise BundleError("capture.json: not a JSON object")
+    if doc.get("schema") != SCHEMA:
+        raise BundleError(f"capture.json: schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(f"capture.json: unsupported schema_version {doc.get('schema_version')!r} "
+                          f"(this validator reads version {SCHEMA_VERSION})")
+    import jsonschema  # noqa: PLC0415 (only the reader needs it)
+
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise BundleError(f"capture.json: schema violation at {where}: {_one_line(error.message)[:300]}")
+    return doc
+
+
+def _load_tensor(files: "_Files", name: str, entry: dict) -> np.ndarray:
+    dtype, shape = np.dtype(entry["dtype"]), tuple(entry["shape"])
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > MAX_TENSOR_BYTES:
+        raise BundleError(f"tensor {name}: declared {nbytes} bytes, over the {MAX_TENSOR_BYTES}-byte limit")
+    rel = entry["file"]
+    parts = PurePosixPath(rel).parts
+    if any(p in (".", "..") for p in parts) or "\\" in rel:
+        raise BundleError(f"tensor {name}: file {rel!r} escapes the bundle")
+    data = files.read(rel, nbytes + NPY_HEADER_ALLOWANCE, what=f"tensor {name}")
+    where = f"tensor {name} ({rel})"
+    if data[:1] == b"\x80":
+        raise BundleError(f"{where}: is a Python pickle; refused (pickled data is never loaded)")
+    if data[:6] != _NPY_MAGIC:
+        raise BundleError(f"{where}: not an .npy file (no NumPy magic)")
+    buf = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buf)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f"unsupported .npy version {version}")
+        file_shape, _, file_dtype = read_header[version](buf)
+    except ValueError as e:
+        raise BundleError(f"{where}: bad .npy header ({_one_line(e)[:200]})") from None
+    if file_dtype.hasobject:
+        raise BundleError(f"{where}: holds a pickled object array; refused (pickled data is never loaded)")
+    if file_dtype.name != dtype.name or tuple(file_shape) != shape:
+        raise BundleError(f"{where}: file holds {file_dtype.name} {tuple(file_shape)}, capture.json declares "
+                          f"{dtype.name} {shape}")
+    have = len(data) - buf.tell()
+    if have != nbytes:
+        kind = "truncated" if have < nbytes else "has trailing bytes"
+        raise BundleError(f"{where}: {kind}: {have} data bytes, {nbytes} expected for {dtype.name} {shape}")
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise BundleError(f"{where}: sha256 differs from capture.json (file changed after capture)")
+    buf.seek(0)
+    return np.load(buf, allow_pickle=False)
+
+
+class _Files:
+    def read(self, rel: str, limit: int, what: str = "") -> bytes:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _DirFiles(_Files):
+    def __init__(self, root: Path) -> None:
+        if not root.exists():
+            raise BundleError(f"{root}: no such bundle (directory or .zip)")
+        self.root = root.resolve()
+
+    def read(self, rel: str, limit: int, what: str = "") -> bytes:
+        what = what or rel
+        p = self.root / rel
+        try:
+            real = p.resolve(strict=True)
+        except FileNotFoundError:
+            raise BundleError(f"{what}: file {rel} is missing from the bundle") from None
+        except (OSError, RuntimeError) as e:  # symlink loops
+            raise BundleError(f"{what}: cannot resolve {rel} ({_one_line(e)})") from None
+        if not real.is_relative_to(self.root):
+            raise BundleError(f"{what}: {rel} resolves outside the bundle (symlink?); refused")
+        st = real.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{what}: {rel} is not a regular file")
+        if st.st_size > limit:
+            raise BundleError(f"{what}: {rel} is {st.st_size} bytes, over the {limit}-byte limit; refused unread")
+        with open(real, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:  # grew since stat
+            raise BundleError(f"{what}: {rel} is over the {limit}-byte limit; refused")
+        return data
+
+
+class _ZipFiles(_Files):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with zipfile.ZipFile(path) as zf:
+                infos = zf.infolist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise BundleError(f"{path}: neither a bundle directory nor a readable .zip ({_one_line(e)})") from None
+        names = [i.filename for i in infos]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise BundleError(f"{path}: duplicate zip members {', '.join(dupes[:5])}; refused (which one is meant?)")
+        for info in infos:
+            n = info.filename
+            if n.startswith("/") or "\\" in n or ".." in PurePosixPath(n).parts or re.match(r"^[A-Za-z]:", n):
+                raise BundleError(f"{path}: zip member {n!r} escapes the bundle; refused")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise BundleError(f"{path}: zip member {n!r} is a symlink; refused")
+        self.infos = {i.filename: i for i in infos if not i.is_dir()}
+        self.prefix = ""
+        if "capture.json" not in self.infos:  # a zip of the bundle folder itself
+            tops = {n.split("/", 1)[0] for n in self.infos}
+            if len(tops) == 1 and f"{next(iter(tops))}/capture.json" in self.infos:
+                self.prefix = next(iter(tops)) + "/"
+
+    def read(self, rel: str, limit: int, what: str = "") -> bytes:
+        what = what or rel
+        info = self.infos.get(self.prefix + rel)
+        if info is None:
+            raise BundleError(f"{what}: file {rel} is missing from the bundle")
+        if info.flag_bits & 0x1:
+            raise BundleError(f"{what}: zip member {rel} is encrypted")
+        if info.file_size > limit:
+            raise BundleError(f"{what}: zip member {rel} is {info.file_size} bytes uncompressed, over the "
+                              f"{limit}-byte limit; refused unread (zip bomb?)")
+        try:
+            with zipfile.ZipFile(self.path) as zf, zf.open(info) as f:
+                data = f.read(limit + 1)  # the header's size may lie: never read past the limit
+        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as e:
+            raise BundleError(f"{what}: zip member {rel} unreadable ({_one_line(e)})") from None
+        if len(data) > limit:
+            raise BundleError(f"{what}: zip member {rel} inflates past the {limit}-byte limit; refused (zip bomb?)")
+        return data
+
+
+def _one_line(e: object) -> str:
+    return " ".join(str(e).split())

@@ -1,0 +1,212 @@
+"""What a person reads: ``report.html`` (one self-contained file: images as
+base64 PNG from ``refsd.png``, plots as inline SVG, no script, no network) and
+Model Explorer node data.
+
+The report shows the verdict and the first failing tensor; the reference and
+device images side by side with the amplified difference (``refsd.demo.
+side_by_side``: NaN/inf pixels magenta); each step's error in noise floors
+(``k_needed``, log scale, the bar at k); the worst tensors; the rule and
+provenance.
+
+Model Explorer (google-ai-edge/model-explorer, ``node_data_builder.py``) node
+data: one ``GraphNodeData`` JSON per stage, ``{"results": {key: {"value": v}},
+"gradient": [...]}``, to load in its side panel over that stage's .tflite
+graph. Keys are the TFLite output tensor names when the export's
+``refsd_export.json`` is given (``certify --tflite DIR``), else module paths.
+The value is the worst ``k_needed`` over steps (teacher-forced when run):
+below 1 the node is within its noise floor, above k it fails; a NaN is
+reported as 1e30, never dropped.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+
+import numpy as np
+
+from refsd.demo import side_by_side
+from refsd.pipeline import to_image
+from refsd.png import encode_png
+
+NAN_VALUE = 1e30  # Model Explorer values must be numbers: a non-finite error shows as the worst there is
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#222}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:26px 0 8px;border-bottom:1px solid #ddd}
+.verdict{display:inline-block;padding:6px 14px;border-radius:6px;color:#fff;font-weight:600;font-size:18px}
+.ok{background:#2e7d32} .bad{background:#c62828} .muted{color:#666}
+table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}
+th{background:#f4f4f4} td.l,th.l{text-align:left;font-family:ui-monospace,monospace;word-break:break-all}
+tr.fail td{background:#fdecea} code{font-size:12px}
+figure{margin:0} figcaption{font-size:12px;color:#555}
+"""
+
+
+def render_report(cert) -> str:
+    doc = cert.to_dict()
+    f = doc["first_failure"]
+    verdict = ("<span class='verdict ok'>CERTIFIED</span>" if cert.certified
+               else "<span class='verdict bad'>NOT CERTIFIED</span>")
+    where = ""
+    if f is not None:
+        where = (f"<p>First failing tensor: <code>{_e(f['tensor'])}</code> ({_e(f['mode'])}-running"
+                 if f["mode"] == "free" else f"<p>First failing tensor: <code>{_e(f['tensor'])}</code> (teacher-forced")
+        where += (f"; stage <b>{_e(f['stage'])}</b>" + (f", step <b>{f['step']}</b>" if f["step"] is not None else "")
+                  + (f", module <code>{_e(f['module_path'])}</code>" if f["module_path"] else "")
+                  + f"): {_e(', '.join(f['failed']))}, needs k = {_num(f['k_needed'])} (bar: k = {cert.rule['k']:g})</p>")
+    exact_bad = [c for c in cert.exact_checks if not c["passed"]]
+    where += "".join(f"<p>Exact check failed: <code>{_e(c['tensor'])}</code>: {_e(c['detail'])}</p>" for c in exact_bad)
+    prov, dev = cert.provenance, cert.provenance["device"]
+    delegate = prov["runtime"]["delegate"]
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>refsd certificate</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>refsd device certificate</h1><p>{verdict}</p>{where}",
+        f"<p class='muted'>{_e(dev['name'])} &middot; SoC {_e(dev.get('soc'))} &middot; GPU {_e(dev.get('gpu'))} "
+        f"&middot; {_e(prov['runtime']['name'])} {_e(prov['runtime']['version'])}, delegate {_e(delegate['name'])} "
+        f"(precision {_e(delegate['precision'])}, FTZ {_e(delegate.get('ftz'))}) &middot; request: "
+        f"&ldquo;{_e(cert.request['prompt'])}&rdquo;, {cert.request['steps']} steps {_e(cert.request['scheduler'])}, "
+        f"{cert.request['width']}x{cert.request['height']}, seed {cert.request['seed']}</p>",
+        _images(cert),
+        "<h2>Error per step, in noise floors</h2>",
+        "<p class='muted'>k_needed = max over peak, rms, offset, gain of error / noise floor; the tensor passes "
+        f"at or below the dashed line k = {cert.rule['k']:g}. Non-finite values are drawn at the top as &times;.</p>",
+        _plot(cert),
+        "<h2>Worst tensors</h2>", _table(sorted(cert.results, key=lambda r: -_finite(r.verdict.k_needed))[:15], cert),
+        "<h2>Rule</h2>", f"<p>{_e(cert.rule['statement'])}.</p>",
+        f"<p>k = {cert.rule['k']:g}; calibration variants: {_e(', '.join(cert.rule['calibration_variants']))}; "
+        f"reference {_e(cert.rule['reference'])}; unit roundoff u = {cert.rule['unit_roundoff']:.3g}. "
+        f"{_e(cert.rule['localization'])}.</p>",
+        "<h2>Provenance</h2><table>",
+        *(f"<tr><th class='l'>{_e(k)}</th><td class='l'>{_e(v)}</td></tr>" for k, v in prov.items()
+          if k not in ("device", "runtime")),
+        "</table>",
+        "<h2>Boundary tensors</h2>", _table([r for r in cert.results if r.module_path is None], cert),
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def _images(cert) -> str:
+    ref = to_image(cert.images["reference"])
+    dev = cert.images["device"]
+    with np.errstate(invalid="ignore"):
+        dev_img = np.where(np.isfinite(dev), to_image(np.nan_to_num(dev)), np.nan)  # keep NaN/inf for magenta
+    scale = max(1, 256 // ref.shape[1])
+    picture, gain = side_by_side(ref, dev_img, scale=scale)
+    png = base64.b64encode(encode_png(picture)).decode("ascii")
+    image = next((r for r in cert.results if r.name == "vae/image" and r.mode == "free"), None)
+    psnr = "" if image is None else f"; PSNR {_num(image.psnr_db)} dB (free-running)"
+    return ("<h2>Images</h2><figure><img alt='reference | device | difference' "
+            f"src='data:image/png;base64,{png}'><figcaption>reference (f32) | device | |difference| amplified "
+            f"x{gain:.3g} (black = equal; NaN/inf magenta){psnr}</figcaption></figure>")
+
+
+def _plot(cert, width: int = 640, height: int = 260) -> str:
+    series = {}
+    for r in cert.results:
+        if r.module_path is None and r.step is not None:
+            series.setdefault(f"{r.mode} {r.name.rsplit('/', 1)[1]}", []).append((r.step, r.verdict.k_needed))
+    if not series:
+        return "<p>(no per-step tensors)</p>"
+    k = cert.rule["k"]
+    finite = [v for s in series.values() for _, v in s if math.isfinite(v) and v > 0]
+    lo = math.floor(math.log10(min(finite + [k / 10])))
+    hi = math.ceil(math.log10(max(finite + [k * 10])))
+    steps = cert.request["steps"]
+    x0, y0, pw, ph = 60, 15, width - 230, height - 50
+
+    def px(step):
+        return x0 + (pw * step / max(steps - 1, 1))
+
+    def py(v):
+        return y0 if not math.isfinite(v) else y0 + ph * (hi - math.log10(max(v, 10.0**lo))) / (hi - lo)
+
+    out = [f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' font-size='11'>",
+           f"<rect x='{x0}' y='{y0}' width='{pw}' height='{ph}' fill='none' stroke='#999'/>"]
+    for e in range(lo, hi + 1):
+        y = py(10.0**e)
+        out.append(f"<line x1='{x0}' x2='{x0 + pw}' y1='{y:.1f}' y2='{y:.1f}' stroke='#eee'/>"
+                   f"<text x='{x0 - 6}' y='{y + 4:.1f}' text-anchor='end'>1e{e}</text>")
+    for s in range(steps):
+        out.append(f"<text x='{px(s):.1f}' y='{y0 + ph + 16}' text-anchor='middle'>{s}</text>")
+    out.append(f"<text x='{x0 + pw / 2}' y='{height - 4}' text-anchor='middle'>denoising step</text>")
+    out.append(f"<line x1='{x0}' x2='{x0 + pw}' y1='{py(k):.1f}' y2='{py(k):.1f}' stroke='#c62828' "
+               f"stroke-dasharray='5,4'/><text x='{x0 + pw + 4}' y='{py(k) + 4:.1f}' fill='#c62828'>k={k:g}</text>")
+    colors = ["#1565c0", "#6a1b9a", "#ef6c00", "#2e7d32"]
+    for i, (label, pts) in enumerate(sorted(series.items())):
+        c = colors[i % len(colors)]
+        dash = "" if label.startswith("teacher") else " stroke-dasharray='2,2'"
+        path = " ".join(f"{px(s):.1f},{py(v):.1f}" for s, v in pts)
+        out.append(f"<polyline points='{path}' fill='none' stroke='{c}' stroke-width='1.6'{dash}/>")
+        for s, v in pts:
+            mark = "&#215;" if not math.isfinite(v) else "&#9679;"
+            out.append(f"<text x='{px(s):.1f}' y='{py(v) + 4:.1f}' fill='{c}' text-anchor='middle'>{mark}</text>")
+        ly = y0 + 14 + 16 * i
+        out.append(f"<line x1='{x0 + pw + 40}' x2='{x0 + pw + 60}' y1='{ly - 4}' y2='{ly - 4}' stroke='{c}' "
+                   f"stroke-width='2'{dash}/><text x='{x0 + pw + 64}' y='{ly}'>{_e(label)}</text>")
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _table(results, cert) -> str:
+    rows = ["<table><tr><th class='l'>tensor</th><th>mode</th><th>pass</th><th>k needed</th><th>failed</th>"
+            "<th>peak / floor</th><th>rms / floor</th><th>gain / floor</th><th>cosine</th><th>max fp16 ULP</th></tr>"]
+    for r in results:
+        v = r.verdict
+        rows.append(f"<tr class='{'' if v.passed else 'fail'}'><td class='l'>{_e(r.name)}</td><td>{r.mode}</td>"
+                    f"<td>{'yes' if v.passed else 'NO'}</td><td>{_num(v.k_needed)}</td>"
+                    f"<td>{_e(', '.join(v.failed))}</td>"
+                    + "".join(f"<td>{_num(v.stats.get(s))} / {_num(v.floor.get(s))}</td>" for s in ("peak", "rms", "gain"))
+                    + "".join(f"<td>{_num((r.compare or {}).get(key))}</td>" for key in ("cosine", "max_ulp_f16"))
+                    + "</tr>")
+    rows.append("</table>")
+    return "".join(rows)
+
+
+def model_explorer_node_data(cert, tflite_names: dict[str, dict[str, str]] | None = None) -> dict[str, dict]:
+    """Stage -> Model Explorer ``GraphNodeData`` of the worst ``k_needed`` per
+    module. Keys are module paths, or with ``tflite_names`` (stage -> module
+    path -> TFLite tensor name, from the export's ``refsd_export.json``) the
+    TFLite output tensor names Model Explorer matches nodes by. A stage's
+    boundary output counts as its root module (``unet/step_i/noise_pred`` is
+    module ``unet``)."""
+    mode = "teacher" if any(r.mode == "teacher" for r in cert.results) else "free"
+    worst: dict[str, dict[str, float]] = {}
+    for r in cert.results:
+        if r.mode != mode or r.stage == "scheduler":
+            continue
+        path = r.module_path or r.stage
+        v = r.verdict.k_needed
+        v = NAN_VALUE if not math.isfinite(v) else v
+        stage = worst.setdefault(r.stage, {})
+        stage[path] = max(stage.get(path, 0.0), v)
+    gradient = [{"stop": 0.0, "bgColor": "#c8e6c9"}, {"stop": 0.5, "bgColor": "#fff59d"},
+                {"stop": 1.0, "bgColor": "#ef9a9a"}]
+    out = {}
+    for stage, values in worst.items():
+        names = (tflite_names or {}).get(stage)
+        if names is not None:  # modules the converter folded away have no tensor to colour
+            values = {names[p]: v for p, v in values.items() if p in names}
+        out[stage] = {"results": {k: {"value": v} for k, v in sorted(values.items())}, "gradient": gradient}
+    return out
+
+
+def _finite(v: float) -> float:
+    return math.inf if not math.isfinite(v) else v
+
+
+def _num(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return v
+    if not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    return f"{v:.3g}"
+
+
+def _e(v) -> str:
+    return html.escape("-" if v is None else (v if isinstance(v, str) else json.dumps(v)), quote=True)
