@@ -60,8 +60,11 @@ EXCLUSIVE = (
 
 # Per-image activation limit (elements) for ``serial_conv``. The paper's conv that
 # failed GPU delegation, 1x32x32x1920 -> 1x32x32x640, is 1.97 Mi elements at its
-# input; SD's largest ordinary activations (64x64x320) are 1.31 Mi. 1.5 Mi separates
-# them. Real delegate limits depend on the GPU and backend: set yours.
+# input; 1.5 Mi sits below it. It is a proxy, not the delegate's real rule: SD 1.x /
+# 2.x also run larger convs at 64x64 that the paper does not report failing (the
+# up_blocks.2 upsampler conv, 64x64x640 = 2.5 Mi; up_blocks.3's first resnet conv on
+# the 64x64x960 concat = 3.75 Mi), and this limit splits those too. Real delegate
+# limits depend on the GPU and backend: set yours (``serial_conv_limit``).
 DEFAULT_SERIAL_CONV_LIMIT = 1_572_864
 
 
