@@ -2,7 +2,7 @@
 with diffusers (PyTorch fp32, CPU) on identical random weights, in one run.
 
     python bench/bench_pipeline.py [--size 64] [--steps 20] [--image 512] [--threads 1] [--cache DIR]
-                                   [--parts unet pipeline] [--modes f32 f32_f16 f16]
+                                   [--parts unet pipeline] [--modes f32 f32_f16 f32_f16-w16 f16]
 
 Weights: diffusers' / transformers' own initialization (seed 0) of the
 stabilityai/stable-diffusion-2-1-base architecture (UNet 866M, OpenCLIP ViT-H
@@ -13,7 +13,8 @@ the configs below, the tokenizer from refsd's bundled CLIP BPE.
 
 unet:      one UNet step (batch 2, as classifier-free guidance runs it) at
            ``--size`` latents: diffusers fp32, then refsd in each ``--modes``
-           precision without and with the fp16 exception monitor; the faster
+           precision without and with the fp16 exception monitor (``-w16``:
+           weights kept as float16 arrays, as ``--low-memory`` does); the faster
            of ``--repeats`` timed forwards each after a warm-up; both models
            resident in this process.
 pipeline:  the whole text -> image run (``--steps`` DDIM steps, ``--image``
@@ -144,8 +145,9 @@ def bench_unet(folder: Path, size: int, modes: list[str], threads: int, repeats:
     dt, ref = timed(lambda: run_theirs(x))
     rows = [{"who": "diffusers fp32", "seconds": dt, "error": 0.0}]
     print(f"diffusers fp32: {rows[0]['seconds']:.1f} s", flush=True)
-    for mode in modes:
-        ours = weights.load_unet(folder / "unet", precision=mode)
+    for mode in modes:  # "-w16": weights kept as float16 arrays (what --low-memory does)
+        ours = weights.load_unet(folder / "unet", precision=mode.removesuffix("-w16"),
+                                 weights_f16=mode.endswith("-w16"))
         ours(warm, 981, ctx)
         for monitored in (False, True):
             if monitored:
@@ -219,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", nargs="+", choices=("unet", "pipeline"), default=["unet", "pipeline"])
     p.add_argument("--size", type=int, default=64, help="UNet step: latent size (default 64 = 512x512 images)")
-    p.add_argument("--modes", nargs="+", choices=("f32", "f32_f16", "f16"), default=["f32", "f32_f16", "f16"])
+    p.add_argument("--modes", nargs="+", choices=("f32", "f32_f16", "f32_f16-w16", "f16"),
+                   default=["f32", "f32_f16", "f32_f16-w16", "f16"])
     p.add_argument("--steps", type=int, default=20, help="pipeline: denoising steps (default 20)")
     p.add_argument("--image", type=int, default=512, help="pipeline: image size (default 512)")
     p.add_argument("--threads", type=int, default=1, help="threads for both BLAS and PyTorch (default 1)")

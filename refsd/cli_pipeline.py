@@ -35,7 +35,7 @@ def _add_request_args(p: argparse.ArgumentParser, *, default_precision: str) -> 
     p.add_argument("--ftz", action="store_true", help="flush fp16 subnormals to zero")
     p.add_argument("--block", type=int, default=32, help="f16 accumulation block (default 32)")
     p.add_argument("--rewrites", default="none", help="none | paper | google | comma list of rewrite names")
-    p.add_argument("--low-memory", action="store_true", help="load each model only for its stage")
+    p.add_argument("--low-memory", action="store_true", help="load each model only for its stage; in f32_f16 / f16 keep weights as float16")
     p.add_argument("--latents", metavar="FILE.npy", help="initial latents to replay instead of the seed's noise")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -107,7 +107,8 @@ class Pipeline:
 
     ``precision``: ``f32`` | ``f32_f16`` | ``f16`` (``ftz``, ``block``);
     ``rewrites``: ``none`` | ``paper`` | ``google`` | a comma list;
-    ``low_memory``: staged loading (each model loaded only for its stage)."""
+    ``low_memory``: staged loading (each model loaded only for its stage),
+    and in fp16-storage modes weights kept as float16 arrays (``weights_f16``)."""
 
     def __init__(self, model_dir: str | Path, *, precision: str = "f32", ftz: bool = False, block: int = 32,
                  rewrites: str = "none", low_memory: bool = False) -> None:
@@ -116,7 +117,8 @@ class Pipeline:
             raise FileNotFoundError(2, "no such model folder", str(self.model_dir))
         if not (self.model_dir / "model_index.json").is_file():
             raise ValueError(f"{self.model_dir}: not a diffusers folder (no model_index.json)")
-        self.options = ModelOptions.make(precision=Precision(precision, ftz, block), rewrites=rewrites)
+        p = Precision(precision, ftz, block)
+        self.options = ModelOptions.make(precision=p, rewrites=rewrites, weights_f16=low_memory and p.storage16)
         self.low_memory = low_memory
         self.tokenizer = load_tokenizer(self.model_dir / "tokenizer")
         self.scheduler_config = load_scheduler_config(self.model_dir / "scheduler")

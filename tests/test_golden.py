@@ -77,10 +77,30 @@ def test_op_vectors_reproduce():
 
 
 def test_traces_reproduce(tmp_path):
-    for key, (trace, sha) in golden.traces(tmp_path).items():
+    # f32: another CPU's float32 BLAS sums in another order, ~1e-6 relative
+    # (4e-6 measured between an AMD EPYC and an Intel Xeon host).
+    # fp16 storage: that float32-level difference flips the fp16 rounding of
+    # values near a rounding midpoint, and the tiny random model carries the
+    # flips as far as fp16 storage itself carries it from f32: a rerun on
+    # another CPU is one more draw of the fp16 noise (measured 0.2x-1.7x of
+    # |f32 - f32_f16| per tensor between those two hosts). So the bar is the
+    # validator's own: K times that noise floor (refsd_validate.tolerance.K),
+    # and the regenerated run must still show fp16 noise of that size (an
+    # emulation that stopped rounding would reproduce the f32 trace).
+    from refsd_validate.tolerance import K
+
+    traces = golden.traces(tmp_path)
+    for key, (trace, sha) in traces.items():
         want = golden.load(f"traces/{key}.npz")
         assert sorted(want) == sorted(trace), key
-        rel = 1e-5 if key.endswith("_f32") else 2.0**-9
+        arch, mode = key.split("_", 1)
+        want_f32, got_f32 = golden.load(f"traces/{arch}_f32.npz"), traces[f"{arch}_f32"][0]
         for name, ref in want.items():
-            bound = rel * float(np.abs(ref).max())
-            assert np.abs(trace[name].astype(np.float64) - ref).max() <= bound, (key, name)
+            got = trace[name].astype(np.float64)
+            err = np.abs(got - ref).max()
+            if mode == "f32":
+                assert err <= 1e-5 * float(np.abs(ref).max()), (key, name, err)
+                continue
+            floor = np.abs(want_f32[name].astype(np.float64) - ref).max()
+            assert err <= K * floor, (key, name, err, floor)
+            assert np.abs(got - got_f32[name]).max() >= floor / K, (key, name, "no fp16 noise")

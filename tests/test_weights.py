@@ -6,6 +6,7 @@ import json
 import pickle
 import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -300,3 +301,28 @@ def test_text_encoder_without_prefix_and_with_position_ids(tiny, tmp_path):
     ids = np.array([[49406, 320, 1125, 49407]])
     np.testing.assert_array_equal(weights.load_text_encoder(d)(ids),
                                   weights.load_text_encoder(tiny / "text_encoder")(ids))
+
+
+def _rss_file_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_converted_tensors_release_their_mapped_pages(tmp_path):
+    # A converting load (conv OIHW -> HWIO, fp16 rounding) must not keep the
+    # checkpoint's pages resident beside the model's own copy.
+    from refsd.models.module import _drop_mapped_pages
+
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((16, 1024, 1024)).astype(np.float32)  # 64 MiB
+    weights.write_safetensors(tmp_path / "w.safetensors", {"a": big[:1, :1, :7].copy(), "w": big})
+    src = weights.read_safetensors(tmp_path / "w.safetensors")["w"]
+    before = _rss_file_kb()
+    assert np.array_equal(src, big)  # touches every page
+    touched = _rss_file_kb()
+    assert touched - before > 48 * 1024
+    _drop_mapped_pages(src)
+    assert touched - _rss_file_kb() > 48 * 1024
+    assert np.array_equal(src, big)  # still readable: the page cache refaults them

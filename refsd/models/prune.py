@@ -56,7 +56,7 @@ def prune(model: Module, *, amount: float = 0.25, min_weights: int = DEFAULT_MIN
         new = np.ascontiguousarray(w[:, :, keep, :])
         p = mod.opts.precision
         if p.storage16:
-            new = mark_stored(new, ftz=p.ftz)  # already fp16 values: only re-registered
+            new = mark_stored(new, ftz=p.ftz, f16=mod.opts.weights_f16)  # already fp16 values: re-registered
         else:
             new.flags.writeable = False
         before = w.size

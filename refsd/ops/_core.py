@@ -68,10 +68,14 @@ def _known(arr) -> tuple[bool | None, bool] | None:
     return info[1], info[2]
 
 
-def mark_stored(arr: np.ndarray, *, ftz: bool = False) -> np.ndarray:
+def mark_stored(arr: np.ndarray, *, ftz: bool = False, f16: bool = False) -> np.ndarray:
     """Round ``arr`` to fp16 once, make it read-only and remember it, so ops
-    in fp16-storage modes use it without rounding again (for weights)."""
+    in fp16-storage modes use it without rounding again (for weights).
+    ``f16``: return it as a float16 array (exact; half the memory), which
+    ``param`` widens at each use."""
     out = round_f16(arr, ftz=ftz)
+    if f16:
+        out = out.astype(np.float16)
     out.flags.writeable = False
     _remember(out, ftz, bool(np.isfinite(out).all()))
     return out
@@ -176,12 +180,13 @@ def load(x, primitive: str = "input") -> np.ndarray:
 
 def param(w, name: str) -> np.ndarray:
     """A weight or bias: like ``load``, but losses are ``constant`` events."""
-    w = np.asarray(w, dtype=np.float32)
     p = current_precision()
+    if p.storage16:
+        known = _known(w)
+        if known is not None and known[0] is not None and (known[0] or not p.ftz):
+            return np.asarray(w, dtype=np.float32)  # widens a float16 ``mark_stored`` weight
+    w = np.asarray(w, dtype=np.float32)
     if not p.storage16:
-        return w
-    known = _known(w)
-    if known is not None and known[0] is not None and (known[0] or not p.ftz):
         return w
     return _round(w, name, constant=f"weight {name}")
 
