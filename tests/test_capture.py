@@ -17,6 +17,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -93,8 +94,21 @@ def test_cli_capture_and_bad_inputs(tiny_sd15, tiny_export, tmp_path):
          "state its precision"),
         (["--tflite", str(folder), "--model", str(tiny_sd15), "--delegate", str(tmp_path / "nope.so"),
           "--delegate-precision", "f16"], "no such delegate library"),
+        # A real shared library that is not a TFLite delegate (no tflite_plugin_create_delegate).
+        (["--tflite", str(folder), "--model", str(tiny_sd15), "--delegate", _libm(),
+          "--delegate-precision", "f16"], "cannot load the delegate"),
     ]
     for args, message in cases:
         r = _cli(*args, "--out", str(tmp_path / "bad"), *base)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _libm() -> str:
+    import ctypes.util
+
+    name = ctypes.util.find_library("m")
+    for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu", "/usr/lib64", "/lib64"):
+        if name and Path(d, name).is_file():
+            return str(Path(d, name))
+    pytest.skip("libm not found")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -232,6 +233,37 @@ def test_reruns_are_cached_by_content(good, emulated_bundle, tiny_sd21, certify_
     monkeypatch.setattr(certify_rerun, "_run", no_run)
     rc, cert, _ = _certify(emulated_bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys)
     assert rc == 0 and cert["tensors"] == good[1]["tensors"]
+
+
+def test_rerun_cache_key_follows_the_code(monkeypatch):
+    # An edited checkout must not read reruns of the old code: the key hashes
+    # refsd's sources, not its version number.
+    args = ("0" * 64, REFERENCE, {"steps": 1, "scheduler": "ddim", "guidance": 7.5, "height": 8, "width": 8},
+            np.zeros((2, 77), np.int64), np.zeros((1, 1, 1, 4), np.float32), None, frozenset())
+    before = certify_rerun._cache_key(*args)
+    assert certify_rerun._cache_key(*args) == before
+    monkeypatch.setattr(certify_rerun, "code_fingerprint", lambda: "edited")
+    assert certify_rerun._cache_key(*args) != before
+
+
+def test_rerun_cache_drops_least_recently_used(tmp_path):
+    files = []
+    for i in range(4):
+        f = tmp_path / f"{i}.npz"
+        f.write_bytes(b"x" * 1000)
+        os.utime(f, (1000 + i, 1000 + i))
+        files.append(f)
+    os.utime(files[0], (5000, 5000))  # 0 was just read: now the most recent
+    gone = certify_rerun.prune_cache(tmp_path, 2500, keep=files[3])
+    assert gone == [files[1], files[2]]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["0.npz", "3.npz"]
+    assert certify_rerun.prune_cache(tmp_path, 2500) == []
+
+
+def test_cache_budget_option_is_checked(capsys):
+    rc = main(["certify", "b", "--model", "m", "--out", "o", "--cache-gb", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--cache-gb" in err[0], err
 
 
 # ---------------------------------------------------------------- the tolerance rule, on synthetic tensors

@@ -98,6 +98,21 @@ class _LiteRTPipeline(Pipeline):
         return self.models[name]
 
 
+def _check_delegate_library(path) -> None:
+    """An external delegate exports LiteRT's plugin entry points. Checked here
+    because ``load_delegate`` on any other library fails inside its own
+    destructor, printing a traceback past our one-line error."""
+    import ctypes  # noqa: PLC0415
+
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot load the delegate ({' '.join(str(e).split())})") from None
+    missing = [s for s in ("tflite_plugin_create_delegate", "tflite_plugin_destroy_delegate") if not hasattr(lib, s)]
+    if missing:
+        raise ValueError(f"{path}: cannot load the delegate (not a TFLite external delegate: no {', '.join(missing)})")
+
+
 def capture(tflite_dir, model_dir, request, out, *, delegate: str | None = None, intermediates: bool = False,
             delegate_precision: str | None = None, progress: bool = True) -> Path:
     """Run ``request`` (a ``refsd.pipeline.Request``) on the export in
@@ -135,6 +150,7 @@ def capture(tflite_dir, model_dir, request, out, *, delegate: str | None = None,
                              "records it and it cannot be read from the library")
         if not Path(delegate).is_file():
             raise FileNotFoundError(2, "no such delegate library", str(delegate))
+        _check_delegate_library(delegate)
         from ai_edge_litert.interpreter import load_delegate  # noqa: PLC0415
 
         try:

@@ -31,7 +31,7 @@ import numpy as np
 from refsd import __version__
 from refsd_validate.bundle import model_sha256
 from refsd_validate.certify_cli import MODES, default_cache_dir
-from refsd_validate.certify_rerun import rerun, teacher_inputs
+from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, code_fingerprint, rerun, teacher_inputs
 from refsd_validate.compare import json_safe, compare
 from refsd_validate.reader import Bundle, BundleError, ModelGeometry, read_bundle
 from refsd_validate.tolerance import K, REFERENCE, SYSTEMATIC, Verdict, calibration_variants, judge, noise_floor, \
@@ -99,7 +99,8 @@ def parse_name(name: str) -> tuple[str, int | None, str | None]:
 
 
 def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both",
-            cache_dir: str | Path | None = None, k: float = K) -> Certificate:
+            cache_dir: str | Path | None = None, k: float = K,
+            cache_budget: int = CACHE_BUDGET_BYTES) -> Certificate:
     """Judge a bundle (see the module docstring). Raises ``BundleError`` for bad input."""
     if mode not in MODES:
         raise BundleError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -122,7 +123,8 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
 
     def run(variant, teacher=None):
         return rerun(model_dir, model_sha, variant, req, bundle.tensors["inputs/token_ids"],
-                     bundle.tensors["scheduler/latents_init"], teacher=teacher, intermediates=wanted, cache_dir=cache)
+                     bundle.tensors["scheduler/latents_init"], teacher=teacher, intermediates=wanted, cache_dir=cache,
+                     cache_budget=cache_budget)
 
     ref = run(REFERENCE)
     order = [n for n in ref if n in bundle.capture["tensors"] and n != "scheduler/timesteps"]
@@ -176,7 +178,8 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
     }
     provenance = {
         "bundle": str(bundle.source), "bundle_sha256": bundle.sha256, "model_dir": str(model_dir),
-        "model_sha256": model_sha, "refsd_version": __version__, "reference_precision": REFERENCE.label,
+        "model_sha256": model_sha, "refsd_version": __version__,
+        "reference_code_sha256": code_fingerprint(), "reference_precision": REFERENCE.label,
         "modes": list(modes), "device": bundle.capture["device"], "runtime": bundle.capture["runtime"],
         "capture_created": bundle.capture["created"], "capture_tool": bundle.capture.get("tool"),
         "certified_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -18,6 +18,18 @@ def default_cache_dir() -> Path:
     return Path(base) / "refsd" / "certify"
 
 
+def _positive_float(text: str) -> float:
+    import argparse  # noqa: PLC0415
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def add_certify_parser(sub) -> None:
     p = sub.add_parser(
         "certify", help="certify a device capture bundle against the reference",
@@ -30,6 +42,8 @@ def add_certify_parser(sub) -> None:
     p.add_argument("--mode", choices=MODES, default="both", help="free-running, teacher-forced, or both (default)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--cache", metavar="DIR", help=f"reference rerun cache (default {default_cache_dir()})")
+    p.add_argument("--cache-gb", type=_positive_float, default=4.0, metavar="GB",
+                   help="keep at most this much in the cache, least recently used reruns dropped first (default 4)")
     p.add_argument("--tflite", metavar="DIR", help="the export folder (refsd_export.json): Model Explorer node data "
                    "keyed by its TFLite tensor names instead of module paths")
     p.add_argument("--k", type=float, default=K, help=f"tolerance in noise floors (default {K:g}; see the certificate)")
@@ -44,7 +58,8 @@ def _cmd_certify(args) -> int:
     if out.exists() and not out.is_dir():
         raise BundleError(f"--out {out}: exists and is not a directory")
     names = tflite_tensor_names(args.tflite) if args.tflite else None
-    cert = certify(args.bundle, args.model, mode=args.mode, cache_dir=args.cache, k=args.k)
+    cert = certify(args.bundle, args.model, mode=args.mode, cache_dir=args.cache, k=args.k,
+                   cache_budget=int(args.cache_gb * (1 << 30)))
     write_outputs(cert, out, names)
     f = cert.first_failure
     if cert.certified:

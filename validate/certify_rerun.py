@@ -8,28 +8,35 @@ inputs: the UNet at step i gets the device's hidden states and its latents
 after step i-1, the decoder the device's final latents; so a tensor's error
 is that step's own error, separated from the drift of the trajectory.
 
-The run is a pure function of (refsd version, model sha256, variant, request,
-token ids, initial latents, teacher tensors, intermediates asked for); its
-result is cached under ``sha256`` of those in ``cache_dir`` as a plain .npz
-(read back with ``allow_pickle=False``), names in execution order.
+The run is a pure function of (the reference's code, model sha256, variant,
+request, token ids, initial latents, teacher tensors, intermediates asked
+for); its result is cached under ``sha256`` of those in ``cache_dir`` as a
+plain .npz (read back with ``allow_pickle=False``), names in execution order.
+"The code" is a hash of refsd's own source files plus NumPy's version and the
+machine architecture, so an edited checkout never reads a stale rerun (a
+version number would not change). The cache is kept under a byte budget by
+dropping the least recently used reruns (a hit refreshes its time).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import platform
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from refsd import __version__
+import refsd
 from refsd.monitor import location, recording
 from refsd.pipeline import Pipeline
 from refsd.schedulers import make_scheduler
 from refsd_validate.tolerance import Variant
 
+CACHE_BUDGET_BYTES = 4 << 30  # reruns of the real SD 2.1 at 512x512 with intermediates are ~100s of MB
 BOUNDARY_INPUTS = ("text_encoder/hidden_states",)  # plus scheduler/step_{i}/latents, fed when teacher-forcing
 
 
@@ -60,16 +67,20 @@ def boundary_names(steps: int) -> list[str]:
 
 def rerun(model_dir: str | Path, model_sha: str, variant: Variant, request: Mapping, token_ids: np.ndarray,
           latents_init: np.ndarray, *, teacher: Mapping[str, np.ndarray] | None = None,
-          intermediates: frozenset[str] = frozenset(), cache_dir: str | Path | None = None) -> dict[str, np.ndarray]:
+          intermediates: frozenset[str] = frozenset(), cache_dir: str | Path | None = None,
+          cache_budget: int = CACHE_BUDGET_BYTES) -> dict[str, np.ndarray]:
     """The reference trace (boundary tensors and the asked-for intermediates)
-    of ``request`` under ``variant``. Cached when ``cache_dir`` is given."""
+    of ``request`` under ``variant``. Cached when ``cache_dir`` is given, the
+    cache pruned to ``cache_budget`` bytes."""
     ids = np.ascontiguousarray(token_ids, dtype=np.int64)
     x0 = np.ascontiguousarray(latents_init, dtype=np.float32)
     key = _cache_key(model_sha, variant, request, ids, x0, teacher, intermediates)
     path = Path(cache_dir) / f"{key}.npz" if cache_dir is not None else None
     if path is not None and path.is_file():
         with np.load(path, allow_pickle=False) as z:
-            return {n: z[n] for n in z.files}
+            trace = {n: z[n] for n in z.files}
+        os.utime(path)  # recently used
+        return trace
     trace = _run(model_dir, variant, request, ids, x0, teacher, intermediates)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,7 +88,42 @@ def rerun(model_dir: str | Path, model_sha: str, variant: Variant, request: Mapp
         with open(tmp, "wb") as f:
             np.savez(f, **trace)
         os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
+        prune_cache(path.parent, cache_budget, keep=path)
     return trace
+
+
+def prune_cache(cache_dir: Path, budget: int, *, keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used reruns until the cache holds at most
+    ``budget`` bytes (``keep``, the one just written, stays). Returns what went."""
+    entries = []
+    for f in cache_dir.glob("*.npz"):
+        try:
+            st = f.stat()
+        except FileNotFoundError:  # pruned concurrently
+            continue
+        entries.append((st.st_mtime, st.st_size, f))
+    total = sum(size for _, size, _ in entries)
+    gone = []
+    for _, size, f in sorted(entries):
+        if total <= budget:
+            break
+        if f == keep:
+            continue
+        f.unlink(missing_ok=True)
+        total -= size
+        gone.append(f)
+    return gone
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 of refsd's source files (relative path and bytes), NumPy's
+    version and the machine architecture: what a cached rerun depends on."""
+    root = Path(refsd.__file__).parent
+    h = hashlib.sha256(f"{refsd.__version__} numpy {np.__version__} {platform.machine()}".encode())
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def _run(model_dir, variant: Variant, request, ids, x0, teacher, intermediates) -> dict[str, np.ndarray]:
@@ -114,7 +160,7 @@ def _run(model_dir, variant: Variant, request, ids, x0, teacher, intermediates) 
 def _cache_key(model_sha, variant, request, ids, x0, teacher, intermediates) -> str:
     h = hashlib.sha256()
     fields = {k: request[k] for k in ("steps", "scheduler", "guidance", "height", "width")}
-    h.update(json.dumps({"refsd": __version__, "model": model_sha, "variant": [variant.precision, variant.ftz,
+    h.update(json.dumps({"code": code_fingerprint(), "model": model_sha, "variant": [variant.precision, variant.ftz,
                          variant.rewrites], "request": fields, "intermediates": sorted(intermediates)},
                         sort_keys=True).encode())
     for arr in (ids, x0):
