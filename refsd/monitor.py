@@ -31,7 +31,7 @@ import contextlib
 import contextvars
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
 from refsd.numerics import FP16_MAX
@@ -108,7 +108,9 @@ class Monitor:
         key = (stage, step, path, op, primitive, kind, detail)
         if key in self._index:
             ev = self.events[self._index[key]]
-            self.events[self._index[key]] = Event(**{**asdict(ev), "count": ev.count + count})
+            # replace(), not asdict(): asdict deep-copies every field, and f16 runs
+            # repeat the same event ~10^5 times (underflow in blocked partial sums).
+            self.events[self._index[key]] = replace(ev, count=ev.count + count)
             return
         if len(self.events) >= self.max_events:
             self.dropped_events += 1

@@ -248,7 +248,7 @@ def _round_chunk(u: np.ndarray, r: np.ndarray, a: np.ndarray, ftz: bool, stats: 
             # Counted on the input, not the result (cheaper): |x| <= 2**-25
             # rounds to zero (a tie goes to even, 0), 2**-25 < |x| < 2**-14 to a
             # subnormal; with ftz every non-zero small value goes to zero.
-            n_exact = int(np.count_nonzero(a == 0)) if lo == 0 else 0
+            n_exact = a.size - int(np.count_nonzero(a)) if lo == 0 else 0  # zeros stay zero
             if ftz:
                 to_zero = n_small - n_exact
             else:

@@ -66,7 +66,7 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, stride=
     bias = None if b is None else param(b, "bias")
     y = _conv_acc(x, w, stride=stride, padding=padding)
     if bias is not None:
-        y = prim(y + bias, "bias_add")
+        y = prim(np.add(y, bias, out=y), "bias_add")  # y is this op's own fresh array
     return store(y)
 
 

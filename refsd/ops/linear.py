@@ -25,7 +25,7 @@ def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndar
     _check_linear(x, w, b)
     y = matmul(x.reshape(-1, x.shape[-1]), w.T).reshape(*x.shape[:-1], w.shape[0])
     if b is not None:
-        y = prim(y + param(b, "bias"), "bias_add")
+        y = prim(np.add(y, param(b, "bias"), out=y), "bias_add")  # y is this op's own fresh array
     return store(y)
 
 
