@@ -18,18 +18,6 @@ def default_cache_dir() -> Path:
     return Path(base) / "refsd" / "certify"
 
 
-def _positive_float(text: str) -> float:
-    import argparse  # noqa: PLC0415
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def add_certify_parser(sub) -> None:
     p = sub.add_parser(
         "certify", help="certify a device capture bundle against the reference",
@@ -42,7 +30,7 @@ def add_certify_parser(sub) -> None:
     p.add_argument("--mode", choices=MODES, default="both", help="free-running, teacher-forced, or both (default)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--cache", metavar="DIR", help=f"reference rerun cache (default {default_cache_dir()})")
-    p.add_argument("--cache-gb", type=_positive_float, default=4.0, metavar="GB",
+    p.add_argument("--cache-gb", type=float, default=4.0, metavar="GB",
                    help="keep at most this much in the cache, least recently used reruns dropped first (default 4)")
     p.add_argument("--tflite", metavar="DIR", help="the export folder (refsd_export.json): Model Explorer node data "
                    "keyed by its TFLite tensor names instead of module paths")
@@ -54,6 +42,8 @@ def _cmd_certify(args) -> int:
     from refsd_validate.certify import certify, tflite_tensor_names, write_outputs  # noqa: PLC0415
     from refsd_validate.reader import BundleError  # noqa: PLC0415
 
+    if not args.cache_gb > 0:
+        raise BundleError(f"--cache-gb must be > 0, got {args.cache_gb:g}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise BundleError(f"--out {out}: exists and is not a directory")

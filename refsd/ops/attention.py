@@ -102,7 +102,7 @@ _MIN_ROWS = 16  # keeps each matmul a GEMM (a single row would be a GEMV)
 def _chunks(n: int, h: int, lq: int, lk: int):
     """(image, head slice, query-row slice) units of about SCORE_CHUNK scores."""
     per_head = lq * lk
-    heads = max(1, SCORE_CHUNK // per_head) if per_head <= SCORE_CHUNK else 1
+    heads = SCORE_CHUNK // per_head if per_head <= SCORE_CHUNK else 1
     rows = lq if per_head <= SCORE_CHUNK else max(_MIN_ROWS, SCORE_CHUNK // lk)
     for b in range(n):
         for h0 in range(0, h, heads):
