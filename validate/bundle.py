@@ -1,7 +1,7 @@
 """The capture bundle: what a device run leaves for the validator.
 
 A bundle is a directory (or a ``.zip`` of one) holding ``capture.json``, valid
-against ``schema/capture-1.schema.json``, and one ``.npy`` per tensor named in
+against ``schema/capture-2.schema.json`` (readers still accept version 1), and one ``.npy`` per tensor named in
 its ``tensors`` table (file, dtype, shape and sha256 of the file's bytes, so
 a truncated or swapped file is caught before it is compared). NumPy and the
 standard library only: the writer runs next to an interpreter on a device
@@ -23,6 +23,7 @@ The file of tensor ``a/b/c`` is ``tensors/a/b/c.npy``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -33,9 +34,17 @@ from typing import Mapping
 
 import numpy as np
 
+from refsd.trace import MODELS
+
 SCHEMA = "refsd-capture"
-SCHEMA_VERSION = 1
-SCHEMA_PATH = Path(__file__).with_name("schema") / f"capture-{SCHEMA_VERSION}.schema.json"
+SCHEMA_VERSION = 2  # what write_bundle writes
+SCHEMA_VERSIONS = (1, 2)  # what the reader accepts
+
+
+def schema_path(version: int = SCHEMA_VERSION) -> Path:
+    return Path(__file__).with_name("schema") / f"capture-{version}.schema.json"
+
+
 TENSOR_DTYPES = ("float32", "float16", "int32", "int64")
 
 # Files of a diffusers folder that define the model (weights, configs, tokenizer);
@@ -82,22 +91,79 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def check_document(doc: Mapping) -> None:
+    """Raise ``ValueError`` (one line, naming the JSON path) unless ``doc`` is a
+    capture.json of a version this validator reads, valid against its schema."""
+    import jsonschema  # noqa: PLC0415 (only readers and writers need it)
+
+    if not isinstance(doc, Mapping):
+        raise ValueError("capture.json: not a JSON object")
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"capture.json: schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
+    version = doc.get("schema_version")
+    if version not in SCHEMA_VERSIONS or isinstance(version, bool):
+        raise ValueError(f"capture.json: unsupported schema_version {version!r} (this validator reads versions "
+                         f"{', '.join(map(str, SCHEMA_VERSIONS))})")
+    validator = jsonschema.Draft202012Validator(_schema(version))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise ValueError(f"capture.json: schema violation at {where}: {' '.join(error.message.split())[:300]}")
+
+
+@functools.cache
+def _schema(version: int) -> dict:
+    return json.loads(schema_path(version).read_text(encoding="utf-8"))
+
+
+def declared_stages(doc: Mapping) -> dict[str, dict]:
+    """Per stage (``refsd.trace.STAGES``), where and in what precision it ran,
+    every field present. Version 2 declares it (``stages``); a version-1
+    bundle had one delegate for the three models and ran guidance and the
+    scheduler on the host in float32: its builtin CPU kernels (delegate
+    ``none``) run int8 weights as hybrid kernels, a delegate dequantizes them."""
+    weights = doc["model"].get("weights", "fp32")
+    if doc["schema_version"] == 1:
+        d = doc["runtime"]["delegate"]
+        cpu = d["name"] == "none"
+        model = {"processor": "cpu" if cpu else "other", "precision": d["precision"], "ftz": d.get("ftz"),
+                 "int8_kernels": ("hybrid" if cpu else "dequantize") if weights == "int8" else None}
+        stages = {s: dict(model) for s in MODELS}
+        stages["guidance_scheduler"] = {"processor": "host", "precision": "f32", "ftz": None}
+    else:
+        stages = {s: dict(v) for s, v in doc["stages"].items()}
+    out = {}
+    for name, st in stages.items():
+        kernels = st.get("int8_kernels")
+        if weights == "int8" and kernels is None and name in MODELS:
+            kernels = "hybrid" if st["processor"] in ("cpu", "host") else "dequantize"
+        out[name] = {"processor": st["processor"], "precision": st["precision"], "ftz": st.get("ftz"),
+                     "int8_kernels": kernels if weights == "int8" else None,
+                     # GPU shaders' transcendentals are fast-math unless the capture says otherwise
+                     "fast_math": st.get("fast_math", st["processor"] in ("gpu", "npu", "dsp")),
+                     "fully_accelerated": st.get("fully_accelerated"), "fallback_ops": list(st.get("fallback_ops", [])),
+                     "runtime": st.get("runtime")}
+    return out
+
+
 def write_bundle(out: str | os.PathLike, capture: Mapping, tensors: Mapping[str, np.ndarray]) -> Path:
     """Write a bundle directory: ``capture`` is capture.json without ``schema``,
     ``schema_version``, ``created`` (filled here unless given) and ``tensors``
-    (built here from the arrays). Returns the directory."""
+    (built here from the arrays). The document is checked against the schema
+    before anything is written (``ValueError``, one line). Returns the directory."""
     root = Path(out)
+    arrays = {name: np.asarray(tensors[name]) for name in sorted(tensors)}
+    table = {name: {"file": tensor_file(name), "dtype": a.dtype.name, "shape": [int(s) for s in a.shape],
+                    "sha256": "0" * 64} for name, a in arrays.items()}
+    doc = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+           "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **capture, "tensors": table}
+    check_document(doc)
     root.mkdir(parents=True, exist_ok=True)
-    table = {}
-    for name in sorted(tensors):
-        data = npy_bytes(np.asarray(tensors[name]))
+    for name, arr in arrays.items():
+        data = npy_bytes(arr)
         path = root / tensor_file(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        arr = tensors[name]
-        table[name] = {"file": tensor_file(name), "dtype": np.asarray(arr).dtype.name,
-                       "shape": [int(s) for s in np.shape(arr)], "sha256": hashlib.sha256(data).hexdigest()}
-    doc = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
-           "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **capture, "tensors": table}
+        table[name]["sha256"] = hashlib.sha256(data).hexdigest()
     (root / "capture.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return root

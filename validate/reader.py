@@ -4,8 +4,9 @@ A bundle (a directory, or a ``.zip`` of one, with or without a single top
 folder) comes from a device we do not control, so nothing in it is trusted:
 
 * ``capture.json`` is at most 4 MiB, must be UTF-8 JSON (no NaN literals), of
-  schema ``refsd-capture`` version 1, and valid against
-  ``schema/capture-1.schema.json``;
+  schema ``refsd-capture`` version 2 or 1, and valid against that version's
+  ``schema/capture-{version}.schema.json`` (``Bundle.stages`` reads both
+  versions' declaration of where each stage ran);
 * a tensor's file is named ``tensors/...npy`` with no ``.``/``..`` parts; in a
   directory it must resolve inside the bundle (a symlink out is refused), in a
   zip it must be a regular member (no symlink, no duplicate, not encrypted);
@@ -39,7 +40,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from refsd_validate.bundle import SCHEMA, SCHEMA_PATH, SCHEMA_VERSION
+from refsd_validate.bundle import check_document, declared_stages
 
 MAX_CAPTURE_JSON = 4 << 20
 NPY_HEADER_ALLOWANCE = 16 << 10  # real .npy headers are 128-4096 bytes
@@ -128,6 +129,11 @@ class Bundle:
     def request(self) -> dict:
         return self.capture["request"]
 
+    @property
+    def stages(self) -> dict[str, dict]:
+        """Where and in what precision each stage ran (``bundle.declared_stages``)."""
+        return declared_stages(self.capture)
+
     def tensor(self, name: str) -> np.ndarray:
         if name in self.tensors:
             return self.tensors[name]
@@ -202,20 +208,10 @@ def _parse_capture(raw: bytes) -> dict:
         raise BundleError("capture.json: not UTF-8 text") from None
     except ValueError as e:
         raise BundleError(f"capture.json: not valid JSON ({_one_line(e)})") from None
-    if not isinstance(doc, dict):
-        raise BundleError("capture.json: not a JSON object")
-    if doc.get("schema") != SCHEMA:
-        raise BundleError(f"capture.json: schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
-    if doc.get("schema_version") != SCHEMA_VERSION:
-        raise BundleError(f"capture.json: unsupported schema_version {doc.get('schema_version')!r} "
-                          f"(this validator reads version {SCHEMA_VERSION})")
-    import jsonschema  # noqa: PLC0415 (only the reader needs it)
-
-    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
-    error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise BundleError(f"capture.json: schema violation at {where}: {_one_line(error.message)[:300]}")
+    try:
+        check_document(doc)
+    except ValueError as e:
+        raise BundleError(str(e)) from None
     return doc
 
 
