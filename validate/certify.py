@@ -15,8 +15,9 @@
    (``tolerance.calibration_variants``): free-running variants against the
    reference; teacher-forced variants fed the reference's own trajectory (so
    the floor is one step's error, as the device's is). A variant that
-   overflows (f16 emulation on a request that exceeds fp16) defines no floor
-   where it is non-finite; the certificate names it, with the op and step.
+   overflows fp16 (f16 emulation on a request that exceeds it) defines no
+   floor from that stage and step on, even where its tensors stay finite; the
+   certificate names it, with the op and step.
 4. Judge every boundary tensor, and every intermediate the bundle has that
    the reference also records, in execution order; the first failing tensor
    (teacher-forced first: it is the step's own error) is the localization:
@@ -46,8 +47,8 @@ from refsd import __version__
 from refsd import trace as names
 from refsd.trace import parse_name
 from refsd_validate.bundle import model_sha256, sha256_file
-from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, ORIGINAL, Deployment, code_fingerprint, rerun, \
-    teacher_inputs
+from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, ORIGINAL, Deployment, code_fingerprint, \
+    first_severe_event, rerun, teacher_inputs
 from refsd_validate.compare import json_safe, compare, psnr
 from refsd_validate.reader import Bundle, BundleError, ModelGeometry, read_bundle
 from refsd_validate.tolerance import K, MAX_K, REFERENCE, SYSTEMATIC, Verdict, Variant, calibration_variants, judge, \
@@ -200,16 +201,22 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
         else:
             calib = [run(v, teacher_inputs(ref, req["steps"])) for v in variants]
             expected = run(REFERENCE, teacher_inputs(bundle.tensors, req["steps"]))
+        # A variant that overflowed fp16 (even into a finite result) is no calibration from that step on.
+        usable_until = []
         for v, c in zip(variants, calib):
+            event = first_severe_event(c)
             bad = next((n for n in order if not np.isfinite(c[n]).all()), None)
-            if bad is not None:
-                overflows.append({"mode": m, "variant": v.label, "first_nonfinite_tensor": bad,
-                                  **_first_overflow(model_dir, model_sha, deployment, v, req, bundle, m, ref)})
-        for n in order:
+            cut = _cut(order, event, bad)
+            usable_until.append(cut)
+            if cut < len(order):
+                overflows.append({"mode": m, "variant": v.label, "first_affected_tensor": order[cut],
+                                  **(event or {"op": None, "stage": None, "step": None,
+                                              "detail": f"non-finite from {bad}"})})
+        for i, n in enumerate(order):
             stage = parse_name(n)[0]
             precision = stages.get(stage if stage in stages else "guidance_scheduler")["precision"]
-            runs = [(c[n], v.scale) for c, v in zip(calib, variants) if np.isfinite(c[n]).all()]
-            if not runs and any(not np.isfinite(c[n]).all() for c in calib):
+            runs = [(c[n], v.scale) for c, v, cut in zip(calib, variants, usable_until) if i < cut]
+            if not runs:
                 results.append(_no_floor(n, m, expected[n], device(n), precision, k))
                 continue
             floor = noise_floor(ref[n], runs, precision)
@@ -317,19 +324,24 @@ def _check_shape(name: str, shape: tuple, ref: np.ndarray) -> None:
     raise BundleError(f"tensor {name}: shape {shape}, the reference's is {ref.shape}{hint}")
 
 
-def _first_overflow(model_dir, model_sha, deployment, variant: Variant, req, bundle, mode, ref) -> dict:
-    """Where a calibration variant first overflows: its monitored rerun's first severe event."""
-    from refsd.monitor import Monitor  # noqa: PLC0415
+def _cut(order: list[str], event: dict | None, nonfinite: str | None) -> int:
+    """Index in ``order`` from which a calibration run is unusable: its first
+    non-finite tensor, or the first tensor at or after the stage and step of its
+    first fp16 overflow (``len(order)`` if neither)."""
+    cut = order.index(nonfinite) if nonfinite is not None else len(order)
+    if event is not None:
+        stage_rank = {"text_encoder": 0, "unet": 1, "vae": 2}
 
-    monitor = Monitor()
-    teacher = teacher_inputs(ref, req["steps"]) if mode == "teacher" else None
-    rerun(model_dir, model_sha, deployment, variant, req, bundle.tensors[names.TOKEN_IDS],
-          bundle.tensors[names.LATENTS_INIT], teacher=teacher, monitor=monitor)
-    ev = monitor.report().first
-    if ev is None:
-        return {"op": None, "stage": None, "step": None, "detail": None}
-    return {"op": f"{ev.path} ({ev.op}/{ev.primitive})", "stage": ev.stage, "step": ev.step,
-            "detail": f"{ev.kind}: {ev.detail}"}
+        def at_or_after(name: str) -> bool:
+            st, step, _ = parse_name(name)
+            rank = stage_rank.get(st, 1)  # the scheduler's tensors belong to the denoising loop
+            ev_rank = stage_rank.get(event["stage"], 1)
+            if rank != ev_rank:
+                return rank > ev_rank
+            return event["step"] is None or step is None or step >= event["step"]
+
+        cut = min(cut, next((i for i, n in enumerate(order) if at_or_after(n)), len(order)))
+    return cut
 
 
 def _deployment_cost(deployed: dict, original: dict, deployment: Deployment) -> dict:

@@ -37,7 +37,7 @@ import refsd
 from refsd import trace as names
 from refsd.models.module import ModelOptions
 from refsd.models.rewrites import EXCLUSIVE, Rewrites
-from refsd.monitor import recording
+from refsd.monitor import Monitor, recording
 from refsd.numerics import Precision
 from refsd.ops.transcendental import perturbed
 from refsd.pipeline import Pipeline, Request
@@ -186,6 +186,9 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
+OVERFLOW_KEY = "meta/first_severe_event"  # in a trace: JSON bytes (uint8) of the run's first fp16 overflow, if any
+
+
 def _run(model_dir, deployment: Deployment, variant: Variant, request, ids, x0, teacher, intermediates,
          monitor) -> dict[str, np.ndarray]:
     pipe = Pipeline(model_dir, options=model_options(deployment, variant), guidance=_guidance_precision(variant))
@@ -193,12 +196,30 @@ def _run(model_dir, deployment: Deployment, variant: Variant, request, ids, x0, 
                   scheduler=request["scheduler"], height=int(request["height"]), width=int(request["width"]))
     steps = req.steps
     keep = _Keep(frozenset(intermediates))
+    # An fp16 run can overflow inside an op and still return finite tensors (a GroupNorm whose sum of squares
+    # is inf divides by it: its output is beta), so finiteness alone cannot say a run is a fair calibration:
+    # the monitor's first severe event (overflow, invalid) is kept with the trace.
+    if monitor is None and any(sv.precision != "f32" for sv in variant.stages):
+        monitor = Monitor()
     with recording(into=keep), perturbed(variant.libm_ulps):
         result = pipe(req, latents=x0, token_ids=ids, teacher=teacher, monitor=monitor, progress=False)
     wanted = (set(names.boundary_names(steps)) | {names.TIMESTEPS}) - {names.LATENTS_INIT}  # an input, not a result
     trace = {n: v for n, v in result.trace.items() if n in wanted}
     trace.update(keep)
-    return {n: trace[n] for n in names.execution_order(trace)}
+    trace = {n: trace[n] for n in names.execution_order(trace)}
+    # Constants lost to fp16 (eps flushed by FTZ) are severe in a report but are the precision itself, not an overflow.
+    severe = next((e for e in monitor.events if e.kind in ("overflow", "invalid")), None) if monitor else None
+    if severe is not None:
+        event = {"op": f"{severe.path} ({severe.op}/{severe.primitive})", "stage": severe.stage, "step": severe.step,
+                 "detail": f"{severe.kind}: {severe.detail}"}
+        trace[OVERFLOW_KEY] = np.frombuffer(json.dumps(event).encode(), np.uint8)
+    return trace
+
+
+def first_severe_event(trace: Mapping[str, np.ndarray]) -> dict | None:
+    """The run's first fp16 overflow / invalid event ({op, stage, step, detail}), None if it had none."""
+    raw = trace.get(OVERFLOW_KEY)
+    return None if raw is None else json.loads(np.asarray(raw, np.uint8).tobytes().decode())
 
 
 def _cache_key(model_sha, deployment, variant, request, ids, x0, teacher, intermediates) -> str:

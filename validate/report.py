@@ -129,10 +129,9 @@ def _not_judged(cert) -> str:
         if not c.get("checked", True):
             parts.append(f"<p><code>{_e(c['tensor'])}</code>: {_e(c['detail'])}</p>")
     for o in cert.calibration_overflows:
-        parts.append(f"<p>Calibration variant <code>{_e(o['variant'])}</code> ({_e(o['mode'])}) is non-finite from "
-                     f"<code>{_e(o['first_nonfinite_tensor'])}</code>: first {_e(o['detail'])} at "
-                     f"<code>{_e(o['op'])}</code>, stage {_e(o['stage'])}, step {_e(o['step'])}; it defines no "
-                     "floor where it is non-finite.</p>")
+        parts.append(f"<p>Calibration variant <code>{_e(o['variant'])}</code> ({_e(o['mode'])}) overflows fp16: "
+                     f"{_e(o['detail'])} at <code>{_e(o['op'])}</code>, stage {_e(o['stage'])}, step {_e(o['step'])}; "
+                     f"it defines no floor from <code>{_e(o['first_affected_tensor'])}</code> on.</p>")
     return "<h2>Not judged, and why</h2>" + "".join(parts) if parts else ""
 
 
