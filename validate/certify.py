@@ -47,8 +47,8 @@ from refsd import __version__
 from refsd import trace as names
 from refsd.trace import parse_name
 from refsd_validate.bundle import model_sha256, sha256_file
-from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, ORIGINAL, Deployment, code_fingerprint, \
-    first_severe_event, rerun, teacher_inputs
+from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, ORIGINAL, CacheStats, Deployment, cache_bytes, \
+    code_fingerprint, first_severe_event, rerun, teacher_inputs
 from refsd_validate.compare import json_safe, compare, psnr
 from refsd_validate.reader import Bundle, BundleError, ModelGeometry, read_bundle
 from refsd_validate.tolerance import K, MAX_K, REFERENCE, SYSTEMATIC, Verdict, Variant, calibration_variants, judge, \
@@ -95,6 +95,7 @@ class Certificate:
     unknown_intermediates: list[str] = field(default_factory=list)
     not_observable: list[str] = field(default_factory=list)
     calibration_overflows: list[dict] = field(default_factory=list)
+    hint: str | None = None  # an explanation of the first failure that an exact check found
 
     @property
     def cost_gate_failed(self) -> bool:
@@ -114,6 +115,7 @@ class Certificate:
             "not_judged": {"unknown_intermediates": self.unknown_intermediates,
                            "not_observable": self.not_observable},
             "calibration_overflows": self.calibration_overflows,
+            "hint": self.hint,
             "rule": self.rule, "provenance": self.provenance, "request": self.request,
             "tensors": [r.to_dict() for r in self.results],
         }
@@ -173,10 +175,12 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
                             & set(bundle.intermediates))
     asked = frozenset(bundle.intermediates) - set(not_observable)
 
+    cache_stats = CacheStats()
+
     def run(variant, teacher=None, dep=deployment, wanted=asked):
         return rerun(model_dir, model_sha, dep, variant, req, bundle.tensors[names.TOKEN_IDS],
                      bundle.tensors[names.LATENTS_INIT], teacher=teacher, intermediates=wanted, cache_dir=cache,
-                     cache_budget=cache_budget)
+                     cache_budget=cache_budget, stats=cache_stats)
 
     ref = run(REFERENCE)
     _check_reference_finite(ref, deployment)
@@ -192,6 +196,7 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
         return np.broadcast_to(bundle.tensor(n), ref[n].shape)
 
     modes = ("free", "teacher") if mode == "both" else (mode,)
+    expected_by_mode: dict[str, dict] = {}
     results: list[TensorResult] = []
     overflows: list[dict] = []
     for m in modes:
@@ -201,6 +206,7 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
         else:
             calib = [run(v, teacher_inputs(ref, req["steps"])) for v in variants]
             expected = run(REFERENCE, teacher_inputs(bundle.tensors, req["steps"]))
+        expected_by_mode[m] = expected
         # A variant that overflowed fp16 (even into a finite result) is no calibration from that step on.
         usable_until = []
         for v, c in zip(variants, calib):
@@ -228,6 +234,7 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
     by_mode = {m: next((r for r in failures if r.mode == m), None) for m in modes}
     first = by_mode.get("teacher") or by_mode.get("free")
     certified = not failures and all(c["passed"] for c in exact)
+    hint = _layout_hint(first, expected_by_mode[first.mode][first.name], device(first.name), k) if first else None
     cost = _deployment_cost(ref, run(REFERENCE, dep=ORIGINAL, wanted=frozenset()), deployment)
     if max_deployment_cost is not None:
         cost["gate"] = {"kind": max_deployment_cost.kind, "limit": max_deployment_cost.limit,
@@ -259,11 +266,24 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
         "schema_version": bundle.capture["schema_version"],
         "capture_created": bundle.capture["created"], "capture_tool": bundle.capture.get("tool"),
         "int8_source": None if deployment.int8_source is None else str(deployment.int8_source),
+        "rerun_cache": {"dir": str(cache), "budget_bytes": cache_budget,
+                        **dict(cache_stats.to_dict(), bytes_after=cache_bytes(cache) if cache.is_dir() else 0)},
         "certified_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     images = {"reference": ref[names.IMAGE][0], "device": np.asarray(bundle.tensors[names.IMAGE][0], np.float32)}
     return Certificate(certified, first, results, rule, provenance, dict(req), exact, images, deployment_cost=cost,
-                       unknown_intermediates=unknown, not_observable=not_observable, calibration_overflows=overflows)
+                       unknown_intermediates=unknown, not_observable=not_observable, calibration_overflows=overflows,
+                       hint=hint)
+
+
+def _layout_hint(first: TensorResult, expected: np.ndarray, test: np.ndarray, k: float) -> str | None:
+    """A 4-D tensor with C == H == W fails by a mile but would pass read as NCHW: say so."""
+    if test.ndim != 4 or not (test.shape[1] == test.shape[2] == test.shape[3]):
+        return None
+    if judge(expected, np.ascontiguousarray(np.transpose(test, (0, 2, 3, 1))), first.verdict.floor, k).passed:
+        return (f"{first.name} passes if read as NCHW: the runtime's activations are NCHW; transpose them to NHWC "
+                "(0, 2, 3, 1), or write the bundle with write_bundle(..., layout='NCHW')")
+    return None
 
 
 def default_cache_dir() -> Path:

@@ -23,8 +23,8 @@ def add_certify_parser(sub) -> None:
     p.add_argument("--mode", choices=MODES, default="both", help="free-running, teacher-forced, or both (default)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--cache", metavar="DIR", help="reference rerun cache (default $XDG_CACHE_HOME/refsd/certify)")
-    p.add_argument("--cache-gb", type=float, default=4.0, metavar="GB",
-                   help="keep at most this much in the cache, least recently used reruns dropped first (default 4)")
+    p.add_argument("--cache-gb", type=float, default=8.0, metavar="GB",
+                   help="keep at most this much in the cache, least recently used reruns dropped first (default 8)")
     p.add_argument("--tflite", metavar="DIR", help="the export folder the bundle ran (refsd_export.json + .tflite, "
                    "matched by sha256): int8 weights and scales are read from its .tflite files, and Model Explorer "
                    "node data is keyed by its TFLite tensor names instead of module paths")
@@ -75,6 +75,8 @@ def summary_lines(cert, k: float, out: Path) -> list[str]:
     elif exact_bad:  # a wrong token id or timestep explains every numeric failure after it
         c = exact_bad[0]
         lines = [f"NOT CERTIFIED: {c['tensor']}: {c['detail']}; {out}/"]
+    elif cert.hint:
+        lines = [f"NOT CERTIFIED: {cert.hint}; {out}/"]
     else:
         where = (f"{f.name} ({f.mode}; stage {f.stage}" + (f", step {f.step}" if f.step is not None else "")
                  + (f", module {f.module_path}" if f.module_path else "") + f"): {', '.join(f.verdict.failed)}, "
@@ -92,6 +94,10 @@ def summary_lines(cert, k: float, out: Path) -> list[str]:
                      "them; see certificate.json not_judged, 'refsd-validate names')")
     if cert.not_observable:
         lines.append(f"  {len(cert.not_observable)} intermediates not judged (not observable on this device)")
+    rc = cert.provenance.get("rerun_cache")
+    if rc:
+        lines.append(f"rerun cache: {rc['hits']} hits, {rc['misses']} reruns ({rc['hit_rate']:.0%} hit rate), "
+                     f"{rc['bytes_after'] / 2**30:.2f} of {rc['budget_bytes'] / 2**30:.0f} GiB used, {rc['evicted']} evicted")
     cost = cert.deployment_cost
     if cost:
         gate = cost.get("gate")
