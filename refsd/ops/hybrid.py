@@ -1,0 +1,174 @@
+"""LiteRT CPU's hybrid int8 kernels: float activations quantized to int8 on the
+fly, int8 weights, int32 accumulation, float output.
+
+A model whose weights the TFLite converter quantized (``Optimize.DEFAULT``,
+no representative dataset) keeps float activations; on the CPU, LiteRT's
+FULLY_CONNECTED and CONV_2D then run their *hybrid* paths, which this module
+follows from TensorFlow Lite's kernel code:
+
+* ``tensorflow/lite/kernels/fully_connected.cc``, ``EvalHybrid`` /
+  ``EvalHybridDense``: the input is viewed as (batch, K) rows and each row is
+  quantized by ``tensor_utils::BatchQuantizeFloats``: asymmetric
+  (``AsymmetricQuantizeFloats``) when the op's ``asymmetric_quantize_inputs``
+  option is set (the converter sets it), else symmetric
+  (``SymmetricQuantizeFloats``). Then ``MatrixBatchVectorMultiplyAccumulate``
+  (``kernels/internal/reference/portable_tensor_utils.cc``): an int32 dot
+  product per row and output channel, minus ``input_offset * row_sum`` of the
+  weights, times ``scale = input_scale * weight_scale[o]`` (float32), added to
+  the output that was initialized with the bias.
+* ``tensorflow/lite/kernels/conv.cc``, ``EvalHybridPerChannel`` (per-channel
+  weights, what the converter writes): each *image* of the batch (all of
+  H x W x C) is quantized with ``AsymmetricQuantizeFloats``, always (CONV_2D
+  has no option); ``HybridConvPerChannel`` accumulates ``(q_x - offset) * q_w``
+  in int32 over the receptive field (zero padding is exactly ``q_x = offset``)
+  and writes ``acc * weight_scale[o] * input_scale + bias``.
+
+Float32 roundings are reproduced where the kernels do them (the quantization
+arithmetic, the scale product, the bias add), so a correct reimplementation
+differs from LiteRT only where an input lies within float32 noise of a
+rounding tie of the quantizer, or by the order of the two scale products
+(1 ulp). The int32 sums are exact here: integer-valued float32 products summed
+in float32 are exact while every partial sum stays below 2**24, i.e. for
+``K * 255 * 127 < 2**24`` (K <= 518 terms; 255 = the widest ``q_x - offset``);
+longer reductions (SD's 3x3 convs over 320+ channels, K >= 2880) use float64,
+exact to 2**53.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from refsd.ops._core import load, op, store
+from refsd.ops.conv import _check_conv, _conv_acc
+from refsd.ops.linear import _check_linear
+from refsd.ops.quant import round_half_away
+
+_F32_EXACT = 2**24
+
+
+def quantize_activations(x: np.ndarray, *, asymmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize each row of ``x`` (G, M) as TFLite's ``tensor_utils`` does.
+
+    Symmetric (``SymmetricQuantizeFloats``): ``range = max|row|`` (float32),
+    ``scale = range / 127``, ``q = round(x * (127 / range))`` (both quotients
+    float32, ties away from zero), clipped to [-127, 127]; offset 0.
+    Asymmetric (``AsymmetricQuantizeFloats``): ``rmin = min(0, min row)``,
+    ``rmax = max(0, max row)`` in double, ``scale = (rmax - rmin) / 255``; the
+    zero point is ``-128 - rmin / scale`` or ``127 - rmax / scale``, whichever
+    end has the smaller error ``|qmin| + |rmin / scale|`` vs ``|qmax| + |rmax /
+    scale|``, rounded (clamped to [-128, 127]); the scale is stored as float32
+    and ``q = round(offset + x * float32(1 / scale))`` in float32, clipped to
+    [-128, 127]. A row of zeros (rmin == rmax) gets q = 0, scale 1, offset 0.
+
+    Returns ``(q - offset, scale, offset)``: the centred integers as float32
+    (|q - offset| <= 255), float32 scales (G,) and int offsets (G,)."""
+    x = np.asarray(x, np.float32)
+    lo, hi = x.min(axis=1), x.max(axis=1)
+    if asymmetric:
+        rmin = np.minimum(lo, 0).astype(np.float64)
+        rmax = np.maximum(hi, 0).astype(np.float64)
+        flat = rmin == rmax
+        s = np.where(flat, 1.0, (rmax - rmin) / 255.0)
+        from_min, from_max = -128.0 - rmin / s, 127.0 - rmax / s
+        zp = np.where(128.0 + np.abs(rmin / s) < 127.0 + np.abs(rmax / s), from_min, from_max)
+        offset = np.where(zp <= -128, -128, np.where(zp >= 127, 127, round_half_away(zp))).astype(np.int32)
+        offset[flat] = 0
+        scale = s.astype(np.float32)
+        inv = (np.float32(1) / scale)[:, None]
+        q = np.clip(round_half_away(offset[:, None].astype(np.float32) + x * inv), -128, 127)
+        q[flat] = 0
+    else:
+        rng = np.maximum(np.abs(lo), np.abs(hi))
+        flat = rng == 0
+        safe = np.where(flat, np.float32(1), rng)
+        scale = np.where(flat, np.float32(1), safe / np.float32(127)).astype(np.float32)
+        inv = (np.float32(127) / safe)[:, None]
+        q = np.clip(round_half_away(x * inv), -127, 127)
+        q[flat] = 0
+        offset = np.zeros(x.shape[0], np.int32)
+    return (q - offset[:, None]).astype(np.float32), scale, offset
+
+
+def _exact_dtype(k: int):
+    """float32 while a K-term sum of ``(q_x - offset) * q_w`` stays exact in it, else float64."""
+    return np.float32 if k * 255 * 127 < _F32_EXACT else np.float64
+
+
+def _check_int8(q: np.ndarray, scale: np.ndarray, n_out: int, name: str) -> np.ndarray:
+    if np.asarray(q).dtype != np.int8:
+        raise ValueError(f"{name} expects int8 weights, got {np.asarray(q).dtype}")
+    scale = np.asarray(scale, np.float32)
+    if scale.shape not in ((n_out,), (1,)):
+        raise ValueError(f"{name}: scale shape {scale.shape} does not match {n_out} output channels")
+    return scale
+
+
+@op
+def linear_hybrid_int8(x: np.ndarray, q: np.ndarray, scale: np.ndarray, b: np.ndarray | None = None, *,
+                       asymmetric: bool = True) -> np.ndarray:
+    """LiteRT CPU's hybrid FULLY_CONNECTED (``fully_connected.cc``
+    ``EvalHybrid``; replaces ``linear`` when weights are int8).
+
+    ``x`` is viewed as rows (..., K); each row is quantized by
+    ``quantize_activations`` (``asymmetric``: the op's
+    ``asymmetric_quantize_inputs``), then ``y[r, o] = b[o] + float32(acc[r, o])
+    * float32(s_x[r] * s_w[o])`` with ``acc = sum_k (q_x - offset)[r, k] *
+    q[o, k]`` exact. ``q`` int8 (out, in); ``scale`` (out,) per channel or (1,).
+    float32 throughout whatever the precision mode (it is a CPU kernel); the
+    output is stored as the mode stores tensors."""
+    x = load(x)
+    q = np.asarray(q)
+    _check_linear(x, q, b)
+    scale = _check_int8(q, scale, q.shape[0], "linear_hybrid_int8")
+    k = x.shape[-1]
+    xc, sx, _ = quantize_activations(x.reshape(-1, k), asymmetric=asymmetric)
+    dt = _exact_dtype(k)
+    acc = np.matmul(xc.astype(dt, copy=False), q.T.astype(dt)).astype(np.float32)
+    y = acc * (sx[:, None] * scale[None, :])
+    if b is not None:
+        y += np.asarray(b, np.float32)
+    return store(y.reshape(*x.shape[:-1], q.shape[0]))
+
+
+@op
+def conv2d_hybrid_int8(x: np.ndarray, q: np.ndarray, scale: np.ndarray, b: np.ndarray | None = None, *,
+                       stride=1, padding=0) -> np.ndarray:
+    """LiteRT CPU's hybrid per-channel CONV_2D (``conv.cc``
+    ``EvalHybridPerChannel``, ``HybridConvPerChannel``; replaces ``conv2d``
+    when weights are int8).
+
+    Each image ``x[n]`` (H x W x Cin) is quantized asymmetrically as one group
+    (``quantize_activations``); ``acc[n,i,j,o] = sum (q_x - offset_n) * q`` over
+    the receptive field, zero padding contributing 0, exact; ``y = float32(acc)
+    * s_w[o] * s_x[n] + b[o]`` in float32 (that order). ``q`` int8 HWIO,
+    ``scale`` (Cout,). A 1x1 conv on a (N, L, 1, C) reshape (``fc_as_conv``)
+    therefore quantizes a whole sequence per group, not a row."""
+    x = load(x)
+    q = np.asarray(q)
+    _check_conv(x, q, b)
+    scale = _check_int8(q, scale, q.shape[3], "conv2d_hybrid_int8")
+    n = x.shape[0]
+    xc, sx, _ = quantize_activations(x.reshape(n, -1), asymmetric=True)
+    dt = _exact_dtype(q.shape[0] * q.shape[1] * q.shape[2])
+    acc = _conv_acc(xc.astype(dt, copy=False).reshape(x.shape), q.astype(dt), stride=stride, padding=padding,
+                    mm=np.matmul).astype(np.float32)
+    y = (acc * scale) * sx[:, None, None, None]
+    if b is not None:
+        y += np.asarray(b, np.float32)
+    return store(y)
+
+
+@op
+def fc_as_conv_hybrid_int8(x: np.ndarray, q: np.ndarray, scale: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
+    """``fc_as_conv`` with int8 weights on LiteRT's CPU: the (N, L, C) input
+    reshaped to (N, L, 1, C) runs ``conv2d_hybrid_int8`` with the 1x1 kernel
+    ``q.T``, so each of the N sequences is one quantization group (the plain
+    FULLY_CONNECTED quantizes each of the N * L rows). ``q`` int8 (out, in)."""
+    x = load(x)
+    q = np.asarray(q)
+    _check_linear(x, q, b)
+    if x.ndim != 3:
+        raise ValueError(f"fc_as_conv_hybrid_int8 expects (N, L, C) input, got shape {x.shape}")
+    n, length, c = x.shape
+    y = conv2d_hybrid_int8(x.reshape(n, length, 1, c), q.T.reshape(1, 1, c, q.shape[0]), scale, b)
+    return store(y.reshape(n, length, q.shape[0]))
