@@ -475,12 +475,15 @@ class _DeployedWeight(Module):
                 return
             value = Int8Weight(*self.ops.quantize_int8(self.weight, axis=self._axis))
         value = value if isinstance(value, Int8Weight) else Int8Weight(*value)
-        q, scale = np.asarray(value.q), np.asarray(value.scale, np.float32)
+        q, scale = self._own_layout(np.asarray(value.q)), np.asarray(value.scale, np.float32)
         want = (1,) if self._axis is None else (self.weight.shape[self._axis],)
         if q.dtype != np.int8 or q.shape != self.weight.shape or scale.shape not in (want, (1,)):
             raise WeightsError(f"{self._path}.weight: int8 values {q.dtype} {q.shape} with scales {scale.shape} do "
                                f"not match the weight {self.weight.shape} (scales {want})")
         self.int8 = value._replace(q=q, scale=scale)
+
+    def _own_layout(self, q: np.ndarray) -> np.ndarray:
+        return q
 
     def _bias(self):
         """The bias as deployed: the converter's folded one where a LayerNorm was folded in."""
@@ -511,6 +514,10 @@ class Linear(_DeployedWeight):
             self.declare("bias", (out_features,), "vector")
         else:
             self.bias = None
+
+    def _own_layout(self, q: np.ndarray) -> np.ndarray:
+        # A 1x1 conv HWIO (1, 1, in, out): the weight of an FC exported as a conv (fc_as_conv).
+        return np.ascontiguousarray(q[0, 0].T) if q.ndim == 4 and q.shape[:2] == (1, 1) else q
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         ops, b = self.ops, self._bias()
