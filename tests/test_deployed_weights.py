@@ -2,8 +2,8 @@
 
 Exports: the tiny sd15 and sd21 models at 64x64 (``refsd export --height 64
 --width 64``, default serial_conv limit, so no conv is split), int8 with
-``none`` and ``paper`` rewrites, fp16 with ``none``, and an fp32 pruned one;
-each built once per session.
+``none`` and ``paper`` rewrites, each built once per session; fp16 and the
+pruned fp32 export are conftest's 16x16 ones (``tiny_export``).
 
 Statistic: ``rel(a, b) = max|a - b| / max|b|``.
 
@@ -276,8 +276,8 @@ def test_int8_components_against_litert(models, deployed, arch, rewrites):
 
 
 @pytest.mark.conformance
-def test_fp16_weights_reproduce_the_stored_parameters(models, deployed):
-    folder = deployed("sd15", "fp16")
+def test_fp16_weights_reproduce_the_stored_parameters(models, tiny_export):
+    folder = tiny_export("fp16", "none")  # shared with tests/test_export.py (16x16)
     inputs = feeds(folder)
     rows = []
     for name in COMPONENTS:
@@ -293,8 +293,8 @@ def test_fp16_weights_reproduce_the_stored_parameters(models, deployed):
 # ---------------------------------------------------------------- pruning as a deployment
 
 
-def test_pruned_export_reruns_with_the_declared_rewrite(models, deployed):
-    folder = deployed("sd15", "fp32", PRUNE)
+def test_pruned_export_reruns_with_the_declared_rewrite(models, tiny_export):
+    folder = tiny_export("fp32", PRUNE)  # conftest's 16x16 export of the tiny sd15
     assert PRUNE in manifest(folder)["rewrites"]
     inputs = feeds(folder)
     for name in ("unet", "vae"):
