@@ -216,10 +216,11 @@ def _same_padding(x_shape, kernel, stride):
 
 
 @pytest.mark.conformance
-@pytest.mark.parametrize("rewrites", ["none", "paper"])
-@pytest.mark.parametrize("arch", ["sd15", "sd21"])
-def test_hybrid_kernels_match_litert_op_by_op(deployed, arch, rewrites):
-    folder = deployed(arch, "int8", rewrites)
+@pytest.mark.parametrize("arch, rewrites", [("sd15", "none"), ("sd15", "paper"), ("sd21", "none"), ("sd21", "paper"),
+                                            ("sd15", "paper-16x16-split")])
+def test_hybrid_kernels_match_litert_op_by_op(deployed, tiny_export, arch, rewrites):
+    # the last: conftest's 16x16 export, whose paper graph has serialized convs
+    folder = tiny_export("int8", "paper") if rewrites.endswith("split") else deployed(arch, "int8", rewrites)
     inputs = feeds(folder)
     report = {}
     for name in COMPONENTS:
@@ -270,6 +271,30 @@ def test_int8_components_against_litert(models, deployed, arch, rewrites):
         if name == "text_encoder":
             assert e_h <= FP32_TOL, e_h
     print(f"\n{arch} int8 {rewrites} vs LiteRT CPU: " + "; ".join(rows))
+
+
+@pytest.mark.conformance
+def test_serialized_conv_parts_are_quantized_and_run_per_part(models, tiny_export):
+    """conftest's 16x16 paper export splits the tiny UNet's 8x8x96 convs (serial_conv_limit
+    4096): the converter quantizes each part on its own, and each hybrid part quantizes its
+    slice of the input on its own."""
+    folder = tiny_export("int8", "paper")
+    values = read_int8_weights(folder)
+    split = {k: v for k, v in values["unet"].items() if v.scale.ndim == 2}
+    assert split
+    limit = manifest(folder)["serial_conv_limit"]
+    own = weights.load_unet(models["sd15"] / "unet", weights="int8", rewrites="paper", serial_conv_limit=limit)
+    convs = dict(own.named_modules())
+    for key, v in split.items():
+        q, scale = convs[key[: -len(".weight")]]._int8_split(v.scale.shape[0])
+        assert np.array_equal(q, v.q) and np.array_equal(scale, v.scale), key
+    feed = feeds(folder)["unet"]
+    got, _ = litert(folder, "unet", feed)
+    hybrid = rerun(models["sd15"], folder, "unet", feed, weights="int8", int8_kernels="hybrid", int8_values=values)
+    dequant = rerun(models["sd15"], folder, "unet", feed, weights="int8", int8_kernels="dequantize", int8_values=values)
+    print(f"\nsd15 int8 paper 16x16 (split convs) UNet vs LiteRT: hybrid {rel(hybrid, got):.1e}, "
+          f"dequantized {rel(dequant, got):.1e}")
+    assert rel(hybrid, got) <= 2 * rel(dequant, got)
 
 
 # ---------------------------------------------------------------- fp16 weights

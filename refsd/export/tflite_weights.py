@@ -77,7 +77,7 @@ def read_int8_tflite(path, component: str) -> dict[str, Int8Weight]:
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(raw, 0))
     ops_by_code = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     graph = model.subgraphs[0]
-    found: dict[str, Int8Weight] = {}
+    found: dict[str, list] = {}  # key -> [(part number, input tensor, Int8Weight)]
     for op in graph.operators:
         code = model.operatorCodes[op.opcodeIndex]
         kind = ops_by_code[max(code.builtinCode, code.deprecatedBuiltinCode)]
@@ -114,13 +114,30 @@ def read_int8_tflite(path, component: str) -> dict[str, Int8Weight]:
                 raise WeightsError(f"{path}: {name!r} folds {fold} but its op has no bias")
             b = graph.tensors[op.inputs[2]]
             bias = np.frombuffer(_buffer(model, raw, b.buffer), np.float32).copy()
-        entry = Int8Weight(q, scale, asymmetric, fold, bias)
-        key = f"{layer}.weight"
-        if key in found and not (found[key].q.shape == q.shape and np.array_equal(found[key].q, q)):
-            raise WeightsError(f"{path}: several int8 constants for {key} (a serialized conv? its parts are "
-                               "quantized separately, which refsd does not model)")
-        found[key] = entry
-    return found
+        part = re.search(r"/Conv2D_(\d+)", name)
+        parts = found.setdefault(f"{layer}.weight", [])
+        if not any(p[1] == op.inputs[0] and np.array_equal(p[2].q, q) for p in parts):  # not the same op twice
+            parts.append((int(part.group(1)) if part else 0, op.inputs[0], Int8Weight(q, scale, asymmetric, fold, bias)))
+    return {key: _join(key, parts) for key, parts in found.items()}
+
+
+def _join(key: str, parts: list) -> Int8Weight:
+    """One weight from the CONV_2D parts ``serial_conv`` made of it (TF names them
+    ``Conv2D``, ``Conv2D_1``, ... in part order). Output-split parts read the same
+    input: their per-output-channel scales are the whole conv's, concatenated.
+    Input-split parts read slices: each part has its own per-channel scales, so
+    the scales become (parts, Cout), which ``Conv2d`` runs part by part."""
+    if len(parts) == 1:
+        return parts[0][2]
+    parts = sorted(parts, key=lambda p: p[0])
+    weights = [w for _, _, w in parts]
+    if any(w.q.ndim != 4 or w.fold is not None for w in weights) or len({p[0] for p in parts}) < len(parts):
+        raise WeightsError(f"{key}: several int8 constants that are not the parts of a serialized conv")
+    first = weights[0]
+    if len({p[1] for p in parts}) == 1:  # one input: split over output channels
+        return first._replace(q=np.concatenate([w.q for w in weights], axis=3),
+                              scale=np.concatenate([w.scale for w in weights]))
+    return first._replace(q=np.concatenate([w.q for w in weights], axis=2), scale=np.stack([w.scale for w in weights]))
 
 
 def read_int8_weights(folder) -> dict[str, dict[str, Int8Weight]]:

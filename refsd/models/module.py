@@ -477,10 +477,13 @@ class _DeployedWeight(Module):
         value = value if isinstance(value, Int8Weight) else Int8Weight(*value)
         q, scale = self._own_layout(np.asarray(value.q)), np.asarray(value.scale, np.float32)
         want = (1,) if self._axis is None else (self.weight.shape[self._axis],)
-        if q.dtype != np.int8 or q.shape != self.weight.shape or scale.shape not in (want, (1,)):
+        if q.dtype != np.int8 or q.shape != self.weight.shape or not self._scales_fit(scale, want):
             raise WeightsError(f"{self._path}.weight: int8 values {q.dtype} {q.shape} with scales {scale.shape} do "
                                f"not match the weight {self.weight.shape} (scales {want})")
         self.int8 = value._replace(q=q, scale=scale)
+
+    def _scales_fit(self, scale: np.ndarray, want: tuple) -> bool:
+        return scale.shape in (want, (1,))
 
     def _own_layout(self, q: np.ndarray) -> np.ndarray:
         return q
@@ -537,11 +540,15 @@ class Conv2d(_DeployedWeight):
     """``torch.nn.Conv2d`` on NHWC activations, weights stored HWIO.
 
     Rewrites: ``serial_conv`` when the per-image activation exceeds the limit,
-    else ``winograd`` for 3x3 stride-1. int8 weights: dequantized at use (a
-    split conv then shares the whole conv's scales: the converter quantizes
-    each part on its own, not modelled), or LiteRT CPU's hybrid CONV_2D
-    (``ops.conv2d_hybrid_int8``, which replaces ``winograd``; a split conv is
-    refused). ``in_keep`` (set by ``prune``) selects the input channels kept."""
+    else ``winograd`` for 3x3 stride-1. int8 weights: dequantized at use, or
+    LiteRT CPU's hybrid CONV_2D (``ops.conv2d_hybrid_int8``, which replaces
+    ``winograd``). A conv split over input channels has int8 scales per part,
+    (parts, Cout), as the converter quantizes each part's weight on its own
+    (read from the .tflite, or quantized here from the float weight), and runs
+    ``ops.serial_conv_hybrid_int8`` under hybrid kernels; an output split keeps
+    the whole conv's per-channel scales and, hybrid, equals one conv (every
+    part quantizes the same input). ``in_keep`` (set by ``prune``) selects the
+    input channels kept."""
 
     _axis = -1
 
@@ -562,6 +569,36 @@ class Conv2d(_DeployedWeight):
             self.in_keep = None  # a fresh, unpruned weight
         super()._set_param(name, value, spec)
 
+    def _scales_fit(self, scale: np.ndarray, want: tuple) -> bool:
+        parts = scale.shape[0] if scale.ndim == 2 else 0
+        return super()._scales_fit(scale, want) or (parts > 1 and scale.shape[1:] == want
+                                                     and self.weight.shape[2] % parts == 0)
+
+    def deploy(self, value=None, *, given: bool = False) -> None:
+        super().deploy(value, given=given)
+        self._parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _int8_split(self, factor: int) -> tuple[np.ndarray, np.ndarray]:
+        """(q, scales (factor, Cout)) of the input split into ``factor`` parts: the
+        deployed per-part scales, or each part of the float weight quantized on its
+        own (``ops.quantize_int8``, cached), as the converter quantizes the parts."""
+        d = self.int8
+        if d.scale.ndim == 2:
+            if d.scale.shape[0] != factor:
+                raise ValueError(f"{self._path}: the deployed weights are split in {d.scale.shape[0]} parts, "
+                                 f"serial_conv splits this conv in {factor} (serial_conv_limit differs?)")
+            return d.q, d.scale
+        if factor not in self._parts:
+            c = self.weight.shape[2] // factor
+            split = [self.ops.quantize_int8(self.weight[:, :, i * c:(i + 1) * c], axis=-1) for i in range(factor)]
+            self._parts[factor] = (np.concatenate([q for q, _ in split], axis=2), np.stack([s for _, s in split]))
+        return self._parts[factor]
+
+    def _dequantized_split(self, q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        c = q.shape[2] // scale.shape[0]
+        return np.concatenate([self.ops.dequantize_int8(q[:, :, i * c:(i + 1) * c], s, axis=-1)
+                               for i, s in enumerate(scale)], axis=2)
+
     def serial_factor(self, x_shape) -> tuple[int, str]:
         """(factor, axis) ``serial_conv`` would use for this input: factor 1 if
         within the limit or if no split of either axis can meet it."""
@@ -581,15 +618,15 @@ class Conv2d(_DeployedWeight):
     def forward(self, x: np.ndarray) -> np.ndarray:
         if self.in_keep is not None:
             x = x[..., self.in_keep]
-        b, ops, rw = self._bias(), self.ops, self.rewrites
+        b, ops, rw, d = self._bias(), self.ops, self.rewrites, self.int8
         k, axis = self.serial_factor(np.shape(x)) if "serial_conv" in rw else (1, None)
+        split_int8 = d is not None and (d.scale.ndim == 2 or (k > 1 and axis == "input"))
         if self._hybrid():
-            if k > 1:
-                raise ValueError(f"{self._path}: a serialized conv with hybrid int8 kernels is not modelled (the "
-                                 "converter quantizes each part separately); raise serial_conv_limit")
-            d = self.int8
+            if split_int8:
+                q, scale = self._int8_split(k)
+                return ops.serial_conv_hybrid_int8(x, q, scale, b, stride=self.stride, padding=self.padding)
             return ops.conv2d_hybrid_int8(x, d.q, d.scale, b, stride=self.stride, padding=self.padding)
-        w = self.effective_weight()
+        w = self._dequantized_split(*self._int8_split(k)) if split_int8 else self.effective_weight()
         if k > 1:
             return ops.serial_conv(x, w, b, factor=k, axis=axis, stride=self.stride, padding=self.padding)
         if "winograd" in rw and self.kernel_size == 3 and self.stride == 1:

@@ -43,6 +43,7 @@ import numpy as np
 
 from refsd.ops._core import load, op, store
 from refsd.ops.conv import _check_conv, _conv_acc
+from refsd.ops.elementwise import add
 from refsd.ops.linear import _check_linear
 from refsd.ops.quant import round_half_away
 
@@ -180,3 +181,29 @@ def fc_as_conv_hybrid_int8(x: np.ndarray, q: np.ndarray, scale: np.ndarray, b: n
     n, length, c = x.shape
     y = conv2d_hybrid_int8(x.reshape(n, length, 1, c), q.T.reshape(1, 1, c, q.shape[0]), scale, b)
     return store(y.reshape(n, length, q.shape[0]))
+
+
+@op
+def serial_conv_hybrid_int8(x: np.ndarray, q: np.ndarray, scale: np.ndarray, b: np.ndarray | None = None, *,
+                            stride=1, padding=0) -> np.ndarray:
+    """``serial_conv(axis="input")`` with int8 weights on LiteRT's CPU: ``scale``
+    is (factor, Cout), one row per part, as the converter quantizes each part's
+    weight on its own. Part ``i`` runs ``conv2d_hybrid_int8`` on input channels
+    ``[i*c, (i+1)*c)`` (so it quantizes that slice of the input on its own) with
+    ``q[:, :, i*c:(i+1)*c]`` and ``scale[i]``, the bias with the first part, and
+    the partial outputs are summed with ADD in part order. ``q`` int8 HWIO."""
+    x = load(x)
+    q = np.asarray(q)
+    scale = np.asarray(scale, np.float32)
+    _check_conv(x, q, b)
+    factor, cin = scale.shape[0], q.shape[2]
+    if scale.ndim != 2 or scale.shape[1] != q.shape[3] or cin % factor:
+        raise ValueError(f"serial_conv_hybrid_int8: scales {scale.shape} are not (parts, {q.shape[3]}) with parts "
+                         f"dividing {cin} input channels")
+    c = cin // factor
+    y = None
+    for i in range(factor):
+        part = conv2d_hybrid_int8(x[..., i * c:(i + 1) * c], q[:, :, i * c:(i + 1) * c], scale[i],
+                                  b if i == 0 else None, stride=stride, padding=padding)
+        y = part if y is None else add(y, part)
+    return store(y)
