@@ -499,7 +499,9 @@ class _DeployedWeight(Module):
     def effective_weight(self):
         """The weight a float kernel uses: ``ops.dequantize_int8`` at use, or the float weight."""
         d = self.int8
-        return self.weight if d is None else self.ops.dequantize_int8(d.q, d.scale, axis=self._axis)
+        if d is None:
+            return self.weight
+        return self.ops.dequantize_int8(d.q, d.scale, axis=None if d.scale.shape == (1,) else self._axis)
 
 
 class Linear(_DeployedWeight):
@@ -593,6 +595,10 @@ class Conv2d(_DeployedWeight):
             split = [self.ops.quantize_int8(self.weight[:, :, i * c:(i + 1) * c], axis=-1) for i in range(factor)]
             self._parts[factor] = (np.concatenate([q for q, _ in split], axis=2), np.stack([s for _, s in split]))
         return self._parts[factor]
+
+    def effective_weight(self):
+        d = self.int8
+        return self._dequantized_split(d.q, d.scale) if d is not None and d.scale.ndim == 2 else super().effective_weight()
 
     def _dequantized_split(self, q: np.ndarray, scale: np.ndarray) -> np.ndarray:
         c = q.shape[2] // scale.shape[0]
