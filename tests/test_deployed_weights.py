@@ -407,7 +407,7 @@ def test_quantize_activations_reconstructs_within_half_a_step():
         assert s[2] == 1 and np.all(qc[2] == 0)
 
 
-@pytest.mark.parametrize("k", [64, 700])  # 700 * 255 * 127 > 2**24: the float64 path
+@pytest.mark.parametrize("k", [64, 700])  # 700 * 255 * 128 > 2**24: the float64 path
 def test_linear_hybrid_is_the_integer_formula(k):
     rng = np.random.default_rng(k)
     x = rng.standard_normal((5, k)).astype(np.float32)

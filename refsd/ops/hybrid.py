@@ -32,7 +32,7 @@ products (1 ulp). Fed LiteRT's own inputs, these kernels reproduce every
 FULLY_CONNECTED and CONV_2D output of the tiny exports to ~1e-7 except for
 about one activation in 10**6 (tests/test_deployed_weights.py). The int32 sums are exact here: integer-valued float32 products summed
 in float32 are exact while every partial sum stays below 2**24, i.e. for
-``K * 255 * 127 < 2**24`` (K <= 518 terms; 255 = the widest ``q_x - offset``);
+``K * 255 * 128 < 2**24`` (K <= 514 terms; 255 = the widest ``q_x - offset``);
 longer reductions (SD's 3x3 convs over 320+ channels, K >= 2880) use float64,
 exact to 2**53.
 """
@@ -99,8 +99,9 @@ def quantize_activations(x: np.ndarray, *, asymmetric: bool) -> tuple[np.ndarray
 
 
 def _exact_dtype(k: int):
-    """float32 while a K-term sum of ``(q_x - offset) * q_w`` stays exact in it, else float64."""
-    return np.float32 if k * 255 * 127 < _F32_EXACT else np.float64
+    """float32 while a K-term sum of ``(q_x - offset) * q_w`` stays exact in it, else float64
+    (|q_w| <= 128 covers weights from any int8 quantizer, the converter's stop at 127)."""
+    return np.float32 if k * 255 * 128 < _F32_EXACT else np.float64
 
 
 def _check_int8(q: np.ndarray, scale: np.ndarray, n_out: int, name: str) -> np.ndarray:
