@@ -23,6 +23,10 @@ follows from TensorFlow Lite's kernel code:
   in int32 over the receptive field (zero padding is exactly ``q_x = offset``)
   and writes ``acc * weight_scale[o] * input_scale + bias``.
 
+BATCH_MATMUL (``batch_matmul.cc`` also has a hybrid path) does not apply: in
+refsd's exports it only multiplies two activations (attention), never an int8
+constant, so it runs in float32.
+
 Float32 roundings are reproduced where the kernels do them (the quantization
 arithmetic, the scale product, the bias add), so a correct reimplementation
 differs from LiteRT only where an activation lies within float32 noise of a
