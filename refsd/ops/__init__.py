@@ -35,11 +35,11 @@ REWRITES = {
 }
 # Kernels for int8 weights (``ModelOptions(weights="int8", int8_kernels="hybrid")``): not rewrites
 # (they compute a different function, LiteRT CPU's), but they replace these ops.
-INT8_KERNELS = {"linear_hybrid_int8": "linear", "conv2d_hybrid_int8": "conv2d",
-                "fc_as_conv_hybrid_int8": "fc_as_conv", "serial_conv_hybrid_int8": "serial_conv"}
+HYBRID_KERNELS = {"linear_hybrid_int8": "linear", "conv2d_hybrid_int8": "conv2d",
+                  "fc_as_conv_hybrid_int8": "fc_as_conv", "serial_conv_hybrid_int8": "serial_conv"}
 
 __all__ = [
-    "INT8_KERNELS", "REWRITES", "add", "attention", "concat", "conv2d", "conv2d_hybrid_int8", "conv2d_winograd",
+    "HYBRID_KERNELS", "REWRITES", "add", "attention", "concat", "conv2d", "conv2d_hybrid_int8", "conv2d_winograd",
     "conv_output_hw", "dequantize_int8", "embedding", "erf", "fc_as_conv", "fc_as_conv_hybrid_int8",
     "flash_attention", "geglu", "geglu_clip", "geglu_fused", "gelu", "gelu_clip", "gelu_fused", "gn4d",
     "group_norm", "group_norm_fused", "layer_norm", "linear", "linear_hybrid_int8", "mul", "quantize_activations",
