@@ -418,3 +418,21 @@ def test_linear_hybrid_is_the_integer_formula(k):
     acc = qc.astype(np.int64) @ q.T.astype(np.int64)  # the int32 sums, exactly
     want = acc.astype(np.float32) * (sx[:, None] * scale[None, :]) + b
     assert np.array_equal(linear_hybrid_int8(x, q, scale, b), want)
+
+
+def test_conv_hybrid_is_the_integer_formula():
+    """K = 3*3*96 = 864 > 514: the blocked float32 sums against a float64 oracle (exact: |sum| < 2**53),
+    weights over the full int8 range (-128 included), zero padding contributing 0."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 6, 6, 96)).astype(np.float32)
+    q = rng.integers(-128, 128, (3, 3, 96, 5)).astype(np.int8)
+    scale = rng.uniform(1e-3, 1e-2, 5).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    qc, sx, _ = quantize_activations(x.reshape(2, -1), asymmetric=True)
+    xp = np.pad(qc.reshape(x.shape).astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    acc = np.zeros((2, 6, 6, 5))
+    for i in range(3):
+        for j in range(3):
+            acc += np.einsum("nhwc,co->nhwo", xp[:, i:i + 6, j:j + 6], q[i, j].astype(np.float64))
+    want = (acc.astype(np.float32) * scale) * sx[:, None, None, None] + b
+    assert np.array_equal(conv2d_hybrid_int8(x, q, scale, b, padding=1), want)

@@ -34,11 +34,14 @@ rounding tie of the quantizer (then one int8 input moves by one step and the
 outputs it feeds by ``s_x * s_w * q_w``), or by the order of the two scale
 products (1 ulp). Fed LiteRT's own inputs, these kernels reproduce every
 FULLY_CONNECTED and CONV_2D output of the tiny exports to ~1e-7 except for
-about one activation in 10**6 (tests/test_deployed_weights.py). The int32 sums are exact here: integer-valued float32 products summed
-in float32 are exact while every partial sum stays below 2**24, i.e. for
-``K * 255 * 128 < 2**24`` (K <= 514 terms; 255 = the widest ``q_x - offset``);
-longer reductions (SD's 3x3 convs over 320+ channels, K >= 2880) use float64,
-exact to 2**53.
+about 3 activations in 10**6 (tests/test_deployed_weights.py).
+
+The int32 sums are exact here: integer-valued float32 products summed in
+float32 are exact while every partial sum stays below 2**24, i.e. for ``K *
+255 * 128 < 2**24`` (K <= 514 terms; 255 = the widest ``q_x - offset``, 128 the
+widest int8 weight); longer reductions (SD's 3x3 convs over 320+ channels, K >=
+2880) run float32 BLAS on 514-term blocks whose sums are added in float64
+(exact below 2**53): float32 speed, exact results.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from refsd.ops.elementwise import add
 from refsd.ops.linear import _check_linear
 from refsd.ops.quant import round_half_away
 
-_F32_EXACT = 2**24
+_BLOCK = (2**24 - 1) // (255 * 128)  # 514 terms: every partial sum of a block is exact in float32
 
 
 def quantize_activations(x: np.ndarray, *, asymmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -102,10 +105,18 @@ def quantize_activations(x: np.ndarray, *, asymmetric: bool) -> tuple[np.ndarray
     return (q - offset[:, None]).astype(np.float32), s.astype(np.float32), offset
 
 
-def _exact_dtype(k: int):
-    """float32 while a K-term sum of ``(q_x - offset) * q_w`` stays exact in it, else float64
-    (|q_w| <= 128 covers weights from any int8 quantizer, the converter's stop at 127)."""
-    return np.float32 if k * 255 * 128 < _F32_EXACT else np.float64
+def _exact_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` exactly, for integer-valued float32 ``a`` (|a| <= 255, centred
+    activations) and ``b`` (|b| <= 128, int8 weights of any quantizer): float32
+    BLAS on blocks of at most ``_BLOCK`` terms, whose sums stay below 2**24 and so
+    are exact, added in float64 (exact below 2**53). Returns float64 when blocked."""
+    k = a.shape[-1]
+    if k <= _BLOCK:
+        return np.matmul(a, b)
+    out = np.matmul(a[..., :_BLOCK], b[:_BLOCK]).astype(np.float64)
+    for k0 in range(_BLOCK, k, _BLOCK):
+        out += np.matmul(a[..., k0:k0 + _BLOCK], b[k0:k0 + _BLOCK])
+    return out
 
 
 def _check_int8(q: np.ndarray, scale: np.ndarray, n_out: int, name: str) -> np.ndarray:
@@ -136,8 +147,7 @@ def linear_hybrid_int8(x: np.ndarray, q: np.ndarray, scale: np.ndarray, b: np.nd
     scale = _check_int8(q, scale, q.shape[0], "linear_hybrid_int8")
     k = x.shape[-1]
     xc, sx, _ = quantize_activations(x.reshape(-1, k), asymmetric=asymmetric)
-    dt = _exact_dtype(k)
-    acc = np.matmul(xc.astype(dt, copy=False), q.T.astype(dt)).astype(np.float32)
+    acc = _exact_matmul(xc, q.T.astype(np.float32)).astype(np.float32)
     y = acc * (sx[:, None] * scale[None, :])
     if b is not None:
         y += np.asarray(b, np.float32)
@@ -163,9 +173,8 @@ def conv2d_hybrid_int8(x: np.ndarray, q: np.ndarray, scale: np.ndarray, b: np.nd
     scale = _check_int8(q, scale, q.shape[3], "conv2d_hybrid_int8")
     n = x.shape[0]
     xc, sx, _ = quantize_activations(x.reshape(n, -1), asymmetric=True)
-    dt = _exact_dtype(q.shape[0] * q.shape[1] * q.shape[2])
-    acc = _conv_acc(xc.astype(dt, copy=False).reshape(x.shape), q.astype(dt), stride=stride, padding=padding,
-                    mm=np.matmul).astype(np.float32)
+    # float32 output: the exact sums rounded once, as LiteRT converts its int32 sums to float
+    acc = _conv_acc(xc.reshape(x.shape), q.astype(np.float32), stride=stride, padding=padding, mm=_exact_matmul)
     y = (acc * scale) * sx[:, None, None, None]
     if b is not None:
         y += np.asarray(b, np.float32)
