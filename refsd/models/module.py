@@ -59,7 +59,9 @@ INT8_MIN_ELEMENTS = 1024
 class Int8Weight(NamedTuple):
     """One int8 weight as deployed, in refsd's layout (Linear (out, in), Conv2d
     HWIO, Embedding (num, dim)): ``q`` int8 and ``scale`` float32, per output
-    channel (out,) or per tensor (1,). ``asymmetric``: the hybrid
+    channel (out,), per tensor (1,), or for a conv the converter received split
+    over input channels (``serial_conv``) one row per part, (parts, out): each
+    part was quantized on its own. ``asymmetric``: the hybrid
     FULLY_CONNECTED's ``asymmetric_quantize_inputs`` option. ``fold``: the
     module path (relative to the root model) of a LayerNorm whose affine the
     converter folded into this weight (``q * scale ~ W * gamma``), whose output
