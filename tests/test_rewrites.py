@@ -518,7 +518,10 @@ def test_int8_roundtrip_error_bound(w_axis, ftz):
     for mode in MODES:
         with precision(mode, ftz=ftz):
             deq = ops.dequantize_int8(q, s, axis=axis)
-        np.testing.assert_array_equal(round_f16(deq, ftz=ftz), deq)  # fp16 values in every mode
+        if mode == "f32":  # the float32 product, as a delegate dequantizing to fp32
+            np.testing.assert_array_equal(deq, q.astype(np.float32) * s.reshape(shp))
+        else:  # fp16 values in fp16-storage modes
+            np.testing.assert_array_equal(round_f16(deq, ftz=ftz), deq)
         err = np.abs(w.astype(f64) - deq)
         assert (err <= bound).all(), f"{mode}: excess {float((err - bound).max()):.3g}"
     # each channel's largest magnitude maps to +-127

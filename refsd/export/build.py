@@ -18,6 +18,10 @@ vae              ``latents`` (1, h, w, 4)                               (1, H, W
 The UNet's timestep is an input, so one file serves every step; the VAE
 includes ``latents / scaling_factor`` (it is ``decode_latents``).
 
+``prune=AMOUNT[:MIN_WEIGHTS]`` among the rewrites exports the pruned model
+(pruned as the loaders prune it: ``RootModel.deploy``); the manifest's
+``rewrites`` then carries the token, so a bundle can declare the same pruning.
+
 Weights: ``fp32``; ``fp16`` (float16 constants plus DEQUANTIZE ops, what the
 GPU delegate reads natively; the timestep frequency table is then built as an
 fp16-exact pair, see ``tf_ops.timestep_embedding``); ``int8`` (``Optimize.DEFAULT`` without a
@@ -47,7 +51,7 @@ COMPONENTS = ("text_encoder", "unet", "vae")
 WEIGHTS = ("fp32", "fp16", "int8")
 # Rewrites that change the graph; the rest of refsd's rewrites are GPU kernel
 # fusions (the delegate's business, not a graph) or, int8_weights, a storage choice (--weights int8).
-GRAPH_REWRITES = ("fc_as_conv", "serial_conv", "gn4d", "gelu_clip")
+GRAPH_REWRITES = ("fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "prune")  # prune: the pruned weights
 MANIFEST = "refsd_export.json"
 TOKENS = 77
 BATCH = 2  # [uncond, cond], as the pipeline runs the text encoder and the UNet

@@ -114,7 +114,8 @@ class ClipEmbeddings(Module):
     def __init__(self, c: ClipTextConfig) -> None:
         super().__init__()
         self.token_embedding = Embedding(c.vocab_size, c.hidden_size)
-        self.position_embedding = Embedding(c.max_position_embeddings, c.hidden_size)
+        # Looked up by constant positions: a deployed graph folds it into a float constant (never int8).
+        self.position_embedding = Embedding(c.max_position_embeddings, c.hidden_size, constant_ids=True)
         # transformers < 4.31 saved this buffer; accepted and ignored.
         self.declare("position_ids", (1, c.max_position_embeddings), "buffer", optional=True)
 
