@@ -170,7 +170,7 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
     deployment = _deployment(bundle, stages, tflite_dir)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     req = bundle.request
-    variants = calibration_variants(stages)
+    variants = calibration_variants(stages, deployment.weights)
     not_observable = sorted(set(bundle.capture.get("observability", {}).get("not_observable", []))
                             & set(bundle.intermediates))
     asked = frozenset(bundle.intermediates) - set(not_observable)

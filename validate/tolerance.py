@@ -100,11 +100,15 @@ class StageVariant:
     ftz: bool = False
     kernels: str = "none"
     libm_ulps: float = 0.0
+    weight_jitter: bool = False  # fp16 / bf16 weights each possibly the other neighbour (ModelOptions.weight_jitter)
+    either_rounding: bool = False  # hybrid int8 activations rounded to either neighbour (refsd.ops.hybrid)
 
     @property
     def label(self) -> str:
         return (self.precision + (" ftz" if self.ftz else "") + ("" if self.kernels == "none" else f" +{self.kernels}")
-                + (f" libm±{self.libm_ulps:g}ulp" if self.libm_ulps else ""))
+                + (f" libm±{self.libm_ulps:g}ulp" if self.libm_ulps else "")
+                + (" weights±1ulp" if self.weight_jitter else "")
+                + (" int8-activations-either-way" if self.either_rounding else ""))
 
 
 PLAIN = StageVariant()
@@ -121,6 +125,10 @@ class Variant:
 
     def stage(self, name: str) -> StageVariant:
         return self.stages[STAGES.index(name)]
+
+    @property
+    def either_rounding(self) -> bool:
+        return any(sv.either_rounding for sv in self.stages)
 
     @property
     def libm_ulps(self) -> float:
@@ -144,17 +152,29 @@ def unit_roundoff(precision: str) -> float:
     return U_F32 if precision == "f32" else U_F16
 
 
-def stage_variants(precision: str, ftz: bool | None, *, fast_math: bool = False,
-                   kernels: bool = True) -> tuple[list[StageVariant], list[StageVariant]]:
+def stage_variants(precision: str, ftz: bool | None, *, fast_math: bool = False, kernels: bool = True,
+                   half_weights: bool = False, hybrid: bool = False) -> tuple[list[StageVariant], list[StageVariant]]:
     """(unscaled, scaled) runs of one stage whose spread around the f32
     reference is the noise floor of a stage declared ``precision`` (``ftz``
     None: unknown, so both). ``kernels``: the stage has ops whose kernels a
-    device may swap (the models; not guidance and the scheduler)."""
+    device may swap (the models; not guidance and the scheduler).
+    ``half_weights``: the deployment stores fp16 / bf16 weights, which the
+    runs with other kernels also round from a jittered value (the converter
+    rounds folded constants). ``hybrid``: int8 weights run by LiteRT CPU's
+    hybrid kernels, which quantize activations to 8 bits: a float difference of
+    1e-6 moves some activations across a rounding boundary, and those flips
+    compound through the layers (1-5e-2 end to end on the tiny UNet and VAE,
+    measured, from op-by-op agreement), so one run rounds activations either
+    way (``refsd.ops.hybrid.either_rounding``) and another takes the plain
+    float path's flips."""
     ulps = LIBM_ULPS_FAST if fast_math else LIBM_ULPS
     other = ALGORITHMS if kernels else "none"
+    jitter = half_weights and kernels
     if precision == "f32":
-        return [StageVariant("f32", False, other, ulps)], \
-            [StageVariant("f32_f16", False, "none")] if kernels else []
+        runs = [StageVariant("f32", False, other, ulps, jitter)]
+        if hybrid and kernels:
+            runs += [StageVariant("f32", False, "none", ulps, either_rounding=True)]
+        return runs, [StageVariant("f32_f16", False, "none")] if kernels else []
     # A model stage declared f32_f16 keeps fp32 math inside its kernels; guidance and the scheduler are a few
     # elementwise ops, which a framework on fp16 tensors rounds one by one, coefficients included, whichever
     # precision it declares (PyTorch's CPU fp16 kernels compute in fp32 and round each op): both orders.
@@ -162,11 +182,11 @@ def stage_variants(precision: str, ftz: bool | None, *, fast_math: bool = False,
     flush = [False, True] if ftz is None else [bool(ftz)]
     runs = [StageVariant(m, z, "none") for m in modes for z in flush]
     if kernels:
-        runs += [StageVariant(m, z, other, ulps) for m in modes for z in flush]
+        runs += [StageVariant(m, z, other, ulps, jitter) for m in modes for z in flush]
     return runs, []
 
 
-def calibration_variants(stages: dict[str, dict]) -> list[Variant]:
+def calibration_variants(stages: dict[str, dict], weights: str = "fp32") -> list[Variant]:
     """The calibration runs for a deployment whose stages are declared as
     ``stages`` (``refsd_validate.bundle.declared_stages``). Each stage's own
     runs (:func:`stage_variants`) are zipped, shorter lists cycled, so every
@@ -175,7 +195,9 @@ def calibration_variants(stages: dict[str, dict]) -> list[Variant]:
     run that varies only the fp32-declared stages, the rest running as the
     reference, so its scale applies to nothing else."""
     per = [stage_variants(stages[s]["precision"], stages[s]["ftz"], fast_math=bool(stages[s]["fast_math"]),
-                          kernels=s != "guidance_scheduler") for s in STAGES]
+                          kernels=s != "guidance_scheduler", half_weights=weights in ("fp16", "bf16"),
+                          hybrid=stages[s].get("int8_kernels") == "hybrid")
+           for s in STAGES]
     n = max(len(u) for u, _ in per)
     runs = [Variant(tuple(u[j % len(u)] for u, _ in per)) for j in range(n)]
     if any(sc for _, sc in per):

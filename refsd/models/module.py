@@ -38,7 +38,7 @@ from refsd.models.rewrites import Rewrites
 from refsd.monitor import record, scope
 from refsd.numerics import Precision
 from refsd.numerics import precision as _precision
-from refsd.numerics import round_f16
+from refsd.numerics import U_F16, round_f16
 from refsd.ops._core import mark_stored
 
 
@@ -107,6 +107,14 @@ class ModelOptions:
       delegates do: ``ops.dequantize_int8``) or ``"hybrid"`` (LiteRT CPU's
       hybrid kernels, which also quantize activations: ``ops.hybrid``). The
       ``int8_weights`` rewrite is ``weights="int8", int8_kernels="dequantize"``.
+
+    ``weight_jitter`` (a validator calibration variant, fp16 / bf16 weights):
+    each weight is rounded from its value moved by a pseudo-random +-1 unit
+    roundoff, so about half land on the other neighbour. A converter stores
+    folded constants (``fp16(W * gamma)`` of a LayerNorm folded into the next
+    layer, scalar products) where refsd rounds each tensor alone: a correct
+    deployment's fp16 weights may each be the other neighbour (measured: the
+    tiny text encoder's fp16 export is 1.1e-3 from refsd's per-tensor rounding).
     """
 
     ops: Any = None
@@ -117,11 +125,12 @@ class ModelOptions:
     weights: str = "fp32"
     int8_kernels: str = "dequantize"
     int8_values: Mapping[str, Mapping[str, Any]] | None = dataclasses.field(default=None, compare=False)
+    weight_jitter: bool = False
 
     @classmethod
     def make(cls, *, ops=None, rewrites="none", precision="f32", gelu_approximate: str = "none",
              weights_f16: bool = False, weights: str = "fp32", int8_kernels: str = "dequantize",
-             int8_values: Mapping | None = None, **rewrite_params) -> "ModelOptions":
+             int8_values: Mapping | None = None, weight_jitter: bool = False, **rewrite_params) -> "ModelOptions":
         if ops is None:
             import refsd.ops as ops  # noqa: PLC0415 (the default namespace)
         p = precision if isinstance(precision, Precision) else Precision(precision)
@@ -144,7 +153,15 @@ class ModelOptions:
             bad = sorted(set(int8_values) - {"text_encoder", "unet", "vae"})
             if bad:
                 raise ValueError(f"int8_values: unknown component {bad[0]!r} (expected text_encoder, unet, vae)")
-        return cls(ops, rw, p, gelu_approximate, weights_f16, weights, int8_kernels, int8_values)
+        if weight_jitter and weights not in ("fp16", "bf16"):
+            raise ValueError(f"weight_jitter moves fp16 / bf16 weights; weights={weights!r} has none")
+        return cls(ops, rw, p, gelu_approximate, weights_f16, weights, int8_kernels, int8_values, weight_jitter)
+
+
+def _jitter(arr: np.ndarray, u: float) -> np.ndarray:
+    """``arr * (1 + s u)`` with a fixed pseudo-random sign ``s`` per element (see ``weight_jitter``)."""
+    signs = np.random.default_rng(arr.size).integers(0, 2, arr.size, dtype=np.int8).reshape(arr.shape)
+    return (arr * np.where(signs == 1, np.float32(1 + u), np.float32(1 - u))).astype(np.float32)
 
 
 def round_bf16(x: np.ndarray) -> np.ndarray:
@@ -296,6 +313,8 @@ class Module:
         the converter rounds), then to fp16 in fp16-storage modes (registered
         with ``mark_stored``); read-only."""
         stored_as = self.opts.weights
+        if stored_as in ("fp16", "bf16") and self.opts.weight_jitter:
+            arr = _jitter(arr, U_F16 if stored_as == "fp16" else 2.0**-8)
         if stored_as == "fp16":
             arr = round_f16(arr)
         elif stored_as == "bf16":

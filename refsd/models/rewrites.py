@@ -125,7 +125,9 @@ class Rewrites:
         """``"none"`` / ``"paper"`` / ``"google"``, a comma list of names and
         presets (``"google,fc_as_conv"``), an iterable of names, or a ``Rewrites``
         (``params`` then override its parameters). ``prune=AMOUNT[:MIN_WEIGHTS]``
-        sets ``prune_amount`` (and ``prune_min_weights``)."""
+        sets ``prune_amount`` (and ``prune_min_weights``), ``serial_conv=LIMIT``
+        ``serial_conv_limit``; ``str()`` writes both back, so a bundle's
+        ``model.rewrites`` reproduces the deployment."""
         if isinstance(spec, Rewrites):
             return replace(spec, **params) if params else spec
         if spec is None:
@@ -140,6 +142,9 @@ class Rewrites:
             elif item.startswith("prune="):
                 names.add("prune")
                 params = {**_prune_params(item), **params}
+            elif item.startswith("serial_conv="):
+                names.add("serial_conv")
+                params = {**_serial_conv_params(item), **params}
             else:
                 names.add(item)
         return cls(frozenset(names), **params)
@@ -152,6 +157,8 @@ class Rewrites:
 
     def __str__(self) -> str:
         def token(n: str) -> str:
+            if n == "serial_conv" and self.serial_conv_limit != DEFAULT_SERIAL_CONV_LIMIT:
+                return f"serial_conv={self.serial_conv_limit}"  # the limit decides the splits: a deployment needs it
             if n != "prune":
                 return n
             tail = f":{self.prune_min_weights}" if self.prune_min_weights != DEFAULT_PRUNE_MIN_WEIGHTS else ""
@@ -171,3 +178,12 @@ def _prune_params(item: str) -> dict:
         raise ValueError(f"bad rewrite token {item!r}: expected prune=AMOUNT or prune=AMOUNT:MIN_WEIGHTS "
                          "(e.g. prune=0.25:4000000)") from None
     return params
+
+
+def _serial_conv_params(item: str) -> dict:
+    """``serial_conv=LIMIT`` -> ``serial_conv_limit``, or a one-line error naming the token."""
+    try:
+        return {"serial_conv_limit": int(item[len("serial_conv="):])}
+    except ValueError:
+        raise ValueError(f"bad rewrite token {item!r}: expected serial_conv=LIMIT (elements per image, "
+                         "e.g. serial_conv=1572864)") from None
