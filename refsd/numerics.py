@@ -22,6 +22,10 @@ Three modes, named after TFLite GPU's ``CalculationsPrecision``:
     slices in half registers is ``block=4``; the default ``block=32`` models a
     kernel that keeps a short fp32 partial (and keeps emulation fast).
 
+``device_model="litert-gpu"`` (``f16`` only) replaces the generic f16 model
+by what LiteRT's GPU accelerator's fp16 kernels were measured to do
+(``DeviceModel``, ``bench/gpu_probes.py``, README "fp16 on real GPU kernels").
+
 ``ftz=True`` flushes fp16 subnormals (``|x| < 2**-14``) to signed zero, as many
 mobile GPUs do.
 
@@ -60,18 +64,64 @@ _ZERO_UPTO = _U32(0x33000000)
 
 
 @dataclass(frozen=True)
+class DeviceModel:
+    """How one runtime's fp16 kernels compute, where that differs from the
+    generic ``f16`` model. Each field was measured on probe models that isolate
+    one op (``bench/gpu_probes.py``); the comment says what was seen."""
+
+    name: str
+    # FULLY_CONNECTED, CONV_2D, BATCH_MATMUL: the accumulation block. 1: a
+    # sequential fp16 sum of fp16-rounded products in (kh, kw, cin) order, the
+    # bias added last (bit-identical on every probed output).
+    matmul_block: int
+    # MEAN and SUM keep a float32 accumulator; only the result is rounded
+    # (MEAN bit-identical; the mean of 12288 x 100 is exactly 100).
+    fp32_reductions: bool
+    # SUM's result clamps to +-65504 instead of overflowing to inf (elementwise
+    # ops, model inputs and constants do overflow to inf).
+    saturating_sum: bool
+    # EXP (and LOGISTIC's exp) is exp2(r16(x * r16(log2 e))) in fp16, so its
+    # error grows with |x| (1.7e-3 relative at x = 11); bit-identical.
+    exp2: bool
+    # SOFTMAX is one kernel: float32 inside, only the output rounded (every
+    # element within 1 fp16 ulp of that).
+    fused_softmax: bool
+    # The converter fuses the unfused tanh-GELU pattern into the GELU builtin
+    # (one kernel, no x**3 tensor); the erf form is that builtin too.
+    gelu_builtin: bool
+    # Graph-level float32 requests (diffusers' upcast_attention) do not exist
+    # on the device: the whole graph runs in fp16.
+    per_op_fp32: bool
+
+
+DEVICE_MODELS = {
+    "litert-gpu": DeviceModel("litert-gpu", matmul_block=1, fp32_reductions=True, saturating_sum=True, exp2=True,
+                              fused_softmax=True, gelu_builtin=True, per_op_fp32=False),
+}
+
+
+@dataclass(frozen=True)
 class Precision:
-    """A precision mode: ``mode`` in MODES, flush-to-zero, f16 accumulation block."""
+    """A precision mode: ``mode`` in MODES, flush-to-zero, f16 accumulation block,
+    and optionally a measured ``device_model`` (in DEVICE_MODELS, ``f16`` only)."""
 
     mode: str = "f32"
     ftz: bool = False
     block: int = 32
+    device_model: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown precision mode {self.mode!r}; expected one of {', '.join(MODES)}")
         if not isinstance(self.block, (int, np.integer)) or self.block < 1:
             raise ValueError(f"accumulation block must be a positive integer, got {self.block!r}")
+        if self.device_model is not None:
+            if self.device_model not in DEVICE_MODELS:
+                raise ValueError(f"unknown device model {self.device_model!r}; expected one of "
+                                 f"{', '.join(DEVICE_MODELS)}")
+            if self.mode != "f16":
+                raise ValueError(f"device model {self.device_model!r} models fp16 kernels: it needs mode 'f16', "
+                                 f"got {self.mode!r}")
 
     @property
     def storage16(self) -> bool:
@@ -84,6 +134,11 @@ class Precision:
         return self.mode == "f16"
 
     @property
+    def device(self) -> DeviceModel | None:
+        """The measured device model, or None for the generic modes."""
+        return None if self.device_model is None else DEVICE_MODELS[self.device_model]
+
+    @property
     def unit_roundoff(self) -> float:
         return U_F32 if self.mode == "f32" else U_F16
 
@@ -92,13 +147,16 @@ _PRECISION: contextvars.ContextVar[Precision] = contextvars.ContextVar("refsd_pr
 
 
 @contextlib.contextmanager
-def precision(mode: str | Precision = "f32", *, ftz: bool = False, block: int = 32) -> Iterator[Precision]:
+def precision(mode: str | Precision = "f32", *, ftz: bool = False, block: int = 32,
+              device_model: str | None = None) -> Iterator[Precision]:
     """Run the enclosed ops under a precision mode::
 
         with precision("f16", ftz=True):
             y = ops.gelu(x, approximate="tanh")
+        with precision("f16", device_model="litert-gpu"):
+            ...
     """
-    p = mode if isinstance(mode, Precision) else Precision(mode, ftz, block)
+    p = mode if isinstance(mode, Precision) else Precision(mode, ftz, block, device_model)
     token = _PRECISION.set(p)
     try:
         yield p

@@ -7,13 +7,17 @@ the normalized values, gamma and beta. The sum of squares is where a large
 group overflows fp16 (64x64x10 elements of magnitude 2 already sum past 65504).
 ``eps`` is a graph constant: 1e-5 is subnormal in fp16 and flushes to zero on
 FTZ hardware, so a constant group gives rsqrt(0) = inf and 0 * inf = NaN.
+
+``litert-gpu`` (measured): the exported graph's MEAN kernels keep float32
+sums, so the sums of squares cannot overflow; the squares ``d * d`` are a
+stored fp16 tensor (MUL) and overflow to inf where ``|x - mean| >= 256``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from refsd.ops._core import const, load, op, param, prim, reduce_sum, store
+from refsd.ops._core import const, load, op, param, prim, reduce_mean, store
 
 
 def _check_gn(x: np.ndarray, gamma, beta, num_groups: int) -> None:
@@ -29,10 +33,9 @@ def _check_gn(x: np.ndarray, gamma, beta, num_groups: int) -> None:
 
 def _normalize(xg: np.ndarray, axes: tuple[int, ...], eps) -> np.ndarray:
     """The unfused statistics and normalization over ``axes`` of ``xg``."""
-    n = int(np.prod([xg.shape[a] for a in axes]))
-    mean = prim(reduce_sum(xg, axes, keepdims=True) / np.float32(n), "mean")
+    mean = reduce_mean(xg, axes)
     d = prim(xg - mean, "center")
-    var = prim(reduce_sum(prim(d * d, "square"), axes, keepdims=True) / np.float32(n), "variance")
+    var = reduce_mean(prim(d * d, "square"), axes, "variance")
     inv = prim(np.float32(1.0) / np.sqrt(prim(var + eps, "add_eps")), "rsqrt")
     return prim(d * inv, "normalize")
 
