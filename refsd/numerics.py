@@ -74,20 +74,30 @@ class DeviceModel:
     # sequential fp16 sum of fp16-rounded products in (kh, kw, cin) order, the
     # bias added last (bit-identical on every probed output).
     matmul_block: int
-    # MEAN and SUM keep a float32 accumulator; only the result is rounded
-    # (MEAN bit-identical; the mean of 12288 x 100 is exactly 100).
+    # MEAN and SUM keep a float32 accumulator (the mean of 12288 x 100 is
+    # exactly 100); only the result is stored as fp16.
     fp32_reductions: bool
-    # SUM's result clamps to +-65504 instead of overflowing to inf (elementwise
-    # ops, model inputs and constants do overflow to inf).
-    saturating_sum: bool
+    # Kernels that compute in float32 (MEAN, SUM, SOFTMAX, the fused LayerNorm,
+    # GELU) store fp16 by rounding toward zero (``truncate_f16``): bit-identical
+    # on SUM and MEAN, 99.98% on SOFTMAX (every element within 1 ulp), and a
+    # SUM past 65504 stores 65504, not inf. (Elementwise ops, model inputs and
+    # constants round to nearest and overflow to inf.)
+    truncating_stores: bool
     # EXP (and LOGISTIC's exp) is exp2(r16(x * r16(log2 e))) in fp16, so its
     # error grows with |x| (1.7e-3 relative at x = 11); bit-identical.
     exp2: bool
-    # SOFTMAX is one kernel: float32 inside, only the output rounded (every
-    # element within 1 fp16 ulp of that).
+    # SOFTMAX is one float32 kernel: only its output is stored.
     fused_softmax: bool
+    # The MEAN/SUB/MUL/MEAN/ADD/RSQRT/MUL pattern over the last axis (LayerNorm)
+    # is one float32 kernel (its exposed intermediates read back garbage).
+    fused_layer_norm: bool
+    # GroupNorm's second MEAN and the ADD of eps are one kernel: var + eps is
+    # rounded once, to nearest (bit-identical; unlike a lone MEAN, which
+    # truncates), and RSQRT is 1 / sqrt with the sqrt rounded.
+    linked_eps: bool
     # The converter fuses the unfused tanh-GELU pattern into the GELU builtin
-    # (one kernel, no x**3 tensor); the erf form is that builtin too.
+    # (one kernel, no x**3 tensor): float32 math, truncated (92% bit-identical,
+    # all within 4 ulps; the erf form matched best as fp16 primitives, 82%).
     gelu_builtin: bool
     # Graph-level float32 requests (diffusers' upcast_attention) do not exist
     # on the device: the whole graph runs in fp16.
@@ -95,8 +105,9 @@ class DeviceModel:
 
 
 DEVICE_MODELS = {
-    "litert-gpu": DeviceModel("litert-gpu", matmul_block=1, fp32_reductions=True, saturating_sum=True, exp2=True,
-                              fused_softmax=True, gelu_builtin=True, per_op_fp32=False),
+    "litert-gpu": DeviceModel("litert-gpu", matmul_block=1, fp32_reductions=True, truncating_stores=True, exp2=True,
+                              fused_softmax=True, fused_layer_norm=True, linked_eps=True, gelu_builtin=True,
+                              per_op_fp32=False),
 }
 
 
@@ -189,6 +200,34 @@ def round_f16(x: np.ndarray, *, ftz: bool = False) -> np.ndarray:
     ``ftz=False``, and about twice as fast (bench/README.md).
     """
     return _round_f16(_as_float32(x), ftz, stats=False)[0]
+
+
+# float32 bit pattern of 65504, the largest fp16 value.
+_F16_MAX_BITS = _U32(0x477FE000)
+
+
+def truncate_f16(x: np.ndarray, *, ftz: bool = False) -> np.ndarray:
+    """Round toward zero onto fp16, returned as float32: how LiteRT's GPU kernels
+    that compute in float32 (reductions, softmax, the fused LayerNorm) store
+    their fp16 output (measured). Finite values past 65504 saturate to +-65504
+    (so a too-large sum is silently wrong, never inf); inf and NaN are kept;
+    subnormals are truncated onto fp16's 2**-24 grid, or flushed with ``ftz``."""
+    x = _as_float32(x)
+    u = np.ascontiguousarray(x).view(_U32)
+    a = u & _ABS
+    r = a & _U32(0xFFFFE000)  # normal range: drop the 13 extra mantissa bits
+    np.minimum(r, _F16_MAX_BITS, out=r)
+    nonfinite = a >= _INF
+    r[nonfinite] = a[nonfinite]
+    small = a < _NORMAL_FROM
+    if small.any():
+        if ftz:
+            r[small] = 0
+        else:
+            grid = np.float32(2.0**24)  # powers of two: both products are exact
+            r[small] = (np.floor(a[small].view(np.float32) * grid) / grid).view(_U32)
+    r |= u & _SIGN
+    return r.view(np.float32).reshape(x.shape)
 
 
 def round_f16_stats(x: np.ndarray, *, ftz: bool = False) -> tuple[np.ndarray, RoundingStats]:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from refsd import monitor as _mon
-from refsd.numerics import FP16_MAX, RoundingStats, current_precision, round_f16, round_f16_stats
+from refsd.numerics import (FP16_MIN_NORMAL, RoundingStats, current_precision, round_f16, round_f16_stats,
+                            truncate_f16)
 
 # ---------------------------------------------------------------- op frames
 
@@ -303,11 +304,11 @@ def reduce_sum(x: np.ndarray, axis, *, keepdims: bool = False) -> np.ndarray:
 
 def reduce_mean(x: np.ndarray, axes, primitive: str = "mean") -> np.ndarray:
     """Mean over ``axes`` (kept as size-1 dims): ``reduce_sum / n`` rounded as
-    one primitive in ``f16`` (with ``fp32_reductions``: the float32 mean, rounded
-    once, as the MEAN kernel stores it)."""
+    one primitive in ``f16`` (``litert-gpu``: the float32 mean, stored by
+    ``kernel_out``)."""
     axes = (axes,) if np.isscalar(axes) else tuple(axes)
     n = int(np.prod([x.shape[a] for a in axes]))
-    return prim(reduce_sum(x, axes, keepdims=True) / np.float32(n), primitive)
+    return kernel_out(reduce_sum(x, axes, keepdims=True) / np.float32(n), primitive)
 
 
 _LOG2E = np.float32(1.0 / np.log(2.0))
@@ -324,10 +325,28 @@ def exp(x: np.ndarray, primitive: str = "exp") -> np.ndarray:
     return prim(np.exp(x), primitive)
 
 
-def saturate(y: np.ndarray) -> np.ndarray:
-    """Clamp to +-65504 under a device model with ``saturating_sum`` (what its
-    SUM kernel stores instead of inf); unchanged otherwise."""
+def kernel_out(y: np.ndarray, primitive: str) -> np.ndarray:
+    """The fp16 tensor a float32 kernel (a reduction, a fused op) stores: under
+    a device model with ``truncating_stores`` rounded toward zero
+    (``truncate_f16``: past 65504 it saturates, reported as an ``overflow``
+    since the value is silently wrong); otherwise a primitive (``prim``)."""
     p = current_precision()
-    if p.device and p.device.saturating_sum:
-        return np.clip(y, -FP16_MAX, FP16_MAX)
-    return y
+    if not (p.device and p.device.truncating_stores):
+        return prim(y, primitive)
+    y = np.asarray(y, dtype=np.float32)
+    r = truncate_f16(y, ftz=p.ftz)
+    if _mon.active_monitor() is not None:
+        a = np.abs(y)
+        finite = np.isfinite(a)
+        saturated = int(np.count_nonzero(finite & (a >= np.float32(2.0**16))))
+        if saturated:
+            _mon.active_monitor().event("overflow", _frame().op, primitive, saturated,
+                                        "finite value saturates to 65504 (float32 kernel output truncated to fp16)",
+                                        True)
+            _frame().inf_seen = True
+        nonzero = a != 0
+        to_zero = int(np.count_nonzero(nonzero & (r == 0)))
+        to_sub = int(np.count_nonzero((r != 0) & (np.abs(r) < np.float32(FP16_MIN_NORMAL))))
+        has_nan, has_inf = bool(np.isnan(a).any()), bool(np.isinf(a).any())
+        _report(RoundingStats(0, to_zero, to_sub, has_nan, has_inf, 0.0), primitive)
+    return r

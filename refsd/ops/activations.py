@@ -6,8 +6,8 @@ is eight kernels; in ``f16`` each rounds, and ``x**3`` overflows fp16 for
 ``|x| >= 40.3`` (41**3 = 68921 > 65504).
 
 ``litert-gpu`` (measured): TFLite's converter turns that unclipped pattern
-into the GELU builtin, one kernel with no ``x**3`` tensor (modelled as
-``gelu_fused``); the clipped form stays unfused. SiLU's exp is the kernel's
+into the GELU builtin, one float32 kernel with no ``x**3`` tensor; the
+clipped form stays unfused. SiLU's exp is the kernel's
 ``exp2`` form (``refsd.ops._core.exp``).
 """
 
@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from refsd.numerics import current_precision
-from refsd.ops._core import const, exp, load, op, prim, store
+from refsd.ops._core import const, exp, kernel_out, load, op, prim, store
 
 _SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
 _INV_SQRT2 = float(1.0 / np.sqrt(2.0))
@@ -91,10 +91,8 @@ def _gelu_unfused(x: np.ndarray, approximate: str, clip: float | None = None) ->
     device = current_precision().device
     if device and device.gelu_builtin and approximate == "tanh" and clip is None:
         # The converter matches the unclipped pattern to the GELU builtin: one
-        # kernel, no x**3 tensor (measured: finite where x**3 overflows, and
-        # closest to float32 math rounded once: 51% bit-identical, the rest
-        # mostly within 1 ulp; the primitive-rounded form matched 44%).
-        return gelu_f32(x, approximate)
+        # float32 kernel, no x**3 tensor (measured: finite where x**3 overflows).
+        return kernel_out(gelu_f32(x, approximate), "gelu")
     if approximate == "none":
         e = prim(erf(prim(x * const(_INV_SQRT2, "inv_sqrt2"), "scale")), "erf")
     else:

@@ -23,22 +23,22 @@ from __future__ import annotations
 import numpy as np
 
 from refsd.numerics import current_precision
-from refsd.ops._core import const, load, matmul, op, prim, reduce_sum, store, stored
+from refsd.ops._core import const, kernel_out, load, matmul, op, prim, reduce_sum, store, stored
 
 
 def _softmax_math(x: np.ndarray, axis: int, *, inplace: bool = False) -> np.ndarray:
     """The three passes: max, sum of exp(x - max), divide. Primitives round in
     f16. ``inplace``: ``x`` is a temporary of the caller and may be overwritten
     (attention's score matrices are the largest tensors of the UNet).
-    Under a device model with ``fused_softmax`` it is one float32 kernel whose
-    caller rounds only what it stores."""
+    Under a device model with ``fused_softmax`` it is one float32 kernel that
+    stores its output (``kernel_out``)."""
     m = np.max(x, axis=axis, keepdims=True)
     e = np.subtract(x, m, out=x if inplace else None)
     device = current_precision().device
     if device and device.fused_softmax:
         np.exp(e, out=e)
         e /= np.sum(e, axis=axis, keepdims=True, dtype=np.float32)
-        return e
+        return kernel_out(e, "softmax")
     e = prim(e, "subtract_max")
     e = prim(np.exp(e, out=e), "exp")
     return prim(np.divide(e, reduce_sum(e, axis, keepdims=True), out=e), "divide")
