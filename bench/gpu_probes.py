@@ -223,9 +223,11 @@ def build(out: Path, names: list[str]) -> None:
 # ---------------------------------------------------------------- stage 2: run (LiteRT GPU)
 
 
-def gpu_run(tflite: Path, inputs: dict[str, np.ndarray], *, enforce_f32: bool = False) -> tuple[np.ndarray, bool]:
-    """Run a single-output .tflite once on LiteRT's GPU accelerator (fp16 kernels
-    unless ``enforce_f32``), inputs fed by signature name; (output, fully accelerated)."""
+def gpu_run(tflite: Path, inputs: dict[str, np.ndarray], *, enforce_f32: bool = False,
+            outputs: int = 1) -> tuple[np.ndarray | list[np.ndarray], bool]:
+    """Run a .tflite once on LiteRT's GPU accelerator (fp16 kernels unless
+    ``enforce_f32``), inputs fed by signature name; (its output, or its first
+    ``outputs`` outputs in signature order as a list, fully accelerated)."""
     from ai_edge_litert.compiled_model import CompiledModel
     from ai_edge_litert.hardware_accelerator import HardwareAccelerator
     from ai_edge_litert.options import GpuOptions, Options
@@ -237,9 +239,31 @@ def gpu_run(tflite: Path, inputs: dict[str, np.ndarray], *, enforce_f32: bool = 
     for buf, name in zip(ib, model.get_signature_list()[key]["inputs"]):
         buf.write(np.ascontiguousarray(inputs[name]))
     model.run_by_index(0, ib, ob)
-    (det,) = model.get_output_tensor_details(key).values()
-    y = ob[0].read(int(np.prod(det["shape"])), np.float32).reshape(det["shape"])
-    return y, model.is_fully_accelerated()
+    dets = model.get_output_tensor_details(key)
+    names = model.get_signature_list()[key]["outputs"]
+    ys = [buf.read(int(np.prod(dets[n]["shape"])), np.float32).reshape(dets[n]["shape"]) for buf, n in zip(ob, names)]
+    return (ys[0] if outputs == 1 else ys[:outputs]), model.is_fully_accelerated()
+
+
+def with_outputs(tflite: bytes, tensor_names: list[str]) -> bytes:
+    """The model with the named tensors appended to its outputs, in that order
+    (LiteRT has no preserve-all-tensors on the GPU)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(tflite, 0)
+    sub = model.subgraphs[0]
+    index = {t.name.decode(): i for i, t in enumerate(sub.tensors)}
+    extra = [index[n] for n in tensor_names]
+    sub.outputs = list(sub.outputs) + extra
+    for sig in model.signatureDefs or ():  # a model without signatures lists the subgraph's outputs
+        for k, i in enumerate(extra):
+            m = schema.TensorMapT()
+            m.name, m.tensorIndex = f"extra_{k}".encode(), i
+            sig.outputs.append(m)
+    b = flatbuffers.Builder(len(tflite) + 4096)
+    b.Finish(model.Pack(b), file_identifier=b"TFL3")
+    return bytes(b.Output())
 
 
 def run_one(out: Path, name: str) -> None:
@@ -336,6 +360,12 @@ def _select(names: list[str]) -> list[Probe]:
     return [known[n] for n in names]
 
 
+def measure(out: Path, names: list[str]) -> list[dict]:
+    """Build, run on the GPU and compare the named probes (all if empty) in ``out``."""
+    subprocess.run([sys.executable, __file__, "build", str(out), *names], check=True, stderr=subprocess.DEVNULL)
+    return compare(out, names, run(out, names))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "build":
@@ -352,9 +382,7 @@ def main(argv=None) -> int:
     names = [n for n in args.only.split(",") if n]
     out = args.out or Path(tempfile.mkdtemp(prefix="refsd_probes_"))
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, __file__, "build", str(out), *names], check=True,
-                   stderr=subprocess.DEVNULL)
-    rows = compare(out, names, run(out, names))
+    rows = measure(out, names)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     print(table(rows))

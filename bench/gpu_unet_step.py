@@ -80,18 +80,28 @@ def export(work: Path) -> None:
 
 
 def run(work: Path) -> None:
-    from gpu_probes import gpu_run
+    """The UNet on the GPU, once as exported and once with every module's
+    output tensor appended to its outputs (the final output must not change)."""
+    from gpu_probes import gpu_run, with_outputs
 
     with np.load(work / "inputs.npz") as z:
         inputs = {k: z[k] for k in z.files}
     y, full = gpu_run(work / "tflite" / "unet.tflite", inputs)
     np.save(work / "gpu.npy", y)
     (work / "accel").write_text("full" if full else "partial")
+    tensors = json.loads((work / "tflite" / "refsd_export.json").read_text())["components"]["unet"]["tensors"]
+    paths = [p for p, t in tensors.items() if t["tensor"] != "Identity"]
+    data = with_outputs((work / "tflite" / "unet.tflite").read_bytes(), [tensors[p]["tensor"] for p in paths])
+    (work / "unet_x.tflite").write_bytes(data)
+    ys, _ = gpu_run(work / "unet_x.tflite", inputs, outputs=len(paths) + 1)
+    if not np.array_equal(ys[0], y, equal_nan=True):
+        print("warning: exposing intermediates changed the UNet's output", file=sys.stderr)
+    np.savez(work / "gpu_modules.npz", **{p: a for p, a in zip(paths, ys[1:])})
 
 
 def compare(work: Path) -> dict:
     from refsd.models.module import ModelOptions
-    from refsd.monitor import location, monitoring
+    from refsd.monitor import location, monitoring, recording
     from refsd.numerics import Precision
     from refsd.weights import load_unet
 
@@ -99,9 +109,12 @@ def compare(work: Path) -> dict:
         x, t, ctx = z["sample"], z["timestep"], z["encoder_hidden_states"]
     gpu = np.load(work / "gpu.npy")
 
-    def unet(p: Precision):
-        model = load_unet(work / "model" / "unet", options=ModelOptions.make(precision=p, rewrites=REWRITES))
-        with monitoring() as mon, location("unet", 0):
+    # The rewrites as exported: "paper" includes int8_weights, which a --weights fp32 export does not apply.
+    rewrites = json.loads((work / "tflite" / "refsd_export.json").read_text())["rewrites"]
+
+    def unet(p: Precision, modules: dict | None = None):
+        model = load_unet(work / "model" / "unet", options=ModelOptions.make(precision=p, rewrites=rewrites))
+        with monitoring() as mon, location("unet", 0), recording(modules):
             y = np.array(model(x, t[0], ctx))
         return y, mon.report()
 
@@ -116,7 +129,10 @@ def compare(work: Path) -> dict:
 
     row = {"accel": (work / "accel").read_text(), "gpu": dict(zip(("rel_err", "nonfinite"), err(gpu)))}
     for name, kw in MODES.items():
-        y, rep = unet(Precision(**kw))
+        modules = {}
+        y, rep = unet(Precision(**kw), modules)
+        if kw.get("device_model"):
+            row["modules_vs_gpu"] = _module_divergence(work, modules)
         y = y.reshape(gpu.shape)
         e, nf = err(y)
         severe = [f"{ev.kind} {ev.where()} {ev.op}.{ev.primitive}" for ev in rep.events if ev.severe]
@@ -126,6 +142,26 @@ def compare(work: Path) -> dict:
         row[name] = {"rel_err": e, "nonfinite": nf, "to_gpu": to_gpu, "bit_identical": same,
                      "severe": severe[:3], "n_severe": len(severe), "precision_events": hazards[:2]}
     return row
+
+
+def _module_divergence(work: Path, modules: dict) -> list[tuple[str, float, float]]:
+    """(module, max|ref - gpu| / max|gpu|, fraction bit-identical) per module
+    output the GPU exposes, in refsd's execution order."""
+    out = []
+    with np.load(work / "gpu_modules.npz") as z:
+        for key, ref in modules.items():
+            path = key.split("/", 2)[-1]
+            if path not in z.files:
+                continue
+            g = z[path]
+            ref = np.asarray(ref, np.float32)
+            if ref.shape[0] != g.shape[0]:  # the time embedding: refsd per batch item, the export once
+                ref = ref[: g.shape[0]]
+            ref = ref.reshape(g.shape)
+            scale = float(np.abs(g).max()) or 1.0
+            same = float((ref.view(np.uint32) == g.view(np.uint32)).mean())
+            out.append((path, float(np.abs(ref - g).max()) / scale, same))
+    return out
 
 
 def main(argv=None) -> int:
@@ -148,7 +184,11 @@ def main(argv=None) -> int:
             subprocess.run([sys.executable, __file__, stage, str(work), arch], check=True,
                            stderr=None if stage == "prepare" else subprocess.DEVNULL)
         rows[arch] = compare(work)
+        modules = rows[arch].pop("modules_vs_gpu")
         print(arch, json.dumps(rows[arch], indent=1))
+        print("module outputs, device model vs GPU (relative max difference, bit-identical):")
+        for path, d, same in modules:
+            print(f"  {path:70s} {d:.2e} {same:7.1%}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
