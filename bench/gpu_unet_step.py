@@ -9,8 +9,8 @@ steps, the same prompt): latents, timestep, text-encoder states. refsd's UNet
 runs on the same inputs in ``f32``, ``f32_f16``, ``f16`` and ``f16`` with
 ``device_model="litert-gpu"`` under the exception monitor. Printed per arch:
 the relative error of each against refsd ``f32`` (``max|y - y32| / max|y32|``,
-the GPU's included), each one's distance to the GPU's output, the severe
-events each predicts (the old ``f16`` model predicts a GroupNorm overflow
+the GPU's included), each one's distance to the GPU's output (same scale) and
+CPU seconds (monitor on, module outputs recorded), the severe events each predicts (the old ``f16`` model predicts a GroupNorm overflow
 that the GPU does not show) and the ``precision`` events.
 
 Three processes (tensorflow and ai_edge_litert cannot share one); reuses
@@ -24,6 +24,7 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,9 @@ def compare(work: Path) -> dict:
     row = {"accel": (work / "accel").read_text(), "gpu": dict(zip(("rel_err", "nonfinite"), err(gpu)))}
     for name, kw in MODES.items():
         modules = {}
+        t0 = time.process_time()
         y, rep = unet(Precision(**kw), modules)
+        cpu_s = time.process_time() - t0
         if kw.get("device_model"):
             row["modules_vs_gpu"] = _module_divergence(work, modules)
         y = y.reshape(gpu.shape)
@@ -139,7 +142,7 @@ def compare(work: Path) -> dict:
         hazards = [f"{ev.where()} {ev.op}.{ev.primitive}: {ev.detail}" for ev in rep.events if ev.kind == "precision"]
         to_gpu = float(np.abs(np.nan_to_num(y) - gpu).max()) / scale
         same = float(((y.view(np.uint32) == gpu.view(np.uint32)) | (np.isnan(y) & np.isnan(gpu))).mean())
-        row[name] = {"rel_err": e, "nonfinite": nf, "to_gpu": to_gpu, "bit_identical": same,
+        row[name] = {"rel_err": e, "nonfinite": nf, "to_gpu": to_gpu, "bit_identical": same, "cpu_s": cpu_s,
                      "severe": severe[:3], "n_severe": len(severe), "precision_events": hazards[:2]}
     return row
 
