@@ -32,7 +32,7 @@ def timestep_embedding(t: np.ndarray, *, dim: int, flip_sin_to_cos: bool = False
     modes. Under a device model, the exported graph's tensors: the frequency
     table is an fp16 constant, ``t * freq`` (and ``* s`` when ``s != 1``) a
     stored fp16 tensor, then sin/cos rounded (measured bit-identical on LiteRT's
-    GPU; time_proj ~30% off at t = 999). In fp16-storage modes the monitor
+    GPU; time_proj up to 33% off for t from 1 to 999). In fp16-storage modes the monitor
     reports a ``precision`` event where the arguments' fp16 spacing exceeds
     ``ARG_SPACING_LIMIT``, since every fp16 deployment of the graph stores them."""
     if dim < 1:
