@@ -7,7 +7,9 @@ last test runs a few probes on the real kernels and skips, with its reason,
 where LiteRT's GPU accelerator cannot start (no Vulkan device).
 """
 
+import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -183,3 +185,21 @@ def test_real_gpu_kernels(tmp_path):
             r = rows.get(f"cat.{case.name}.{variant}")
             if r is not None:
                 assert (r["gpu"]["nonfinite"] == 0) == want, (case.name, variant)
+
+
+def test_fp16_check_device_model(tmp_path, capsys):
+    from refsd.cli import main
+    from refsd.tiny import make_tiny
+
+    tiny = make_tiny(tmp_path / "sd21", "sd21", seed=0)
+    req = ["--model", str(tiny), "--prompt", "a lighthouse", "--steps", "2", "--height", "32", "--width", "32",
+           "--scheduler", "ddim", "--quiet"]
+    js = tmp_path / "r.json"
+    assert main(["fp16-check", *req, "--device-model", "litert-gpu", "--json", str(js)]) == 0
+    doc = json.loads(js.read_text())
+    assert doc["device_model"] == "litert-gpu" and doc["report"]["clean"]
+    assert doc["report"]["counts"]["precision"] > 0  # the timestep arguments (t = 501 at step 0)
+    assert "f16 litert-gpu" in capsys.readouterr().out
+    proc = subprocess.run([sys.executable, "-m", "refsd", "fp16-check", *req, "--precision", "f32_f16",
+                           "--device-model", "litert-gpu"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "needs mode 'f16'" in proc.stderr
