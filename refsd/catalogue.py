@@ -255,7 +255,7 @@ def _mode(p: Precision) -> str:
 
 
 def _precision_dict(p: Precision) -> dict:
-    return {"mode": p.mode, "ftz": p.ftz, "block": p.block}
+    return {"mode": p.mode, "ftz": p.ftz, "block": p.block, "device_model": p.device_model}
 
 
 def _event_dict(e: Event | None) -> dict | None:

@@ -72,7 +72,8 @@ class DeviceModel:
     name: str
     # FULLY_CONNECTED, CONV_2D, BATCH_MATMUL: the accumulation block. 1: a
     # sequential fp16 sum of fp16-rounded products in (kh, kw, cin) order, the
-    # bias added last (bit-identical on every probed output).
+    # bias added last (bit-identical on every probe but one: FULLY_CONNECTED on
+    # a single row runs another kernel, order not identified, 3-26% identical).
     matmul_block: int
     # MEAN and SUM keep a float32 accumulator (the mean of 12288 x 100 is
     # exactly 100); only the result is stored as fp16.
@@ -89,7 +90,8 @@ class DeviceModel:
     # SOFTMAX is one float32 kernel: only its output is stored.
     fused_softmax: bool
     # The MEAN/SUB/MUL/MEAN/ADD/RSQRT/MUL pattern over the last axis (LayerNorm)
-    # is one float32 kernel (its exposed intermediates read back garbage).
+    # is one float32 kernel (its exposed intermediates read back garbage):
+    # two-pass float32 statistics, truncated, 99.99% bit-identical.
     fused_layer_norm: bool
     # GroupNorm's second MEAN and the ADD of eps are one kernel: var + eps is
     # rounded once, to nearest (bit-identical; unlike a lone MEAN, which
