@@ -97,7 +97,9 @@ def to_image(decoded: np.ndarray) -> np.ndarray:
 class Pipeline:
     """A Stable Diffusion pipeline over a diffusers folder.
 
-    ``precision``: ``f32`` | ``f32_f16`` | ``f16`` (``ftz``, ``block``);
+    ``precision``: ``f32`` | ``f32_f16`` | ``f16`` (``ftz``, ``block``), or a
+    ``Precision`` (then ``ftz`` and ``block`` are its own), e.g.
+    ``Precision("f16", device_model="litert-gpu")``;
     ``rewrites``: ``none`` | ``paper`` | ``google`` | a comma list;
     ``low_memory``: staged loading (each model loaded only for its stage),
     and in fp16-storage modes weights kept as float16 arrays (``weights_f16``).
@@ -109,16 +111,16 @@ class Pipeline:
     guidance and the scheduler step (float32 by default, as a phone's host
     CPU runs them; see :func:`guided_step`)."""
 
-    def __init__(self, model_dir: str | Path, *, precision: str = "f32", ftz: bool = False, block: int = 32,
-                 rewrites: str = "none", low_memory: bool = False, options: Mapping[str, ModelOptions] | None = None,
-                 guidance: Precision | None = None) -> None:
+    def __init__(self, model_dir: str | Path, *, precision: str | Precision = "f32", ftz: bool = False,
+                 block: int = 32, rewrites: str = "none", low_memory: bool = False,
+                 options: Mapping[str, ModelOptions] | None = None, guidance: Precision | None = None) -> None:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise FileNotFoundError(2, "no such model folder", str(self.model_dir))
         if not (self.model_dir / "model_index.json").is_file():
             raise ValueError(f"{self.model_dir}: not a diffusers folder (no model_index.json)")
         if options is None:
-            p = Precision(precision, ftz, block)
+            p = precision if isinstance(precision, Precision) else Precision(precision, ftz, block)
             base = ModelOptions.make(precision=p, rewrites=rewrites, weights_f16=low_memory and p.storage16)
             options = {m: base for m in MODELS}
         missing = [m for m in MODELS if m not in options]
