@@ -10,7 +10,7 @@ from refsd.ops.activations import erf, geglu, geglu_clip, geglu_fused, gelu, gel
 from refsd.ops.attention import attention, flash_attention, softmax, softmax_partial_fused
 from refsd.ops.conv import conv2d, conv_output_hw, serial_conv, serial_conv_factor
 from refsd.ops.elementwise import add, concat, mul, scale
-from refsd.ops.embedding import embedding, timestep_embedding
+from refsd.ops.embedding import embedding, embedding_1d, timestep_embedding
 from refsd.ops.linear import fc_as_conv, linear
 from refsd.ops.norm import gn4d, group_norm, group_norm_fused, layer_norm
 from refsd.ops.quant import dequantize_int8, quantize_int8
@@ -30,11 +30,12 @@ REWRITES = {
     "softmax_partial_fused": "attention",
     "flash_attention": "attention",
     "conv2d_winograd": "conv2d",
+    "embedding_1d": "embedding",
 }
 
 __all__ = [
     "REWRITES", "add", "attention", "concat", "conv2d", "conv2d_winograd", "conv_output_hw", "dequantize_int8",
-    "embedding", "erf", "fc_as_conv", "flash_attention", "geglu", "geglu_clip", "geglu_fused", "gelu", "gelu_clip",
+    "embedding", "embedding_1d", "erf", "fc_as_conv", "flash_attention", "geglu", "geglu_clip", "geglu_fused", "gelu", "gelu_clip",
     "gelu_fused", "gn4d", "group_norm", "group_norm_fused", "layer_norm", "linear", "mul", "quantize_int8",
     "quick_gelu", "scale", "serial_conv", "serial_conv_factor", "silu", "softmax", "softmax_partial_fused",
     "timestep_embedding", "upsample_nearest2x", "winograd_error_scale",
