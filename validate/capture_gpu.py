@@ -203,18 +203,22 @@ class _Compiled:
         self.shapes = [tuple(b.get_tensor_details()["shape"]) for b in self.outputs]
 
     def run(self, feeds: dict[str, np.ndarray], *, sentinel: bool = False) -> list[np.ndarray]:
+        outs = None
         with NativeLog() as log:
             for buf, name in zip(self.inputs, self.input_names):
                 buf.write(np.ascontiguousarray(feeds[name]))
             if sentinel:
                 for buf, shape in zip(self.outputs, self.shapes):
                     buf.write(np.full(shape, _SENTINEL, np.float32))
-            self.model.run_by_index(0, self.inputs, self.outputs)
-            outs = [buf.read(int(np.prod(shape)), np.float32).reshape(shape)
-                    for buf, shape in zip(self.outputs, self.shapes)]
+            try:
+                self.model.run_by_index(0, self.inputs, self.outputs)
+                outs = [buf.read(int(np.prod(shape)), np.float32).reshape(shape)
+                        for buf, shape in zip(self.outputs, self.shapes)]
+            except RuntimeError:  # its message is only a source location; the cause is in the log
+                pass
         errors = native_errors(log.text)
-        if errors:
-            raise ValueError(_one_line(self.what, errors))
+        if outs is None or errors:
+            raise ValueError(_one_line(self.what, errors or ["the run failed"]))
         return outs
 
 
