@@ -159,7 +159,7 @@ def certify_gpu(model: Path, out: Path, *, size: int, steps: int = 4) -> bool:
     cmd = [sys.executable, "-m", "refsd_validate", "capture", "--tflite", str(out / "tflite_gpu"),
            "--model", str(model), "--out", str(out / "capture_gpu"), "--prompt", req.prompt,
            "--seed", str(req.seed), "--steps", str(req.steps), "--scheduler", req.scheduler,
-           "--accelerator", "gpu", "--gpu-precision", "fp16", "--intermediates"]
+           "--accelerator", "gpu", "--gpu-precision", "fp16", "--intermediates", "--quiet"]
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
         line = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}"

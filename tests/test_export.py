@@ -215,6 +215,29 @@ def test_fp16_weight_export_within_derived_bound(tiny_sd15, tiny_export, name):
     assert rel(got, want16) <= bound
 
 
+def test_fp16_paper_text_encoder_gathers_from_a_float32_table(tiny_export):
+    """embedding_1d in an fp16-weight export: the GATHER reads a float32 constant (the fp16
+    table widened exactly, tflite_edit.widen_gather_tables) instead of a DEQUANTIZE output,
+    which the GPU delegate refuses. The same values gathered: bit-identical to the fp16
+    export of the same rewrites without embedding_1d (a 2-D GATHER from the dequantized
+    table). (Against the plain fp16 export the gap is 1e-3: fc_as_conv changes which fp16
+    weights the converter folds LayerNorm's affine into, not what embedding_1d does.)"""
+    paper = tiny_export("fp16", "paper")
+    none = tiny_export("fp16", "fc_as_conv,serial_conv,gn4d,gelu_clip")
+    it = interpreter(paper / "text_encoder.tflite")
+    producers = {o: op["op_name"] for op in it._get_ops_details() for o in op["outputs"]}
+    gathers = [op for op in it._get_ops_details() if op["op_name"] == "GATHER"]
+    assert gathers and all(op["inputs"][0] not in producers for op in gathers)  # a constant, not an op output
+    table = [d for d in it.get_tensor_details() if d["index"] == gathers[0]["inputs"][0]][0]
+    assert table["dtype"] == np.float32
+    values = it.get_tensor(table["index"])
+    np.testing.assert_array_equal(values.astype(np.float16).astype(np.float32), values)  # fp16 values
+    feeds = inputs(paper)["text_encoder"]
+    got, _ = run(paper, "text_encoder", feeds)
+    want, _ = run(none, "text_encoder", feeds)
+    np.testing.assert_array_equal(got, want)
+
+
 # ---------------------------------------------------------------- int8 weights
 
 
@@ -314,6 +337,7 @@ def _twin_cases():
                                                                    "downscale_freq_shift": 0}),
         ("timestep_embedding", (np.array([3.0, 500.0], np.float32),), {"dim": 33}),
         ("embedding", (rng.integers(0, 50, (2, 9)).astype(np.int32), a(50, 16)), {}),
+        ("embedding_1d", (rng.integers(0, 50, (2, 9)).astype(np.int32), a(50, 16)), {}),
         ("upsample_nearest2x", (x4,), {}),
     ]
 
