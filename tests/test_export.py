@@ -238,6 +238,38 @@ def test_fp16_paper_text_encoder_gathers_from_a_float32_table(tiny_export):
     np.testing.assert_array_equal(got, want)
 
 
+def test_exposed_tensors_read_as_outputs(tiny_export):
+    """tflite_edit.expose_tensors (how the GPU capture reads intermediates): a module output
+    made an extra output reads the value the interpreter holds for it with every tensor
+    preserved, the model's own output is unchanged and keeps position 0, and a name that
+    is already an output shares its position; unknown names and inputs are refused."""
+    from refsd.export.tflite_edit import expose_tensors
+
+    folder = tiny_export("fp32", "none")
+    tensors = manifest(folder)["components"]["unet"]["tensors"]
+    mid = tensors["unet.mid_block"]["tensor"]
+    data = (folder / "unet.tflite").read_bytes()
+    exposed, positions = expose_tensors(data, [mid, tensors["unet"]["tensor"], mid])
+    assert positions == [1, 0, 1]
+    feeds = inputs(folder)["unet"]
+    want, it = run(folder, "unet", feeds, preserve=True)
+    index = {d["name"]: d["index"] for d in it.get_tensor_details()}
+    ex = Interpreter(model_content=exposed,
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    ex.allocate_tensors()
+    for d in ex.get_input_details():
+        ex.set_tensor(d["index"], feeds[d["name"]])
+    ex.invoke()
+    outs = [ex.get_tensor(d["index"]) for d in ex.get_output_details()]
+    assert len(outs) == 2
+    np.testing.assert_array_equal(outs[0], want)
+    np.testing.assert_array_equal(outs[1], it.get_tensor(index[mid]))
+    with pytest.raises(ValueError, match="no tensor named"):
+        expose_tensors(data, ["no/such/tensor"])
+    with pytest.raises(ValueError, match="is an input"):
+        expose_tensors(data, ["sample"])
+
+
 # ---------------------------------------------------------------- int8 weights
 
 
