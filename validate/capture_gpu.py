@@ -147,9 +147,9 @@ class GpuSession:
     options as passed, and what the accelerator reported about itself."""
 
     def __init__(self, precision: str, allow_cpu_fallback: bool) -> None:
+        from ai_edge_litert import compiled_model as cm  # noqa: PLC0415
         from ai_edge_litert.compiled_model import (  # noqa: PLC0415
-            CompiledModel, GpuOptions, HardwareAccelerator, Options,
-            _create_default_environment)
+            CompiledModel, Environment, EnvironmentOptions, GpuOptions, HardwareAccelerator, Options)
 
         if precision not in GPU_PRECISIONS:
             raise ValueError(f"--gpu-precision must be one of {', '.join(GPU_PRECISIONS)}, got {precision!r}")
@@ -163,7 +163,9 @@ class GpuSession:
         self.options_doc = {"hardware_accelerators": "GPU|CPU", "gpu_options": dataclasses.asdict(gpu)}
         self._compiled_model = CompiledModel
         with NativeLog() as log:
-            self.environment = _create_default_environment()
+            # LiteRT finds libLiteRtWebGpuAccelerator.so in the runtime path: the wheel's folder.
+            self.environment = Environment.create(
+                options=EnvironmentOptions(runtime_path=os.path.dirname(os.path.abspath(cm.__file__))))
         self.reported: dict | None = adapter_info(log.text)
 
     def compile(self, data: bytes, what: str):
