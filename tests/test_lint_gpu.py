@@ -80,6 +80,23 @@ def test_broadcast_to_and_rank5_are_flagged(broadcast_rank5):
     assert any(rule == "rank" for _, rule in ops)
 
 
+def test_runtime_tensor_types(tmp_path):
+    """int32 runtime tensors pass (index tensors: LiteRT's GPU accelerator runs the
+    embedding_1d text encoder's RESHAPE and GATHER of its int32 ids); an int64 one
+    (ARG_MAX's output) is flagged."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec((1, 4, 4, 8), tf.float32)])
+    def f(x):
+        return tf.cast(tf.argmax(x, axis=-1), tf.float32)
+
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()])
+    path = tmp_path / "argmax.tflite"
+    path.write_bytes(conv.convert())
+    found = [f for f in lint(path).findings if f.rule == "tensor-type"]
+    assert found and all("int64" in f.message for f in found), [f.message for f in found]
+
+
 def test_op_option_rules(tmp_path):
     """A rule read from builtin options: a STRIDED_SLICE that drops an axis
     (shrink_axis_mask). (SOFTMAX beta != 1 cannot be made from TF here: the
