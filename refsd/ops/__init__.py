@@ -35,8 +35,8 @@ REWRITES = {
 
 __all__ = [
     "REWRITES", "add", "attention", "concat", "conv2d", "conv2d_winograd", "conv_output_hw", "dequantize_int8",
-    "embedding", "embedding_1d", "erf", "fc_as_conv", "flash_attention", "geglu", "geglu_clip", "geglu_fused", "gelu", "gelu_clip",
-    "gelu_fused", "gn4d", "group_norm", "group_norm_fused", "layer_norm", "linear", "mul", "quantize_int8",
-    "quick_gelu", "scale", "serial_conv", "serial_conv_factor", "silu", "softmax", "softmax_partial_fused",
-    "timestep_embedding", "upsample_nearest2x", "winograd_error_scale",
+    "embedding", "embedding_1d", "erf", "fc_as_conv", "flash_attention", "geglu", "geglu_clip", "geglu_fused", "gelu",
+    "gelu_clip", "gelu_fused", "gn4d", "group_norm", "group_norm_fused", "layer_norm", "linear", "mul",
+    "quantize_int8", "quick_gelu", "scale", "serial_conv", "serial_conv_factor", "silu", "softmax",
+    "softmax_partial_fused", "timestep_embedding", "upsample_nearest2x", "winograd_error_scale",
 ]
