@@ -191,7 +191,6 @@ class GpuSession:
         return model, ops
 
 
-
 class _Compiled:
     """One compiled model with its buffers, run on named float / int feeds."""
 
