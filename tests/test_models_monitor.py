@@ -131,7 +131,8 @@ def test_ops_only_through_the_namespace(tiny):
 
 
 def test_rewrite_sets():
-    assert set(Rewrites.parse("paper")) == {"fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "int8_weights"}
+    assert set(Rewrites.parse("paper")) == {"fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "embedding_1d",
+                                           "int8_weights"}
     assert set(Rewrites.parse("google")) == {"softmax_partial_fused", "winograd", "gelu_fused", "group_norm_fused"}
     assert set(Rewrites.parse("none")) == set() and str(Rewrites.parse(None)) == "none"
     r = Rewrites.parse("google, fc_as_conv", winograd_tile=2)

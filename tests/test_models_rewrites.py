@@ -44,13 +44,15 @@ REWRITTEN_OP = {
     "fc_as_conv": "fc_as_conv", "serial_conv": "serial_conv", "gn4d": "gn4d", "gelu_clip": "geglu_clip",
     "softmax_partial_fused": "softmax_partial_fused", "flash_attention": "flash_attention",
     "winograd": "conv2d_winograd", "gelu_fused": "geglu_fused", "group_norm_fused": "group_norm_fused",
+    "embedding_1d": "embedding_1d",
 }
 NO_OP_IN = {  # (component, rewrite) pairs where the model has no op to rewrite
     ("text_encoder", "serial_conv"), ("text_encoder", "gn4d"), ("text_encoder", "winograd"),
     ("text_encoder", "group_norm_fused"), ("vae", "gelu_clip"), ("vae", "gelu_fused"),
+    ("unet", "embedding_1d"), ("vae", "embedding_1d"),
 }
 PRESET_EQUIVALENT = {
-    "paper-equivalent": "fc_as_conv,serial_conv,gn4d,gelu_clip",  # 'paper' minus int8_weights
+    "paper-equivalent": "fc_as_conv,serial_conv,gn4d,gelu_clip,embedding_1d",  # 'paper' minus int8_weights
     "google": "google",
 }
 LOADERS = {"text_encoder": weights.load_text_encoder, "unet": weights.load_unet, "vae": weights.load_vae}

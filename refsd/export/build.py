@@ -45,13 +45,14 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from refsd.export.tflite_edit import widen_gather_tables
 from refsd.models.rewrites import Rewrites
 
 COMPONENTS = ("text_encoder", "unet", "vae")
 WEIGHTS = ("fp32", "fp16", "int8")
 # Rewrites that change the graph; the rest of refsd's rewrites are GPU kernel
 # fusions (the delegate's business, not a graph) or, int8_weights, a storage choice (--weights int8).
-GRAPH_REWRITES = ("fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "prune")  # prune: the pruned weights
+GRAPH_REWRITES = ("fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "embedding_1d", "prune")  # prune: the pruned weights
 MANIFEST = "refsd_export.json"
 TOKENS = 77
 BATCH = 2  # [uncond, cond], as the pipeline runs the text encoder and the UNet
@@ -196,6 +197,8 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
             concrete, ops = _trace(model, specs)
         bar.set_postfix_str(f"{name}: converting ({weights})")
         data = _convert(concrete, weights)
+        if weights == "fp16" and "embedding_1d" in rw:
+            data = widen_gather_tables(data)  # else the GPU delegate refuses the 1-D GATHER (see tflite_edit)
         fname = f"{name}.tflite"
         tmp = out / (fname + ".tmp")
         tmp.write_bytes(data)

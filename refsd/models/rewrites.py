@@ -21,6 +21,9 @@ Names and what a model does with them (each op beside the op it replaces in
 ``gelu_clip``               tanh-GELU (and GEGLU's gate) with its input clipped to [-M, M]. It
                             rewrites *tanh*-GELU: on an erf-GELU model it also switches the
                             approximation, so compare it against ``gelu_approximate="tanh"``
+``embedding_1d``            the text encoder's token lookup as one GATHER with 1-D indices (ids
+                            flattened, rows reshaped back): the GPU delegate gathers only with 1-D
+                            indices, so without it the text encoder never runs fully on the GPU
 ``int8_weights``            conv / linear weights symmetric per-output-channel int8,
                             dequantized at use (changes the model: measured, not equal). The same
                             implementation as ``ModelOptions.make(weights="int8",
@@ -47,12 +50,14 @@ from typing import Iterable
 
 # name -> preset membership is documented above; order here is the canonical print order.
 NAMES = (
-    "fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "int8_weights", "prune",
+    "fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "embedding_1d", "int8_weights", "prune",
     "softmax_partial_fused", "flash_attention", "winograd", "gelu_fused", "group_norm_fused",
 )
 PRESETS = {
     "none": (),
-    "paper": ("fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "int8_weights"),
+    # ``embedding_1d`` is not from the paper (it reports only UNet delegation): refsd adds it so
+    # that a ``paper`` export runs all three components on the GPU.
+    "paper": ("fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "embedding_1d", "int8_weights"),
     "google": ("softmax_partial_fused", "winograd", "gelu_fused", "group_norm_fused"),
 }
 # Rewrites that compute the same function as the original graph (up to rounding):

@@ -10,7 +10,7 @@ from refsd.ops.activations import erf, geglu, geglu_clip, geglu_fused, gelu, gel
 from refsd.ops.attention import attention, flash_attention, softmax, softmax_partial_fused
 from refsd.ops.conv import conv2d, conv_output_hw, serial_conv, serial_conv_factor
 from refsd.ops.elementwise import add, concat, exp, mul, scale
-from refsd.ops.embedding import embedding, timestep_embedding
+from refsd.ops.embedding import embedding, embedding_1d, timestep_embedding
 from refsd.ops.hybrid import (conv2d_hybrid_int8, fc_as_conv_hybrid_int8, linear_hybrid_int8,
                               quantize_activations, serial_conv_hybrid_int8)
 from refsd.ops.linear import fc_as_conv, linear
@@ -33,6 +33,7 @@ REWRITES = {
     "softmax_partial_fused": "attention",
     "flash_attention": "attention",
     "conv2d_winograd": "conv2d",
+    "embedding_1d": "embedding",
 }
 # Kernels for int8 weights (``ModelOptions(weights="int8", int8_kernels="hybrid")``): not rewrites
 # (they compute a different function, LiteRT CPU's), but they replace these ops.
@@ -41,10 +42,10 @@ HYBRID_KERNELS = {"linear_hybrid_int8": "linear", "conv2d_hybrid_int8": "conv2d"
 
 __all__ = [
     "HYBRID_KERNELS", "REWRITES", "add", "attention", "concat", "conv2d", "conv2d_hybrid_int8", "conv2d_winograd",
-    "conv_output_hw", "dequantize_int8", "embedding", "erf", "exp", "fc_as_conv", "fc_as_conv_hybrid_int8",
-    "flash_attention", "geglu", "geglu_clip", "geglu_fused", "gelu", "gelu_clip", "gelu_fused", "gn4d", "group_norm",
-    "group_norm_fused", "layer_norm", "linear", "linear_hybrid_int8", "mul", "quantize_activations", "quantize_int8",
-    "quick_gelu", "reduce_mean", "reduce_sum", "scale", "serial_conv", "serial_conv_factor",
-    "serial_conv_hybrid_int8", "silu",
-    "softmax", "softmax_partial_fused", "timestep_embedding", "upsample_nearest2x", "winograd_error_scale",
+    "conv_output_hw", "dequantize_int8", "embedding", "embedding_1d", "erf", "exp", "fc_as_conv",
+    "fc_as_conv_hybrid_int8", "flash_attention", "geglu", "geglu_clip", "geglu_fused", "gelu", "gelu_clip",
+    "gelu_fused", "gn4d", "group_norm", "group_norm_fused", "layer_norm", "linear", "linear_hybrid_int8", "mul",
+    "quantize_activations", "quantize_int8", "quick_gelu", "reduce_mean", "reduce_sum", "scale", "serial_conv",
+    "serial_conv_factor", "serial_conv_hybrid_int8", "silu", "softmax", "softmax_partial_fused", "timestep_embedding",
+    "upsample_nearest2x", "winograd_error_scale",
 ]

@@ -74,6 +74,18 @@ def _report_arg_spacing(args: np.ndarray) -> None:
                   f"(output error up to {spacing / 2:g}; limit {ARG_SPACING_LIMIT:g})", False)
 
 
+def _checked(ids, table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"{name} expects integer ids, got dtype {ids.dtype}")
+    table = param(table, "table")
+    if table.ndim != 2:
+        raise ValueError(f"{name} expects a table of shape (num_embeddings, dim), got {table.shape}")
+    if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+        raise ValueError(f"{name}: ids must lie in [0, {table.shape[0]}), got range [{ids.min()}, {ids.max()}]")
+    return ids, table
+
+
 @op
 def embedding(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
     """Table lookup, as ``torch.nn.functional.embedding``: ``y[..., :] = table[ids[...], :]``
@@ -81,12 +93,17 @@ def embedding(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
 
     Exact (a gather): in fp16-storage modes the table is an fp16 weight
     (losses reported as ``constant`` events), so the output is too."""
-    ids = np.asarray(ids)
-    if ids.dtype.kind not in "iu":
-        raise ValueError(f"embedding expects integer ids, got dtype {ids.dtype}")
-    table = param(table, "table")
-    if table.ndim != 2:
-        raise ValueError(f"embedding expects a table of shape (num_embeddings, dim), got {table.shape}")
-    if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
-        raise ValueError(f"embedding: ids must lie in [0, {table.shape[0]}), got range [{ids.min()}, {ids.max()}]")
+    ids, table = _checked(ids, table, "embedding")
     return store(np.take(table, ids, axis=0))
+
+
+@op
+def embedding_1d(ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """``embedding`` as one lookup by a 1-D index vector: ``ids`` flattened,
+    gathered, the rows reshaped back to ``ids.shape + (dim,)``. The rewrite
+    ``embedding_1d``: TFLite's GPU delegate gathers only with 1-D indices
+    (``GATHER: Only support 1D indices`` for the text encoder's (2, 77) ids).
+    Exact like ``embedding``: the same rows in the same order."""
+    ids, table = _checked(ids, table, "embedding_1d")
+    rows = np.take(table, ids.reshape(-1), axis=0)
+    return store(rows.reshape(ids.shape + (table.shape[1],)))
