@@ -111,7 +111,8 @@ def model_options(deployment: Deployment, variant: Variant) -> dict[str, ModelOp
         extra = [n for n in Rewrites.parse(sv.kernels) if n not in taken]
         rw = Rewrites.parse([*deployed, *extra], **{f.name: getattr(deployed, f.name)
                                                    for f in dataclasses.fields(deployed) if f.name != "names"})
-        out[model] = ModelOptions.make(precision=Precision(sv.precision, sv.ftz), rewrites=rw,
+        out[model] = ModelOptions.make(precision=Precision(sv.precision, sv.ftz, device_model=sv.device_model),
+                                       rewrites=rw,
                                        weight_jitter=sv.weight_jitter, **_weight_options(deployment, kernels))
     return out
 

@@ -102,13 +102,15 @@ class StageVariant:
     libm_ulps: float = 0.0
     weight_jitter: bool = False  # fp16 / bf16 weights each possibly the other neighbour (ModelOptions.weight_jitter)
     either_rounding: bool = False  # hybrid int8 activations rounded to either neighbour (refsd.ops.hybrid)
+    device_model: str | None = None  # a measured GPU's fp16 kernels (refsd.numerics.DEVICE_MODELS), f16 only
 
     @property
     def label(self) -> str:
         return (self.precision + (" ftz" if self.ftz else "") + ("" if self.kernels == "none" else f" +{self.kernels}")
                 + (f" libm±{self.libm_ulps:g}ulp" if self.libm_ulps else "")
                 + (" weights±1ulp" if self.weight_jitter else "")
-                + (" int8-activations-either-way" if self.either_rounding else ""))
+                + (" int8-activations-either-way" if self.either_rounding else "")
+                + (f" device-model {self.device_model}" if self.device_model else ""))
 
 
 PLAIN = StageVariant()
@@ -153,7 +155,8 @@ def unit_roundoff(precision: str) -> float:
 
 
 def stage_variants(precision: str, ftz: bool | None, *, fast_math: bool = False, kernels: bool = True,
-                   half_weights: bool = False, hybrid: bool = False) -> tuple[list[StageVariant], list[StageVariant]]:
+                   half_weights: bool = False, hybrid: bool = False,
+                   gpu: bool = False) -> tuple[list[StageVariant], list[StageVariant]]:
     """(unscaled, scaled) runs of one stage whose spread around the f32
     reference is the noise floor of a stage declared ``precision`` (``ftz``
     None: unknown, so both). ``kernels``: the stage has ops whose kernels a
@@ -183,6 +186,10 @@ def stage_variants(precision: str, ftz: bool | None, *, fast_math: bool = False,
     runs = [StageVariant(m, z, "none") for m in modes for z in flush]
     if kernels:
         runs += [StageVariant(m, z, other, ulps, jitter) for m in modes for z in flush]
+    if gpu and kernels and precision == "f16":
+        # What real fp16 GPU kernels store and round that generic f16 does not (the timestep embedding's t * freq
+        # as an fp16 tensor: time_proj 18-33 % off; MEAN in fp32): LiteRT's GPU kernels, measured (README).
+        runs += [StageVariant("f16", z, "none", ulps, jitter, device_model="litert-gpu") for z in flush]
     return runs, []
 
 
@@ -196,7 +203,7 @@ def calibration_variants(stages: dict[str, dict], weights: str = "fp32") -> list
     reference, so its scale applies to nothing else."""
     per = [stage_variants(stages[s]["precision"], stages[s]["ftz"], fast_math=bool(stages[s]["fast_math"]),
                           kernels=s != "guidance_scheduler", half_weights=weights in ("fp16", "bf16"),
-                          hybrid=stages[s].get("int8_kernels") == "hybrid")
+                          hybrid=stages[s].get("int8_kernels") == "hybrid", gpu=stages[s]["processor"] == "gpu")
            for s in STAGES]
     n = max(len(u) for u, _ in per)
     runs = [Variant(tuple(u[j % len(u)] for u, _ in per)) for j in range(n)]
