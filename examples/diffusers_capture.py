@@ -183,11 +183,11 @@ class ScaledScoresAttnProcessor(AttnProcessor):
     a kernel bug a 1 % off softmax temperature would be. (``AttnProcessor2_0``, the default,
     calls ``scaled_dot_product_attention`` without ``attn.scale``; the plain processor uses it.)"""
 
-    def __call__(self, attn, *args, **kwargs):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
         scale = attn.scale
         attn.scale = scale * 1.01
         try:
-            return super().__call__(attn, *args, **kwargs)
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         finally:
             attn.scale = scale
 

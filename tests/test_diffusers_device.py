@@ -1,0 +1,265 @@
+"""diffusers (PyTorch CPU) as a device the validator did not write (issue 11).
+
+``examples/diffusers_capture.py`` runs the tiny SD 2.1 folder through
+diffusers' and transformers' own modules (PyTorch's CPU kernels) and writes
+capture bundles: fp32 with every intermediate, fp16 with guidance and the
+scheduler step in fp16 (declared ``f16``), bf16 declared as ``f16`` (a device
+that rounds more coarsely than it declares), and fp16 with every attention's
+scores scaled by 1.01 (a kernel bug). The request is the validator tests'
+(``conftest.certify_request``: 64x64, 4 DDIM steps, guidance 7.5), so the
+reference reruns are shared with tests/test_certify.py through one cache.
+
+What the validator must conclude (``certify``):
+
+* fp32 with intermediates: certified;
+* fp16, declared so: certified;
+* bf16 declared as fp16: not certified;
+* fp16 with scaled attention scores: not certified, first failure in the first
+  attention module the UNet runs (step 0), found through the intermediates.
+
+Checks that do not depend on the validator's judgement: every bundle reads;
+the intermediates carry exactly the names and shapes refsd's own recording
+produces; the fp32 boundary tensors and intermediates agree with refsd's f32
+pipeline to the conformance bound; the example runs end to end as a script;
+a capture that forgot the NCHW -> NHWC transpose is refused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import certify_request
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from refsd.monitor import recording  # noqa: E402
+from refsd.pipeline import Pipeline  # noqa: E402
+from refsd.schedulers import make_scheduler  # noqa: E402
+from refsd.trace import boundary_names, is_boundary  # noqa: E402
+from refsd_validate.bundle import write_bundle  # noqa: E402
+from refsd_validate.certify import certify  # noqa: E402
+from refsd_validate.reader import BundleError, ModelGeometry, read_bundle  # noqa: E402
+
+pytestmark = pytest.mark.conformance
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "diffusers_capture.py"
+# The first attention the UNet runs: its scores are the first the fault touches (the text encoder's
+# attention is transformers' own and is not patched). Its q/k/v projections come before the scores.
+FIRST_ATTENTION = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+
+# fp32 against refsd's f32 pipeline, max|a - b| / max|b| per tensor. Each model conforms to ~1e-6
+# (test_models_conformance, bound 1e-5); through 4 steps with guidance 7.5 (which multiplies the
+# cond - uncond difference, and its error, by 7.5) the boundary tensors measured <= 3.9e-6 and the
+# intermediates <= 6.7e-6. 1e-4 is test_pipeline's bound on the image against diffusers' own pipeline:
+# a margin of ~15x, while a wrong formula (eps, mask, head split, GELU flavour, layout) costs >= 1e-3.
+BOUND = 1e-4
+
+
+def _load_example():
+    spec = importlib.util.spec_from_file_location("diffusers_capture", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def example():
+    return _load_example()
+
+
+def _request_kwargs():
+    r = certify_request()
+    return dict(prompt=r.prompt, negative_prompt=r.negative_prompt, seed=r.seed, steps=r.steps, guidance=r.guidance,
+                height=r.height, width=r.width)
+
+
+# name -> (capture() keywords). bf16 is declared f16: the schema has no bfloat16 precision, and a device
+# that rounds to 8 significant bits while claiming 11 is what the validator must refuse.
+BUNDLES = {
+    "fp32": dict(dtype="fp32", intermediates=True),
+    "fp16": dict(dtype="fp16"),
+    "bf16_as_fp16": dict(dtype="bf16", declare="f16"),
+    "fp16_attention_fault": dict(dtype="fp16", intermediates=True, fault="attention_scale"),
+}
+
+
+@pytest.fixture(scope="session")
+def diffusers_bundles(example, tiny_sd21, tmp_path_factory):
+    root = tmp_path_factory.mktemp("diffusers-device")
+    return {name: example.capture(tiny_sd21, root / name, **_request_kwargs(), **kw) for name, kw in BUNDLES.items()}
+
+
+@pytest.fixture(scope="session")
+def refsd_recorded(diffusers_bundles, tiny_sd21):
+    """refsd's f32 pipeline on the fp32 bundle's own initial latents: its trace and every module output."""
+    latents_init = read_bundle(diffusers_bundles["fp32"]).tensors["scheduler/latents_init"]
+    with recording() as rec:
+        result = Pipeline(tiny_sd21)(certify_request(), latents=latents_init, progress=False)
+    return result.trace, rec
+
+
+# ---------------------------------------------------------------- what holds whatever the validator decides
+
+
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_bundle_reads_and_declares_what_ran(diffusers_bundles, tiny_sd21, name):
+    b = read_bundle(diffusers_bundles[name], ModelGeometry.from_dir(tiny_sd21))
+    assert set(boundary_names(4)) <= set(b.tensors)
+    assert all(v.dtype in (np.float32, np.int64) for v in b.tensors.values())  # bf16 / fp16 widened to float32
+    want = "f32" if name == "fp32" else "f16"
+    assert {s: (d["processor"], d["precision"]) for s, d in b.stages.items()} == {
+        s: ("cpu", want) for s in ("text_encoder", "unet", "vae", "guidance_scheduler")}
+    assert b.capture["model"]["weights"] == BUNDLES[name]["dtype"]
+    assert b.capture["request"]["scheduler"] == "ddim"
+    assert (len(b.intermediates) > 0) == BUNDLES[name].get("intermediates", False)
+
+
+def test_reduced_precision_runs_round_as_claimed(diffusers_bundles):
+    """The dtype took effect: fp16's error against fp32 is fp16-sized, bf16's ~8x larger (3 fewer bits).
+    (Otherwise "bf16 declared as fp16 is refused" would test nothing.)"""
+    f32 = read_bundle(diffusers_bundles["fp32"]).tensors
+
+    def rel(name, key):
+        a, b = read_bundle(diffusers_bundles[name]).tensors[key], f32[key]
+        return float(np.abs(a - b).max() / np.abs(b).max())
+
+    for key in ("text_encoder/hidden_states", "unet/step_0/noise_pred", "vae/image"):
+        fp16, bf16 = rel("fp16", key), rel("bf16_as_fp16", key)
+        # measured: fp16 1.7e-3 .. 4.8e-3, bf16 1.2e-2 .. 3.9e-2 (u = 4.9e-4 and 3.9e-3 respectively)
+        assert 2.4e-4 < fp16 < 2e-2 and 4 * fp16 < bf16 < 0.2, (key, fp16, bf16)
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16_attention_fault"])
+def test_intermediates_are_named_and_shaped_as_refsd_records_them(diffusers_bundles, refsd_recorded, name):
+    _, rec = refsd_recorded
+    b = read_bundle(diffusers_bundles[name])
+    ours = {n: tuple(b.capture["tensors"][n]["shape"]) for n in b.intermediates}
+    theirs = {n: tuple(v.shape) for n, v in rec.items()}
+    assert not [n for n in ours if is_boundary(n)]
+    # Every module output refsd records, and nothing else (697 on the tiny SD 2.1 model, 4 steps).
+    assert sorted(set(theirs) - set(ours)) == [] and sorted(set(ours) - set(theirs)) == []
+    assert {n: s for n, s in ours.items() if theirs[n] != s} == {}
+
+
+def test_fp32_conforms_to_refsd(diffusers_bundles, refsd_recorded):
+    trace, rec = refsd_recorded
+    b = read_bundle(diffusers_bundles["fp32"])
+
+    def rel(a, b):
+        return float(np.abs(a - b).max() / np.abs(b).max())
+
+    assert np.array_equal(b.tensors["scheduler/latents_init"], trace["scheduler/latents_init"])
+    errors = {n: rel(b.tensors[n], trace[n]) for n in boundary_names(4)}
+    errors.update({n: rel(b.tensor(n), rec[n]) for n in b.intermediates})
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= BOUND, f"{worst}: {errors[worst]:.2e} > {BOUND}"
+
+
+def test_integers_are_refsd_s(diffusers_bundles, tiny_sd21):
+    """diffusers' DDIM runs refsd's timesteps; transformers' tokenizer gives refsd's ids, [uncond, cond]."""
+    pipe, req = Pipeline(tiny_sd21), certify_request()
+    b = read_bundle(diffusers_bundles["fp32"])
+    ids = np.concatenate([pipe.token_ids(req.negative_prompt), pipe.token_ids(req.prompt)])
+    assert np.array_equal(b.tensors["inputs/token_ids"], ids)
+    want = make_scheduler("ddim", pipe.scheduler_config).set_timesteps(req.steps)
+    assert np.array_equal(b.tensors["scheduler/timesteps"], np.asarray(want, np.int64))
+
+
+def test_attention_fault_enters_at_the_first_attention(diffusers_bundles):
+    """The injected fault is where the test says: at step 0 the first attention's q/k/v projections
+    carry only fp16 rounding, its output several times more (measured 1.1e-3 vs 6.4e-3 against fp32)."""
+    f32, bad = read_bundle(diffusers_bundles["fp32"]), read_bundle(diffusers_bundles["fp16_attention_fault"])
+
+    def rel(path):
+        n = f"unet/step_0/{path}"
+        return float(np.abs(bad.tensor(n) - f32.tensor(n)).max() / np.abs(f32.tensor(n)).max())
+
+    qkv = max(rel(f"{FIRST_ATTENTION}.to_{x}") for x in "qkv")
+    assert qkv < 2e-3 and rel(FIRST_ATTENTION) > 3 * qkv
+
+
+# ---------------------------------------------------------------- the verdicts (issue 11)
+
+
+def _certify(diffusers_bundles, name, tiny_sd21, certify_cache):
+    cert = certify(diffusers_bundles[name], tiny_sd21, cache_dir=certify_cache)
+    d = cert.to_dict()
+    ks = [t["k_needed"] for t in d["tensors"]]
+    print(f"\n{name}: {d['verdict']}; first failure {d['first_failure']}; "
+          f"max k {max(k if isinstance(k, float) else float('inf') for k in ks):.3g}")
+    return cert, d
+
+
+def test_fp32_with_intermediates_certifies(diffusers_bundles, tiny_sd21, certify_cache):
+    cert, d = _certify(diffusers_bundles, "fp32", tiny_sd21, certify_cache)
+    assert cert.certified, d["first_failure"]
+    assert all(c["passed"] for c in d["exact_checks"])  # timesteps and token ids as refsd's
+    assert len({t["module_path"] for t in d["tensors"] if t["module_path"]}) > 100  # judged by name too
+
+
+def test_fp16_declared_f16_certifies(diffusers_bundles, tiny_sd21, certify_cache):
+    cert, d = _certify(diffusers_bundles, "fp16", tiny_sd21, certify_cache)
+    assert cert.certified, d["first_failure"]
+
+
+def test_bf16_declared_as_fp16_is_rejected(diffusers_bundles, tiny_sd21, certify_cache):
+    cert, d = _certify(diffusers_bundles, "bf16_as_fp16", tiny_sd21, certify_cache)
+    assert not cert.certified and d["first_failure"] is not None
+
+
+def test_scaled_attention_scores_are_rejected_at_the_first_attention(diffusers_bundles, tiny_sd21, certify_cache):
+    cert, d = _certify(diffusers_bundles, "fp16_attention_fault", tiny_sd21, certify_cache)
+    assert not cert.certified
+    first = d["first_failure"]
+    assert (first["stage"], first["step"]) == ("unet", 0), first
+    assert first["module_path"] is not None and first["module_path"].startswith(FIRST_ATTENTION), first
+
+
+# ---------------------------------------------------------------- the example as a user runs it
+
+
+def test_example_runs_as_a_script(example, tiny_sd21, diffusers_bundles, tmp_path):
+    out = tmp_path / "bundle"
+    r = certify_request()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--model", str(tiny_sd21), "--prompt", r.prompt, "--negative-prompt",
+         r.negative_prompt, "--seed", str(r.seed), "--steps", str(r.steps), "--guidance", str(r.guidance),
+         "--height", str(r.height), "--width", str(r.width), "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote {out}" in proc.stdout
+    b = read_bundle(out, ModelGeometry.from_dir(tiny_sd21))
+    assert b.intermediates == [] and b.stages["unet"]["precision"] == "f32"
+    # The same code on the same inputs in another process: the same boundary tensors
+    # (PyTorch's CPU kernels are deterministic for a fixed thread count).
+    same = read_bundle(diffusers_bundles["fp32"]).tensors
+    for n in boundary_names(r.steps):
+        np.testing.assert_allclose(b.tensors[n], same[n], rtol=0, atol=1e-6 * float(np.abs(same[n]).max()),
+                                   err_msg=n)
+
+
+def test_nchw_written_as_nhwc_is_refused(diffusers_bundles, tiny_sd21, tmp_path):
+    """A capture that forgot PyTorch's NCHW -> NHWC transpose: 32x32 latents with 4 channels are
+    (1, 4, 32, 32), not (1, 32, 32, 4), so the shape check catches it before any value is compared."""
+    good = read_bundle(diffusers_bundles["fp32"])
+    tensors = {n: (v.transpose(0, 3, 1, 2) if v.ndim == 4 else v) for n, v in good.tensors.items()}
+    capture = {k: v for k, v in good.capture.items() if k not in ("schema", "schema_version", "tensors")}
+    bad = write_bundle(tmp_path / "nchw", capture, tensors)  # the schema has no opinion on layout
+    with pytest.raises(BundleError) as e:
+        read_bundle(bad, ModelGeometry.from_dir(tiny_sd21))
+    msg = str(e.value)
+    # The message names the tensor, what it holds and what this model and request need.
+    assert msg == ("tensor scheduler/latents_init: shape (1, 4, 32, 32), expected (1, 32, 32, 4) for this model "
+                   "and request"), msg
+    with pytest.raises(BundleError, match=r"scheduler/latents_init: shape \(1, 4, 32, 32\)"):
+        certify(bad, tiny_sd21, cache_dir=tmp_path / "cache")
