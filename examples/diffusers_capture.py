@@ -46,6 +46,7 @@ coarsely than it declares is not certified).
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import platform
 import sys
 from pathlib import Path
@@ -115,7 +116,7 @@ class Recorder:
         self.tensors: dict[str, np.ndarray] = {}
         self.stage: str | None = None
         self.step: int | None = None
-        self.skipped: dict[str, int] = {}  # why module outputs were not recorded: count
+        self.skipped: Counter[str] = Counter()  # modules given no hook, by reason
         self._spatial: dict[int, tuple[int, int]] = {}
 
     def name(self, path: str) -> str:
@@ -137,12 +138,10 @@ class Recorder:
         flat_clip = component == "text_encoder" and not hasattr(model, "text_model")
         for sub, module in model.named_modules():
             if not any(True for _ in module.parameters()):
-                self.skipped["no weights (dropout, activation, time_proj, containers)"] = \
-                    self.skipped.get("no weights (dropout, activation, time_proj, containers)", 0) + 1
+                self.skipped["no weights"] += 1  # dropout, activations, time_proj, containers
                 continue
             if type(module).__name__.endswith("DownBlock2D"):
-                self.skipped["down block (returns a tuple with its skip connections)"] = \
-                    self.skipped.get("down block (returns a tuple with its skip connections)", 0) + 1
+                self.skipped["down block"] += 1  # returns (hidden_states, skip connections)
                 continue
             if flat_clip:
                 paths = [f"{component}.text_model.{sub}"] if sub else [f"{component}.text_model", component]
@@ -150,13 +149,14 @@ class Recorder:
                 paths = [f"{component}.{sub}" if sub else component]
             if isinstance(module, Attention) and module.group_norm is not None:
                 # The VAE's attention normalizes a (N, C, H*W) view: remember H, W to restore NHWC.
-                handles.append(module.register_forward_pre_hook(self._remember_spatial(module.group_norm)))
+                handles.append(module.register_forward_pre_hook(self._remember_spatial(module.group_norm),
+                                                                with_kwargs=True))
             handles.append(module.register_forward_hook(self._hook(paths, module)))
         return handles
 
     def _remember_spatial(self, norm):
-        def pre_hook(module, args):
-            x = args[0]
+        def pre_hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
             if x.ndim == 4:
                 self._spatial[id(norm)] = (x.shape[2], x.shape[3])
         return pre_hook
@@ -196,14 +196,14 @@ class ScaledScoresAttnProcessor(AttnProcessor):
 
 
 @torch.no_grad()
-def run(model_dir: Path, *, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20,
+def run(model_dir: str | Path, *, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 20,
         guidance: float = 7.5, height: int = 512, width: int = 512, dtype: str = "fp32",
         intermediates: bool = False, fault: str | None = None) -> dict[str, np.ndarray]:
     """Text -> image with diffusers' components; returns the bundle's tensors."""
     if fault is not None and fault not in FAULTS:
         raise ValueError(f"unknown fault {fault!r}; expected one of {', '.join(FAULTS)}")
     torch_dtype = DTYPES[dtype]
-    tokenizer, text_encoder, unet, vae, scheduler = load(model_dir, dtype)
+    tokenizer, text_encoder, unet, vae, scheduler = load(Path(model_dir), dtype)
     if fault == "attention_scale":
         unet.set_attn_processor(ScaledScoresAttnProcessor())
         vae.set_attn_processor(ScaledScoresAttnProcessor())
