@@ -208,7 +208,7 @@ def run(model_dir: str | Path, *, prompt: str, negative_prompt: str = "", seed: 
         raise ValueError(f"unknown fault {fault!r}; expected one of {', '.join(FAULTS)}")
     torch_dtype = DTYPES[dtype]
     tokenizer, text_encoder, unet, vae, scheduler = load(Path(model_dir), dtype)
-    if fault == "attention_scale":
+    if fault == "attention_scale":  # every diffusers attention (UNet, VAE); CLIP's is transformers' own
         unet.set_attn_processor(ScaledScoresAttnProcessor())
         vae.set_attn_processor(ScaledScoresAttnProcessor())
     rec = Recorder()
