@@ -218,6 +218,21 @@ def test_pytorch_cpu_fp16_is_f32_f16():
         assert torch.equal(f(s), f(s.float()).half())
 
 
+def test_pytorch_fp16_scheduler_rounds_its_coefficients():
+    """diffusers' scheduler step on fp16 tensors multiplies by 0-dim float32 coefficients
+    (``alpha_prod_t ** 0.5``); PyTorch's type promotion makes the op fp16, so the coefficient is
+    rounded to fp16 *before* the multiply: a systematic gain of up to u = 2^-11 relative per
+    coefficient, not noise. The reference of a guidance_scheduler stage declared f32_f16 must round
+    its op inputs (coefficients included) likewise, and its gain floor must allow ~u_f16."""
+    torch = pytest.importorskip("torch")
+    x = (torch.rand(100000, generator=torch.Generator().manual_seed(0)) * 4).half()
+    for c in (torch.tensor(0.99957), torch.tensor(0.02915)):  # the last DDIM step's sqrt(alpha)s, roughly
+        coefficient_rounded = (c.half().double() * x.double()).half()
+        exactly_rounded = (c.double() * x.double()).half()
+        assert torch.equal(c * x, coefficient_rounded)
+        assert not torch.equal(c * x, exactly_rounded)
+
+
 def test_timestep_embedding_differs_by_a_freedom_of_exp(tiny_sd21):
     """torch.exp and NumPy's float32 exp differ by 1 ulp on some of the embedding's frequencies; at
     t = 751 the argument t * freq moves by up to t * 2^-23 * freq, so sin / cos differ by up to
