@@ -263,6 +263,9 @@ def _certify(diffusers_bundles, name, tiny_sd21, certify_cache):
 
 
 def test_fp32_with_intermediates_certifies(diffusers_bundles, tiny_sd21, certify_cache):
+    """A correct fp32 runtime we did not write. Its largest differences from refsd are the timestep
+    embedding's (test_timestep_embedding_differs_by_a_freedom_of_exp): a floor without perturbed
+    transcendentals rejects unet.time_embedding.linear_1 at step 0 (measured k = 7.8)."""
     cert, d = _certify(diffusers_bundles, "fp32", tiny_sd21, certify_cache)
     assert cert.certified, d["first_failure"]
     assert all(c["passed"] for c in d["exact_checks"])  # timesteps and token ids as refsd's
@@ -271,16 +274,27 @@ def test_fp32_with_intermediates_certifies(diffusers_bundles, tiny_sd21, certify
 
 @pytest.mark.parametrize("name", ["fp16", "fp16_declared_f16"])
 def test_fp16_certifies(diffusers_bundles, tiny_sd21, certify_cache, name):
+    """fp16 models, guidance and DDIM step in fp16, declared f32_f16 (what PyTorch's CPU kernels do)
+    or f16 (looser). The step's fp16-rounded coefficients are a systematic gain
+    (test_pytorch_fp16_scheduler_rounds_its_coefficients): a reference that runs the declared
+    guidance_scheduler stage in f32 rejects scheduler/step_3/latents on gain (measured k = 46)."""
     cert, d = _certify(diffusers_bundles, name, tiny_sd21, certify_cache)
     assert cert.certified, d["first_failure"]
 
 
 def test_bf16_declared_as_fp16_is_rejected(diffusers_bundles, tiny_sd21, certify_cache):
+    """bf16 rounds ~8x more coarsely than fp16 (test_reduced_precision_runs_round_as_claimed), from the
+    text encoder on; the most lenient fp16 declaration must still not cover it."""
     cert, d = _certify(diffusers_bundles, "bf16_as_fp16", tiny_sd21, certify_cache)
     assert not cert.certified and d["first_failure"] is not None
 
 
 def test_scaled_attention_scores_are_rejected_at_the_first_attention(diffusers_bundles, tiny_sd21, certify_cache):
+    """The fault moves the first attention's output by 5.5e-3 rms (relative, measured in fp32 against
+    the fault-free run) where fp16 rounding moves it by 9.6e-4: visible to floors that follow the
+    declared f32_f16 (measured: first failure attn1.to_out.0 at step 0, gain, k = 13.5). Under the
+    looser f16 declaration refsd's emulated fp16 arithmetic is noisier and it was measured hidden
+    (k <= 2.9): one reason the example declares what PyTorch actually does."""
     cert, d = _certify(diffusers_bundles, "fp16_attention_fault", tiny_sd21, certify_cache)
     assert not cert.certified
     first = d["first_failure"]
