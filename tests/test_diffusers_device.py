@@ -43,7 +43,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 from refsd.monitor import recording  # noqa: E402
-from refsd.pipeline import Pipeline  # noqa: E402
+from refsd.pipeline import Pipeline, Request  # noqa: E402
 from refsd.schedulers import make_scheduler  # noqa: E402
 from refsd.trace import boundary_names, is_boundary  # noqa: E402
 from refsd_validate.bundle import write_bundle  # noqa: E402
@@ -151,6 +151,21 @@ def test_intermediates_are_named_and_shaped_as_refsd_records_them(diffusers_bund
     # Every module output refsd records, and nothing else (697 on the tiny SD 2.1 model, 4 steps).
     assert sorted(set(theirs) - set(ours)) == [] and sorted(set(ours) - set(theirs)) == []
     assert {n: s for n, s in ours.items() if theirs[n] != s} == {}
+
+
+def test_sd15_architecture_names_and_values_match(example, tiny_sd15):
+    """The other block types (SD 1.5: convolutional proj_in / proj_out, quick-GELU text encoder, one
+    head size) name and shape alike and conform to the same bound (measured 7.2e-6)."""
+    kw = dict(prompt="a cat", seed=1, steps=2, guidance=7.5, height=32, width=32)
+    tensors = example.run(tiny_sd15, **kw, intermediates=True)
+    with recording() as rec:
+        trace = Pipeline(tiny_sd15)(Request(**kw, scheduler="ddim"), latents=tensors["scheduler/latents_init"],
+                                    progress=False).trace
+    ours = {n: v for n, v in tensors.items() if not is_boundary(n) and not n.startswith("inputs/")}
+    assert {n: v.shape for n, v in ours.items()} == {n: v.shape for n, v in rec.items()}
+    for n, ref in [*rec.items(), *((n, trace[n]) for n in boundary_names(2))]:
+        got = ours.get(n, tensors.get(n))
+        assert np.abs(got - ref).max() <= BOUND * np.abs(ref).max(), n
 
 
 def test_fp32_conforms_to_refsd(diffusers_bundles, refsd_recorded):
