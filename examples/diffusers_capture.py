@@ -239,11 +239,12 @@ def run(model_dir: str | Path, *, prompt: str, negative_prompt: str = "", seed: 
     for i, t in enumerate(scheduler.timesteps):
         rec.step = i
         x_in = scheduler.scale_model_input(torch.cat([x, x]), t)
-        eps = unet(x_in, t, encoder_hidden_states=context).sample  # (2, C, h, w), [uncond, cond]
-        uncond, cond = eps.chunk(2)
+        # The UNet's raw output (epsilon or v, as the folder's prediction type says), (2, C, h, w), [uncond, cond]
+        out = unet(x_in, t, encoder_hidden_states=context).sample
+        uncond, cond = out.chunk(2)
         # Guidance and the scheduler step in the model's dtype, as diffusers' pipeline does.
         x = scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample
-        tensors[noise_pred(i)] = to_bundle(eps)
+        tensors[noise_pred(i)] = to_bundle(out)
         tensors[latents(i)] = to_bundle(x)
 
     rec.stage, rec.step = "vae", None
