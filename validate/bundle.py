@@ -91,6 +91,35 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def as_numpy(name: str, value) -> np.ndarray:
+    """A tensor from any runtime as a NumPy array: NumPy arrays, anything with
+    ``__array__`` (PyTorch on the CPU, JAX, TensorFlow eager tensors) or DLPack.
+    One-line ``ValueError`` with the fix for what a bundle cannot hold."""
+    if not isinstance(value, np.ndarray):
+        if "bfloat16" in str(getattr(value, "dtype", "")):
+            raise ValueError(f"tensor {name}: bfloat16 has no .npy dtype; widen it to float32 first (exact: every "
+                             "bfloat16 value is a float32), e.g. t.float() in PyTorch")
+        try:
+            value = np.asarray(value) if hasattr(value, "__array__") or not hasattr(value, "__dlpack__") \
+                else np.from_dlpack(value)
+        except (TypeError, RuntimeError, BufferError, ValueError) as e:
+            raise ValueError(f"tensor {name}: cannot be read as a NumPy array ({' '.join(str(e).split())}); "
+                             "pass a NumPy array, or a CPU tensor exposing __array__ or __dlpack__") from None
+    if value.dtype == np.float64:
+        raise ValueError(f"tensor {name}: float64; cast it to float32 (what the reference compares; the device's "
+                         "float16 or float32 values are exact in float32)")
+    if value.dtype.name not in TENSOR_DTYPES:
+        raise ValueError(f"tensor {name}: dtype {value.dtype} is not one of {', '.join(TENSOR_DTYPES)}")
+    return value
+
+
+def _to_nhwc(name: str, arr: np.ndarray, layout: str) -> np.ndarray:
+    """Activations are NHWC in a bundle; a caller whose runtime is NCHW says so."""
+    if layout == "NHWC" or arr.ndim != 4 or arr.dtype.kind != "f":
+        return arr
+    return np.ascontiguousarray(arr.transpose(0, 2, 3, 1))
+
+
 def check_document(doc: Mapping) -> None:
     """Raise ``ValueError`` (one line, naming the JSON path) unless ``doc`` is a
     capture.json of a version this validator reads, valid against its schema."""
@@ -146,18 +175,28 @@ def declared_stages(doc: Mapping) -> dict[str, dict]:
     return out
 
 
-def write_bundle(out: str | os.PathLike, capture: Mapping, tensors: Mapping[str, np.ndarray]) -> Path:
+def write_bundle(out: str | os.PathLike, capture: Mapping, tensors: Mapping[str, object], *,
+                 layout: str = "NHWC", model_dir: str | os.PathLike | None = None) -> Path:
     """Write a bundle directory: ``capture`` is capture.json without ``schema``,
     ``schema_version``, ``created`` (filled here unless given) and ``tensors``
-    (built here from the arrays). The document is checked against the schema
-    before anything is written (``ValueError``, one line). Returns the directory."""
+    (built here from the arrays: NumPy, or anything with ``__array__`` /
+    ``__dlpack__``). ``layout="NCHW"``: every 4-D float tensor is transposed to
+    NHWC (declare it only if all of them are NCHW). ``model_dir``: also check
+    the model hash, every boundary tensor's shape against the model's configs
+    (with a hint when a shape is an NCHW transpose) and intermediate names
+    against what the reference records. Everything is checked before anything
+    is written (``ValueError``, one line). Returns the directory."""
+    if layout not in ("NHWC", "NCHW"):
+        raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
     root = Path(out)
-    arrays = {name: np.asarray(tensors[name]) for name in sorted(tensors)}
+    arrays = {name: _to_nhwc(name, as_numpy(name, tensors[name]), layout) for name in sorted(tensors)}
     table = {name: {"file": tensor_file(name), "dtype": a.dtype.name, "shape": [int(s) for s in a.shape],
                     "sha256": "0" * 64} for name, a in arrays.items()}
     doc = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **capture, "tensors": table}
     check_document(doc)
+    if model_dir is not None:
+        _check_against_model(doc, arrays, model_dir)
     root.mkdir(parents=True, exist_ok=True)
     for name, arr in arrays.items():
         data = npy_bytes(arr)
@@ -167,3 +206,29 @@ def write_bundle(out: str | os.PathLike, capture: Mapping, tensors: Mapping[str,
         table[name]["sha256"] = hashlib.sha256(data).hexdigest()
     (root / "capture.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return root
+
+
+def _check_against_model(doc: Mapping, arrays: Mapping[str, np.ndarray], model_dir) -> None:
+    from refsd.names import is_recorded, module_paths  # noqa: PLC0415
+    from refsd_validate.reader import ModelGeometry, required_tensors  # noqa: PLC0415
+
+    sha = model_sha256(model_dir)
+    if doc["model"]["sha256"] != sha:
+        raise ValueError(f"model.sha256 is not {model_dir}'s ({sha}): use model_sha256(model_dir)")
+    expected = required_tensors(doc["request"], ModelGeometry.from_dir(model_dir))
+    missing = [n for n in expected if n not in arrays]
+    if missing:
+        raise ValueError(f"missing tensors ({len(missing)}): {', '.join(missing[:6])}")
+    for name, (shape, dtypes) in expected.items():
+        got = arrays[name]
+        if got.dtype.name not in dtypes:
+            raise ValueError(f"tensor {name}: dtype {got.dtype}, expected {' or '.join(dtypes)}")
+        if tuple(got.shape) != shape:
+            nchw = len(shape) == 4 and tuple(got.shape) == (shape[0], shape[3], shape[1], shape[2])
+            raise ValueError(f"tensor {name}: shape {tuple(got.shape)}, the model implies {shape}"
+                             + (" (NCHW: pass layout='NCHW', or transpose (0, 2, 3, 1))" if nchw else ""))
+    paths = module_paths(model_dir)
+    unknown = sorted(n for n in arrays if n not in expected and n != "scheduler/timesteps" and not is_recorded(n, paths))
+    if unknown:
+        raise ValueError(f"tensors the reference does not record ({len(unknown)}): {', '.join(unknown[:5])} "
+                         "(see 'refsd-validate names --model DIR')")

@@ -71,7 +71,11 @@ class _LiteRTModel:
             self.interp.set_tensor(d["index"], arr)
         self.interp.invoke()
         for path, info in self.tensors.items():  # named at the pipeline's current stage and step
-            self.captured[tensor_name(path)] = np.array(self.interp.get_tensor(self.index[info["tensor"]]))
+            value = self.interp.get_tensor(self.index[info["tensor"]])
+            # A quantized export can map a module to a tensor that still holds int8 values (a GATHER from an
+            # int8 table, before its DEQUANTIZE): not the module's float output, so not captured.
+            if value.dtype.kind == "f":
+                self.captured[tensor_name(path)] = np.array(value)
         return np.array(self.interp.get_tensor(self.interp.get_output_details()[0]["index"]))
 
     # the calls Pipeline makes
