@@ -17,8 +17,10 @@ steps are the same for any runtime of your own:
 4. declare honestly where and in what precision each stage ran (``stages``),
    and which weights the deployment stores (``model.weights``): the
    validator's noise floors follow the declaration;
-5. ``refsd_validate.bundle.write_bundle`` checks the document against the
-   schema and writes it.
+5. ``refsd_validate.bundle.write_bundle(..., model_dir=...)`` checks the
+   document against the schema, and the tensors against the model (its
+   hash, the boundary shapes, with a hint for an NCHW tensor, and every
+   intermediate's name), before it writes anything.
 
 Run::
 
@@ -297,7 +299,9 @@ def capture(model_dir: str | Path, out: str | Path, *, prompt: str, negative_pro
                    height=height, width=width)
     tensors = run(model_dir, **request, dtype=dtype, intermediates=intermediates, fault=fault)
     doc = capture_document(model_dir, **request, dtype=dtype, declare=declare)
-    return write_bundle(out, doc, tensors)
+    # Checked against the model before anything is written (run() already made every 4-D tensor NHWC;
+    # write_bundle(..., layout="NCHW") would transpose them instead).
+    return write_bundle(out, doc, tensors, model_dir=model_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

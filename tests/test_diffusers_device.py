@@ -343,16 +343,27 @@ def test_example_runs_as_a_script(example, tiny_sd21, diffusers_bundles, tmp_pat
 
 def test_nchw_written_as_nhwc_is_refused(diffusers_bundles, tiny_sd21, tmp_path):
     """A capture that forgot PyTorch's NCHW -> NHWC transpose: 32x32 latents with 4 channels are
-    (1, 4, 32, 32), not (1, 32, 32, 4), so the shape check catches it before any value is compared."""
+    (1, 4, 32, 32), not (1, 32, 32, 4), so the shape checks catch it before any value is compared."""
     good = read_bundle(diffusers_bundles["fp32"])
-    tensors = {n: (v.transpose(0, 3, 1, 2) if v.ndim == 4 else v) for n, v in good.tensors.items()}
+    nchw = {n: (v.transpose(0, 3, 1, 2) if v.ndim == 4 else v) for n, v in good.tensors.items()}
     capture = {k: v for k, v in good.capture.items() if k not in ("schema", "schema_version", "tensors")}
-    bad = write_bundle(tmp_path / "nchw", capture, tensors)  # the schema has no opinion on layout
-    with pytest.raises(BundleError) as e:
-        read_bundle(bad, ModelGeometry.from_dir(tiny_sd21))
-    msg = str(e.value)
-    # The message names the tensor, what it holds and what this model and request need.
-    assert msg == ("tensor scheduler/latents_init: shape (1, 4, 32, 32), expected (1, 32, 32, 4) for this model "
-                   "and request"), msg
-    with pytest.raises(BundleError, match=r"scheduler/latents_init: shape \(1, 4, 32, 32\)"):
-        certify(bad, tiny_sd21, cache_dir=tmp_path / "cache")
+    # Written with the model at hand (as the example does): refused before anything is written, with the fix.
+    with pytest.raises(ValueError) as e:
+        write_bundle(tmp_path / "checked", capture, nchw, model_dir=tiny_sd21)
+    assert str(e.value) == ("tensor scheduler/latents_init: shape (1, 4, 32, 32), the model implies (1, 32, 32, 4) "
+                            "(NCHW: pass layout='NCHW', or transpose (0, 2, 3, 1))")
+    assert not (tmp_path / "checked").exists()
+    # Written without the model (the schema has no opinion on layout): the reader refuses it, naming the
+    # tensor, what it holds and what this model and request need; certify likewise, before any rerun.
+    bad = write_bundle(tmp_path / "unchecked", capture, nchw)
+    for refuse in (lambda: read_bundle(bad, ModelGeometry.from_dir(tiny_sd21)),
+                   lambda: certify(bad, tiny_sd21, cache_dir=tmp_path / "cache")):
+        with pytest.raises(BundleError) as e:
+            refuse()
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith("tensor scheduler/latents_init: shape (1, 4, 32, 32), expected "
+                                                   "(1, 32, 32, 4)"), msg
+    # The fix the message names gives back the good bundle's tensors.
+    fixed = read_bundle(write_bundle(tmp_path / "fixed", capture, nchw, layout="NCHW", model_dir=tiny_sd21))
+    for n, v in good.tensors.items():
+        assert np.array_equal(fixed.tensors[n], v), n
