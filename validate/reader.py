@@ -176,8 +176,11 @@ def read_bundle(path: str | Path, geometry: ModelGeometry | None = None) -> Bund
         if entry["dtype"] not in dtypes:
             raise BundleError(f"tensor {name}: dtype {entry['dtype']}, expected {' or '.join(dtypes)}")
         if shape is not None and tuple(entry["shape"]) != shape:
-            raise BundleError(f"tensor {name}: shape {tuple(entry['shape'])}, expected {shape} for this model "
-                              "and request")
+            got = tuple(entry["shape"])
+            nchw = len(shape) == 4 and got == (shape[0], shape[3], shape[1], shape[2])
+            raise BundleError(f"tensor {name}: shape {got}, expected {shape} for this model and request"
+                              + (" (NCHW? bundles hold NHWC activations: transpose (0, 2, 3, 1), or write the "
+                                 "bundle with write_bundle(..., layout='NCHW'))" if nchw else ""))
         if math.prod(entry["shape"]) == 0:
             raise BundleError(f"tensor {name}: empty (shape {tuple(entry['shape'])})")
         arr = _load_tensor(files, name, entry)

@@ -47,6 +47,7 @@ from pathlib import Path
 
 from refsd.export.tflite_edit import widen_gather_tables
 from refsd.models.rewrites import Rewrites
+from refsd.trace import CFG_ORDER, TOKENS
 
 COMPONENTS = ("text_encoder", "unet", "vae")
 WEIGHTS = ("fp32", "fp16", "int8")
@@ -54,8 +55,7 @@ WEIGHTS = ("fp32", "fp16", "int8")
 # fusions (the delegate's business, not a graph) or, int8_weights, a storage choice (--weights int8).
 GRAPH_REWRITES = ("fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "embedding_1d", "prune")  # prune: the pruned weights
 MANIFEST = "refsd_export.json"
-TOKENS = 77
-BATCH = 2  # [uncond, cond], as the pipeline runs the text encoder and the UNet
+BATCH = len(CFG_ORDER)  # [uncond, cond], as the pipeline runs the text encoder and the UNet
 
 
 def graph_rewrites(spec="none", **params) -> Rewrites:
