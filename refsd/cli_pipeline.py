@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from refsd.limits import check_request, max_image_pixels
 from refsd.monitor import EVENT_KINDS
+from refsd.safe_io import load_npy
 
 FAIL_ON = ("severe",) + EVENT_KINDS
 
@@ -45,6 +47,7 @@ def _run(args: argparse.Namespace, monitor):
 
     if args.block < 1:
         raise ValueError(f"--block must be >= 1, got {args.block}")
+    check_request_args(args)
     req = Request(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance, args.scheduler,
                   args.height, args.width)
     latents = None
@@ -57,15 +60,18 @@ def _run(args: argparse.Namespace, monitor):
     return req, result, time.perf_counter() - t0
 
 
+def check_request_args(args: argparse.Namespace) -> None:
+    """The request options' ranges (``refsd.limits``), named as options."""
+    check_request(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance,
+                  getattr(args, "height", 1), getattr(args, "width", 1), options=True)
+
+
 def _load_npy(path: str) -> np.ndarray:
+    # 32 bytes per image pixel: float64 latents of up to 4 channels at the full image size, far above
+    # what any VAE scale needs, and still bounded by this machine's memory.
+    arr = load_npy(path, max_bytes=max_image_pixels() * 32, what=f"--latents {path}")
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(2, "no such file", str(p))
-    try:
-        arr = np.load(p, allow_pickle=False)
-    except ValueError as e:
-        raise ValueError(f"{p}: not a plain .npy array ({e})") from None
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
+    if arr.dtype.kind != "f":
         raise ValueError(f"{p}: expected a floating-point .npy array")
     if not np.isfinite(arr).all():
         raise ValueError(f"{p}: latents contain inf or NaN")

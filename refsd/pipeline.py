@@ -35,6 +35,7 @@ from typing import Callable
 
 import numpy as np
 
+from refsd.limits import check_request
 from refsd.models.module import ModelOptions
 from refsd.monitor import Monitor, Report, location, monitoring
 from refsd.numerics import Precision
@@ -59,12 +60,8 @@ class Request:
     width: int = 512
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.height < 1 or self.width < 1:
-            raise ValueError(f"height and width must be positive, got {self.height}x{self.width}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        check_request(self.prompt, self.negative_prompt, self.seed, self.steps, self.guidance, self.height,
+                      self.width)
 
 
 @dataclass
