@@ -55,7 +55,7 @@ def check_regular(path: str | os.PathLike, *, error: type[Exception] = ValueErro
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise error(f"{label}: missing") from None
+        raise error(f"{label}: no such file") from None
     except OSError as e:
         raise error(f"{label}: cannot stat ({e.strerror or e})") from None
     if not stat.S_ISREG(st.st_mode):

@@ -7,7 +7,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from refsd.limits import real
 from refsd_validate.tolerance import K
+
+# Past twice the calibrated k a certificate stops saying "within the noise of a correct implementation":
+# at k = 17.7 a +1 % bias on the UNet output certifies (refsd_validate.tolerance).
+K_MAX = 2 * K
+MAX_CACHE_GB = 1024.0
 
 MODES = ("free", "teacher", "both")
 
@@ -31,10 +37,11 @@ def add_certify_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--cache", metavar="DIR", help=f"reference rerun cache (default {default_cache_dir()})")
     p.add_argument("--cache-gb", type=float, default=4.0, metavar="GB",
-                   help="keep at most this much in the cache, least recently used reruns dropped first (default 4)")
+                   help=f"keep at most this much in the cache, in (0, {MAX_CACHE_GB:g}], least recently used reruns "
+                   "dropped first (default 4)")
     p.add_argument("--tflite", metavar="DIR", help="the export folder (refsd_export.json): Model Explorer node data "
                    "keyed by its TFLite tensor names instead of module paths")
-    p.add_argument("--k", type=float, default=K, help=f"tolerance in noise floors (default {K:g}; see the certificate)")
+    p.add_argument("--k", type=float, default=K, help=f"tolerance in noise floors, in (0, {K_MAX:g}] (default {K:g}; see the certificate)")
     p.set_defaults(func=_cmd_certify)
 
 
@@ -42,8 +49,8 @@ def _cmd_certify(args) -> int:
     from refsd_validate.certify import certify, tflite_tensor_names, write_outputs  # noqa: PLC0415
     from refsd_validate.reader import BundleError  # noqa: PLC0415
 
-    if not args.cache_gb > 0:
-        raise BundleError(f"--cache-gb must be > 0, got {args.cache_gb:g}")
+    real(args.cache_gb, "--cache-gb", 0, MAX_CACHE_GB, open_lo=True)
+    real(args.k, "--k", 0, K_MAX, open_lo=True)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise BundleError(f"--out {out}: exists and is not a directory")
