@@ -165,10 +165,12 @@ def _is_number(v) -> bool:
 class _Param:
     """One config key: its default (the diffusers class's default) and what is supported."""
 
-    def __init__(self, default, *, choices=None, kind=None, only=_MISSING, allow_none=False):
+    def __init__(self, default, *, choices=None, kind=None, only=_MISSING, allow_none=False, hi=None):
         self.default = default
+        self.hi = hi  # upper bound of an int kind
         self.choices = choices  # tuple of accepted values
-        self.kind = kind  # 'bool' | 'int' | 'pos_int' | 'number' | 'number_or_-inf' | 'betas' | None
+        # 'bool' | 'int' | 'pos_int' | 'number' | 'positive' | 'beta' (in (0, 1)) | 'number_or_-inf' | 'betas' | None
+        self.kind = kind
         self.only = only  # the single supported value (others are recognised but unsupported)
         self.allow_none = allow_none
 
@@ -205,12 +207,17 @@ class _Param:
                 raise bad("expected an integer")
             return int(value)
         if self.kind == "pos_int":
-            if not _is_int(value) or value < 1:
-                raise bad("expected a positive integer")
+            if not _is_int(value) or not 1 <= value <= (self.hi or value):
+                raise bad("expected a positive integer" + (f" <= {self.hi}" if self.hi else ""))
             return int(value)
         if self.kind == "number":
             if not _is_number(value) or not math.isfinite(float(value)):
                 raise bad("expected a finite number")
+            return float(value)
+        if self.kind in ("positive", "beta"):  # a negative beta makes sqrt(beta) complex; beta >= 1 kills alpha
+            hi = 1.0 if self.kind == "beta" else math.inf
+            if not _is_number(value) or not 0 < float(value) < hi:
+                raise bad("expected a number in (0, 1)" if self.kind == "beta" else "expected a finite number > 0")
             return float(value)
         if self.kind == "number_or_-inf":
             if not _is_number(value) or math.isnan(float(value)) or float(value) == math.inf:
@@ -221,16 +228,17 @@ class _Param:
                 arr = np.asarray(value, dtype=np.float64)
             except (TypeError, ValueError):
                 raise bad("expected a list of numbers") from None
-            if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)):
-                raise bad("expected a non-empty list of finite numbers")
+            if arr.ndim != 1 or arr.size == 0 or not np.all((arr > 0) & (arr < 1)):
+                raise bad("expected a non-empty list of numbers in (0, 1)")
             return arr.astype(_F32)
         return value
 
 
 _COMMON: dict[str, _Param] = {
-    "num_train_timesteps": _Param(1000, kind="pos_int"),
-    "beta_start": _Param(0.0001, kind="number"),
-    "beta_end": _Param(0.02, kind="number"),
+    # SD trains on 1000; the bound keeps a hostile config from allocating a schedule of 10^12 betas
+    "num_train_timesteps": _Param(1000, kind="pos_int", hi=100_000),
+    "beta_start": _Param(0.0001, kind="beta"),
+    "beta_end": _Param(0.02, kind="beta"),
     "beta_schedule": _Param("linear", choices=_BETA_SCHEDULES),
     "trained_betas": _Param(None, kind="betas", allow_none=True),
     "prediction_type": _Param("epsilon", choices=_PREDICTION_TYPES),
@@ -345,7 +353,7 @@ class DDIMScheduler(NoiseSchedule):
     PARAMS = {
         "timestep_spacing": _Param("leading", choices=_SPACINGS),
         "clip_sample": _Param(True, kind="bool"),
-        "clip_sample_range": _Param(1.0, kind="number"),
+        "clip_sample_range": _Param(1.0, kind="positive"),
         "set_alpha_to_one": _Param(True, kind="bool"),
         "thresholding": _Param(False, only=False),
     }
@@ -432,8 +440,8 @@ class EulerDiscreteScheduler(NoiseSchedule):
         "use_karras_sigmas": _Param(False, kind="bool", allow_none=True),
         "use_exponential_sigmas": _Param(False, only=False),
         "use_beta_sigmas": _Param(False, only=False),
-        "sigma_min": _Param(None, kind="number", allow_none=True),  # used only with Karras sigmas
-        "sigma_max": _Param(None, kind="number", allow_none=True),
+        "sigma_min": _Param(None, kind="positive", allow_none=True),  # used only with Karras sigmas
+        "sigma_max": _Param(None, kind="positive", allow_none=True),
     }
 
     def __init__(self, config: Mapping[str, Any] | None = None, **overrides):
@@ -701,7 +709,7 @@ def make_scheduler(name: str | None, config: Mapping[str, Any] | None = None) ->
     """
     config = {} if config is None else config
     if not isinstance(config, Mapping):
-        raise TypeError(f"scheduler config must be a dict, got {type(config).__name__}")
+        raise ValueError(f"scheduler config must be a JSON object, got {type(config).__name__}")
     if name is None:
         name = default_scheduler_name(config)
     key = name.lower() if isinstance(name, str) else name
