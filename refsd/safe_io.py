@@ -24,6 +24,7 @@ Standard library and NumPy only: the validator's bundle reader uses it too.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -204,3 +205,24 @@ def load_npy(path: str | os.PathLike, *, max_bytes: int, error: type[Exception] 
                         f"({dtype.name} {shape})")
         f.seek(0)
         return np.load(f, allow_pickle=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _strict_validator_class():
+    import jsonschema  # noqa: PLC0415
+
+    base = jsonschema.Draft202012Validator
+    # jsonschema's "integer" accepts 2.0; a shape or a step count written as a float is a malformed file.
+    checker = base.TYPE_CHECKER.redefine("integer", lambda _, x: isinstance(x, int) and not isinstance(x, bool))
+    return jsonschema.validators.extend(base, type_checker=checker)
+
+
+def check_schema(doc: Any, schema: dict, label: str, error: type[Exception] = ValueError) -> None:
+    """Validate ``doc`` against a JSON Schema (draft 2020-12, integers strictly integers); the
+    first, most relevant violation is one line naming ``label`` and the key path."""
+    import jsonschema  # noqa: PLC0415
+
+    found = jsonschema.exceptions.best_match(_strict_validator_class()(schema).iter_errors(doc))
+    if found is not None:
+        where = "/".join(str(p) for p in found.absolute_path) or "(top level)"
+        raise error(f"{label}: {where}: {' '.join(found.message.split())[:300]}")

@@ -39,6 +39,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from refsd.safe_io import read_json
 from refsd_validate.bundle import SCHEMA, SCHEMA_PATH, SCHEMA_VERSION
 
 MAX_CAPTURE_JSON = 4 << 20
@@ -73,22 +74,24 @@ class ModelGeometry:
         root = Path(model_dir)
 
         def cfg(rel: str) -> dict:
-            p = root / rel
-            try:
-                doc = json.loads(p.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise BundleError(f"{p}: missing (is --model a diffusers folder?)") from None
-            except (OSError, ValueError) as e:
-                raise BundleError(f"{p}: unreadable config ({_one_line(e)})") from None
+            doc = read_json(root / rel, error=BundleError)
+            if not isinstance(doc, dict):
+                raise BundleError(f"{root / rel}: expected a JSON object")
             return doc
 
-        text, unet, vae = cfg("text_encoder/config.json"), cfg("unet/config.json"), cfg("vae/config.json")
-        try:
-            return cls(int(text["hidden_size"]), int(text["vocab_size"]), int(unet["in_channels"]),
-                       int(unet["out_channels"]), 2 ** (len(vae["block_out_channels"]) - 1), int(vae["out_channels"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{root}: model config lacks a field the validator needs ({_one_line(e)})") from None
+        def positive(doc: dict, rel: str, key: str) -> int:
+            value = doc.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BundleError(f"{root / rel}: {key} must be a positive integer, got {value!r}")
+            return value
 
+        t, u, v = "text_encoder/config.json", "unet/config.json", "vae/config.json"
+        text, unet, vae = cfg(t), cfg(u), cfg(v)
+        blocks = vae.get("block_out_channels")
+        if not isinstance(blocks, list) or not 1 <= len(blocks) <= 16:
+            raise BundleError(f"{root / v}: block_out_channels must be a list of 1 to 16 entries")
+        return cls(positive(text, t, "hidden_size"), positive(text, t, "vocab_size"), positive(unet, u, "in_channels"),
+                   positive(unet, u, "out_channels"), 2 ** (len(blocks) - 1), positive(vae, v, "out_channels"))
 
 
 def required_tensors(request: dict, geometry: ModelGeometry | None) -> dict[str, tuple[tuple | None, tuple]]:

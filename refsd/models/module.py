@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import mmap
 import os
 from dataclasses import dataclass
@@ -30,11 +29,13 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
+from refsd.models.config_schema import config_schema
 from refsd.models.rewrites import Rewrites
 from refsd.monitor import record, scope
 from refsd.numerics import Precision
 from refsd.numerics import precision as _precision
 from refsd.ops._core import mark_stored
+from refsd.safe_io import check_schema, read_json
 
 
 class WeightsError(ValueError):
@@ -496,6 +497,7 @@ def config_from_dict(cls, d: Mapping[str, Any], *, required: tuple[str, ...] = (
     missing = [k for k in required if k not in d]
     if missing:
         raise ValueError(f"{source}: missing required key{'s' * (len(missing) != 1)} {', '.join(missing)}")
+    check_schema(d, config_schema(cls), source)
     names = {f.name for f in dataclasses.fields(cls)}
     kw = {k: _freeze(v) for k, v in d.items() if k in names}
     try:
@@ -511,8 +513,8 @@ def _freeze(v):
 
 
 def read_config(path: str | os.PathLike) -> dict:
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    """A JSON object from a config file, read strictly (``refsd.safe_io.read_json``)."""
+    doc = read_json(path, error=WeightsError)
+    if not isinstance(doc, dict):
+        raise WeightsError(f"{path}: expected a JSON object, got a JSON {type(doc).__name__}")
+    return doc
