@@ -37,6 +37,7 @@ import numpy as np
 
 from refsd.limits import check_request
 from refsd.models.module import ModelOptions
+from refsd.models.vae import VaeConfig
 from refsd.monitor import Monitor, Report, location, monitoring
 from refsd.numerics import Precision
 from refsd.schedulers import make_scheduler
@@ -119,9 +120,9 @@ class Pipeline:
         self.low_memory = low_memory
         self.tokenizer = load_tokenizer(self.model_dir / "tokenizer")
         self.scheduler_config = load_scheduler_config(self.model_dir / "scheduler")
-        vae_config = read_config(self.model_dir / "vae" / "config.json")
+        vae_config = self.model_dir / "vae" / "config.json"
         # As diffusers: each VAE up block but the last doubles the size (8 for SD).
-        self.vae_scale_factor = 2 ** (len(vae_config.get("block_out_channels", (0, 0, 0, 0))) - 1)
+        self.vae_scale_factor = VaeConfig.from_dict(read_config(vae_config), source=str(vae_config)).downscale
         self.components: Components | None = None
         if not low_memory:
             self.components = load_pipeline(self.model_dir, options=self.options, tokenizer=False)
