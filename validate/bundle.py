@@ -38,39 +38,11 @@ SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("schema") / f"capture-{SCHEMA_VERSION}.schema.json"
 TENSOR_DTYPES = ("float32", "float16", "int32", "int64")
 
-# Files of a diffusers folder that define the model (weights, configs, tokenizer);
-# anything else in the folder (README, images, .git) does not change the hash.
-_MODEL_SUFFIXES = (".json", ".safetensors", ".txt")
 
 
 def tensor_file(name: str) -> str:
     """The bundle-relative file of tensor ``name``."""
     return f"tensors/{name}.npy"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def model_sha256(model_dir: str | os.PathLike) -> str:
-    """A diffusers folder's identity: sha256 over the sorted (relative path,
-    sha256 of contents) of its config, weight and tokenizer files. Stable under
-    copying and re-rooting; any changed byte of a weight changes it."""
-    root = Path(model_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(2, "no such model folder", str(root))
-    h = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _MODEL_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    if not files:
-        raise ValueError(f"{root}: no model files (.json, .safetensors, .txt) to hash")
-    for p in files:
-        h.update(p.relative_to(root).as_posix().encode() + b"\0" + sha256_file(p).encode() + b"\n")
-    return h.hexdigest()
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -101,3 +73,13 @@ def write_bundle(out: str | os.PathLike, capture: Mapping, tensors: Mapping[str,
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **capture, "tensors": table}
     (root / "capture.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return root
+
+
+def __getattr__(name: str):
+    # ``model_sha256`` moved next to the loader whose reads it covers (refsd.model_identity); re-exported
+    # lazily so that writing a bundle on a device host still imports NumPy and the standard library only.
+    if name == "model_sha256":
+        from refsd.model_identity import model_sha256  # noqa: PLC0415
+
+        return model_sha256
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
