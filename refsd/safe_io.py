@@ -225,4 +225,4 @@ def check_schema(doc: Any, schema: dict, label: str, error: type[Exception] = Va
     found = jsonschema.exceptions.best_match(_strict_validator_class()(schema).iter_errors(doc))
     if found is not None:
         where = "/".join(str(p) for p in found.absolute_path) or "(top level)"
-        raise error(f"{label}: {where}: {' '.join(found.message.split())[:300]}")
+        raise error(f"{label}: schema violation at {where}: {' '.join(found.message.split())[:300]}")

@@ -27,19 +27,24 @@ library only (no refsd import: the validator must not trust the reference).
 
 from __future__ import annotations
 
+import bz2
+import collections
 import hashlib
 import io
 import json
 import math
 import re
 import stat
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from refsd.safe_io import read_json
+from refsd.limits import check_request
+from refsd.safe_io import check_schema, open_regular, parse_json, read_json
 from refsd_validate.bundle import SCHEMA, SCHEMA_PATH, SCHEMA_VERSION
 
 MAX_CAPTURE_JSON = 4 << 20
@@ -196,15 +201,7 @@ def _check_inputs(tensors: dict, geometry: ModelGeometry | None) -> None:
 
 
 def _parse_capture(raw: bytes) -> dict:
-    def no_constants(c: str):
-        raise ValueError(f"non-standard JSON constant {c}")
-
-    try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=no_constants)
-    except UnicodeDecodeError:
-        raise BundleError("capture.json: not UTF-8 text") from None
-    except ValueError as e:
-        raise BundleError(f"capture.json: not valid JSON ({_one_line(e)})") from None
+    doc = parse_json(raw, "capture.json", BundleError)
     if not isinstance(doc, dict):
         raise BundleError("capture.json: not a JSON object")
     if doc.get("schema") != SCHEMA:
@@ -212,13 +209,13 @@ def _parse_capture(raw: bytes) -> dict:
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise BundleError(f"capture.json: unsupported schema_version {doc.get('schema_version')!r} "
                           f"(this validator reads version {SCHEMA_VERSION})")
-    import jsonschema  # noqa: PLC0415 (only the reader needs it)
-
-    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text(encoding="utf-8")))
-    error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise BundleError(f"capture.json: schema violation at {where}: {_one_line(error.message)[:300]}")
+    check_schema(doc, json.loads(SCHEMA_PATH.read_text(encoding="utf-8")), "capture.json", BundleError)
+    request = doc["request"]
+    try:
+        check_request(request["prompt"], request["negative_prompt"], request["seed"], request["steps"],
+                      request["guidance"], request["height"], request["width"], prefix="request/")
+    except ValueError as e:
+        raise BundleError(f"capture.json: {e}") from None
     return doc
 
 
@@ -288,7 +285,7 @@ class _DirFiles(_Files):
             raise BundleError(f"{what}: {rel} is not a regular file")
         if st.st_size > limit:
             raise BundleError(f"{what}: {rel} is {st.st_size} bytes, over the {limit}-byte limit; refused unread")
-        with open(real, "rb") as f:
+        with open_regular(real, error=BundleError, what=f"{what}: {rel}") as f:
             data = f.read(limit + 1)
         if len(data) > limit:  # grew since stat
             raise BundleError(f"{what}: {rel} is over the {limit}-byte limit; refused")
@@ -296,15 +293,25 @@ class _DirFiles(_Files):
 
 
 class _ZipFiles(_Files):
+    """A zipped bundle. Members are inflated by :func:`_inflate` under a byte budget, whatever their
+    headers claim; only the methods it can bound are accepted."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            with zipfile.ZipFile(path) as zf:
-                infos = zf.infolist()
-        except (zipfile.BadZipFile, OSError) as e:
+            with open_regular(path, error=BundleError) as f:
+                end = zipfile._EndRecData(f)  # the end record only: the member count before parsing 150k entries
+                if end is not None and end[_ECD_ENTRIES_TOTAL] > MAX_ZIP_MEMBERS:
+                    raise BundleError(f"{path}: {end[_ECD_ENTRIES_TOTAL]} zip members, over the limit of "
+                                      f"{MAX_ZIP_MEMBERS}; refused")
+                with zipfile.ZipFile(f) as zf:
+                    infos = zf.infolist()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            if isinstance(e, BundleError):
+                raise
             raise BundleError(f"{path}: neither a bundle directory nor a readable .zip ({_one_line(e)})") from None
-        names = [i.filename for i in infos]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        counts = collections.Counter(i.filename for i in infos)
+        dupes = sorted(n for n, c in counts.items() if c > 1)
         if dupes:
             raise BundleError(f"{path}: duplicate zip members {', '.join(dupes[:5])}; refused (which one is meant?)")
         for info in infos:
@@ -327,17 +334,66 @@ class _ZipFiles(_Files):
             raise BundleError(f"{what}: file {rel} is missing from the bundle")
         if info.flag_bits & 0x1:
             raise BundleError(f"{what}: zip member {rel} is encrypted")
+        if info.compress_type not in _INFLATERS:
+            raise BundleError(f"{what}: zip member {rel} uses compression method {info.compress_type}; only stored, "
+                              "deflate and bzip2 can be inflated under a byte budget, so it is refused")
         if info.file_size > limit:
             raise BundleError(f"{what}: zip member {rel} is {info.file_size} bytes uncompressed, over the "
                               f"{limit}-byte limit; refused unread (zip bomb?)")
         try:
-            with zipfile.ZipFile(self.path) as zf, zf.open(info) as f:
-                data = f.read(limit + 1)  # the header's size may lie: never read past the limit
-        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as e:
+            with open_regular(self.path, error=BundleError) as f:
+                data = _inflate(f, info, limit)
+        except (zlib.error, OSError, EOFError, ValueError) as e:
+            if isinstance(e, BundleError):
+                raise BundleError(f"{what}: zip member {rel} {e}") from None
             raise BundleError(f"{what}: zip member {rel} unreadable ({_one_line(e)})") from None
-        if len(data) > limit:
-            raise BundleError(f"{what}: zip member {rel} inflates past the {limit}-byte limit; refused (zip bomb?)")
         return data
+
+
+MAX_ZIP_MEMBERS = 1 << 18  # a 512x512 run with every intermediate of 50 steps has ~75k tensors
+_ECD_ENTRIES_TOTAL = 4  # zipfile's index of the total entry count in the end-of-central-directory record
+_CHUNK = 1 << 16
+# Decompressors that stop at max_length: zlib (deflate, raw stream) and bz2. LZMA in a zip carries its own
+# properties header and zipfile's wrapper decompresses without a bound, so it is refused with the rest.
+_INFLATERS = {zipfile.ZIP_STORED: None, zipfile.ZIP_DEFLATED: lambda: zlib.decompressobj(-15),
+              zipfile.ZIP_BZIP2: bz2.BZ2Decompressor}
+
+
+def _inflate(f, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """Member ``info``'s bytes, inflated in ``_CHUNK`` pieces with the output never past ``limit + 1``
+    bytes, whatever the headers say; the result must match the declared size and CRC-32."""
+    f.seek(info.header_offset)
+    local = f.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise BundleError("has a corrupt local header")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    f.seek(info.header_offset + 30 + name_len + extra_len)
+    make = _INFLATERS[info.compress_type]
+    d = make() if make else None
+    out = bytearray()
+    left = info.compress_size
+    while left > 0:
+        chunk = f.read(min(_CHUNK, left))
+        if not chunk:
+            raise BundleError("is truncated")
+        left -= len(chunk)
+        if d is None:
+            out += chunk
+        elif isinstance(d, bz2.BZ2Decompressor):
+            out += d.decompress(chunk, limit + 1 - len(out))
+            while not d.needs_input and not d.eof and len(out) <= limit:
+                out += d.decompress(b"", limit + 1 - len(out))
+        else:
+            while chunk and len(out) <= limit:
+                out += d.decompress(chunk, limit + 1 - len(out))
+                chunk = d.unconsumed_tail
+        if len(out) > limit:
+            raise BundleError(f"inflates past the {limit}-byte limit; refused (zip bomb?)")
+    if d is not None and not d.eof:
+        raise BundleError("is truncated (compressed stream ends early)")
+    if len(out) != info.file_size or zlib.crc32(out) != info.CRC:
+        raise BundleError("is corrupt (size or CRC-32 differs from the zip directory)")
+    return bytes(out)
 
 
 def _one_line(e: object) -> str:
