@@ -31,6 +31,7 @@ from typing import Mapping
 import numpy as np
 
 import refsd
+from refsd.blas import blas_fingerprint
 from refsd.monitor import location, recording
 from refsd.pipeline import Pipeline
 from refsd.schedulers import make_scheduler
@@ -159,6 +160,7 @@ def _run(model_dir, variant: Variant, request, ids, x0, teacher, intermediates) 
 
 def _cache_key(model_sha, variant, request, ids, x0, teacher, intermediates) -> str:
     h = hashlib.sha256()
+    h.update(json.dumps(blas_fingerprint(), sort_keys=True).encode())  # results depend on BLAS threads (refsd.blas)
     fields = {k: request[k] for k in ("steps", "scheduler", "guidance", "height", "width")}
     h.update(json.dumps({"code": code_fingerprint(), "model": model_sha, "variant": [variant.precision, variant.ftz,
                          variant.rewrites], "request": fields, "intermediates": sorted(intermediates)},
