@@ -426,7 +426,10 @@ def _corrupt_first_member(raw: bytearray) -> bytearray:
 
 
 def _lzma_member(b: Path, tmp: Path) -> Path:
-    return _zip_of(b, tmp / "bundle.zip", method=zipfile.ZIP_LZMA)
+    out = tmp / "bundle.zip"
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_LZMA) as zf:  # capture.json is read first: enough to refuse
+        zf.write(b / "capture.json", "capture.json")
+    return out
 
 
 def _stored_crc_wrong(raw: bytearray) -> bytearray:

@@ -21,6 +21,7 @@ Exit 0 certified, 1 not certified, 2 bad input.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from refsd import __version__
+from refsd.safe_io import read_json
 from refsd_validate.bundle import model_sha256
 from refsd_validate.certify_cli import MODES, default_cache_dir
 from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, code_fingerprint, rerun, teacher_inputs
@@ -245,12 +247,12 @@ def _exact_checks(bundle: Bundle, ref: dict, model_dir: Path) -> list[dict]:
 def tflite_tensor_names(tflite_dir: str | Path) -> dict[str, dict[str, str]]:
     """Stage -> module path -> TFLite tensor name, from an export's ``refsd_export.json``."""
     path = Path(tflite_dir) / "refsd_export.json"
+    if not os.path.lexists(path):
+        raise BundleError(f"{path}: missing (--tflite must be the export folder)")
+    doc = read_json(path, error=BundleError)  # never blocks on a FIFO; nesting and numbers checked
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
         return {stage: {p: t["tensor"] for p, t in c["tensors"].items()} for stage, c in doc["components"].items()}
-    except FileNotFoundError:
-        raise BundleError(f"{path}: missing (--tflite must be the export folder)") from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except (KeyError, TypeError, AttributeError) as e:
         raise BundleError(f"{path}: not an export manifest ({' '.join(str(e).split())})") from None
 
 
