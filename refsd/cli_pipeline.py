@@ -69,12 +69,12 @@ def check_request_args(args: argparse.Namespace) -> None:
 def _load_npy(path: str) -> np.ndarray:
     # 32 bytes per image pixel: float64 latents of up to 4 channels at the full image size, far above
     # what any VAE scale needs, and still bounded by this machine's memory.
-    arr = load_npy(path, max_bytes=max_image_pixels() * 32, what=f"--latents {path}")
-    p = Path(path)
+    label = f"--latents {path}"
+    arr = load_npy(path, max_bytes=max_image_pixels() * 32, what=label)
     if arr.dtype.kind != "f":
-        raise ValueError(f"{p}: expected a floating-point .npy array")
+        raise ValueError(f"{label}: expected a floating-point .npy array")
     if not np.isfinite(arr).all():
-        raise ValueError(f"{p}: latents contain inf or NaN")
+        raise ValueError(f"{label}: latents contain inf or NaN")
     return arr.astype(np.float32)
 
 

@@ -12,6 +12,10 @@ folder) comes from a device we do not control, so nothing in it is trusted:
 * sizes are checked *before* reading: the declared shape and dtype fix the
   data size, so a file (or a zip member's declared and actual size) larger
   than that plus a 16 KiB header allowance is refused unread: no zip bomb;
+  a zip member is inflated in pieces under that byte budget whatever its
+  headers claim (stored, deflate and bzip2; methods that cannot be bounded
+  are refused), then its size and CRC-32 are checked; a zip of more than
+  ``MAX_ZIP_MEMBERS`` members is refused from its end record;
 * the .npy header is parsed first (pickles and object arrays refused: only
   ``np.load(..., allow_pickle=False)`` ever runs), then dtype, shape, the
   exact data length (a truncated file is named as such) and the sha256 in
@@ -21,8 +25,10 @@ folder) comes from a device we do not control, so nothing in it is trusted:
   initial latents finite; every missing boundary tensor is listed.
 
 Every fault raises :class:`BundleError` (a ``ValueError``) whose message is
-one line; the CLI prints it and exits 2. NumPy, jsonschema and the standard
-library only (no refsd import: the validator must not trust the reference).
+one line; the CLI prints it and exits 2. NumPy, jsonschema, the standard
+library, and refsd's input checks only (``refsd.safe_io``, ``refsd.limits``,
+shared with the model loader); no refsd numerics: the validator must not
+trust the reference.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from refsd.limits import check_request
-from refsd.safe_io import check_schema, open_regular, parse_json, read_json
+from refsd.safe_io import check_schema, npy_header, open_regular, parse_json, read_json
 from refsd_validate.bundle import SCHEMA, SCHEMA_PATH, SCHEMA_VERSION
 
 MAX_CAPTURE_JSON = 4 << 20
@@ -56,7 +62,6 @@ INTS = ("int32", "int64")
 STAGES = ("text_encoder", "unet", "vae")
 _STEP = re.compile(r"^(unet/step_(\d+)/noise_pred|scheduler/step_(\d+)/latents)$")
 _INTERMEDIATE = re.compile(r"^(text_encoder|unet|vae)/(?:step_(\d+)/)?([A-Za-z0-9_.]+(?:#\d+)?)$")
-_NPY_MAGIC = b"\x93NUMPY"
 
 
 class BundleError(ValueError):
@@ -230,32 +235,17 @@ def _load_tensor(files: "_Files", name: str, entry: dict) -> np.ndarray:
         raise BundleError(f"tensor {name}: file {rel!r} escapes the bundle")
     data = files.read(rel, nbytes + NPY_HEADER_ALLOWANCE, what=f"tensor {name}")
     where = f"tensor {name} ({rel})"
-    if data[:1] == b"\x80":
-        raise BundleError(f"{where}: is a Python pickle; refused (pickled data is never loaded)")
-    if data[:6] != _NPY_MAGIC:
-        raise BundleError(f"{where}: not an .npy file (no NumPy magic)")
-    buf = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(buf)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in read_header:
-            raise ValueError(f"unsupported .npy version {version}")
-        file_shape, _, file_dtype = read_header[version](buf)
-    except ValueError as e:
-        raise BundleError(f"{where}: bad .npy header ({_one_line(e)[:200]})") from None
-    if file_dtype.hasobject:
-        raise BundleError(f"{where}: holds a pickled object array; refused (pickled data is never loaded)")
+    file_shape, file_dtype, offset, _ = npy_header(data, where, BundleError)
     if file_dtype.name != dtype.name or tuple(file_shape) != shape:
         raise BundleError(f"{where}: file holds {file_dtype.name} {tuple(file_shape)}, capture.json declares "
                           f"{dtype.name} {shape}")
-    have = len(data) - buf.tell()
+    have = len(data) - offset
     if have != nbytes:
         kind = "truncated" if have < nbytes else "has trailing bytes"
         raise BundleError(f"{where}: {kind}: {have} data bytes, {nbytes} expected for {dtype.name} {shape}")
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise BundleError(f"{where}: sha256 differs from capture.json (file changed after capture)")
-    buf.seek(0)
-    return np.load(buf, allow_pickle=False)
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 class _Files:
