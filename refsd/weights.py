@@ -230,6 +230,17 @@ def _config(component_dir: Path, name: str = "config.json") -> dict:
     return read_config(path)
 
 
+def _build(model_cls, config_cls, d: Path, options: ModelOptions):
+    """A model from ``d/config.json``; a config that types check but cannot build a model (groups that do
+    not divide the channels, heads that do not divide the width) is named as that file's fault."""
+    source = str(d / "config.json")
+    config = config_cls.from_dict(_config(d), source=source)
+    try:
+        return model_cls(config, options=options)
+    except ValueError as e:
+        raise WeightsError(f"{source}: {' '.join(str(e).split())}") from None
+
+
 def _options(options: ModelOptions | None, kw: dict) -> ModelOptions:
     if options is not None:
         if kw:
@@ -243,8 +254,7 @@ def load_text_encoder(path: str | os.PathLike, *, options: ModelOptions | None =
     """``text_encoder/`` (or a folder containing it) -> ``ClipTextModel``.
     ``option_kw``: ``precision``, ``rewrites``, ``ops``, ``gelu_approximate``, rewrite parameters."""
     d = _component(path, "text_encoder")
-    model = ClipTextModel(ClipTextConfig.from_dict(_config(d), source=str(d / "config.json")),
-                          options=_options(options, option_kw))
+    model = _build(ClipTextModel, ClipTextConfig, d, _options(options, option_kw))
     model.load_state_dict(load_component_state(d, variant=variant), source=str(d))
     return model
 
@@ -252,8 +262,7 @@ def load_text_encoder(path: str | os.PathLike, *, options: ModelOptions | None =
 def load_unet(path: str | os.PathLike, *, options: ModelOptions | None = None, variant: str | None = None,
               **option_kw) -> UNet2DConditionModel:
     d = _component(path, "unet")
-    model = UNet2DConditionModel(UNetConfig.from_dict(_config(d), source=str(d / "config.json")),
-                                 options=_options(options, option_kw))
+    model = _build(UNet2DConditionModel, UNetConfig, d, _options(options, option_kw))
     model.load_state_dict(load_component_state(d, variant=variant), source=str(d))
     return model
 
@@ -261,8 +270,7 @@ def load_unet(path: str | os.PathLike, *, options: ModelOptions | None = None, v
 def load_vae(path: str | os.PathLike, *, options: ModelOptions | None = None, variant: str | None = None,
              **option_kw) -> AutoencoderKL:
     d = _component(path, "vae")
-    model = AutoencoderKL(VaeConfig.from_dict(_config(d), source=str(d / "config.json")),
-                          options=_options(options, option_kw))
+    model = _build(AutoencoderKL, VaeConfig, d, _options(options, option_kw))
     model.load_state_dict(load_component_state(d, variant=variant), source=str(d))
     return model
 
