@@ -531,6 +531,27 @@ def test_bad_certify_option(extra, fragment, emulated_bundle, base_model, tmp_pa
     assert not (tmp_path / "c").exists()
 
 
+TFLITE_MANIFEST_CASES = [
+    ("missing", None, "refsd_export.json: missing (--tflite must be the export folder)"),
+    ("deep", "[" * DEEP + "]" * DEEP, "refsd_export.json: JSON nested too deeply"),
+    ("list", "[]", "refsd_export.json: not an export manifest"),
+    ("wrong_shape", '{"components": {"unet": {"tensors": [1]}}}', "refsd_export.json: not an export manifest"),
+    ("not_utf8", b"\xff\xfe", "refsd_export.json: not UTF-8 text"),
+]
+
+
+@pytest.mark.parametrize("content, fragment", [c[1:] for c in TFLITE_MANIFEST_CASES],
+                         ids=[c[0] for c in TFLITE_MANIFEST_CASES])
+def test_bad_tflite_manifest(content, fragment, emulated_bundle, base_model, tmp_path, capsys):
+    tflite = tmp_path / "tflite"
+    tflite.mkdir()
+    if content is not None:
+        _replace(tflite / "refsd_export.json", content)
+    argv = ["certify", emulated_bundle, "--model", base_model, "--out", tmp_path / "out", "--cache", tmp_path / "c",
+            "--tflite", tflite]
+    assert fragment in _run(validate_main, argv, capsys, "refsd-validate")
+
+
 CERTIFY_MODEL_CASES = [
     ("in_channels_str", _set("unet/config.json", "in_channels", "4"), "in_channels must be a positive integer"),
     ("vae_blocks_str", _set("vae/config.json", "block_out_channels", "abc"), "block_out_channels must be a list"),
@@ -551,7 +572,7 @@ def test_certify_refuses_malformed_model(mutate, fragment, emulated_bundle, mode
 
 def test_the_corpus_has_at_least_100_cases():
     n = (len(MODEL_CASES) + len(CLI_CASES) + 3 + len(COMPARE_CASES) + len(BUNDLE_CASES) + len(CERTIFY_OPTION_CASES)
-         + len(CERTIFY_MODEL_CASES) + len(SUBPROCESS_CASES))
+         + len(CERTIFY_MODEL_CASES) + len(TFLITE_MANIFEST_CASES) + len(SUBPROCESS_CASES))
     assert n >= 100, n
 
 
