@@ -212,7 +212,8 @@ def load_component_state(component_dir: str | os.PathLike, *, variant: str | Non
         state.update(part)
     if index is not None and set(index) - set(state):
         absent = sorted(set(index) - set(state))
-        raise WeightsError(f"{files[0].parent}: tensors the index maps to a shard are in none: {', '.join(absent[:10])}")
+        raise WeightsError(f"{files[0].parent}: tensors the index maps to a shard are in none: "
+                           f"{', '.join(absent[:10])}")
     return state
 
 

@@ -41,7 +41,8 @@ def add_certify_parser(sub) -> None:
                    "dropped first (default 4)")
     p.add_argument("--tflite", metavar="DIR", help="the export folder (refsd_export.json): Model Explorer node data "
                    "keyed by its TFLite tensor names instead of module paths")
-    p.add_argument("--k", type=float, default=K, help=f"tolerance in noise floors, in (0, {K_MAX:g}] (default {K:g}; see the certificate)")
+    p.add_argument("--k", type=float, default=K,
+                   help=f"tolerance in noise floors, in (0, {K_MAX:g}] (default {K:g}; see the certificate)")
     p.set_defaults(func=_cmd_certify)
 
 

@@ -25,9 +25,9 @@ import numpy as np
 
 from refsd.safe_io import load_npy as safe_load_npy
 from refsd_validate.compare import CHECK_MODES, DEFAULT_ATOL, DEFAULT_QUANTILE, DEFAULT_RTOL, compare
+from refsd_validate.reader import MAX_TENSOR_BYTES  # the same bound as a capture bundle's tensors
 
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
-MAX_TENSOR_BYTES = 4 << 30  # as a capture bundle's tensors (refsd_validate.reader)
 PROG = "refsd-validate"
 
 
