@@ -310,7 +310,7 @@ def test_calibration_variants_follow_the_declared_precision():
 
 def test_certify_rejects_a_bad_mode(emulated_bundle, tiny_sd21, tmp_path, capsys):
     rc = main(["certify", str(emulated_bundle), "--model", str(tiny_sd21), "--out", str(tmp_path), "--k", "-1"])
-    assert rc == 2 and capsys.readouterr().err.startswith("refsd-validate: error: k must be > 0")
+    assert rc == 2 and capsys.readouterr().err.startswith("refsd-validate: error: --k must be a finite number in (0, 8]")
 
 
 def test_litert_cpu_capture_certifies(litert_capture, tiny_sd21, certify_cache, tmp_path, capsys):
