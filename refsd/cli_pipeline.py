@@ -11,7 +11,7 @@ import numpy as np
 
 from refsd.limits import check_request, max_image_pixels
 from refsd.monitor import EVENT_KINDS
-from refsd.safe_io import load_npy
+from refsd.safe_io import check_output_file, load_npy
 
 FAIL_ON = ("severe",) + EVENT_KINDS
 
@@ -92,8 +92,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from refsd.png import write_png  # noqa: PLC0415
 
     out = Path(args.out)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(2, "output folder does not exist", str(out.parent))
+    check_output_file(out, "--out")
+    if args.trace:
+        check_output_file(args.trace, "--trace")
     req, result, seconds = _run(args, None)
     write_png(out, result.image)
     if args.trace:
@@ -126,6 +127,8 @@ def _cmd_fp16_check(args: argparse.Namespace) -> int:
         raise ValueError(f"--fail-on: unknown event kind(s) {', '.join(unknown)}; expected {', '.join(FAIL_ON)}")
     if args.top < 0:
         raise ValueError(f"--top must be >= 0, got {args.top}")
+    if args.json:
+        check_output_file(args.json, "--json")
     json_out = open(args.json, "w", encoding="utf-8") if args.json else None  # fail early on a bad path
     try:
         req, result, seconds = _run(args, Monitor())

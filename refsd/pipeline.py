@@ -113,7 +113,7 @@ class Pipeline:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise FileNotFoundError(2, "no such model folder", str(self.model_dir))
-        if not (self.model_dir / "model_index.json").is_file():
+        if not (self.model_dir / "model_index.json").exists():  # present but not a file: refused when read
             raise ValueError(f"{self.model_dir}: not a diffusers folder (no model_index.json)")
         p = Precision(precision, ftz, block)
         self.options = ModelOptions.make(precision=p, rewrites=rewrites, weights_f16=low_memory and p.storage16)

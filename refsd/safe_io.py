@@ -94,6 +94,16 @@ def read_bytes(path: str | os.PathLike, max_bytes: int, *, error: type[Exception
     return data
 
 
+def check_output_file(path: str | os.PathLike, option: str) -> None:
+    """An output path the command may create or overwrite: its folder exists, and it is not
+    something other than a regular file (writing to a FIFO would block until a reader comes)."""
+    p = Path(path)
+    if not p.parent.is_dir():
+        raise ValueError(f"{option} {p}: folder {p.parent} does not exist")
+    if os.path.lexists(p) and not p.is_file():
+        raise ValueError(f"{option} {p}: exists and is not a regular file; refused")
+
+
 def decode_utf8(raw: bytes, label: str, error: type[Exception] = ValueError) -> str:
     try:
         return raw.decode("utf-8")

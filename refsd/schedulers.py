@@ -687,6 +687,8 @@ def default_scheduler_name(config: Mapping[str, Any]) -> str:
     suggesting to pick one of ours explicitly.
     """
     cls = config.get("_class_name")
+    if cls is not None and not isinstance(cls, str):
+        raise ValueError(f"scheduler config _class_name must be a string, got {cls!r}")
     if cls is None:
         raise ValueError(
             f"scheduler config has no _class_name, so there is no default scheduler: choose one of {_valid_names()}"

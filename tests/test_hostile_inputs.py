@@ -230,6 +230,8 @@ MODEL_CASES = [
     ("model_index_deep", lambda m: _replace(m / "model_index.json", '{"a":' * DEEP + "1" + "}" * DEEP),
      "model_index.json: JSON nested too deeply"),
     # scheduler
+    ("scheduler_class_list", _set("scheduler/scheduler_config.json", "_class_name", ["DDIMScheduler"]),
+     "_class_name must be a string"),
     ("scheduler_list", lambda m: _replace(m / "scheduler/scheduler_config.json", "[]"),
      "scheduler_config.json: expected a JSON object"),
     ("beta_start_negative", _set("scheduler/scheduler_config.json", "beta_start", -1),
@@ -335,7 +337,9 @@ CLI_CASES = [
     ("precision_unknown", lambda t: ["--precision", "f8"], "argument --precision: invalid choice"),
     ("rewrites_unknown", lambda t: ["--rewrites", "warp"], "warp"),
     ("scheduler_unknown", lambda t: ["--scheduler", "pndm"], "argument --scheduler: invalid choice"),
-    ("out_dir_missing", lambda t: ["--out", t / "no" / "x.png"], "output folder does not exist"),
+    ("out_dir_missing", lambda t: ["--out", t / "no" / "x.png"], "no/x.png: folder"),
+    ("out_is_dir", lambda t: ["--out", t], "exists and is not a regular file"),
+    ("trace_is_dir", lambda t: ["--trace", t], "exists and is not a regular file"),
     ("latents_text", lambda t: ["--latents", _latents(t, b"hello")], "latents.npy: not an .npy file (no NumPy magic)"),
     ("latents_pickle", lambda t: ["--latents", _latents(t, pickle.dumps(np.zeros(3)))], "is a Python pickle; refused"),
     ("latents_object", lambda t: ["--latents", _latents(t, _npy_object())], "pickled object array; refused"),
@@ -377,7 +381,8 @@ def test_bad_generate_option(extra, fragment, base_model, tmp_path, capsys):
     (["--fail-on", "meltdown"], "--fail-on: unknown event kind(s) meltdown"),
     (["--top", "-1"], "--top must be >= 0"),
     (["--guidance", "nan"], "--guidance must be a finite number"),
-], ids=["fail_on", "top", "guidance"])
+    (["--json", "."], "--json .: exists and is not a regular file"),
+], ids=["fail_on", "top", "guidance", "json_dir"])
 def test_bad_fp16_check_option(extra, fragment, base_model, tmp_path, capsys):
     argv = ["fp16-check", "--model", base_model, "--prompt", "a cat", "--steps", "1", "--height", "16", "--width", "16",
             "--quiet", *extra]
@@ -628,6 +633,10 @@ SUBPROCESS_CASES = [
      "text_encoder/config.json: is a FIFO"),
     ("weights_fifo", lambda t, m, b: ["refsd", *_generate(_fifo_model(UNET_ST)(t, m), t)],
      "diffusion_pytorch_model.safetensors: is a FIFO"),
+    ("model_index_fifo", lambda t, m, b: ["refsd", *_generate(_fifo_model("model_index.json")(t, m), t)],
+     "model_index.json: is a FIFO"),
+    ("out_fifo", lambda t, m, b: ["refsd", *_generate(m, t, "--out", (os.mkfifo(t / "o.png"), t / "o.png")[1])],
+     "o.png: exists and is not a regular file"),
     ("certify_vae_config_fifo", lambda t, m, b: ["refsd_validate", "certify", b, "--model",
                                                  _fifo_model("vae/config.json")(t, m), "--out", t / "o"],
      "vae/config.json: is a FIFO"),

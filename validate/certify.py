@@ -109,7 +109,7 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
     if not k > 0:
         raise BundleError(f"k must be > 0, got {k!r}")
     model_dir = Path(model_dir)
-    if not (model_dir / "model_index.json").is_file():
+    if not os.path.lexists(model_dir / "model_index.json"):  # a FIFO or directory there is refused when read
         raise BundleError(f"{model_dir}: not a diffusers model folder (no model_index.json)")
     geometry = ModelGeometry.from_dir(model_dir)
     bundle = read_bundle(bundle_path, geometry)
