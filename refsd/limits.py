@@ -26,6 +26,8 @@ STEPS = (1, 1000)  # SD's schedulers are trained on 1000 timesteps; more inferen
 GUIDANCE = (0.0, 100.0)  # SD is used at 1..20; past 100 the guided noise is dominated by the difference term
 SEED = (0, 2**64 - 1)  # what numpy's PCG64 seeding takes without folding
 MAX_SIDE = 16384
+# CLIP reads 77 tokens (a few hundred characters); tokenizing megabytes only to truncate them costs seconds.
+MAX_PROMPT_CHARS = 10_000
 BYTES_PER_PIXEL = 4096
 
 
@@ -58,9 +60,13 @@ def real(value, name: str, lo: float, hi: float, *, open_lo: bool = False) -> fl
 
 
 def check_text(value, name: str) -> str:
-    """A prompt: a str encodable as UTF-8 (a lone surrogate from a mis-decoded argv is not)."""
+    """A prompt: a str of at most ``MAX_PROMPT_CHARS``, encodable as UTF-8 (a lone surrogate
+    from a mis-decoded argv is not)."""
     if not isinstance(value, str):
         raise ValueError(f"{name} must be a string, got {type(value).__name__}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{name} is {len(value)} characters, over the limit of {MAX_PROMPT_CHARS} (CLIP reads 77 "
+                         "tokens)")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:

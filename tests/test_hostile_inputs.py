@@ -333,6 +333,7 @@ CLI_CASES = [
     ("seed_huge", lambda t: ["--seed", str(2**70)], "--seed must be in [0, 18446744073709551615]"),
     ("prompt_surrogate", lambda t: ["--prompt", "a \udcff cat"], "--prompt: not valid Unicode text"),
     ("negative_prompt_surrogate", lambda t: ["--negative-prompt", "\ud800"], "--negative-prompt: not valid Unicode"),
+    ("prompt_huge", lambda t: ["--prompt", "cat " * 100_000], "--prompt is 400000 characters, over the limit"),
     ("block_zero", lambda t: ["--block", "0"], "--block must be >= 1"),
     ("precision_unknown", lambda t: ["--precision", "f8"], "argument --precision: invalid choice"),
     ("rewrites_unknown", lambda t: ["--rewrites", "warp"], "warp"),
@@ -503,6 +504,8 @@ BUNDLE_CASES = [
      "schema violation at tensors/scheduler/latents_init/shape/0"),
     ("prompt_surrogate", lambda b, t: (_replace(b / "capture.json", (b / "capture.json").read_text().replace(
         '"prompt": "', '"prompt": "\\ud800')), b)[-1], "capture.json: string at /request/prompt holds a lone"),
+    ("prompt_huge", _doc_edit(lambda d: d["request"].update(negative_prompt="x" * 1_000_000)),
+     "request/negative_prompt is 1000000 characters"),
     ("seed_huge", _doc_edit(lambda d: d["request"].update(seed=2**70)), "request/seed must be in"),
     ("tensor_huge_header", _bundle_tensor_huge_header, "tensor scheduler/latents_init"),
     ("tensor_file_dir", lambda b, t: ((b / tensor_file("vae/image")).unlink(), (b / tensor_file("vae/image")).mkdir(),
