@@ -378,12 +378,15 @@ def test_bad_generate_option(extra, fragment, base_model, tmp_path, capsys):
     assert fragment in line, line
 
 
-@pytest.mark.parametrize("extra, fragment", [
-    (["--fail-on", "meltdown"], "--fail-on: unknown event kind(s) meltdown"),
-    (["--top", "-1"], "--top must be >= 0"),
-    (["--guidance", "nan"], "--guidance must be a finite number"),
-    (["--json", "."], "--json .: exists and is not a regular file"),
-], ids=["fail_on", "top", "guidance", "json_dir"])
+FP16_CHECK_CASES = [
+    ("fail_on", ["--fail-on", "meltdown"], "--fail-on: unknown event kind(s) meltdown"),
+    ("top", ["--top", "-1"], "--top must be >= 0"),
+    ("guidance", ["--guidance", "nan"], "--guidance must be a finite number"),
+    ("json_dir", ["--json", "."], "--json .: exists and is not a regular file"),
+]
+
+
+@pytest.mark.parametrize("extra, fragment", [c[1:] for c in FP16_CHECK_CASES], ids=[c[0] for c in FP16_CHECK_CASES])
 def test_bad_fp16_check_option(extra, fragment, base_model, tmp_path, capsys):
     argv = ["fp16-check", "--model", base_model, "--prompt", "a cat", "--steps", "1", "--height", "16", "--width", "16",
             "--quiet", *extra]
@@ -592,7 +595,7 @@ def test_certify_refuses_malformed_model(mutate, fragment, emulated_bundle, mode
 
 
 def test_the_corpus_has_at_least_100_cases():
-    n = (len(MODEL_CASES) + len(CLI_CASES) + 3 + len(COMPARE_CASES) + len(BUNDLE_CASES) + len(CERTIFY_OPTION_CASES)
+    n = (len(MODEL_CASES) + len(CLI_CASES) + len(FP16_CHECK_CASES) + len(COMPARE_CASES) + len(BUNDLE_CASES) + len(CERTIFY_OPTION_CASES)
          + len(CERTIFY_MODEL_CASES) + len(TFLITE_MANIFEST_CASES) + len(SUBPROCESS_CASES))
     assert n >= 100, n
 
