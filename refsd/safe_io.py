@@ -12,8 +12,9 @@ one-line message that names the file:
 * text: UTF-8, decoded with the offending byte's offset in the message;
 * JSON: nesting at most ``MAX_JSON_DEPTH`` (CPython's parser would otherwise
   raise ``RecursionError``), no ``NaN`` / ``Infinity`` literals, no number that
-  overflows to inf (``1e400``), no lone UTF-16 surrogate (``"\\ud800"``, which
-  cannot be encoded back to UTF-8);
+  overflows to inf (``1e400``), no duplicate key in an object (which one
+  would be meant?), no lone UTF-16 surrogate (``"\\ud800"``, which cannot be
+  encoded back to UTF-8);
 * ``.npy``: magic, version and header parsed first; the element count is a
   Python int (``np.prod`` wraps in int64); the declared data size must equal
   the bytes the file holds, so a header declaring 10^12 elements allocates
@@ -29,6 +30,7 @@ import io
 import json
 import math
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -124,6 +126,14 @@ def parse_json(raw: bytes | str, label: str, error: type[Exception] = ValueError
     def no_constant(c: str):
         raise ValueError(f"non-standard JSON constant {c}")
 
+    def unique(pairs: list) -> dict:
+        doc = dict(pairs)
+        if len(doc) != len(pairs):
+            seen = set()
+            dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise ValueError(f"duplicate key {dup[:80]!r} (which value is meant?)")
+        return doc
+
     def finite(s: str) -> float:
         x = float(s)
         if not math.isfinite(x):
@@ -131,17 +141,23 @@ def parse_json(raw: bytes | str, label: str, error: type[Exception] = ValueError
         return x
 
     try:
-        doc = json.loads(text, parse_constant=no_constant, parse_float=finite)
+        doc = json.loads(text, parse_constant=no_constant, parse_float=finite, object_pairs_hook=unique)
     except RecursionError:
         raise error(f"{label}: JSON nested too deeply; refused") from None
     except ValueError as e:  # JSONDecodeError, and the hooks above
         raise error(f"{label}: not valid JSON ({' '.join(str(e).split())[:200]})") from None
-    _check_tree(doc, label, error)
+    _check_tree(doc, text, label, error)
     return doc
 
 
-def _check_tree(doc: Any, label: str, error: type[Exception]) -> None:
-    # Iterative, so the check itself cannot recurse too deeply.
+# Text decoded from UTF-8 holds no surrogates; JSON can still spell one as an escape.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _check_tree(doc: Any, text: str, label: str, error: type[Exception]) -> None:
+    # Iterative, so the check itself cannot recurse too deeply; strings are walked only when the text
+    # spells a surrogate (a valid pair is fine), so a 1M-entry vocabulary costs one pass over containers.
+    strings = _SURROGATE_ESCAPE.search(text) is not None
     stack = [(doc, 1, "")]
     while stack:
         node, depth, where = stack.pop()
@@ -150,9 +166,10 @@ def _check_tree(doc: Any, label: str, error: type[Exception]) -> None:
                 raise error(f"{label}: JSON nested more than {MAX_JSON_DEPTH} levels deep; refused")
             items = node.items() if isinstance(node, dict) else enumerate(node)
             for k, v in items:
-                if isinstance(k, str):
+                if strings and isinstance(k, str):
                     _check_string(k, label, error, where)
-                stack.append((v, depth + 1, f"{where}/{k}"))
+                if strings or isinstance(v, (dict, list)):
+                    stack.append((v, depth + 1, f"{where}/{k}"))
         elif isinstance(node, str):
             _check_string(node, label, error, where)
 
