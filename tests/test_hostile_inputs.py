@@ -99,6 +99,14 @@ def _overlap(header: dict) -> None:
     header[b]["data_offsets"] = list(header[a]["data_offsets"])
 
 
+def _st_duplicate_key(m: Path) -> None:
+    # A tensor listed twice: the safetensors library keeps the last entry; which one is meant?
+    header, data = _st_parts(m / TEXT_ST)
+    last = _tensors(header)[-1]
+    text = json.dumps(header)
+    _st_write(m / TEXT_ST, (text[:-1] + f", {json.dumps(last)}: {json.dumps(header[last])}}}").encode(), data)
+
+
 def _first(header: dict) -> dict:
     return header[_tensors(header)[0]]
 
@@ -135,6 +143,18 @@ def _npy_declaring(shape: tuple) -> bytes:
     header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {shape!r}, }}".encode()
     header += b" " * (-(len(header) + 11) % 64) + b"\n"
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + b"\0" * 16
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _imports_done():
+    """Import what the commands import lazily, once, so a case's time is the case's, not the
+    interpreter's first import of transformers (seconds on a loaded machine)."""
+    import jsonschema  # noqa: F401
+    import safetensors  # noqa: F401
+    from transformers import CLIPTokenizer  # noqa: F401
+
+    import refsd.pipeline  # noqa: F401
+    import refsd_validate.certify  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -182,6 +202,8 @@ MODEL_CASES = [
      "unet/config.json: not valid JSON (number 1e400 overflows"),
     ("unet_config_nan", lambda m: _replace(m / "unet/config.json", '{"norm_eps": NaN}'),
      "unet/config.json: not valid JSON (non-standard JSON constant NaN"),
+    ("unet_config_duplicate_key", lambda m: _replace(m / "unet/config.json", (m / "unet/config.json").read_text()[:-2]
+                                                     + ', "in_channels": 9}'), "duplicate key 'in_channels'"),
     ("unet_config_dir", lambda m: ((m / "unet/config.json").unlink(), (m / "unet/config.json").mkdir()),
      "unet/config.json: is a directory"),
     ("unet_config_missing", lambda m: (m / "unet/config.json").unlink(), "missing config.json"),
@@ -286,6 +308,7 @@ MODEL_CASES = [
     ("st_shape_wraps", _st_edit(UNET_ST, lambda h: _first(h).update(shape=[2**32, 2**32])), "corrupt safetensors file"),
     ("st_dtype_unsupported", _st_edit(UNET_ST, lambda h: _first(h).update(dtype="U32")), "unsupported dtype U32"),
     ("st_tensor_missing", _st_edit(UNET_ST, lambda h: h.pop(_tensors(h)[-1])), "corrupt safetensors file"),
+    ("st_duplicate_key", _st_duplicate_key, "(safetensors header): not valid JSON (duplicate key"),
     ("st_is_dir", lambda m: ((m / TEXT_ST).unlink(), (m / TEXT_ST).mkdir()), "is a directory, not a regular file"),
     ("index_list", lambda m: (_shard(m, "x.safetensors"),
                               _replace(m / "unet/diffusion_pytorch_model.safetensors.index.json", "[]")),
@@ -492,6 +515,8 @@ BUNDLE_CASES = [
     ("capture_not_utf8", _raw_capture(b'{"schema": "\xff"}'), "capture.json: not UTF-8 text (byte 0xff"),
     ("capture_list", _raw_capture("[]"), "capture.json: not a JSON object"),
     ("capture_bad_json", _raw_capture('{"schema": '), "capture.json: not valid JSON"),
+    ("capture_duplicate_key", lambda b, t: (_replace(b / "capture.json", (b / "capture.json").read_text().replace(
+        '"request": {', '"request": {"seed": 0, ', 1)), b)[-1], "capture.json: not valid JSON (duplicate key 'seed'"),
     ("capture_dir", lambda b, t: ((b / "capture.json").unlink(), (b / "capture.json").mkdir(), b)[-1],
      "capture.json is not a regular file"),
     ("guidance_1e400", lambda b, t: (_replace(b / "capture.json", (b / "capture.json").read_text().replace(
