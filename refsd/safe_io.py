@@ -101,7 +101,7 @@ def check_output_file(path: str | os.PathLike, option: str) -> None:
     something other than a regular file (writing to a FIFO would block until a reader comes)."""
     p = Path(path)
     if not p.parent.is_dir():
-        raise ValueError(f"{option} {p}: folder {p.parent} does not exist")
+        raise ValueError(f"{option} {p}: output folder {p.parent} does not exist")
     if os.path.lexists(p) and not p.is_file():
         raise ValueError(f"{option} {p}: exists and is not a regular file; refused")
 

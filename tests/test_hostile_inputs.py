@@ -361,7 +361,7 @@ CLI_CASES = [
     ("precision_unknown", lambda t: ["--precision", "f8"], "argument --precision: invalid choice"),
     ("rewrites_unknown", lambda t: ["--rewrites", "warp"], "warp"),
     ("scheduler_unknown", lambda t: ["--scheduler", "pndm"], "argument --scheduler: invalid choice"),
-    ("out_dir_missing", lambda t: ["--out", t / "no" / "x.png"], "no/x.png: folder"),
+    ("out_dir_missing", lambda t: ["--out", t / "no" / "x.png"], "no/x.png: output folder"),
     ("out_is_dir", lambda t: ["--out", t], "exists and is not a regular file"),
     ("trace_is_dir", lambda t: ["--trace", t], "exists and is not a regular file"),
     ("latents_text", lambda t: ["--latents", _latents(t, b"hello")], "latents.npy: not an .npy file (no NumPy magic)"),
