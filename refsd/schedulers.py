@@ -43,12 +43,13 @@ Precision notes (what "reproduces diffusers" means here, measured in
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from refsd.safe_io import read_json
 
 __all__ = [
     "SCHEDULERS",
@@ -737,14 +738,7 @@ def load_scheduler_config(path: str | Path) -> dict:
         p = found[0]
     elif not p.is_file():
         raise FileNotFoundError(f"scheduler config not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p} is not UTF-8 text: {e}") from None
-    try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    cfg = read_json(p)  # refsd.safe_io: UTF-8, strict JSON, one line naming the file
     if not isinstance(cfg, dict):
         raise ValueError(f"{p} must hold a JSON object, got {type(cfg).__name__}")
     return cfg
