@@ -3,9 +3,11 @@
 A bundle (a directory, or a ``.zip`` of one, with or without a single top
 folder) comes from a device we do not control, so nothing in it is trusted:
 
-* ``capture.json`` is at most 4 MiB, must be UTF-8 JSON (no NaN literals), of
-  schema ``refsd-capture`` version 1, and valid against
-  ``schema/capture-1.schema.json``;
+* ``capture.json`` is at most 4 MiB of strict UTF-8 JSON
+  (``refsd.safe_io.parse_json``: no NaN / inf / ``1e400``, no duplicate keys,
+  no lone surrogates, nesting bounded), of schema ``refsd-capture`` version 1,
+  valid against ``schema/capture-1.schema.json`` (integers strictly integers:
+  ``2.0`` is not a shape), its request within ``refsd.limits``' ranges;
 * a tensor's file is named ``tensors/...npy`` with no ``.``/``..`` parts; in a
   directory it must resolve inside the bundle (a symlink out is refused), in a
   zip it must be a regular member (no symlink, no duplicate, not encrypted);
