@@ -292,16 +292,19 @@ class _ZipFiles(_Files):
         self.path = path
         try:
             with open_regular(path, error=BundleError) as f:
-                end = zipfile._EndRecData(f)  # the end record only: the member count before parsing 150k entries
-                if end is not None and end[_ECD_ENTRIES_TOTAL] > MAX_ZIP_MEMBERS:
-                    raise BundleError(f"{path}: {end[_ECD_ENTRIES_TOTAL]} zip members, over the limit of "
-                                      f"{MAX_ZIP_MEMBERS}; refused")
+                # The end record only: the member count before parsing 150k entries (a private helper of
+                # zipfile's; without it the count is checked after parsing, which is linear anyway).
+                end_record = getattr(zipfile, "_EndRecData", None)
+                end = end_record(f) if end_record is not None else None
+                if end is not None:
+                    _check_member_count(path, end[_ECD_ENTRIES_TOTAL])
                 with zipfile.ZipFile(f) as zf:
                     infos = zf.infolist()
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
             if isinstance(e, BundleError):
                 raise
             raise BundleError(f"{path}: neither a bundle directory nor a readable .zip ({_one_line(e)})") from None
+        _check_member_count(path, len(infos))
         counts = collections.Counter(i.filename for i in infos)
         dupes = sorted(n for n, c in counts.items() if c > 1)
         if dupes:
@@ -349,6 +352,11 @@ _CHUNK = 1 << 16
 # properties header and zipfile's wrapper decompresses without a bound, so it is refused with the rest.
 _INFLATERS = {zipfile.ZIP_STORED: None, zipfile.ZIP_DEFLATED: lambda: zlib.decompressobj(-15),
               zipfile.ZIP_BZIP2: bz2.BZ2Decompressor}
+
+
+def _check_member_count(path: Path, count: int) -> None:
+    if count > MAX_ZIP_MEMBERS:
+        raise BundleError(f"{path}: {count} zip members, over the limit of {MAX_ZIP_MEMBERS}; refused")
 
 
 def _inflate(f, info: zipfile.ZipInfo, limit: int) -> bytes:
