@@ -1,14 +1,14 @@
 """What refsd's results depend on besides its inputs: the BLAS and its thread count.
 
 float32 matmuls and convolutions run on NumPy's BLAS, whose summation order
-depends on the library, its CPU kernel and the number of threads it splits a
-product over (OpenBLAS splits matrix-vector products along the summed axis
-across threads). So a trace is bit-identical for the same inputs, refsd
+may depend on the library, its CPU kernel and how many threads it splits a
+product over (which kernel and partition it picks depends on the shapes and
+the thread count). So a trace is bit-identical for the same inputs, refsd
 sources, NumPy / BLAS build, CPU kernel and **BLAS thread count**; with 1
-thread instead of 2 a float32 result moves by a few ulp, which fp16 rounding
-can amplify (2.8e-2 in ``f32_f16`` latents on the tiny model). The certify
-rerun cache keys on :func:`blas_fingerprint`, so a rerun made under other
-conditions is never reused.
+thread instead of 2, ``f32_f16`` latents were seen to move by 2.8e-2 (a few
+float32 ulp, amplified by fp16 rounding). The certify rerun cache keys on
+:func:`blas_fingerprint`, so a rerun made under other conditions is never
+reused.
 """
 
 from __future__ import annotations
