@@ -7,9 +7,10 @@ the console scripts, minus interpreter start-up). The cases that would hang or
 blow up memory if a check regressed (FIFOs, decompression bombs, huge .npy
 headers, 150k-member zips, absurd image sizes) run as subprocesses with the
 corpus's bounds: 10 s wall (a hung case is killed, not waited for) and 500 MB
-peak RSS of that process, read from its own rusage.
+peak RSS of that process (its VmHWM, written by the process itself at exit).
+In-process cases are held to the 10 s bound too.
 
-Model folders are copies of the tiny SD 2.1 model made once per session, with
+Model folders are copies of the tiny SD 2.1 model (made once per session), with
 files hard-linked: every mutation replaces a file (unlink, then write), never
 writes into one, so the shared original is never touched.
 """
