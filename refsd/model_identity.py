@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 
 from refsd.models.module import WeightsError
-from refsd.safe_io import open_regular
+from refsd.safe_io import sha256_file
 from refsd.weights import find_weights, tokenizer_files
 
 COMPONENTS = ("text_encoder", "unet", "vae")
@@ -45,18 +45,11 @@ def model_files(model_dir: str | os.PathLike) -> list[Path]:
     return sorted(set(files), key=lambda p: p.relative_to(root).as_posix())
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open_regular(path, error=WeightsError) as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def model_sha256(model_dir: str | os.PathLike) -> str:
     """The identity of a diffusers folder (module docstring)."""
     root = Path(model_dir)
     h = hashlib.sha256()
     for p in model_files(root):
-        h.update(p.relative_to(root).as_posix().encode() + b"\0" + sha256_file(p).encode() + b"\n")
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + sha256_file(p, error=WeightsError).encode()
+                 + b"\n")
     return h.hexdigest()

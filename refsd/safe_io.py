@@ -26,6 +26,7 @@ Standard library and NumPy only: the validator's bundle reader uses it too.
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import math
@@ -104,6 +105,15 @@ def check_output_file(path: str | os.PathLike, option: str) -> None:
         raise ValueError(f"{option} {p}: output folder {p.parent} does not exist")
     if os.path.lexists(p) and not p.is_file():
         raise ValueError(f"{option} {p}: exists and is not a regular file; refused")
+
+
+def sha256_file(path: str | os.PathLike, *, error: type[Exception] = ValueError, chunk: int = 1 << 20) -> str:
+    """sha256 of a regular file's contents, read in chunks (never blocking on a FIFO)."""
+    h = hashlib.sha256()
+    with open_regular(path, error=error) as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def decode_utf8(raw: bytes, label: str, error: type[Exception] = ValueError) -> str:

@@ -33,6 +33,8 @@ from typing import Mapping
 
 import numpy as np
 
+from refsd.safe_io import sha256_file  # noqa: F401 (re-exported: hashes of files named in a bundle)
+
 SCHEMA = "refsd-capture"
 SCHEMA_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("schema") / f"capture-{SCHEMA_VERSION}.schema.json"
