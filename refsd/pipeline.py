@@ -7,14 +7,7 @@ guidance ``eps = uncond + g (cond - uncond)`` and the scheduler step run on the
 host in float32 (on a phone they run on the CPU, outside the GPU graph); the
 VAE decodes ``latents / scaling_factor``.
 
-Boundary tensors (the names of the capture bundle), all NHWC float32:
-
-``text_encoder/hidden_states``   (2, 77, D), batch order [uncond, cond]
-``scheduler/latents_init``       (1, h, w, 4), already times ``init_noise_sigma``
-                                 (h, w = image size / VAE scale factor, 8 for SD)
-``unet/step_{i}/noise_pred``     (2, h, w, 4), the UNet's raw output [uncond, cond]
-``scheduler/step_{i}/latents``   (1, h, w, 4), latents after step i
-``vae/image``                    (1, H, W, 3), the decoder's raw output (about [-1, 1])
+Boundary tensors (the names of the capture bundle) and their batch order: ``refsd.trace``.
 
 Initial latents come from ``numpy.random.default_rng(seed).standard_normal(
 (1, h, w, 4), dtype=float32)`` (PCG64, NHWC order) times ``init_noise_sigma``, or are supplied, so a
@@ -31,20 +24,19 @@ import gc
 import resource
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
+from refsd import trace as trace_names
 from refsd.limits import check_request
 from refsd.models.module import ModelOptions
 from refsd.models.vae import VaeConfig
 from refsd.monitor import Monitor, Report, location, monitoring
-from refsd.numerics import Precision
+from refsd.numerics import Precision, round_f16
 from refsd.schedulers import make_scheduler
-from refsd.weights import Components, load_pipeline, read_config, load_scheduler_config, load_text_encoder, load_tokenizer, \
-    load_unet, load_vae
-
-TOKENS = 77
+from refsd.trace import MODELS, TOKENS
+from refsd.weights import read_config, load_scheduler_config, load_text_encoder, load_tokenizer, load_unet, load_vae
 
 
 @dataclass(frozen=True)
@@ -106,42 +98,63 @@ class Pipeline:
     ``precision``: ``f32`` | ``f32_f16`` | ``f16`` (``ftz``, ``block``);
     ``rewrites``: ``none`` | ``paper`` | ``google`` | a comma list;
     ``low_memory``: staged loading (each model loaded only for its stage),
-    and in fp16-storage modes weights kept as float16 arrays (``weights_f16``)."""
+    and in fp16-storage modes weights kept as float16 arrays (``weights_f16``).
+
+    A deployment whose stages differ (the text encoder on a CPU in fp32, the
+    UNet on a GPU in fp16, int8 weights) passes ``options``: one
+    ``ModelOptions`` per model (``refsd.trace.MODELS``), which then replace
+    precision / rewrites; ``guidance``: the precision of classifier-free
+    guidance and the scheduler step (float32 by default, as a phone's host
+    CPU runs them; see :func:`guided_step`)."""
 
     def __init__(self, model_dir: str | Path, *, precision: str = "f32", ftz: bool = False, block: int = 32,
-                 rewrites: str = "none", low_memory: bool = False) -> None:
+                 rewrites: str = "none", low_memory: bool = False, options: Mapping[str, ModelOptions] | None = None,
+                 guidance: Precision | None = None) -> None:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise FileNotFoundError(2, "no such model folder", str(self.model_dir))
         if not (self.model_dir / "model_index.json").exists():  # present but not a file: refused when read
             raise ValueError(f"{self.model_dir}: not a diffusers folder (no model_index.json)")
-        p = Precision(precision, ftz, block)
-        self.options = ModelOptions.make(precision=p, rewrites=rewrites, weights_f16=low_memory and p.storage16)
+        if options is None:
+            p = Precision(precision, ftz, block)
+            base = ModelOptions.make(precision=p, rewrites=rewrites, weights_f16=low_memory and p.storage16)
+            options = {m: base for m in MODELS}
+        missing = [m for m in MODELS if m not in options]
+        if missing:
+            raise ValueError(f"options must name every model ({', '.join(MODELS)}); missing {', '.join(missing)}")
+        self.options = dict(options)
+        self.guidance_precision = guidance if guidance is not None else Precision()
         self.low_memory = low_memory
         self.tokenizer = load_tokenizer(self.model_dir / "tokenizer")
         self.scheduler_config = load_scheduler_config(self.model_dir / "scheduler")
         vae_config = self.model_dir / "vae" / "config.json"
         # As diffusers: each VAE up block but the last doubles the size (8 for SD).
         self.vae_scale_factor = VaeConfig.from_dict(read_config(vae_config), source=str(vae_config)).downscale
-        self.components: Components | None = None
+        self.components: dict | None = None
         if not low_memory:
-            self.components = load_pipeline(self.model_dir, options=self.options, tokenizer=False)
+            self.components = {m: self._load(m) for m in MODELS}
 
     # -- stages, each loading its model in low-memory mode
 
+    def _load(self, name: str):
+        loader = {"text_encoder": load_text_encoder, "unet": load_unet, "vae": load_vae}[name]
+        return loader(self.model_dir / name, options=self.options[name])
+
     def _model(self, name: str):
         if self.components is not None:
-            return getattr(self.components, name)
-        loader = {"text_encoder": load_text_encoder, "unet": load_unet, "vae": load_vae}[name]
-        return loader(self.model_dir / name, options=self.options)
+            return self.components[name]
+        return self._load(name)
 
     def token_ids(self, text: str) -> np.ndarray:
         """(1, 77) int64, padded to max length and truncated, as diffusers does."""
         out = self.tokenizer(text, padding="max_length", max_length=TOKENS, truncation=True, return_tensors="np")
         return np.asarray(out["input_ids"], dtype=np.int64)
 
-    def encode_text(self, prompt: str, negative_prompt: str = "") -> np.ndarray:
-        ids = np.concatenate([self.token_ids(negative_prompt), self.token_ids(prompt)])
+    def request_ids(self, request: Request) -> np.ndarray:
+        """(2, 77) int64 token ids in CFG order [negative_prompt, prompt]."""
+        return np.concatenate([self.token_ids(request.negative_prompt), self.token_ids(request.prompt)])
+
+    def encode_ids(self, ids: np.ndarray) -> np.ndarray:
         model = self._model("text_encoder")
         with location("text_encoder"):
             hidden = np.array(model(ids))
@@ -149,23 +162,39 @@ class Pipeline:
         gc.collect()
         return hidden
 
-    def __call__(self, request: Request, *, latents: np.ndarray | None = None, monitor: Monitor | None = None,
+    def encode_text(self, prompt: str, negative_prompt: str = "") -> np.ndarray:
+        return self.encode_ids(np.concatenate([self.token_ids(negative_prompt), self.token_ids(prompt)]))
+
+    def __call__(self, request: Request, *, latents: np.ndarray | None = None, token_ids: np.ndarray | None = None,
+                 teacher: Mapping[str, np.ndarray] | None = None, monitor: Monitor | None = None,
                  progress: bool = True, on_step: Callable[[int, dict], None] | None = None) -> Result:
         """Run ``request``. ``latents``: initial noise (1, h, w, 4) to replay
-        instead of the seed's. ``monitor``: collect fp16 events into it."""
+        instead of the seed's; ``token_ids``: (2, 77) ids to encode instead of
+        tokenizing the prompts. ``teacher``: teacher forcing: the UNet is fed
+        ``teacher``'s ``text_encoder/hidden_states`` and, after each step, the
+        loop continues from ``teacher``'s ``scheduler/step_{i}/latents`` (the
+        decoder decodes its last), so each traced tensor is that stage's own
+        error on a device's inputs, not the drift of a trajectory.
+        ``monitor``: collect fp16 events into it."""
         trace: dict[str, np.ndarray] = {}
         if monitor is None:
-            return self._run(request, latents, trace, progress, on_step)
+            return self._run(request, latents, token_ids, teacher, trace, progress, on_step)
         with monitoring(monitor):
-            result = self._run(request, latents, trace, progress, on_step)
+            result = self._run(request, latents, token_ids, teacher, trace, progress, on_step)
         result.report = monitor.report()
         return result
 
-    def _run(self, req: Request, latents, trace, progress, on_step) -> Result:
+    def _run(self, req: Request, latents, token_ids, teacher, trace, progress, on_step) -> Result:
         sched = make_scheduler(req.scheduler, self.scheduler_config)
         timesteps = sched.set_timesteps(req.steps)
-        context = self.encode_text(req.prompt, req.negative_prompt)
-        trace["text_encoder/hidden_states"] = context
+        ids = self.request_ids(req) if token_ids is None else np.asarray(token_ids, dtype=np.int64)
+        if ids.shape != (2, TOKENS):
+            raise ValueError(f"token ids must have shape (2, {TOKENS}) [negative_prompt, prompt], got {ids.shape}")
+        context = self.encode_ids(ids)
+        trace[trace_names.HIDDEN_STATES] = context
+        trace[trace_names.TIMESTEPS] = np.asarray(timesteps)
+        if teacher is not None:
+            context = np.asarray(teacher[trace_names.HIDDEN_STATES], np.float32)
 
         f = self.vae_scale_factor
         if req.height % f or req.width % f:
@@ -180,16 +209,17 @@ class Pipeline:
             x = np.asarray(latents, dtype=np.float32)
             if x.shape != (1, h, w, channels):
                 raise ValueError(f"initial latents must have shape {(1, h, w, channels)}, got {x.shape}")
-        trace["scheduler/latents_init"] = x
+        trace[trace_names.LATENTS_INIT] = x
         g = np.float32(req.guidance)
         for i in _progress(range(len(timesteps)), progress, "denoising"):
             x_in = sched.scale_model_input(np.concatenate([x, x]), i)
             with location("unet", i):
                 noise = np.array(unet(x_in, timesteps[i], context))
-            uncond, cond = noise[:1], noise[1:]
-            x = sched.step(uncond + g * (cond - uncond), i, x)
-            trace[f"unet/step_{i}/noise_pred"] = noise
-            trace[f"scheduler/step_{i}/latents"] = x
+            x = guided_step(sched, noise, g, i, x, self.guidance_precision)
+            trace[trace_names.noise_pred(i)] = noise
+            trace[trace_names.latents(i)] = x
+            if teacher is not None:
+                x = np.asarray(teacher[trace_names.latents(i)], np.float32)
             if on_step is not None:
                 on_step(i, trace)
         del unet
@@ -198,8 +228,35 @@ class Pipeline:
         vae = self._model("vae")
         with location("vae"):
             decoded = np.array(vae.decode_latents(x))
-        trace["vae/image"] = decoded
+        trace[trace_names.IMAGE] = decoded
         return Result(image=to_image(decoded[0]), trace=trace, peak_rss_mb=peak_rss_mb())
+
+
+def guided_step(sched, noise: np.ndarray, g: np.float32, i: int, x: np.ndarray, p: Precision) -> np.ndarray:
+    """Classifier-free guidance ``eps = uncond + g (cond - uncond)`` on the
+    UNet's [uncond, cond] output, then the scheduler step, in precision ``p``.
+
+    ``f32``: float32 throughout (a host CPU). ``f32_f16``: fp16 tensors
+    (the noise, the latents, eps and the new latents are rounded), float32
+    math inside. ``f16``: as a framework's fp16 tensors (PyTorch on fp16
+    tensors): additionally each primitive of the guidance (``cond - uncond``,
+    ``g *``, ``+``) is rounded. The scheduler step's own primitives are rounded
+    only at its output in both fp16 modes: its few scalar-times-tensor terms
+    differ by a few fp16 ulps of the latents between orders, which the
+    validator's calibration (both modes are variants) measures."""
+    if not p.storage16:
+        uncond, cond = noise[:1], noise[1:]
+        return sched.step(uncond + g * (cond - uncond), i, x)
+
+    def r(a):
+        return round_f16(a, ftz=p.ftz)
+
+    uncond, cond, x = r(noise[:1]), r(noise[1:]), r(x)
+    if p.math16:
+        eps = r(uncond + r(r(g) * r(cond - uncond)))
+    else:
+        eps = r(uncond + g * (cond - uncond))
+    return r(sched.step(eps, i, x))
 
 
 def _progress(it, enabled: bool, desc: str):

@@ -78,3 +78,23 @@ def is_boundary(name: str) -> bool:
         return parse_name(name)[2] is None
     except ValueError:
         return False
+
+
+def execution_order(tensor_names) -> list[str]:
+    """``tensor_names`` sorted as a run produces them: the text encoder's
+    intermediates, then its hidden states; per step, the UNet's intermediates,
+    its noise prediction, the new latents; the decoder's intermediates, then
+    the image. The sort is stable: intermediates of one module call keep the
+    order they were given in (a recording's order)."""
+    def key(name: str) -> tuple:
+        stage, step, path = parse_name(name)
+        leaf = name.rsplit("/", 1)[-1]
+        if stage in ("inputs",) or leaf in ("latents_init", "timesteps"):
+            return (0, 0, 0)
+        if stage == "text_encoder":
+            return (1, 0, 0 if path else 1)
+        if step is not None:
+            return (2, step, 0 if path else (1 if stage == "unet" else 2))
+        return (3, 0, 0 if path else 1)  # the decoder
+
+    return sorted(tensor_names, key=key)

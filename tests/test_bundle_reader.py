@@ -65,7 +65,7 @@ def bad_json(b, tmp):
 
 def unknown_version(b, tmp):
     doc = _doc(b)
-    doc["schema_version"] = 2
+    doc["schema_version"] = 3
     _save_doc(b, doc)
     return b
 
@@ -239,7 +239,7 @@ def zip_symlink_member(b, tmp):
 
 CASES = [
     (bad_json, "capture.json: not valid JSON"),
-    (unknown_version, "unsupported schema_version 2"),
+    (unknown_version, "unsupported schema_version 3"),
     (nan_literal_in_json, "non-standard JSON constant NaN"),
     (schema_violation, "schema violation at request/steps"),
     (pickle_payload, "is a Python pickle; refused"),

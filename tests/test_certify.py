@@ -25,8 +25,10 @@ from refsd_validate.bundle import model_sha256, write_bundle
 from refsd_validate.certify_emulate import emulated_capture
 from refsd_validate.cli import main
 from refsd_validate.reader import read_bundle
-from refsd_validate.tolerance import (ALGORITHMS, K, REFERENCE, SYSTEMATIC, U_F16, U_F32, Variant, calibration_variants,
-                                      judge, noise_floor)
+from refsd_validate.bundle import declared_stages
+from refsd_validate.certify_rerun import Deployment
+from refsd_validate.tolerance import (ALGORITHMS, K, LIBM_ULPS, REFERENCE, SYSTEMATIC, U_F16, U_F32, StageVariant,
+                                      calibration_variants, judge, noise_floor)
 
 ATTN1 = "unet.mid_block.attentions.0.transformer_blocks.0.attn1"
 
@@ -57,7 +59,7 @@ def _rewrite(good, out, edit):
 def _unet_output_fault(first_step, edit, last_step=None):
     """Apply ``edit`` to the UNet's output at steps first_step..last_step (calls are counted: one per step)."""
     def fault(pipe):
-        unet = pipe.components.unet
+        unet = pipe.components["unet"]
         forward, calls = unet.forward, []
 
         def faulty(*a, **kw):
@@ -108,7 +110,10 @@ def test_emulated_device_certifies(good, emulated_bundle, tiny_sd21):
     assert prov["model_sha256"] == json.loads((emulated_bundle / "capture.json").read_text())["model"]["sha256"]
     assert prov["refsd_version"] and prov["runtime"]["delegate"]["precision"] == "f32_f16"
     assert cert["rule"]["k"] == K
-    assert cert["rule"]["calibration_variants"] == ["f32_f16 ftz", f"f32_f16 ftz +{ALGORITHMS}"]  # FTZ declared
+    # FTZ declared: the models' variants keep it; guidance and the scheduler ran in f32 on the host.
+    assert cert["rule"]["calibration_variants"] == [
+        "text_encoder+unet+vae: f32_f16 ftz; guidance_scheduler: f32 libm±4ulp",
+        f"text_encoder+unet+vae: f32_f16 ftz +{ALGORITHMS} libm±4ulp; guidance_scheduler: f32 libm±4ulp"]
 
 
 def test_report_is_offline_and_complete(good):
@@ -183,7 +188,7 @@ def test_fp16_overflow_saturated_image_is_localized(emulated_bundle, tiny_sd21, 
 
 def test_nan_inside_the_unet_is_localized_to_its_module(tiny_sd21, certify_cache, tmp_path, capsys):
     def fault(pipe):
-        attn1 = pipe.components.unet.mid_block.attentions[0].transformer_blocks[0].attn1
+        attn1 = pipe.components["unet"].mid_block.attentions[0].transformer_blocks[0].attn1
         forward, calls = attn1.forward, []
 
         def faulty(*a, **kw):
@@ -215,10 +220,12 @@ def test_model_hash_mismatch_is_bad_input(emulated_bundle, tmp_path, capsys):
 def test_free_run_is_the_pipeline_bit_for_bit(emulated_bundle, tiny_sd21, certify_cache):
     """certify_rerun's loop and refsd.pipeline's agree exactly, so 'the reference' is one thing."""
     b = read_bundle(emulated_bundle)
-    ours = certify_rerun.rerun(tiny_sd21, model_sha256(tiny_sd21), REFERENCE, b.request,  # cached by certify
+    deployment = Deployment.of_bundle(b.capture, b.stages)
+    ours = certify_rerun.rerun(tiny_sd21, model_sha256(tiny_sd21), deployment, REFERENCE, b.request,  # cached
                                b.tensors["inputs/token_ids"], b.tensors["scheduler/latents_init"],
                                intermediates=frozenset(b.intermediates), cache_dir=certify_cache)
-    theirs = Pipeline(tiny_sd21)(certify_request(), latents=b.tensors["scheduler/latents_init"], progress=False).trace
+    theirs = Pipeline(tiny_sd21, rewrites=deployment.rewrites)(
+        certify_request(), latents=b.tensors["scheduler/latents_init"], progress=False).trace
     del theirs["scheduler/latents_init"]  # the input, not a result
     assert set(theirs) < set(ours)
     for name, value in theirs.items():
@@ -238,7 +245,7 @@ def test_reruns_are_cached_by_content(good, emulated_bundle, tiny_sd21, certify_
 def test_rerun_cache_key_follows_the_code(monkeypatch):
     # An edited checkout must not read reruns of the old code: the key hashes
     # refsd's sources, not its version number.
-    args = ("0" * 64, REFERENCE, {"steps": 1, "scheduler": "ddim", "guidance": 7.5, "height": 8, "width": 8},
+    args = ("0" * 64, Deployment(), REFERENCE, {"steps": 1, "scheduler": "ddim", "guidance": 7.5, "height": 8, "width": 8},
             np.zeros((2, 77), np.int64), np.zeros((1, 1, 1, 4), np.float32), None, frozenset())
     before = certify_rerun._cache_key(*args)
     assert certify_rerun._cache_key(*args) == before
@@ -299,18 +306,43 @@ def test_minimum_floor_is_one_unit_roundoff():
     assert floor.gain == SYSTEMATIC * U_F32  # f32_f16 computes inside ops in fp32
 
 
+def _stages(precision, ftz, guidance="f32", processor="cpu"):
+    model = {"processor": processor, "precision": precision, "ftz": ftz, "fast_math": False}
+    doc = {"schema_version": 2, "model": {"weights": "fp32"},
+           "stages": {"text_encoder": model, "unet": model, "vae": model,
+                      "guidance_scheduler": {"processor": "host", "precision": guidance, "ftz": None}}}
+    return declared_stages(doc)
+
+
 def test_calibration_variants_follow_the_declared_precision():
-    assert calibration_variants("f32_f16", True) == [Variant("f32_f16", True), Variant("f32_f16", True, ALGORITHMS)]
-    assert len(calibration_variants("f32_f16", None)) == 4
-    assert {v.precision for v in calibration_variants("f16", None)} == {"f32_f16", "f16"}
-    f32 = calibration_variants("f32", None)  # other summation orders, and fp16 storage noise scaled to fp32
-    assert [(v.precision, v.rewrites) for v in f32] == [("f32", ALGORITHMS), ("f32_f16", "none")]
+    unet = [v.stage("unet") for v in calibration_variants(_stages("f32_f16", True))]
+    assert unet == [StageVariant("f32_f16", True), StageVariant("f32_f16", True, ALGORITHMS, LIBM_ULPS)]
+    assert len(calibration_variants(_stages("f32_f16", None))) == 4
+    assert {v.stage("unet").precision for v in calibration_variants(_stages("f16", None))} == {"f32_f16", "f16"}
+    # other summation orders and libm, and fp16 storage noise scaled to fp32
+    f32 = calibration_variants(_stages("f32", None))
+    assert [(v.stage("vae").precision, v.stage("vae").kernels) for v in f32] == [("f32", ALGORITHMS), ("f32_f16", "none")]
     assert f32[1].scale == 16 * U_F32 / U_F16
 
 
+def test_calibration_variants_follow_each_stage():
+    """Text encoder on the CPU in f32, UNet and VAE on a GPU in f16, guidance in f16: every run varies every
+    stage as declared; the scaled fp32 run varies only the f32 stage, the rest running as the reference."""
+    stages = _stages("f16", None, guidance="f16", processor="gpu")
+    stages["text_encoder"].update(processor="cpu", precision="f32", fast_math=False)
+    runs = calibration_variants(stages)
+    assert len(runs) == 9  # 2 modes x 2 FTZ x 2 kernels for the f16 stages, plus the scaled run
+    assert {v.stage("text_encoder").precision for v in runs[:8]} == {"f32"}
+    assert {v.stage("guidance_scheduler").precision for v in runs} >= {"f32_f16", "f16"}
+    scaled = runs[-1]
+    assert scaled.stage("text_encoder").precision == "f32_f16" and scaled.stage("unet") == StageVariant()
+    assert scaled.scale == 16 * U_F32 / U_F16
+
+
 def test_certify_rejects_a_bad_mode(emulated_bundle, tiny_sd21, tmp_path, capsys):
-    rc = main(["certify", str(emulated_bundle), "--model", str(tiny_sd21), "--out", str(tmp_path), "--k", "-1"])
-    assert rc == 2 and capsys.readouterr().err.startswith("refsd-validate: error: --k must be a finite number in (0, 8]")
+    for k in ("-1", "inf", "1e6"):  # a k past MAX_K would certify a 1 % bias
+        rc = main(["certify", str(emulated_bundle), "--model", str(tiny_sd21), "--out", str(tmp_path), "--k", k])
+        assert rc == 2 and capsys.readouterr().err.startswith("refsd-validate: error: --k must be in (0, 16]")
 
 
 def test_litert_cpu_capture_certifies(litert_capture, tiny_sd21, certify_cache, tmp_path, capsys):
@@ -319,7 +351,7 @@ def test_litert_cpu_capture_certifies(litert_capture, tiny_sd21, certify_cache, 
                                 "--tflite", str(tflite))
     assert rc == 0 and cert["verdict"] == "certified", stdout
     assert cert["provenance"]["runtime"]["name"] == "ai-edge-litert"
-    assert cert["rule"]["declared_precision"] == "f32"
+    assert {s["precision"] for s in cert["rule"]["stages"].values()} == {"f32"}
     intermediates = {t["module_path"] for t in cert["tensors"] if t["module_path"]}
     assert len(intermediates) > 100  # compared by name, not only the boundary
     assert max(t["k_needed"] for t in cert["tensors"]) < K

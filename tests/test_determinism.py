@@ -45,6 +45,7 @@ def test_cache_key_includes_the_blas_conditions(monkeypatch):
 
     def key(threads):
         monkeypatch.setattr(certify_rerun, "blas_fingerprint", lambda: {**blas_fingerprint(), "threads": threads})
-        return certify_rerun._cache_key("m" * 64, REFERENCE, request, ids, x0, None, frozenset())
+        return certify_rerun._cache_key("m" * 64, certify_rerun.ORIGINAL, REFERENCE, request, ids, x0, None,
+                                        frozenset())
 
     assert key(1) == key(1) != key(2)

@@ -561,13 +561,13 @@ def test_malformed_bundle(mutate, fragment, emulated_bundle, base_model, tmp_pat
 
 
 CERTIFY_OPTION_CASES = [
-    ("k_inf", ["--k", "inf"], "--k must be a finite number in (0, 8]"),
-    ("k_nan", ["--k", "nan"], "--k must be a finite number in (0, 8]"),
-    ("k_huge", ["--k", "1e6"], "--k must be a finite number in (0, 8]"),
-    ("k_zero", ["--k", "0"], "--k must be a finite number in (0, 8]"),
-    ("cache_gb_inf", ["--cache-gb", "inf"], "--cache-gb must be a finite number in (0, 1024]"),
-    ("cache_gb_nan", ["--cache-gb", "nan"], "--cache-gb must be a finite number in (0, 1024]"),
-    ("cache_gb_zero", ["--cache-gb", "0"], "--cache-gb must be a finite number in (0, 1024]"),
+    ("k_inf", ["--k", "inf"], "--k must be in (0, 16]"),
+    ("k_nan", ["--k", "nan"], "--k must be in (0, 16]"),
+    ("k_huge", ["--k", "1e6"], "--k must be in (0, 16]"),
+    ("k_zero", ["--k", "0"], "--k must be in (0, 16]"),
+    ("cache_gb_inf", ["--cache-gb", "inf"], "--cache-gb must be in (0, 1024]"),
+    ("cache_gb_nan", ["--cache-gb", "nan"], "--cache-gb must be in (0, 1024]"),
+    ("cache_gb_zero", ["--cache-gb", "0"], "--cache-gb must be in (0, 1024]"),
     ("mode_unknown", ["--mode", "lenient"], "argument --mode: invalid choice"),
 ]
 

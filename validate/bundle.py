@@ -1,7 +1,7 @@
 """The capture bundle: what a device run leaves for the validator.
 
 A bundle is a directory (or a ``.zip`` of one) holding ``capture.json``, valid
-against ``schema/capture-1.schema.json``, and one ``.npy`` per tensor named in
+against ``schema/capture-2.schema.json`` (readers still accept version 1), and one ``.npy`` per tensor named in
 its ``tensors`` table (file, dtype, shape and sha256 of the file's bytes, so
 a truncated or swapped file is caught before it is compared). NumPy and the
 standard library only: the writer runs next to an interpreter on a device
@@ -23,6 +23,7 @@ The file of tensor ``a/b/c`` is ``tensors/a/b/c.npy``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -33,11 +34,19 @@ from typing import Mapping
 
 import numpy as np
 
+from refsd.safe_io import check_schema
 from refsd.safe_io import sha256_file  # noqa: F401 (re-exported: hashes of files named in a bundle)
+from refsd.trace import MODELS
 
 SCHEMA = "refsd-capture"
-SCHEMA_VERSION = 1
-SCHEMA_PATH = Path(__file__).with_name("schema") / f"capture-{SCHEMA_VERSION}.schema.json"
+SCHEMA_VERSION = 2  # what write_bundle writes
+SCHEMA_VERSIONS = (1, 2)  # what the reader accepts
+
+
+def schema_path(version: int = SCHEMA_VERSION) -> Path:
+    return Path(__file__).with_name("schema") / f"capture-{version}.schema.json"
+
+
 TENSOR_DTYPES = ("float32", "float16", "int32", "int64")
 
 
@@ -56,25 +65,142 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_bundle(out: str | os.PathLike, capture: Mapping, tensors: Mapping[str, np.ndarray]) -> Path:
+def as_numpy(name: str, value) -> np.ndarray:
+    """A tensor from any runtime as a NumPy array: NumPy arrays, anything with
+    ``__array__`` (PyTorch on the CPU, JAX, TensorFlow eager tensors) or DLPack.
+    One-line ``ValueError`` with the fix for what a bundle cannot hold."""
+    if not isinstance(value, np.ndarray):
+        if "bfloat16" in str(getattr(value, "dtype", "")):
+            raise ValueError(f"tensor {name}: bfloat16 has no .npy dtype; widen it to float32 first (exact: every "
+                             "bfloat16 value is a float32), e.g. t.float() in PyTorch")
+        try:
+            value = np.asarray(value) if hasattr(value, "__array__") or not hasattr(value, "__dlpack__") \
+                else np.from_dlpack(value)
+        except (TypeError, RuntimeError, BufferError, ValueError) as e:
+            raise ValueError(f"tensor {name}: cannot be read as a NumPy array ({' '.join(str(e).split())}); "
+                             "pass a NumPy array, or a CPU tensor exposing __array__ or __dlpack__") from None
+    if value.dtype == np.float64:
+        raise ValueError(f"tensor {name}: float64; cast it to float32 (what the reference compares; the device's "
+                         "float16 or float32 values are exact in float32)")
+    if value.dtype.name not in TENSOR_DTYPES:
+        raise ValueError(f"tensor {name}: dtype {value.dtype} is not one of {', '.join(TENSOR_DTYPES)}")
+    return value
+
+
+def _to_nhwc(name: str, arr: np.ndarray, layout: str) -> np.ndarray:
+    """Activations are NHWC in a bundle; a caller whose runtime is NCHW says so."""
+    if layout == "NHWC" or arr.ndim != 4 or arr.dtype.kind != "f":
+        return arr
+    return np.ascontiguousarray(arr.transpose(0, 2, 3, 1))
+
+
+def check_document(doc: Mapping) -> None:
+    """Raise ``ValueError`` (one line, naming the JSON path) unless ``doc`` is a
+    capture.json of a version this validator reads, valid against its schema."""
+    if not isinstance(doc, Mapping):
+        raise ValueError("capture.json: not a JSON object")
+    if doc.get("schema") != SCHEMA:
+        raise ValueError(f"capture.json: schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
+    version = doc.get("schema_version")
+    if type(version) is not int or version not in SCHEMA_VERSIONS:  # not 2.0, not True
+        raise ValueError(f"capture.json: unsupported schema_version {version!r} (this validator reads versions "
+                         f"{', '.join(map(str, SCHEMA_VERSIONS))})")
+    check_schema(doc, _schema(version), "capture.json")  # refsd.safe_io: integers strictly integers
+
+
+@functools.cache
+def _schema(version: int) -> dict:
+    return json.loads(schema_path(version).read_text(encoding="utf-8"))
+
+
+def declared_stages(doc: Mapping) -> dict[str, dict]:
+    """Per stage (``refsd.trace.STAGES``), where and in what precision it ran,
+    every field present. Version 2 declares it (``stages``); a version-1
+    bundle had one delegate for the three models and ran guidance and the
+    scheduler on the host in float32: its builtin CPU kernels (delegate
+    ``none``) run int8 weights as hybrid kernels, a delegate dequantizes them."""
+    weights = doc["model"].get("weights", "fp32")
+    if doc["schema_version"] == 1:
+        d = doc["runtime"]["delegate"]
+        cpu = d["name"] == "none"
+        model = {"processor": "cpu" if cpu else "other", "precision": d["precision"], "ftz": d.get("ftz"),
+                 "int8_kernels": ("hybrid" if cpu else "dequantize") if weights == "int8" else None}
+        stages = {s: dict(model) for s in MODELS}
+        stages["guidance_scheduler"] = {"processor": "host", "precision": "f32", "ftz": None}
+    else:
+        stages = {s: dict(v) for s, v in doc["stages"].items()}
+    out = {}
+    for name, st in stages.items():
+        kernels = st.get("int8_kernels")
+        if weights == "int8" and kernels is None and name in MODELS:
+            kernels = "hybrid" if st["processor"] in ("cpu", "host") else "dequantize"
+        out[name] = {"processor": st["processor"], "precision": st["precision"], "ftz": st.get("ftz"),
+                     "int8_kernels": kernels if weights == "int8" else None,
+                     # GPU shaders' transcendentals are fast-math unless the capture says otherwise
+                     "fast_math": st.get("fast_math", st["processor"] in ("gpu", "npu", "dsp")),
+                     "fully_accelerated": st.get("fully_accelerated"), "fallback_ops": list(st.get("fallback_ops", [])),
+                     "runtime": st.get("runtime")}
+    return out
+
+
+def write_bundle(out: str | os.PathLike, capture: Mapping, tensors: Mapping[str, object], *,
+                 layout: str = "NHWC", model_dir: str | os.PathLike | None = None) -> Path:
     """Write a bundle directory: ``capture`` is capture.json without ``schema``,
     ``schema_version``, ``created`` (filled here unless given) and ``tensors``
-    (built here from the arrays). Returns the directory."""
+    (built here from the arrays: NumPy, or anything with ``__array__`` /
+    ``__dlpack__``). ``layout="NCHW"``: every 4-D float tensor is transposed to
+    NHWC (declare it only if all of them are NCHW). ``model_dir``: also check
+    the model hash, every boundary tensor's shape against the model's configs
+    (with a hint when a shape is an NCHW transpose) and intermediate names
+    against what the reference records. Everything is checked before anything
+    is written (``ValueError``, one line). Returns the directory."""
+    if layout not in ("NHWC", "NCHW"):
+        raise ValueError(f"layout must be 'NHWC' or 'NCHW', got {layout!r}")
     root = Path(out)
+    arrays = {name: _to_nhwc(name, as_numpy(name, tensors[name]), layout) for name in sorted(tensors)}
+    table = {name: {"file": tensor_file(name), "dtype": a.dtype.name, "shape": [int(s) for s in a.shape],
+                    "sha256": "0" * 64} for name, a in arrays.items()}
+    doc = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
+           "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **capture, "tensors": table}
+    check_document(doc)
+    if model_dir is not None:
+        _check_against_model(doc, arrays, model_dir)
     root.mkdir(parents=True, exist_ok=True)
-    table = {}
-    for name in sorted(tensors):
-        data = npy_bytes(np.asarray(tensors[name]))
+    for name, arr in arrays.items():
+        data = npy_bytes(arr)
         path = root / tensor_file(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
-        arr = tensors[name]
-        table[name] = {"file": tensor_file(name), "dtype": np.asarray(arr).dtype.name,
-                       "shape": [int(s) for s in np.shape(arr)], "sha256": hashlib.sha256(data).hexdigest()}
-    doc = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION,
-           "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **capture, "tensors": table}
+        table[name]["sha256"] = hashlib.sha256(data).hexdigest()
     (root / "capture.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return root
+
+
+def _check_against_model(doc: Mapping, arrays: Mapping[str, np.ndarray], model_dir) -> None:
+    from refsd.model_identity import model_sha256  # noqa: PLC0415
+    from refsd.names import is_recorded, module_paths  # noqa: PLC0415
+    from refsd_validate.reader import ModelGeometry, required_tensors  # noqa: PLC0415
+
+    sha = model_sha256(model_dir)
+    if doc["model"]["sha256"] != sha:
+        raise ValueError(f"model.sha256 is not {model_dir}'s ({sha}): use model_sha256(model_dir)")
+    expected = required_tensors(doc["request"], ModelGeometry.from_dir(model_dir))
+    missing = [n for n in expected if n not in arrays]
+    if missing:
+        raise ValueError(f"missing tensors ({len(missing)}): {', '.join(missing[:6])}")
+    for name, (shape, dtypes) in expected.items():
+        got = arrays[name]
+        if got.dtype.name not in dtypes:
+            raise ValueError(f"tensor {name}: dtype {got.dtype}, expected {' or '.join(dtypes)}")
+        if tuple(got.shape) != shape:
+            nchw = len(shape) == 4 and tuple(got.shape) == (shape[0], shape[3], shape[1], shape[2])
+            raise ValueError(f"tensor {name}: shape {tuple(got.shape)}, the model implies {shape}"
+                             + (" (NCHW: pass layout='NCHW', or transpose (0, 2, 3, 1))" if nchw else ""))
+    paths = module_paths(model_dir)
+    unknown = sorted(n for n in arrays if n not in expected and n != "scheduler/timesteps" and not is_recorded(n, paths))
+    if unknown:
+        raise ValueError(f"tensors the reference does not record ({len(unknown)}): {', '.join(unknown[:5])} "
+                         "(see 'refsd-validate names --model DIR')")
 
 
 def __getattr__(name: str):

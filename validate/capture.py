@@ -71,7 +71,11 @@ class _LiteRTModel:
             self.interp.set_tensor(d["index"], arr)
         self.interp.invoke()
         for path, info in self.tensors.items():  # named at the pipeline's current stage and step
-            self.captured[tensor_name(path)] = np.array(self.interp.get_tensor(self.index[info["tensor"]]))
+            value = self.interp.get_tensor(self.index[info["tensor"]])
+            # A quantized export can map a module to a tensor that still holds int8 values (a GATHER from an
+            # int8 table, before its DEQUANTIZE): not the module's float output, so not captured.
+            if value.dtype.kind == "f":
+                self.captured[tensor_name(path)] = np.array(value)
         return np.array(self.interp.get_tensor(self.interp.get_output_details()[0]["index"]))
 
     # the calls Pipeline makes
@@ -140,7 +144,7 @@ def capture(tflite_dir, model_dir, request, out, *, delegate: str | None = None,
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != entry["sha256"]:
             raise ValueError(f"{path}: sha256 differs from {tflite_dir / 'refsd_export.json'} (file replaced?)")
-        files[name] = {"file": entry["file"], "sha256": digest}
+        files[name] = {"format": "tflite", "file": entry["file"], "sha256": digest}
 
     delegate_info = {"name": "none", "library": None, "precision": "f32", "ftz": None, "options": {}}
     loaded = None
@@ -180,6 +184,13 @@ def capture(tflite_dir, model_dir, request, out, *, delegate: str | None = None,
         "runtime": {"name": "ai-edge-litert", "version": _litert_version(), "delegate": delegate_info},
         "model": {"sha256": manifest["model_sha256"], "weights": manifest["weights"],
                   "rewrites": manifest["rewrites"], "components": files},
+        "stages": {**{c: {"processor": "cpu" if delegate is None else "other",
+                          "precision": delegate_info["precision"], "ftz": delegate_info["ftz"],
+                          "fast_math": delegate is not None,
+                          "runtime": "LiteRT builtin kernels" if delegate is None else delegate_info["name"]}
+                      for c in COMPONENTS},
+                   "guidance_scheduler": {"processor": "host", "precision": "f32", "ftz": None,
+                                          "runtime": "refsd (NumPy)"}},
         "request": {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
                     "steps": request.steps, "scheduler": scheduler, "guidance": float(request.guidance),
                     "height": request.height, "width": request.width},

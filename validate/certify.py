@@ -4,25 +4,40 @@
 
 1. Read the bundle strictly (``reader.py``); its model sha256 must be the
    folder's (else it was captured from another model: bad input, exit 2).
-2. Rerun the f32 reference on the bundle's token ids and initial latents,
-   free-running and/or teacher-forced (``certify_rerun.py``, cached).
-3. Calibrate each tensor's noise floor from the reference's own calibration
-   variants for the declared delegate precision (``tolerance.py``): free-running
-   variants against the f32 run; teacher-forced variants fed the f32 run's own
-   trajectory (so the floor is one step's error, as the device's is).
-4. Judge every boundary tensor, and every intermediate the bundle has, in
-   execution order; the first failing tensor (teacher-forced first: it is the
-   step's own error) is the localization: stage, step, module path.
-5. Write ``certificate.json``, ``report.html`` and Model Explorer node data.
+2. The reference is **the model as deployed** (``certify_rerun.Deployment``):
+   the bundle's weights as stored (fp16 / bf16 rounded, int8 values and scales
+   from the .tflite with ``--tflite``, else quantized as the exporter does),
+   its rewrites, and for int8 the kernels that ran (LiteRT CPU's hybrid
+   kernels, or dequantization on a GPU). Rerun in f32 on the bundle's token
+   ids and initial latents, free-running and/or teacher-forced (cached).
+3. Calibrate each tensor's noise floor from calibration variants that follow
+   the bundle's declaration of where and in what precision each stage ran
+   (``tolerance.calibration_variants``): free-running variants against the
+   reference; teacher-forced variants fed the reference's own trajectory (so
+   the floor is one step's error, as the device's is). A variant that
+   overflows fp16 (f16 emulation on a request that exceeds it) defines no
+   floor from that stage and step on, even where its tensors stay finite; the
+   certificate names it, with the op and step.
+4. Judge every boundary tensor, and every intermediate the bundle has that
+   the reference also records, in execution order; the first failing tensor
+   (teacher-forced first: it is the step's own error) is the localization:
+   stage, step, module path. Intermediates the reference does not record are
+   listed, not judged (``strict``: refused); those the capture marks as not
+   observable on its device are listed too.
+5. Report what the deployment itself costs (deployed reference vs the
+   original fp32 model, per boundary tensor, and image PSNR) beside the
+   verdict, never in it; ``max_deployment_cost`` gates it separately.
+6. Write ``certificate.json``, ``report.html`` and Model Explorer node data.
 
-Exit 0 certified, 1 not certified, 2 bad input.
+Exit 0 certified, 1 not certified, 2 bad input, 3 certified but the deployment
+costs more than ``--max-deployment-cost`` allows.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,19 +45,19 @@ from pathlib import Path
 import numpy as np
 
 from refsd import __version__
-from refsd.safe_io import read_json
-from refsd_validate.bundle import model_sha256
-from refsd_validate.certify_cli import MODES, default_cache_dir
-from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, code_fingerprint, rerun, teacher_inputs
-from refsd_validate.compare import json_safe, compare
+from refsd import trace as names
+from refsd.trace import parse_name
+from refsd_validate.bundle import model_sha256, sha256_file
+from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, ORIGINAL, CacheStats, Deployment, cache_bytes, \
+    code_fingerprint, first_severe_event, rerun, teacher_inputs
+from refsd_validate.compare import json_safe, compare, psnr
 from refsd_validate.reader import Bundle, BundleError, ModelGeometry, read_bundle
-from refsd_validate.tolerance import K, REFERENCE, SYSTEMATIC, Verdict, calibration_variants, judge, noise_floor, \
-    unit_roundoff
+from refsd_validate.tolerance import K, MAX_K, REFERENCE, SYSTEMATIC, Verdict, Variant, calibration_variants, judge, \
+    noise_floor, unit_roundoff
 
 CERTIFICATE = "refsd-certificate"
-CERTIFICATE_VERSION = 1
-_NAME = re.compile(r"^(?P<stage>[a-z_]+)/(?:step_(?P<step>\d+)/)?(?P<rest>.+)$")
-_BOUNDARY_LEAVES = ("hidden_states", "noise_pred", "latents", "image", "timesteps", "latents_init", "token_ids")
+CERTIFICATE_VERSION = 2
+MODES = ("free", "teacher", "both")
 
 
 @dataclass
@@ -77,6 +92,15 @@ class Certificate:
     request: dict
     exact_checks: list[dict] = field(default_factory=list)
     images: dict[str, np.ndarray] = field(default_factory=dict)  # for the report: reference, device (decoder output)
+    deployment_cost: dict = field(default_factory=dict)
+    unknown_intermediates: list[str] = field(default_factory=list)
+    not_observable: list[str] = field(default_factory=list)
+    calibration_overflows: list[dict] = field(default_factory=list)
+    hint: str | None = None  # an explanation of the first failure that an exact check found
+
+    @property
+    def cost_gate_failed(self) -> bool:
+        return not self.deployment_cost.get("gate", {}).get("passed", True)
 
     def to_dict(self) -> dict:
         first = self.first_failure
@@ -88,26 +112,52 @@ class Certificate:
                 "module_path": first.module_path, "failed": list(first.verdict.failed),
                 "k_needed": json_safe(first.verdict.k_needed)},
             "exact_checks": self.exact_checks,
+            "deployment_cost": json_safe(self.deployment_cost),
+            "not_judged": {"unknown_intermediates": self.unknown_intermediates,
+                           "not_observable": self.not_observable},
+            "calibration_overflows": self.calibration_overflows,
+            "hint": self.hint,
             "rule": self.rule, "provenance": self.provenance, "request": self.request,
             "tensors": [r.to_dict() for r in self.results],
         }
 
 
-def parse_name(name: str) -> tuple[str, int | None, str | None]:
-    """``unet/step_3/unet.mid_block`` -> ("unet", 3, "unet.mid_block"); boundary tensors have no module path."""
-    m = _NAME.match(name)
-    stage, step, rest = m["stage"], m["step"], m["rest"]
-    return stage, None if step is None else int(step), None if rest in _BOUNDARY_LEAVES else rest
+@dataclass(frozen=True)
+class CostGate:
+    """``--max-deployment-cost``: a floor on the image PSNR (dB) or a ceiling on
+    the worst boundary tensor's relative error of the deployed model against
+    the original one. Parsed from ``psnr:30`` or ``rel:0.05``."""
+
+    kind: str  # psnr | rel
+    limit: float
+
+    @classmethod
+    def parse(cls, text: str) -> "CostGate":
+        kind, _, value = str(text).partition(":")
+        try:
+            limit = float(value)
+        except ValueError:
+            limit = math.nan
+        if kind not in ("psnr", "rel") or not math.isfinite(limit) or limit < 0 or (kind == "psnr" and limit > 200):
+            raise BundleError(f"--max-deployment-cost {text!r}: expected psnr:DB (0..200) or rel:X (>= 0), "
+                              "e.g. psnr:30 or rel:0.05")
+        return cls(kind, limit)
+
+    def passes(self, cost: dict) -> bool:
+        if self.kind == "psnr":
+            return cost["image_psnr_db"] >= self.limit
+        return cost["worst_rel_peak"] <= self.limit
 
 
 def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both",
-            cache_dir: str | Path | None = None, k: float = K,
-            cache_budget: int = CACHE_BUDGET_BYTES) -> Certificate:
+            cache_dir: str | Path | None = None, k: float = K, cache_budget: int = CACHE_BUDGET_BYTES,
+            tflite_dir: str | Path | None = None, strict: bool = False,
+            max_deployment_cost: CostGate | None = None) -> Certificate:
     """Judge a bundle (see the module docstring). Raises ``BundleError`` for bad input."""
     if mode not in MODES:
         raise BundleError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if not k > 0:
-        raise BundleError(f"k must be > 0, got {k!r}")
+    if not (isinstance(k, (int, float)) and 0 < k <= MAX_K):
+        raise BundleError(f"k must be in (0, {MAX_K:g}], got {k!r}")
     model_dir = Path(model_dir)
     if not os.path.lexists(model_dir / "model_index.json"):  # a FIFO or directory there is refused when read
         raise BundleError(f"{model_dir}: not a diffusers model folder (no model_index.json)")
@@ -117,34 +167,39 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
     if bundle.capture["model"]["sha256"] != model_sha:
         raise BundleError(f"bundle was captured from model sha256 {bundle.capture['model']['sha256'][:16]}..., "
                           f"but {model_dir} is {model_sha[:16]}...: not the same model")
+    stages = bundle.stages
+    deployment = _deployment(bundle, stages, tflite_dir)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     req = bundle.request
-    delegate = bundle.capture["runtime"]["delegate"]
-    variants = calibration_variants(delegate["precision"], delegate.get("ftz"))
-    wanted = frozenset(bundle.intermediates)
+    variants = calibration_variants(stages)
+    not_observable = sorted(set(bundle.capture.get("observability", {}).get("not_observable", []))
+                            & set(bundle.intermediates))
+    asked = frozenset(bundle.intermediates) - set(not_observable)
 
-    def run(variant, teacher=None):
-        return rerun(model_dir, model_sha, variant, req, bundle.tensors["inputs/token_ids"],
-                     bundle.tensors["scheduler/latents_init"], teacher=teacher, intermediates=wanted, cache_dir=cache,
-                     cache_budget=cache_budget)
+    cache_stats = CacheStats()
+
+    def run(variant, teacher=None, dep=deployment, wanted=asked):
+        return rerun(model_dir, model_sha, dep, variant, req, bundle.tensors[names.TOKEN_IDS],
+                     bundle.tensors[names.LATENTS_INIT], teacher=teacher, intermediates=wanted, cache_dir=cache,
+                     cache_budget=cache_budget, stats=cache_stats)
 
     ref = run(REFERENCE)
-    order = [n for n in ref if n in bundle.capture["tensors"] and n != "scheduler/timesteps"]
-    missing = sorted(wanted - set(ref))
-    if missing:
-        raise BundleError(f"intermediates the reference does not produce ({len(missing)}): {', '.join(missing[:5])}")
+    _check_reference_finite(ref, deployment)
+    unknown = sorted(asked - set(ref))
+    if unknown and strict:
+        raise BundleError(f"intermediates the reference does not record ({len(unknown)}): {', '.join(unknown[:5])} "
+                          "(see 'refsd-validate names'; without --strict they are listed and skipped)")
+    order = [n for n in ref if n in bundle.capture["tensors"] and n != names.TIMESTEPS]
     for n in order:
-        shape = tuple(bundle.capture["tensors"][n]["shape"])
-        # An export may compute a batch-invariant tensor once (the time embedding of one timestep, shape (1, C),
-        # where the reference has (2, C)): a shape that broadcasts to the reference's is compared broadcast.
-        if shape != ref[n].shape and not _broadcasts(shape, ref[n].shape):
-            raise BundleError(f"tensor {n}: shape {shape}, the reference's is {ref[n].shape}")
+        _check_shape(n, tuple(bundle.capture["tensors"][n]["shape"]), ref[n])
 
     def device(n):
         return np.broadcast_to(bundle.tensor(n), ref[n].shape)
 
     modes = ("free", "teacher") if mode == "both" else (mode,)
+    expected_by_mode: dict[str, dict] = {}
     results: list[TensorResult] = []
+    overflows: list[dict] = []
     for m in modes:
         if m == "free":
             calib = [run(v) for v in variants]
@@ -152,8 +207,26 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
         else:
             calib = [run(v, teacher_inputs(ref, req["steps"])) for v in variants]
             expected = run(REFERENCE, teacher_inputs(bundle.tensors, req["steps"]))
-        for n in order:
-            floor = noise_floor(ref[n], [(c[n], v.scale) for c, v in zip(calib, variants)], delegate["precision"])
+        expected_by_mode[m] = expected
+        # A variant that overflowed fp16 (even into a finite result) is no calibration from that step on.
+        usable_until = []
+        for v, c in zip(variants, calib):
+            event = first_severe_event(c)
+            bad = next((n for n in order if not np.isfinite(c[n]).all()), None)
+            cut = _cut(order, event, bad)
+            usable_until.append(cut)
+            if cut < len(order):
+                overflows.append({"mode": m, "variant": v.label, "first_affected_tensor": order[cut],
+                                  **(event or {"op": None, "stage": None, "step": None,
+                                              "detail": f"non-finite from {bad}"})})
+        for i, n in enumerate(order):
+            stage = parse_name(n)[0]
+            precision = stages.get(stage if stage in stages else "guidance_scheduler")["precision"]
+            runs = [(c[n], v.scale) for c, v, cut in zip(calib, variants, usable_until) if i < cut]
+            if not runs:
+                results.append(_no_floor(n, m, expected[n], device(n), precision, k))
+                continue
+            floor = noise_floor(ref[n], runs, precision)
             results.append(_judge(n, m, expected[n], device(n), floor, k))
 
     exact = _exact_checks(bundle, ref, model_dir)
@@ -162,20 +235,27 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
     by_mode = {m: next((r for r in failures if r.mode == m), None) for m in modes}
     first = by_mode.get("teacher") or by_mode.get("free")
     certified = not failures and all(c["passed"] for c in exact)
+    hint = _layout_hint(first, expected_by_mode[first.mode][first.name], device(first.name), k) if first else None
+    cost = _deployment_cost(ref, run(REFERENCE, dep=ORIGINAL, wanted=frozenset()), deployment)
+    if max_deployment_cost is not None:
+        cost["gate"] = {"kind": max_deployment_cost.kind, "limit": max_deployment_cost.limit,
+                        "passed": max_deployment_cost.passes(cost)}
     rule = {
         "k": k,
         "statement": "a tensor passes iff it is finite where the reference is and each of peak = max|e|, rms(e), "
                      "|offset| and |gain| of the least-squares fit e ~ offset + gain * reference (e = device - "
-                     "reference) is <= k * its noise floor. The floor of each statistic is the largest spread of the "
-                     "calibration variants around the f32 reference on this request (times the variant's scale), at "
-                     "least one unit roundoff u of the declared storage precision at the tensor's scale (peak: "
-                     f"u max|ref|, rms: u rms(ref)), {SYSTEMATIC} unit roundoffs of the arithmetic precision for offset "
-                     "and gain, and one standard error of the fit under noise of the rms floor",
-        "declared_precision": delegate["precision"], "declared_ftz": delegate.get("ftz"),
-        "unit_roundoff": unit_roundoff(delegate["precision"]),
+                     "reference) is <= k * its noise floor. The reference is the model as deployed (its weights as "
+                     "stored, its rewrites, its int8 kernels) in f32. The floor of each statistic is the largest "
+                     "spread of the calibration variants around the reference on this request (times the variant's "
+                     "scale; a variant non-finite at the tensor is left out), at least one unit roundoff u of the "
+                     "stage's declared storage precision at the tensor's scale (peak: u max|ref|, rms: u rms(ref)), "
+                     f"{SYSTEMATIC} unit roundoffs of its arithmetic precision for offset and gain, and one standard "
+                     "error of the fit under noise of the rms floor",
+        "stages": stages, "deployment": deployment.label,
+        "unit_roundoff": {s: unit_roundoff(d["precision"]) for s, d in stages.items()},
         "calibration_variants": [v.label for v in variants],
-        "reference": REFERENCE.label,
-        "teacher_forced_floor": "calibration variants fed the f32 reference's own trajectory (one step's error)",
+        "reference": f"{REFERENCE.label}, {deployment.label}",
+        "teacher_forced_floor": "calibration variants fed the reference's own trajectory (one step's error)",
         "localization": "first failing tensor in execution order, teacher-forced mode first",
     }
     provenance = {
@@ -183,18 +263,141 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
         "model_sha256": model_sha, "refsd_version": __version__,
         "reference_code_sha256": code_fingerprint(), "reference_precision": REFERENCE.label,
         "modes": list(modes), "device": bundle.capture["device"], "runtime": bundle.capture["runtime"],
+        "model": {k_: v for k_, v in bundle.capture["model"].items() if k_ != "sha256"},
+        "schema_version": bundle.capture["schema_version"],
         "capture_created": bundle.capture["created"], "capture_tool": bundle.capture.get("tool"),
+        "int8_source": None if deployment.int8_source is None else str(deployment.int8_source),
+        "rerun_cache": {"dir": str(cache), "budget_bytes": cache_budget,
+                        **dict(cache_stats.to_dict(), bytes_after=cache_bytes(cache) if cache.is_dir() else 0)},
         "certified_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    images = {"reference": ref["vae/image"][0], "device": np.asarray(bundle.tensors["vae/image"][0], np.float32)}
-    return Certificate(certified, first, results, rule, provenance, dict(req), exact, images)
+    images = {"reference": ref[names.IMAGE][0], "device": np.asarray(bundle.tensors[names.IMAGE][0], np.float32)}
+    return Certificate(certified, first, results, rule, provenance, dict(req), exact, images, deployment_cost=cost,
+                       unknown_intermediates=unknown, not_observable=not_observable, calibration_overflows=overflows,
+                       hint=hint)
 
 
-def _broadcasts(shape: tuple, to: tuple) -> bool:
+def _layout_hint(first: TensorResult, expected: np.ndarray, test: np.ndarray, k: float) -> str | None:
+    """A 4-D tensor with C == H == W fails by a mile but would pass read as NCHW: say so."""
+    if test.ndim != 4 or not (test.shape[1] == test.shape[2] == test.shape[3]):
+        return None
+    if judge(expected, np.ascontiguousarray(np.transpose(test, (0, 2, 3, 1))), first.verdict.floor, k).passed:
+        return (f"{first.name} passes if read as NCHW: the runtime's activations are NCHW; transpose them to NHWC "
+                "(0, 2, 3, 1), or write the bundle with write_bundle(..., layout='NCHW')")
+    return None
+
+
+def default_cache_dir() -> Path:
+    """Reference reruns are cached here unless ``--cache`` says otherwise."""
+    import os  # noqa: PLC0415
+
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "refsd" / "certify"
+
+
+def _deployment(bundle: Bundle, stages: dict, tflite_dir) -> Deployment:
+    model = bundle.capture["model"]
     try:
-        return np.broadcast_shapes(shape, to) == to
-    except ValueError:
-        return False
+        deployment = Deployment.of_bundle(bundle.capture, stages, None)
+    except ValueError as e:
+        raise BundleError(f"capture.json: model.rewrites {model.get('rewrites')!r}: {_one_line(e)}") from None
+    if tflite_dir is None:
+        return deployment
+    from refsd.export.build import read_manifest  # noqa: PLC0415
+
+    tflite_dir = Path(tflite_dir)
+    try:
+        manifest = read_manifest(tflite_dir)
+    except (OSError, ValueError) as e:
+        raise BundleError(f"--tflite {tflite_dir}: {_one_line(e)}") from None
+    for name, comp in model["components"].items():
+        entry = manifest.get("components", {}).get(name)
+        if entry is None or comp.get("sha256") is None:
+            raise BundleError(f"--tflite {tflite_dir}: no {name} to match the bundle's {name} component")
+        path = tflite_dir / entry["file"]
+        if not path.is_file() or sha256_file(path) != comp["sha256"]:
+            raise BundleError(f"--tflite {tflite_dir}: {entry['file']} is not the {name} the bundle ran "
+                              "(sha256 differs from capture.json)")
+    if deployment.weights == "int8":
+        return Deployment(deployment.weights, deployment.rewrites, deployment.int8_kernels, str(tflite_dir))
+    return deployment
+
+
+def _check_reference_finite(ref: dict, deployment: Deployment) -> None:
+    bad = next((n for n in ref if n != names.TIMESTEPS and not np.isfinite(ref[n]).all()), None)
+    if bad is not None:
+        raise BundleError(f"the f32 reference of this deployment ({deployment.label}) is non-finite at {bad}: "
+                          "the model itself overflows float32 on this request")
+
+
+def _check_shape(name: str, shape: tuple, ref: np.ndarray) -> None:
+    """Exact shapes, with one exception: a tensor the reference computes
+    identically for both CFG rows (the time embedding of one timestep) may be
+    captured once, as a device that computes it once holds it."""
+    if shape == ref.shape:
+        return
+    batch_invariant = ref.ndim >= 1 and ref.shape[0] == 2 and np.array_equal(ref[0], ref[1])
+    if batch_invariant and shape == (1, *ref.shape[1:]):
+        return
+    hint = ""
+    if len(shape) == 4 and len(ref.shape) == 4 and shape == (ref.shape[0], ref.shape[3], ref.shape[1], ref.shape[2]):
+        hint = " (NCHW? bundles hold NHWC activations: transpose (0, 2, 3, 1))"
+    raise BundleError(f"tensor {name}: shape {shape}, the reference's is {ref.shape}{hint}")
+
+
+def _cut(order: list[str], event: dict | None, nonfinite: str | None) -> int:
+    """Index in ``order`` from which a calibration run is unusable: its first
+    non-finite tensor, or the first tensor at or after the stage and step of its
+    first fp16 overflow (``len(order)`` if neither)."""
+    cut = order.index(nonfinite) if nonfinite is not None else len(order)
+    if event is not None:
+        stage_rank = {"text_encoder": 0, "unet": 1, "vae": 2}
+
+        def at_or_after(name: str) -> bool:
+            st, step, _ = parse_name(name)
+            rank = stage_rank.get(st, 1)  # the scheduler's tensors belong to the denoising loop
+            ev_rank = stage_rank.get(event["stage"], 1)
+            if rank != ev_rank:
+                return rank > ev_rank
+            return event["step"] is None or step is None or step >= event["step"]
+
+        cut = min(cut, next((i for i, n in enumerate(order) if at_or_after(n)), len(order)))
+    return cut
+
+
+def _deployment_cost(deployed: dict, original: dict, deployment: Deployment) -> dict:
+    """Deployed reference vs the original fp32 model, per boundary tensor:
+    relative peak and rms error (max|e| / max|orig|, rms(e) / rms(orig)), and
+    the PSNR of the images a user sees. What the deployment costs, not the device."""
+    per = {}
+    for n in deployed:
+        if n in (names.TIMESTEPS,) or n not in original or parse_name(n)[2] is not None:
+            continue
+        o, d = np.asarray(original[n], np.float64), np.asarray(deployed[n], np.float64)
+        e = d - o
+        scale_peak, scale_rms = float(np.abs(o).max(initial=0.0)), float(np.sqrt(np.mean(o * o)))
+        per[n] = {"rel_peak": float(np.abs(e).max(initial=0.0)) / scale_peak if scale_peak else 0.0,
+                  "rel_rms": float(np.sqrt(np.mean(e * e))) / scale_rms if scale_rms else 0.0}
+    image = psnr(_to_image(original[names.IMAGE]), _to_image(deployed[names.IMAGE]))
+    return {"deployment": deployment.label, "original": ORIGINAL.label, "image_psnr_db": image,
+            "worst_rel_peak": max((v["rel_peak"] for v in per.values()), default=0.0),
+            "worst_tensor": max(per, key=lambda n: per[n]["rel_peak"]) if per else None, "tensors": per}
+
+
+def _no_floor(name: str, mode: str, ref: np.ndarray, test: np.ndarray, precision: str, k: float) -> "TensorResult":
+    """Every calibration variant is non-finite here: the declared precision
+    overflows on this request, so a finite device did not compute as declared
+    (an fp32 accumulation, say) and a non-finite one cannot be told from a fault."""
+    from refsd_validate.tolerance import error_stats, minimum_floor  # noqa: PLC0415
+
+    stats, floor = error_stats(ref, test), minimum_floor(ref, precision)
+    verdict = Verdict(False, math.inf, ("calibration_overflow",), stats, floor, floor)
+    stage, step, path = parse_name(name)
+    return TensorResult(name, mode, stage, step, path, verdict, None)
+
+
+def _one_line(e: object) -> str:
+    return " ".join(str(e).split())
 
 
 def _judge(name: str, mode: str, ref: np.ndarray, test: np.ndarray, floor, k: float) -> TensorResult:
@@ -205,12 +408,10 @@ def _judge(name: str, mode: str, ref: np.ndarray, test: np.ndarray, floor, k: fl
         c = compare(ref, np.asarray(test, np.float32), atol=k * floor.peak, rtol=0.0, check_mode="max", name=name)
         summary = {key: c.to_dict()[key] for key in ("passed", "atol", "atol_alone", "nonfinite_mismatches",
                                                      "cosine", "max_ulp_f16", "mean_ulp_f16")}
-    psnr = None
-    if name == "vae/image":  # PSNR of the [0, 1] images a user sees
-        from refsd_validate.compare import psnr as _psnr  # noqa: PLC0415
-
-        psnr = _psnr(_to_image(ref), _to_image(test))
-    return TensorResult(name, mode, stage, step, path, verdict, summary, psnr)
+    image_psnr = None
+    if name == names.IMAGE:  # PSNR of the [0, 1] images a user sees
+        image_psnr = psnr(_to_image(ref), _to_image(test))
+    return TensorResult(name, mode, stage, step, path, verdict, summary, image_psnr)
 
 
 def _to_image(decoded: np.ndarray) -> np.ndarray:
@@ -225,20 +426,26 @@ def _exact_checks(bundle: Bundle, ref: dict, model_dir: Path) -> list[dict]:
     from refsd.weights import load_tokenizer  # noqa: PLC0415
 
     checks = []
-    if "scheduler/timesteps" in bundle.tensors:
-        dev, want = bundle.tensors["scheduler/timesteps"], ref["scheduler/timesteps"]
+    if names.TIMESTEPS in bundle.tensors:
+        dev, want = bundle.tensors[names.TIMESTEPS], ref[names.TIMESTEPS]
         bad = np.flatnonzero(dev.astype(np.int64) != want.astype(np.int64))
-        checks.append({"tensor": "scheduler/timesteps", "passed": not bad.size,
+        checks.append({"tensor": names.TIMESTEPS, "passed": not bad.size,
                        "detail": "as the reference scheduler" if not bad.size else
                        f"step {int(bad[0])}: device ran t={int(dev[bad[0]])}, reference t={int(want[bad[0]])}"})
+    else:  # optional in a bundle, but a user should know the check did not run
+        checks.append({"tensor": names.TIMESTEPS, "passed": True, "checked": False,
+                       "detail": "not checked: the bundle has no scheduler/timesteps"})
     tok = load_tokenizer(model_dir / "tokenizer")
     req = bundle.request
-    want = np.asarray([tok(t, padding="max_length", max_length=77, truncation=True)["input_ids"]
+    want = np.asarray([tok(t, padding="max_length", max_length=names.TOKENS, truncation=True)["input_ids"]
                        for t in (req["negative_prompt"], req["prompt"])], np.int64)
-    dev = bundle.tensors["inputs/token_ids"].astype(np.int64)
+    dev = bundle.tensors[names.TOKEN_IDS].astype(np.int64)
     rows = [i for i in range(2) if not np.array_equal(dev[i], want[i])]
-    checks.append({"tensor": "inputs/token_ids", "passed": not rows,
+    swapped = rows == [0, 1] and np.array_equal(dev[::-1], want)
+    checks.append({"tensor": names.TOKEN_IDS, "passed": not rows,
                    "detail": "the reference tokenizer's ids for [negative_prompt, prompt]" if not rows else
+                   "rows are [prompt, negative_prompt]: the CFG batch order is [uncond, cond] (negative prompt "
+                   "first)" if swapped else
                    f"row {rows[0]} ({'negative_prompt' if rows[0] == 0 else 'prompt'}) differs from the reference "
                    "tokenizer's ids"})
     return checks
@@ -246,14 +453,15 @@ def _exact_checks(bundle: Bundle, ref: dict, model_dir: Path) -> list[dict]:
 
 def tflite_tensor_names(tflite_dir: str | Path) -> dict[str, dict[str, str]]:
     """Stage -> module path -> TFLite tensor name, from an export's ``refsd_export.json``."""
-    path = Path(tflite_dir) / "refsd_export.json"
-    if not os.path.lexists(path):
-        raise BundleError(f"{path}: missing (--tflite must be the export folder)")
-    doc = read_json(path, error=BundleError)  # never blocks on a FIFO; nesting and numbers checked
+    from refsd.export.build import read_manifest  # noqa: PLC0415
+
     try:
+        doc = read_manifest(tflite_dir)
         return {stage: {p: t["tensor"] for p, t in c["tensors"].items()} for stage, c in doc["components"].items()}
+    except (OSError, ValueError) as e:
+        raise BundleError(f"--tflite {tflite_dir}: {_one_line(e)}") from None
     except (KeyError, TypeError, AttributeError) as e:
-        raise BundleError(f"{path}: not an export manifest ({' '.join(str(e).split())})") from None
+        raise BundleError(f"--tflite {tflite_dir}: not an export manifest ({_one_line(e)})") from None
 
 
 def write_outputs(cert: Certificate, out: str | Path, tflite_names: dict | None = None) -> Path:

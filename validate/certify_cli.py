@@ -4,24 +4,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from refsd.limits import real
-from refsd_validate.tolerance import K
+from refsd_validate.tolerance import K, MAX_K
 
-# Past twice the calibrated k a certificate stops saying "within the noise of a correct implementation":
-# at k = 17.7 a +1 % bias on the UNet output certifies (refsd_validate.tolerance).
-K_MAX = 2 * K
-MAX_CACHE_GB = 1024.0
-
-MODES = ("free", "teacher", "both")
-
-
-def default_cache_dir() -> Path:
-    """Reference reruns are cached here unless ``--cache`` says otherwise."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "refsd" / "certify"
+MODES = ("free", "teacher", "both")  # certify.MODES, kept here so --help needs no engine import
 
 
 def add_certify_parser(sub) -> None:
@@ -35,37 +22,88 @@ def add_certify_parser(sub) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="the diffusers folder the capture was exported from")
     p.add_argument("--mode", choices=MODES, default="both", help="free-running, teacher-forced, or both (default)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    p.add_argument("--cache", metavar="DIR", help=f"reference rerun cache (default {default_cache_dir()})")
-    p.add_argument("--cache-gb", type=float, default=4.0, metavar="GB",
-                   help=f"keep at most this much in the cache, in (0, {MAX_CACHE_GB:g}], least recently used reruns "
-                   "dropped first (default 4)")
-    p.add_argument("--tflite", metavar="DIR", help="the export folder (refsd_export.json): Model Explorer node data "
-                   "keyed by its TFLite tensor names instead of module paths")
-    p.add_argument("--k", type=float, default=K,
-                   help=f"tolerance in noise floors, in (0, {K_MAX:g}] (default {K:g}; see the certificate)")
+    p.add_argument("--cache", metavar="DIR", help="reference rerun cache (default $XDG_CACHE_HOME/refsd/certify)")
+    p.add_argument("--cache-gb", type=float, default=8.0, metavar="GB",
+                   help="keep at most this much in the cache, least recently used reruns dropped first (default 8)")
+    p.add_argument("--tflite", metavar="DIR", help="the export folder the bundle ran (refsd_export.json + .tflite, "
+                   "matched by sha256): int8 weights and scales are read from its .tflite files, and Model Explorer "
+                   "node data is keyed by its TFLite tensor names instead of module paths")
+    p.add_argument("--k", type=float, default=K, help=f"tolerance in noise floors, in (0, {MAX_K:g}] (default {K:g}; "
+                   "see the certificate)")
+    p.add_argument("--strict", action="store_true", help="refuse intermediates the reference does not record "
+                   "(default: list them in the certificate and skip them)")
+    p.add_argument("--max-deployment-cost", metavar="psnr:DB|rel:X", help="also gate what the deployment costs "
+                   "against the original fp32 model: image PSNR at least DB, or worst boundary tensor relative error "
+                   "at most X; exit 3 when the device certifies but the deployment fails the gate")
     p.set_defaults(func=_cmd_certify)
 
 
 def _cmd_certify(args) -> int:
-    from refsd_validate.certify import certify, tflite_tensor_names, write_outputs  # noqa: PLC0415
+    import math  # noqa: PLC0415
+
+    from refsd_validate.certify import CostGate, certify, tflite_tensor_names, write_outputs  # noqa: PLC0415
     from refsd_validate.reader import BundleError  # noqa: PLC0415
 
-    real(args.cache_gb, "--cache-gb", 0, MAX_CACHE_GB, open_lo=True)
-    real(args.k, "--k", 0, K_MAX, open_lo=True)
+    if not (math.isfinite(args.cache_gb) and 0 < args.cache_gb <= 1024):
+        raise BundleError(f"--cache-gb must be in (0, 1024], got {args.cache_gb:g}")
+    if not (math.isfinite(args.k) and 0 < args.k <= MAX_K):
+        raise BundleError(f"--k must be in (0, {MAX_K:g}], got {args.k:g}")
+    gate = CostGate.parse(args.max_deployment_cost) if args.max_deployment_cost is not None else None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise BundleError(f"--out {out}: exists and is not a directory")
     names = tflite_tensor_names(args.tflite) if args.tflite else None
     cert = certify(args.bundle, args.model, mode=args.mode, cache_dir=args.cache, k=args.k,
-                   cache_budget=int(args.cache_gb * (1 << 30)))
+                   cache_budget=int(args.cache_gb * (1 << 30)), tflite_dir=args.tflite, strict=args.strict,
+                   max_deployment_cost=gate)
     write_outputs(cert, out, names)
+    for line in summary_lines(cert, args.k, out):
+        print(line)
+    if not cert.certified:
+        return 1
+    return 3 if cert.cost_gate_failed else 0
+
+
+def summary_lines(cert, k: float, out: Path) -> list[str]:
+    """The CLI's report: the verdict first, with the cause an exact check gives
+    when one explains the failure; then what was not judged, calibration
+    variants that overflowed, and the deployment's cost."""
     f = cert.first_failure
+    exact_bad = [c for c in cert.exact_checks if not c["passed"]]
     if cert.certified:
-        print(f"CERTIFIED: every tensor within k={args.k:g} noise floors ({len(cert.results)} checks); {out}/")
-        return 0
-    where = (f"{f.name} ({f.mode}; stage {f.stage}" + (f", step {f.step}" if f.step is not None else "")
-             + (f", module {f.module_path}" if f.module_path else "") + f"): {', '.join(f.verdict.failed)}, "
-             f"needs k={f.verdict.k_needed:.3g}") if f is not None else \
-        next(c["tensor"] + ": " + c["detail"] for c in cert.exact_checks if not c["passed"])
-    print(f"NOT CERTIFIED: first failing tensor {where}; {out}/")
-    return 1
+        lines = [f"CERTIFIED: every tensor within k={k:g} noise floors ({len(cert.results)} checks); {out}/"]
+    elif exact_bad:  # a wrong token id or timestep explains every numeric failure after it
+        c = exact_bad[0]
+        lines = [f"NOT CERTIFIED: {c['tensor']}: {c['detail']}; {out}/"]
+    elif cert.hint:
+        lines = [f"NOT CERTIFIED: {cert.hint}; {out}/"]
+    else:
+        where = (f"{f.name} ({f.mode}; stage {f.stage}" + (f", step {f.step}" if f.step is not None else "")
+                 + (f", module {f.module_path}" if f.module_path else "") + f"): {', '.join(f.verdict.failed)}, "
+                 f"needs k={f.verdict.k_needed:.3g}")
+        lines = [f"NOT CERTIFIED: first failing tensor {where}; {out}/"]
+    if f is not None and "calibration_overflow" in f.verdict.failed and cert.calibration_overflows:
+        o = cert.calibration_overflows[0]
+        lines.append(f"  the declared precision overflows here: calibration variant {o['variant']} first at "
+                     f"{o['op']} (stage {o['stage']}, step {o['step']}); a finite device did not compute as declared")
+    not_checked = [c for c in cert.exact_checks if not c.get("checked", True)]
+    for c in not_checked:
+        lines.append(f"  {c['tensor']}: {c['detail']}")
+    if cert.unknown_intermediates:
+        lines.append(f"  {len(cert.unknown_intermediates)} intermediates not judged (the reference does not record "
+                     "them; see certificate.json not_judged, 'refsd-validate names')")
+    if cert.not_observable:
+        lines.append(f"  {len(cert.not_observable)} intermediates not judged (not observable on this device)")
+    rc = cert.provenance.get("rerun_cache")
+    if rc:
+        lines.append(f"rerun cache: {rc['hits']} hits, {rc['misses']} reruns ({rc['hit_rate']:.0%} hit rate), "
+                     f"{rc['bytes_after'] / 2**30:.2f} of {rc['budget_bytes'] / 2**30:.0f} GiB used, {rc['evicted']} evicted")
+    cost = cert.deployment_cost
+    if cost:
+        gate = cost.get("gate")
+        verdict = "" if gate is None else (" (within" if gate["passed"] else " (FAILS") + \
+            f" --max-deployment-cost {gate['kind']}:{gate['limit']:g})"
+        lines.append(f"deployment cost ({cost['deployment']} vs {cost['original']}): image PSNR "
+                     f"{cost['image_psnr_db']:.1f} dB, worst relative error {cost['worst_rel_peak']:.3g}"
+                     f" at {cost['worst_tensor']}{verdict}")
+    return lines

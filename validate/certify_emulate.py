@@ -7,13 +7,12 @@ validator must not care who produced a bundle).
                      precision="f32_f16", ftz=True, rewrites="google")
 
 The bundle declares ``runtime.name = "refsd-emulation"`` and ``device.name =
-"refsd-emulated"``; there are no .tflite files, so each component's sha256 is
-that of zero bytes.
+"refsd-emulated"``; its components are identified by refsd's name and version
+(there are no files), and each model stage by the emulated precision.
 """
 
 from __future__ import annotations
 
-import hashlib
 import platform
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,9 +23,9 @@ from refsd import __version__
 from refsd.monitor import recording
 from refsd.pipeline import Pipeline, Request
 from refsd.schedulers import make_scheduler
+from refsd.trace import MODELS
 from refsd_validate.bundle import model_sha256, write_bundle
 
-_NO_FILE = hashlib.sha256(b"").hexdigest()
 
 
 def emulated_capture(model_dir: str | Path, request: Request, out: str | Path, *, precision: str = "f32_f16",
@@ -59,8 +58,11 @@ def emulated_capture(model_dir: str | Path, request: Request, out: str | Path, *
                     "delegate": {"name": "emulated", "precision": precision, "ftz": declare_ftz,
                                  "options": {"rewrites": rewrites, "ftz": ftz}}},
         "model": {"sha256": model_sha256(model_dir), "weights": "fp32", "rewrites": rewrites,
-                  "components": {c: {"file": "(none: emulated)", "sha256": _NO_FILE}
-                                 for c in ("text_encoder", "unet", "vae")}},
+                  "components": {c: {"format": "refsd-emulation", "name": "refsd", "version": __version__}
+                                 for c in MODELS}},
+        "stages": {**{c: {"processor": "other", "precision": precision, "ftz": declare_ftz, "fast_math": False,
+                          "runtime": "refsd emulation"} for c in MODELS},
+                   "guidance_scheduler": {"processor": "host", "precision": "f32", "ftz": None}},
         "request": {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
                     "steps": request.steps, "scheduler": request.scheduler, "guidance": request.guidance,
                     "height": request.height, "width": request.width},

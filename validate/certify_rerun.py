@@ -1,44 +1,131 @@
 """Rerunning the reference on a bundle's own inputs, free-running or
-teacher-forced, cached by content hash.
+teacher-forced, for the model as deployed, cached by content hash.
 
-Free-running: the pipeline from the bundle's token ids and initial latents,
-exactly ``refsd.pipeline.Pipeline``'s loop (tests/test_certify.py checks the
-two agree bit for bit). Teacher-forced: each stage is fed the *device's*
-inputs: the UNet at step i gets the device's hidden states and its latents
-after step i-1, the decoder the device's final latents; so a tensor's error
-is that step's own error, separated from the drift of the trajectory.
+The run is ``refsd.pipeline.Pipeline`` itself (its loop, its teacher forcing:
+each stage fed the *device's* inputs, so a tensor's error is that step's own
+error, separated from the drift of the trajectory), with one ``ModelOptions``
+per model built from the :class:`Deployment` (weights as stored, the graph's
+rewrites, how int8 weights ran) and the calibration ``Variant`` (precision,
+FTZ, other kernels, perturbed transcendentals per stage).
 
-The run is a pure function of (the reference's code, model sha256, variant,
-request, token ids, initial latents, teacher tensors, intermediates asked
-for); its result is cached under ``sha256`` of those in ``cache_dir`` as a
-plain .npz (read back with ``allow_pickle=False``), names in execution order.
-"The code" is a hash of refsd's own source files plus NumPy's version and the
-machine architecture, so an edited checkout never reads a stale rerun (a
-version number would not change). The cache is kept under a byte budget by
-dropping the least recently used reruns (a hit refreshes its time).
+The run is a pure function of (the reference's code, model sha256,
+deployment, variant, request, token ids, initial latents, teacher tensors,
+intermediates asked for); its result is cached under ``sha256`` of those in
+``cache_dir`` as a plain .npz (read back with ``allow_pickle=False``), names
+in execution order. "The code" is a hash of refsd's own source files plus
+NumPy's version and the machine architecture, so an edited checkout never
+reads a stale rerun (a version number would not change). The cache is kept
+under a byte budget by dropping the least recently used reruns (a hit
+refreshes its time).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
 import refsd
+from refsd import trace as names
 from refsd.blas import blas_fingerprint
-from refsd.monitor import location, recording
-from refsd.pipeline import Pipeline
-from refsd.schedulers import make_scheduler
+from refsd.models.module import ModelOptions
+from refsd.models.rewrites import EXCLUSIVE, Rewrites
+from refsd.monitor import Monitor, recording
+from refsd.numerics import Precision
+from refsd.ops.transcendental import perturbed
+from refsd.pipeline import Pipeline, Request
+from refsd.trace import MODELS
 from refsd_validate.tolerance import Variant
 
-CACHE_BUDGET_BYTES = 4 << 30  # reruns of the real SD 2.1 at 512x512 with intermediates are ~100s of MB
-BOUNDARY_INPUTS = ("text_encoder/hidden_states",)  # plus scheduler/step_{i}/latents, fed when teacher-forcing
+# Reruns of the real SD 2.1 at 512x512 with intermediates are ~100s of MB; 50 certifications of the tiny model at
+# 64x64 with every intermediate wrote ~5 GB. Least-recently-used eviction keeps the calibration runs that bundles of
+# one request share (each certification hits them again), and drops the per-bundle teacher-forced runs first.
+CACHE_BUDGET_BYTES = 8 << 30
+
+
+@dataclass
+class CacheStats:
+    """What the rerun cache did for one certification (reported in the certificate and on the CLI)."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_after: int = 0
+    evicted: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+    def to_dict(self) -> dict:
+        return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hit_rate, "bytes_after": self.bytes_after,
+                "evicted": self.evicted}
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The model as deployed: weights as stored (``fp32`` | ``fp16`` | ``bf16``
+    | ``int8``), the graph rewrites it runs (a ``Rewrites`` spec), and per
+    model how its int8 weights ran (``hybrid`` | ``dequantize``, None without
+    int8). ``int8_source``: an export folder whose .tflite files hold the int8
+    values and scales (else refsd quantizes as the exporter does)."""
+
+    weights: str = "fp32"
+    rewrites: str = "none"
+    int8_kernels: tuple[str | None, ...] = (None, None, None)  # per refsd.trace.MODELS
+    int8_source: str | None = None
+
+    @classmethod
+    def of_bundle(cls, capture: Mapping, stages: Mapping[str, dict], int8_source: str | None = None) -> "Deployment":
+        weights = capture["model"].get("weights", "fp32")
+        return cls(weights, str(Rewrites.parse(capture["model"].get("rewrites", "none"))),
+                   tuple(stages[m]["int8_kernels"] if weights == "int8" else None for m in MODELS),
+                   int8_source if weights == "int8" else None)
+
+    @property
+    def label(self) -> str:
+        kernels = sorted({k for k in self.int8_kernels if k})
+        return f"weights {self.weights}" + (f" ({'/'.join(kernels)})" if kernels else "") + f", rewrites {self.rewrites}"
+
+
+ORIGINAL = Deployment()  # the checkpoint as published: fp32 weights, no rewrites
+
+
+def model_options(deployment: Deployment, variant: Variant) -> dict[str, ModelOptions]:
+    """One ``ModelOptions`` per model: the deployment's weights and rewrites
+    under the variant's precision, plus the variant's kernel rewrites where
+    they do not replace an op the deployment already rewrote."""
+    out = {}
+    for model, kernels in zip(MODELS, deployment.int8_kernels):
+        sv = variant.stage(model)
+        deployed = Rewrites.parse(deployment.rewrites)
+        taken = {x for a, b in EXCLUSIVE for x in (a, b) if a in deployed or b in deployed}
+        extra = [n for n in Rewrites.parse(sv.kernels) if n not in taken]
+        rw = Rewrites.parse([*deployed, *extra], **{f.name: getattr(deployed, f.name)
+                                                   for f in dataclasses.fields(deployed) if f.name != "names"})
+        out[model] = ModelOptions.make(precision=Precision(sv.precision, sv.ftz), rewrites=rw,
+                                       **_weight_options(deployment, kernels))
+    return out
+
+
+def _weight_options(deployment: Deployment, kernels: str | None) -> dict:
+    if deployment.weights == "fp32":
+        return {}
+    return {"weights": deployment.weights, "int8_kernels": kernels or "dequantize",
+            "int8_source": deployment.int8_source}
+
+
+def _guidance_precision(variant: Variant) -> Precision:
+    sv = variant.stage("guidance_scheduler")
+    return Precision(sv.precision, sv.ftz)
 
 
 class _Keep(dict):
@@ -56,41 +143,43 @@ class _Keep(dict):
 
 def teacher_inputs(tensors: Mapping[str, np.ndarray], steps: int) -> dict[str, np.ndarray]:
     """The tensors a teacher-forced run feeds from a device (or reference) trace."""
-    names = [*BOUNDARY_INPUTS, *(f"scheduler/step_{i}/latents" for i in range(steps))]
-    return {n: np.asarray(tensors[n], np.float32) for n in names}
+    wanted = [names.HIDDEN_STATES, *(names.latents(i) for i in range(steps))]
+    return {n: np.asarray(tensors[n], np.float32) for n in wanted}
 
 
-def boundary_names(steps: int) -> list[str]:
-    return ["text_encoder/hidden_states", "scheduler/timesteps",
-            *(f"{s}/step_{i}/{t}" for i in range(steps) for s, t in (("unet", "noise_pred"), ("scheduler", "latents"))),
-            "vae/image"]
-
-
-def rerun(model_dir: str | Path, model_sha: str, variant: Variant, request: Mapping, token_ids: np.ndarray,
-          latents_init: np.ndarray, *, teacher: Mapping[str, np.ndarray] | None = None,
+def rerun(model_dir: str | Path, model_sha: str, deployment: Deployment, variant: Variant, request: Mapping,
+          token_ids: np.ndarray, latents_init: np.ndarray, *, teacher: Mapping[str, np.ndarray] | None = None,
           intermediates: frozenset[str] = frozenset(), cache_dir: str | Path | None = None,
-          cache_budget: int = CACHE_BUDGET_BYTES) -> dict[str, np.ndarray]:
+          cache_budget: int = CACHE_BUDGET_BYTES, monitor=None, stats: CacheStats | None = None) -> dict[str, np.ndarray]:
     """The reference trace (boundary tensors and the asked-for intermediates)
-    of ``request`` under ``variant``. Cached when ``cache_dir`` is given, the
-    cache pruned to ``cache_budget`` bytes."""
+    of ``request`` for ``deployment`` under ``variant``. Cached when
+    ``cache_dir`` is given (and no ``monitor`` watches the run), the cache
+    pruned to ``cache_budget`` bytes."""
     ids = np.ascontiguousarray(token_ids, dtype=np.int64)
     x0 = np.ascontiguousarray(latents_init, dtype=np.float32)
-    key = _cache_key(model_sha, variant, request, ids, x0, teacher, intermediates)
-    path = Path(cache_dir) / f"{key}.npz" if cache_dir is not None else None
+    key = _cache_key(model_sha, deployment, variant, request, ids, x0, teacher, intermediates)
+    path = Path(cache_dir) / f"{key}.npz" if cache_dir is not None and monitor is None else None
+    stats = stats if stats is not None else CacheStats()
     if path is not None and path.is_file():
         with np.load(path, allow_pickle=False) as z:
             trace = {n: z[n] for n in z.files}
         os.utime(path)  # recently used
+        stats.hits += 1
         return trace
-    trace = _run(model_dir, variant, request, ids, x0, teacher, intermediates)
+    stats.misses += 1
+    trace = _run(model_dir, deployment, variant, request, ids, x0, teacher, intermediates, monitor)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             np.savez(f, **trace)
         os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
-        prune_cache(path.parent, cache_budget, keep=path)
+        stats.evicted += len(prune_cache(path.parent, cache_budget, keep=path))
     return trace
+
+
+def cache_bytes(cache_dir: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(cache_dir).glob("*.npz") if f.is_file())
 
 
 def prune_cache(cache_dir: Path, budget: int, *, keep: Path | None = None) -> list[Path]:
@@ -127,46 +216,59 @@ def code_fingerprint() -> str:
     return h.hexdigest()
 
 
-def _run(model_dir, variant: Variant, request, ids, x0, teacher, intermediates) -> dict[str, np.ndarray]:
-    pipe = Pipeline(model_dir, precision=variant.precision, ftz=variant.ftz, rewrites=variant.rewrites)
-    models = pipe.components
-    steps = int(request["steps"])
-    sched = make_scheduler(request["scheduler"], pipe.scheduler_config)
-    timesteps = sched.set_timesteps(steps)
-    g = np.float32(request["guidance"])
-    trace = _Keep(frozenset(intermediates) | frozenset(boundary_names(steps)))
-    with recording(into=trace):
-        with location("text_encoder"):
-            context = np.array(models.text_encoder(ids))
-        trace["text_encoder/hidden_states"] = context
-        trace["scheduler/timesteps"] = np.asarray(timesteps)
-        if teacher is not None:
-            context = teacher["text_encoder/hidden_states"]
-        x = x0
-        for i in range(steps):
-            x_in = sched.scale_model_input(np.concatenate([x, x]), i)
-            with location("unet", i):
-                noise = np.array(models.unet(x_in, timesteps[i], context))
-            uncond, cond = noise[:1], noise[1:]
-            x = sched.step(uncond + g * (cond - uncond), i, x)
-            trace[f"unet/step_{i}/noise_pred"] = noise
-            trace[f"scheduler/step_{i}/latents"] = x
-            if teacher is not None:
-                x = teacher[f"scheduler/step_{i}/latents"]
-        with location("vae"):
-            trace["vae/image"] = np.array(models.vae.decode_latents(x))
-    return dict(trace)
+OVERFLOW_KEY = "meta/first_severe_event"  # in a trace: JSON bytes (uint8) of the run's first fp16 overflow, if any
 
 
-def _cache_key(model_sha, variant, request, ids, x0, teacher, intermediates) -> str:
+def _run(model_dir, deployment: Deployment, variant: Variant, request, ids, x0, teacher, intermediates,
+         monitor) -> dict[str, np.ndarray]:
+    pipe = Pipeline(model_dir, options=model_options(deployment, variant), guidance=_guidance_precision(variant))
+    req = Request(prompt="", steps=int(request["steps"]), guidance=float(request["guidance"]),
+                  scheduler=request["scheduler"], height=int(request["height"]), width=int(request["width"]))
+    steps = req.steps
+    keep = _Keep(frozenset(intermediates))
+    # An fp16 run can overflow inside an op and still return finite tensors (a GroupNorm whose sum of squares
+    # is inf divides by it: its output is beta), so finiteness alone cannot say a run is a fair calibration:
+    # the monitor's first severe event (overflow, invalid) is kept with the trace.
+    if monitor is None and any(sv.precision != "f32" for sv in variant.stages):
+        monitor = Monitor()
+    with recording(into=keep), perturbed(variant.libm_ulps):
+        result = pipe(req, latents=x0, token_ids=ids, teacher=teacher, monitor=monitor, progress=False)
+    wanted = (set(names.boundary_names(steps)) | {names.TIMESTEPS}) - {names.LATENTS_INIT}  # an input, not a result
+    trace = {n: v for n, v in result.trace.items() if n in wanted}
+    trace.update(keep)
+    trace = {n: trace[n] for n in names.execution_order(trace)}
+    # Constants lost to fp16 (eps flushed by FTZ) are severe in a report but are the precision itself, not an overflow.
+    severe = next((e for e in monitor.events if e.kind in ("overflow", "invalid")), None) if monitor else None
+    if severe is not None:
+        event = {"op": f"{severe.path} ({severe.op}/{severe.primitive})", "stage": severe.stage, "step": severe.step,
+                 "detail": f"{severe.kind}: {severe.detail}"}
+        trace[OVERFLOW_KEY] = np.frombuffer(json.dumps(event).encode(), np.uint8)
+    return trace
+
+
+def first_severe_event(trace: Mapping[str, np.ndarray]) -> dict | None:
+    """The run's first fp16 overflow / invalid event ({op, stage, step, detail}), None if it had none."""
+    raw = trace.get(OVERFLOW_KEY)
+    return None if raw is None else json.loads(np.asarray(raw, np.uint8).tobytes().decode())
+
+
+def _cache_key(model_sha, deployment, variant, request, ids, x0, teacher, intermediates) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(blas_fingerprint(), sort_keys=True).encode())  # results depend on BLAS threads (refsd.blas)
     fields = {k: request[k] for k in ("steps", "scheduler", "guidance", "height", "width")}
-    h.update(json.dumps({"code": code_fingerprint(), "model": model_sha, "variant": [variant.precision, variant.ftz,
-                         variant.rewrites], "request": fields, "intermediates": sorted(intermediates)},
-                        sort_keys=True).encode())
+    h.update(json.dumps({"code": code_fingerprint(), "model": model_sha, "deployment": dataclasses.asdict(deployment),
+                         "int8_source": _source_digest(deployment.int8_source),
+                         "variant": dataclasses.asdict(variant), "request": fields,
+                         "intermediates": sorted(intermediates)}, sort_keys=True).encode())
     for arr in (ids, x0):
         h.update(arr.tobytes())
     for name in sorted(teacher or {}):
         h.update(name.encode() + b"\0" + np.ascontiguousarray(teacher[name], np.float32).tobytes())
     return h.hexdigest()
+
+
+def _source_digest(folder: str | None) -> str | None:
+    """The export manifest's bytes pin every .tflite by sha256: its hash names the int8 values."""
+    if folder is None:
+        return None
+    return hashlib.sha256((Path(folder) / "refsd_export.json").read_bytes()).hexdigest()

@@ -93,8 +93,14 @@ def _add_capture(sub) -> None:
     add_capture_parser(sub)
 
 
+def _add_check_and_names(sub) -> None:
+    from refsd_validate.bundle_check import add_parsers  # noqa: PLC0415
+
+    add_parsers(sub)
+
+
 # Further subcommands are registered here.
-SUBCOMMANDS = [_add_compare, _add_certify, _add_capture]
+SUBCOMMANDS = [_add_compare, _add_certify, _add_capture, _add_check_and_names]
 
 
 def build_parser() -> argparse.ArgumentParser:

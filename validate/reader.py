@@ -5,9 +5,11 @@ folder) comes from a device we do not control, so nothing in it is trusted:
 
 * ``capture.json`` is at most 4 MiB of strict UTF-8 JSON
   (``refsd.safe_io.parse_json``: no NaN / inf / ``1e400``, no duplicate keys,
-  no lone surrogates, nesting bounded), of schema ``refsd-capture`` version 1,
-  valid against ``schema/capture-1.schema.json`` (integers strictly integers:
-  ``2.0`` is not a shape), its request within ``refsd.limits``' ranges;
+  no lone surrogates, nesting bounded), of schema ``refsd-capture`` version 2
+  or 1, valid against that version's ``schema/capture-{version}.schema.json``
+  (integers strictly integers: ``2.0`` is not a shape; ``Bundle.stages`` reads
+  both versions' declaration of where each stage ran), its request within
+  ``refsd.limits``' ranges;
 * a tensor's file is named ``tensors/...npy`` with no ``.``/``..`` parts; in a
   directory it must resolve inside the bundle (a symlink out is refused), in a
   zip it must be a regular member (no symlink, no duplicate, not encrypted);
@@ -39,7 +41,6 @@ import bz2
 import collections
 import hashlib
 import io
-import json
 import math
 import re
 import stat
@@ -52,8 +53,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from refsd.limits import check_request
-from refsd.safe_io import check_schema, npy_header, open_regular, parse_json, read_json
-from refsd_validate.bundle import SCHEMA, SCHEMA_PATH, SCHEMA_VERSION
+from refsd.safe_io import npy_header, open_regular, parse_json, read_json
+from refsd_validate.bundle import check_document, declared_stages
 
 MAX_CAPTURE_JSON = 4 << 20
 NPY_HEADER_ALLOWANCE = 16 << 10  # real .npy headers are 128-4096 bytes
@@ -143,6 +144,11 @@ class Bundle:
     def request(self) -> dict:
         return self.capture["request"]
 
+    @property
+    def stages(self) -> dict[str, dict]:
+        """Where and in what precision each stage ran (``bundle.declared_stages``)."""
+        return declared_stages(self.capture)
+
     def tensor(self, name: str) -> np.ndarray:
         if name in self.tensors:
             return self.tensors[name]
@@ -209,20 +215,13 @@ def _check_inputs(tensors: dict, geometry: ModelGeometry | None) -> None:
 
 def _parse_capture(raw: bytes) -> dict:
     doc = parse_json(raw, "capture.json", BundleError)
-    if not isinstance(doc, dict):
-        raise BundleError("capture.json: not a JSON object")
-    if doc.get("schema") != SCHEMA:
-        raise BundleError(f"capture.json: schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
-    if doc.get("schema_version") != SCHEMA_VERSION:
-        raise BundleError(f"capture.json: unsupported schema_version {doc.get('schema_version')!r} "
-                          f"(this validator reads version {SCHEMA_VERSION})")
-    check_schema(doc, json.loads(SCHEMA_PATH.read_text(encoding="utf-8")), "capture.json", BundleError)
-    request = doc["request"]
     try:
+        check_document(doc)
+        request = doc["request"]
         check_request(request["prompt"], request["negative_prompt"], request["seed"], request["steps"],
-                      request["guidance"], request["height"], request["width"], prefix="request/")
+                      request["guidance"], request["height"], request["width"], prefix="capture.json: request/")
     except ValueError as e:
-        raise BundleError(f"capture.json: {e}") from None
+        raise BundleError(str(e)) from None
     return doc
 
 

@@ -59,17 +59,18 @@ def render_report(cert) -> str:
     exact_bad = [c for c in cert.exact_checks if not c["passed"]]
     where += "".join(f"<p>Exact check failed: <code>{_e(c['tensor'])}</code>: {_e(c['detail'])}</p>" for c in exact_bad)
     prov, dev = cert.provenance, cert.provenance["device"]
-    delegate = prov["runtime"]["delegate"]
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>refsd certificate</title>",
         f"<style>{_CSS}</style></head><body>",
         f"<h1>refsd device certificate</h1><p>{verdict}</p>{where}",
         f"<p class='muted'>{_e(dev['name'])} &middot; SoC {_e(dev.get('soc'))} &middot; GPU {_e(dev.get('gpu'))} "
-        f"&middot; {_e(prov['runtime']['name'])} {_e(prov['runtime']['version'])}, delegate {_e(delegate['name'])} "
-        f"(precision {_e(delegate['precision'])}, FTZ {_e(delegate.get('ftz'))}) &middot; request: "
+        f"&middot; {_e(prov['runtime']['name'])} {_e(prov['runtime']['version'])} &middot; request: "
         f"&ldquo;{_e(cert.request['prompt'])}&rdquo;, {cert.request['steps']} steps {_e(cert.request['scheduler'])}, "
         f"{cert.request['width']}x{cert.request['height']}, seed {cert.request['seed']}</p>",
         _images(cert),
+        "<h2>Where each stage ran (as declared)</h2>", _stages_table(cert.rule["stages"]),
+        "<h2>What the deployment costs</h2>", _cost(cert),
+        _not_judged(cert),
         "<h2>Error per step, in noise floors</h2>",
         "<p class='muted'>k_needed = max over peak, rms, offset, gain of error / noise floor; the tensor passes "
         f"at or below the dashed line k = {cert.rule['k']:g}. Non-finite values are drawn at the top as &times;.</p>",
@@ -77,7 +78,8 @@ def render_report(cert) -> str:
         "<h2>Worst tensors</h2>", _table(sorted(cert.results, key=lambda r: -_finite(r.verdict.k_needed))[:15], cert),
         "<h2>Rule</h2>", f"<p>{_e(cert.rule['statement'])}.</p>",
         f"<p>k = {cert.rule['k']:g}; calibration variants: {_e(', '.join(cert.rule['calibration_variants']))}; "
-        f"reference {_e(cert.rule['reference'])}; unit roundoff u = {cert.rule['unit_roundoff']:.3g}. "
+        f"reference {_e(cert.rule['reference'])}; unit roundoff u per stage: "
+        f"{_e(', '.join(f'{k} {v:.3g}' for k, v in cert.rule['unit_roundoff'].items()))}. "
         f"{_e(cert.rule['localization'])}.</p>",
         "<h2>Provenance</h2><table>",
         *(f"<tr><th class='l'>{_e(k)}</th><td class='l'>{_e(v)}</td></tr>" for k, v in prov.items()
@@ -87,6 +89,50 @@ def render_report(cert) -> str:
         "</body></html>",
     ]
     return "\n".join(parts)
+
+
+def _stages_table(stages: dict) -> str:
+    cols = ("processor", "precision", "ftz", "int8_kernels", "fast_math", "fully_accelerated", "runtime")
+    head = "<tr><th class='l'>stage</th>" + "".join(f"<th class='l'>{c}</th>" for c in cols) + "</tr>"
+    rows = "".join(f"<tr><td class='l'>{_e(name)}</td>" + "".join(f"<td class='l'>{_e(st.get(c))}</td>" for c in cols)
+                   + "</tr>" for name, st in stages.items())
+    return f"<table>{head}{rows}</table>"
+
+
+def _cost(cert) -> str:
+    """The deployed model against the original one: not part of the verdict."""
+    cost = cert.deployment_cost
+    if not cost:
+        return "<p class='muted'>not computed</p>"
+    gate = cost.get("gate")
+    gate_line = "" if gate is None else (f"<p>Gate --max-deployment-cost {gate['kind']}:{gate['limit']:g}: "
+                                         f"<b>{'passed' if gate['passed'] else 'FAILED'}</b></p>")
+    rows = "".join(f"<tr><td class='l'>{_e(n)}</td><td>{_num(v['rel_peak'])}</td><td>{_num(v['rel_rms'])}</td></tr>"
+                   for n, v in cost["tensors"].items())
+    return (f"<p>{_e(cost['deployment'])} against {_e(cost['original'])}, both in f32: image PSNR "
+            f"<b>{_num(cost['image_psnr_db'])} dB</b>, worst relative error {_num(cost['worst_rel_peak'])} at "
+            f"<code>{_e(cost['worst_tensor'])}</code>. This is what the rewrites and weight storage cost; the "
+            "device is judged against the deployed model, never against this.</p>" + gate_line +
+            "<details><summary>per boundary tensor</summary><table><tr><th class='l'>tensor</th>"
+            f"<th>max|e| / max|ref|</th><th>rms(e) / rms(ref)</th></tr>{rows}</table></details>")
+
+
+def _not_judged(cert) -> str:
+    parts = []
+    if cert.unknown_intermediates:
+        parts.append(f"<p>{len(cert.unknown_intermediates)} intermediates the reference does not record were not "
+                     "judged: " + ", ".join(f"<code>{_e(n)}</code>" for n in cert.unknown_intermediates[:50]) + "</p>")
+    if cert.not_observable:
+        parts.append(f"<p>{len(cert.not_observable)} intermediates are not observable on this device (fused away): "
+                     + ", ".join(f"<code>{_e(n)}</code>" for n in cert.not_observable[:50]) + "</p>")
+    for c in cert.exact_checks:
+        if not c.get("checked", True):
+            parts.append(f"<p><code>{_e(c['tensor'])}</code>: {_e(c['detail'])}</p>")
+    for o in cert.calibration_overflows:
+        parts.append(f"<p>Calibration variant <code>{_e(o['variant'])}</code> ({_e(o['mode'])}) overflows fp16: "
+                     f"{_e(o['detail'])} at <code>{_e(o['op'])}</code>, stage {_e(o['stage'])}, step {_e(o['step'])}; "
+                     f"it defines no floor from <code>{_e(o['first_affected_tensor'])}</code> on.</p>")
+    return "<h2>Not judged, and why</h2>" + "".join(parts) if parts else ""
 
 
 def _images(cert) -> str:

@@ -60,7 +60,12 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from refsd.trace import STAGES
+
 K = 4.0
+# The largest k a certificate may be asked for: past it a +1 % gain on the UNet output from step 1 would pass
+# (it needs k = 17.7 teacher-forced on the tiny model, tests/test_certify.py), so a larger k certifies faults.
+MAX_K = 16.0
 U_F32 = 2.0**-24  # float32 unit roundoff (24 significant bits)
 U_F16 = 2.0**-11  # float16 unit roundoff (11 significant bits)
 ALGORITHMS = "flash_attention,winograd,gelu_fused,group_norm_fused"
@@ -71,20 +76,61 @@ F32_KERNEL_ROUNDINGS = 16
 SYSTEMATIC = 64  # unit roundoffs of a kernel's arithmetic it may err by systematically (minimum_floor)
 
 
+# Transcendental results (exp, sin, cos, tanh, erf, rsqrt) of a correct runtime, in ulp of float32 from NumPy's:
+# CPU libraries (glibc, Sleef, NumPy's SIMD) stay within a few ulp; GPU shaders use fast math, for which
+# Vulkan / WGSL allow far more (exp 3 + 2|x| ulp, sin / cos 2^-11 absolute). LIBM_ULPS_FAST is a chosen
+# model, not Vulkan's worst case: large enough for lavapipe's and desktop drivers' measured fp32 results
+# (bench/README.md), and a device beyond it is rejected with that reason in the floor.
+LIBM_ULPS = 4.0
+LIBM_ULPS_FAST = 64.0
+
+
 @dataclass(frozen=True)
-class Variant:
-    """One reference run configuration; its spread around the f32 reference
-    counts ``scale`` times (2^-13 turns fp16 storage rounding into fp32's)."""
+class StageVariant:
+    """How one stage runs in a reference run: precision mode, flush-to-zero,
+    kernel rewrites added to the deployment's (other summation orders and
+    fused kernels, as a delegate may run them), and how far its transcendental
+    functions are moved (``refsd.ops.transcendental``)."""
 
     precision: str = "f32"
     ftz: bool = False
-    rewrites: str = "none"
-    scale: float = 1.0
+    kernels: str = "none"
+    libm_ulps: float = 0.0
 
     @property
     def label(self) -> str:
-        return (self.precision + (" ftz" if self.ftz else "") + ("" if self.rewrites == "none" else f" +{self.rewrites}")
-                + ("" if self.scale == 1.0 else f" (spread x 2^{math.log2(self.scale):g})"))
+        return (self.precision + (" ftz" if self.ftz else "") + ("" if self.kernels == "none" else f" +{self.kernels}")
+                + (f" libm±{self.libm_ulps:g}ulp" if self.libm_ulps else ""))
+
+
+PLAIN = StageVariant()
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One reference run: a ``StageVariant`` per stage (``refsd.trace.STAGES``
+    order). Its spread around the reference counts ``scale`` times (2^-13
+    turns fp16 storage rounding into fp32's)."""
+
+    stages: tuple[StageVariant, ...] = (PLAIN,) * len(STAGES)
+    scale: float = 1.0
+
+    def stage(self, name: str) -> StageVariant:
+        return self.stages[STAGES.index(name)]
+
+    @property
+    def libm_ulps(self) -> float:
+        """One run perturbs every stage alike: the largest of its stages' settings."""
+        return max(sv.libm_ulps for sv in self.stages)
+
+    @property
+    def label(self) -> str:
+        parts = {}
+        for name, sv in zip(STAGES, self.stages):
+            parts.setdefault(sv.label, []).append(name)
+        body = "; ".join(f"{'+'.join(names)}: {lab}" for lab, names in parts.items()) if len(parts) > 1 \
+            else next(iter(parts))
+        return body + ("" if self.scale == 1.0 else f" (spread x 2^{math.log2(self.scale):g})")
 
 
 REFERENCE = Variant()
@@ -94,14 +140,40 @@ def unit_roundoff(precision: str) -> float:
     return U_F32 if precision == "f32" else U_F16
 
 
-def calibration_variants(precision: str, ftz: bool | None) -> list[Variant]:
-    """The runs whose spread around the f32 reference is the noise floor for a
-    delegate declaring ``precision`` (``ftz`` None: unknown, so both)."""
+def stage_variants(precision: str, ftz: bool | None, *, fast_math: bool = False,
+                   kernels: bool = True) -> tuple[list[StageVariant], list[StageVariant]]:
+    """(unscaled, scaled) runs of one stage whose spread around the f32
+    reference is the noise floor of a stage declared ``precision`` (``ftz``
+    None: unknown, so both). ``kernels``: the stage has ops whose kernels a
+    device may swap (the models; not guidance and the scheduler)."""
+    ulps = LIBM_ULPS_FAST if fast_math else LIBM_ULPS
+    other = ALGORITHMS if kernels else "none"
     if precision == "f32":
-        return [Variant("f32", False, ALGORITHMS), Variant("f32_f16", False, "none", F32_KERNEL_ROUNDINGS * U_F32 / U_F16)]
+        return [StageVariant("f32", False, other, ulps)], \
+            [StageVariant("f32_f16", False, "none")] if kernels else []
     modes = ["f32_f16"] if precision == "f32_f16" else ["f32_f16", "f16"]
     flush = [False, True] if ftz is None else [bool(ftz)]
-    return [Variant(m, z, r) for m in modes for z in flush for r in ("none", ALGORITHMS)]
+    runs = [StageVariant(m, z, "none") for m in modes for z in flush]
+    if kernels:
+        runs += [StageVariant(m, z, other, ulps) for m in modes for z in flush]
+    return runs, []
+
+
+def calibration_variants(stages: dict[str, dict]) -> list[Variant]:
+    """The calibration runs for a deployment whose stages are declared as
+    ``stages`` (``refsd_validate.bundle.declared_stages``). Each stage's own
+    runs (:func:`stage_variants`) are zipped, shorter lists cycled, so every
+    run varies every stage at once and the run count is the longest list's,
+    not the product. fp32 storage noise (fp16's scaled by 2^-13) is one more
+    run that varies only the fp32-declared stages, the rest running as the
+    reference, so its scale applies to nothing else."""
+    per = [stage_variants(stages[s]["precision"], stages[s]["ftz"], fast_math=bool(stages[s]["fast_math"]),
+                          kernels=s != "guidance_scheduler") for s in STAGES]
+    n = max(len(u) for u, _ in per)
+    runs = [Variant(tuple(u[j % len(u)] for u, _ in per)) for j in range(n)]
+    if any(sc for _, sc in per):
+        runs.append(Variant(tuple(sc[0] if sc else PLAIN for _, sc in per), F32_KERNEL_ROUNDINGS * U_F32 / U_F16))
+    return runs
 
 
 @dataclass(frozen=True)

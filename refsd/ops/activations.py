@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from refsd.ops._core import const, load, op, prim, store
+from refsd.ops.transcendental import perturb
 
 _SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
 _INV_SQRT2 = float(1.0 / np.sqrt(2.0))
@@ -83,12 +84,12 @@ def _check_approximate(approximate: str) -> None:
 
 def _gelu_unfused(x: np.ndarray, approximate: str, clip: float | None = None) -> np.ndarray:
     if approximate == "none":
-        e = prim(erf(prim(x * const(_INV_SQRT2, "inv_sqrt2"), "scale")), "erf")
+        e = prim(perturb(erf(prim(x * const(_INV_SQRT2, "inv_sqrt2"), "scale"))), "erf")
     else:
         g = x if clip is None else np.clip(x, -np.float32(clip), np.float32(clip))
         cube = prim(g * g * g, "pow3")
         inner = prim(g + prim(cube * const(_GELU_COEFF, "gelu_coeff"), "mul_coeff"), "add")
-        e = prim(np.tanh(prim(inner * const(_SQRT_2_OVER_PI, "sqrt_2_over_pi"), "mul_sqrt_2_over_pi")), "tanh")
+        e = prim(perturb(np.tanh(prim(inner * const(_SQRT_2_OVER_PI, "sqrt_2_over_pi"), "mul_sqrt_2_over_pi"))), "tanh")
     return prim(x * np.float32(0.5), "half") * prim(np.float32(1.0) + e, "add_one")
 
 
@@ -132,7 +133,7 @@ def silu(x: np.ndarray) -> np.ndarray:
     """``x * sigmoid(x)`` with ``sigmoid(x) = 1 / (1 + exp(-x))``; in ``f16``
     ``exp(-x)`` overflows for x < -11.1 (harmlessly: the result is -0)."""
     x = load(x)
-    e = prim(np.exp(-x), "exp")
+    e = prim(perturb(np.exp(-x)), "exp")
     return store(x * prim(np.float32(1.0) / prim(np.float32(1.0) + e, "add_one"), "reciprocal"))
 
 
@@ -141,7 +142,7 @@ def quick_gelu(x: np.ndarray) -> np.ndarray:
     """CLIP's ``x * sigmoid(1.702 x)``."""
     x = load(x)
     z = prim(x * const(1.702, "quick_gelu_coeff"), "scale")
-    e = prim(np.exp(-z), "exp")
+    e = prim(perturb(np.exp(-z)), "exp")
     return store(x * prim(np.float32(1.0) / prim(np.float32(1.0) + e, "add_one"), "reciprocal"))
 
 

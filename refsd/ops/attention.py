@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from refsd.ops._core import const, load, matmul, op, prim, reduce_sum, store, stored
+from refsd.ops.transcendental import perturb
 
 
 def _softmax_math(x: np.ndarray, axis: int, *, inplace: bool = False) -> np.ndarray:
@@ -28,7 +29,7 @@ def _softmax_math(x: np.ndarray, axis: int, *, inplace: bool = False) -> np.ndar
     m = np.max(x, axis=axis, keepdims=True)
     e = np.subtract(x, m, out=x if inplace else None)
     e = prim(e, "subtract_max")
-    e = prim(np.exp(e, out=e), "exp")
+    e = prim(perturb(np.exp(e, out=e)), "exp")
     return prim(np.divide(e, reduce_sum(e, axis, keepdims=True), out=e), "divide")
 
 
@@ -129,7 +130,7 @@ def attention(q, k, v, *, heads: int = 1, mask=None, scale: float | None = None,
     for b, hs, rs in _chunks(n, h, lq, lk):
         s = _scores(qh[b, hs, rs], kh[b, hs], scale, None if m is None else m[b, hs, rs], upcast_attention)
         if upcast_attention or upcast_softmax:
-            p = np.exp(np.subtract(s, np.max(s, axis=-1, keepdims=True), out=s), out=s)
+            p = perturb(np.exp(np.subtract(s, np.max(s, axis=-1, keepdims=True), out=s), out=s))
             p /= np.sum(p, axis=-1, keepdims=True)
         else:
             p = _softmax_math(s, -1, inplace=True)

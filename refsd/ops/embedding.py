@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from refsd.ops._core import op, param, store
+from refsd.ops.transcendental import perturb
 
 
 @op
@@ -23,9 +24,9 @@ def timestep_embedding(t: np.ndarray, *, dim: int, flip_sin_to_cos: bool = False
         raise ValueError(f"timestep_embedding dim must be >= 1, got {dim}")
     half = dim // 2
     exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
-    freqs = np.exp(exponent / np.float32(half - downscale_freq_shift))
+    freqs = perturb(np.exp(exponent / np.float32(half - downscale_freq_shift)))
     args = np.float32(scale) * (t[:, None] * freqs[None, :])
-    emb = np.concatenate([np.sin(args), np.cos(args)], axis=-1)
+    emb = np.concatenate([perturb(np.sin(args)), perturb(np.cos(args))], axis=-1)
     if flip_sin_to_cos:
         emb = np.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
     if dim % 2:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from refsd.ops._core import const, load, op, param, prim, reduce_sum, store
+from refsd.ops.transcendental import perturb
 
 
 def _check_gn(x: np.ndarray, gamma, beta, num_groups: int) -> None:
@@ -33,7 +34,7 @@ def _normalize(xg: np.ndarray, axes: tuple[int, ...], eps) -> np.ndarray:
     mean = prim(reduce_sum(xg, axes, keepdims=True) / np.float32(n), "mean")
     d = prim(xg - mean, "center")
     var = prim(reduce_sum(prim(d * d, "square"), axes, keepdims=True) / np.float32(n), "variance")
-    inv = prim(np.float32(1.0) / np.sqrt(prim(var + eps, "add_eps")), "rsqrt")
+    inv = prim(perturb(np.float32(1.0) / np.sqrt(prim(var + eps, "add_eps"))), "rsqrt")
     return prim(d * inv, "normalize")
 
 

@@ -1,0 +1,62 @@
+"""How far a correct runtime's transcendental functions may be from NumPy's.
+
+exp, sin, cos, tanh, erf and rsqrt have no single correct float32 result in
+practice: libm, PyTorch's Sleef, and GPU shaders each return values a few
+ulp apart (Vulkan's precision rules allow ``exp`` 3 + 2|x| ulp, ``sin`` /
+``cos`` 2^-11 absolute; CPU libraries stay within ~1-4 ulp). Usually that
+is noise below a kernel's summation order, but some arguments amplify it:
+the timestep embedding takes ``sin(t * exp(c i))`` with ``t`` up to ~1000, so
+a 1-ulp change of ``exp`` moves the sine's argument by up to ~6e-5 rad.
+
+A validator calibration run therefore reruns the reference with every such
+result perturbed by ``ulps`` units in the last place (relative
+``ulps * 2^-23``), each element by a fixed pseudo-random sign. The spread of
+that run around the plain reference is what a correct runtime's libm may
+cost, amplification included, and goes into the noise floor. Ops call
+:func:`perturb` on the result of each transcendental; it returns its input
+untouched outside :func:`perturbed` (the default), so ordinary runs are
+bit-identical to plain NumPy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator
+
+import numpy as np
+
+ULP_F32 = 2.0**-23  # float32 spacing at 1
+_ULPS: contextvars.ContextVar[float] = contextvars.ContextVar("refsd_transcendental_ulps", default=0.0)
+# A fixed sign pattern, tiled over a tensor: reproducible (the cache keys runs by their settings),
+# uncorrelated with the data, and free of the systematic bias a constant sign would add.
+_SIGNS = np.where(np.random.default_rng(20261129).random(1 << 16) < 0.5, -1.0, 1.0).astype(np.float32)
+
+
+@contextlib.contextmanager
+def perturbed(ulps: float) -> Iterator[None]:
+    """Within it, every transcendental result is moved by ``ulps`` ulp (0: off)."""
+    if not (ulps >= 0 and np.isfinite(ulps)):
+        raise ValueError(f"ulps must be finite and >= 0, got {ulps!r}")
+    token = _ULPS.set(float(ulps))
+    try:
+        yield
+    finally:
+        _ULPS.reset(token)
+
+
+def perturb(y: np.ndarray) -> np.ndarray:
+    """``y * (1 + s * ulps * 2^-23)`` with a fixed pseudo-random sign ``s`` per
+    element, in place for a float32 array; ``y`` itself when not perturbing."""
+    ulps = _ULPS.get()
+    if not ulps:
+        return y
+    y = np.asarray(y, np.float32)
+    if not y.flags.writeable or not y.flags.c_contiguous:
+        y = np.array(y, np.float32)
+    flat = y.reshape(-1)
+    rel = np.float32(ulps * ULP_F32)
+    for s0 in range(0, flat.size, _SIGNS.size):
+        part = flat[s0 : s0 + _SIGNS.size]
+        part *= np.float32(1) + rel * _SIGNS[: part.size]
+    return y

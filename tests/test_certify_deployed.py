@@ -1,0 +1,186 @@
+"""Certifying the model as deployed: the reference follows the bundle's
+rewrites, the declared stages and their precision; what the deployment costs
+is reported beside the verdict, never in it; a declared precision whose own
+emulation overflows gives a verdict with its reason, not "bad input".
+
+Devices here are refsd's emulation (fast, in-process); the LiteRT capture
+matrix (tests/test_capture_matrix.py) and diffusers as a device
+(tests/test_diffusers_device.py) are the independent runtimes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import certify_request
+
+from refsd_validate.bundle import declared_stages, write_bundle
+from refsd_validate.certify_emulate import emulated_capture
+from refsd_validate.cli import main
+from refsd_validate.reader import read_bundle
+
+TIME_EMBEDDING = "unet.time_embedding"
+
+
+def _certify(bundle, model, out, cache, capsys, *extra):
+    rc = main(["certify", str(bundle), "--model", str(model), "--out", str(out), "--cache", str(cache), *extra])
+    captured = capsys.readouterr()
+    assert not captured.err, captured.err
+    return rc, json.loads((out / "certificate.json").read_text()), captured.out
+
+
+def _redeclare(bundle, out, edit):
+    """A copy of ``bundle`` whose capture.json ``edit`` changed (tensors unchanged)."""
+    b = read_bundle(bundle)
+    tensors = {**b.tensors, **{n: b.tensor(n) for n in b.intermediates}}
+    doc = {k: v for k, v in json.loads(json.dumps(b.capture)).items()
+           if k not in ("schema", "schema_version", "tensors")}
+    edit(doc)
+    return write_bundle(out, doc, tensors)
+
+
+@pytest.fixture(scope="module")
+def gelu_clip_device(tiny_sd21, tmp_path_factory):
+    """A correct device running the clipped GELU (an approximating rewrite), f32_f16 storage."""
+    return emulated_capture(tiny_sd21, certify_request(), tmp_path_factory.mktemp("gc") / "bundle",
+                            precision="f32_f16", ftz=False, declare_ftz=False, rewrites="gelu_clip")
+
+
+def test_approximating_rewrite_certifies_and_its_cost_is_reported(gelu_clip_device, tiny_sd21, certify_cache,
+                                                                   tmp_path, capsys):
+    rc, cert, out = _certify(gelu_clip_device, tiny_sd21, tmp_path / "out", certify_cache, capsys)
+    assert rc == 0, out
+    cost = cert["deployment_cost"]
+    # gelu_clip switches the tiny SD 2.1's erf-GELU to a clipped tanh-GELU: the deployed model differs from the
+    # original by that approximation, which is reported, and was not held against the device.
+    assert 0 < cost["worst_rel_peak"] < 0.05 and 30 < cost["image_psnr_db"] < 200
+    assert set(cost["tensors"]) >= {"text_encoder/hidden_states", "unet/step_0/noise_pred", "vae/image"}
+    assert "deployment cost (weights fp32, rewrites gelu_clip vs weights fp32, rewrites none)" in out
+    assert "What the deployment costs" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_deployment_cost_gate_has_its_own_exit_code(gelu_clip_device, tiny_sd21, certify_cache, tmp_path, capsys):
+    rc, cert, out = _certify(gelu_clip_device, tiny_sd21, tmp_path / "a", certify_cache, capsys,
+                             "--max-deployment-cost", "psnr:199")
+    assert rc == 3 and cert["verdict"] == "certified" and cert["deployment_cost"]["gate"]["passed"] is False
+    assert "FAILS --max-deployment-cost psnr:199" in out
+    rc, cert, _ = _certify(gelu_clip_device, tiny_sd21, tmp_path / "b", certify_cache, capsys,
+                           "--max-deployment-cost", "rel:0.5")
+    assert rc == 0 and cert["deployment_cost"]["gate"]["passed"] is True
+
+
+@pytest.mark.parametrize("value", ["psnr", "psnr:x", "rel:-1", "psnr:inf", "snr:3"])
+def test_deployment_cost_gate_is_checked(value, capsys):
+    rc = main(["certify", "b", "--model", "m", "--out", "o", "--max-deployment-cost", value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--max-deployment-cost" in err[0], err
+
+
+def test_undeclared_rewrite_is_a_device_fault(tiny_sd21, certify_cache, tmp_path, capsys):
+    """An f32 device running the clipped GELU but declaring the plain model: the approximation is then an error
+    of the device. (In fp16 storage the tiny model's clipped-GELU difference, 4.6e-4 relative, is below one
+    fp16 unit roundoff, so only an f32 declaration can tell the two apart.)"""
+    device = emulated_capture(tiny_sd21, certify_request(), tmp_path / "device", precision="f32",
+                              rewrites="gelu_clip")
+    rc, cert, _ = _certify(device, tiny_sd21, tmp_path / "ok", certify_cache, capsys, "--mode", "teacher")
+    assert rc == 0
+
+    def plain(doc):
+        doc["model"]["rewrites"] = "none"
+        doc["runtime"]["delegate"]["options"]["rewrites"] = "none"
+
+    bundle = _redeclare(device, tmp_path / "bundle", plain)
+    rc, cert, _ = _certify(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys, "--mode", "teacher")
+    assert rc == 1 and cert["first_failure"]["tensor"] == "text_encoder/hidden_states"
+
+
+def test_unknown_rewrite_is_bad_input(gelu_clip_device, tiny_sd21, tmp_path, capsys):
+    bundle = _redeclare(gelu_clip_device, tmp_path / "bundle", lambda d: d["model"].update(rewrites="gelu_magic"))
+    rc = main(["certify", str(bundle), "--model", str(tiny_sd21), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "model.rewrites 'gelu_magic'" in err[0] and "gelu_magic" in err[0], err
+
+
+def test_f16_declared_where_the_f16_emulation_overflows_gets_a_verdict(tiny_sd21, certify_cache, tmp_path, capsys):
+    """The tiny SD 2.1 overflows refsd's f16 emulation (a GroupNorm sum of squares at step 0; its output stays
+    finite: the norm divides by the inf). A device that declares f16 and stays finite is judged, not refused:
+    the certificate names the variants that overflowed, with op and step, and leaves them out of the floors
+    from there on (a floor measured across an overflow would certify anything)."""
+    def f16(doc):
+        for s in ("text_encoder", "unet", "vae"):
+            doc["stages"][s].update(precision="f16", ftz=None)
+
+    # A device that keeps fp16 tensors but does not overflow (it accumulates in fp32), with the plain GroupNorm.
+    device = emulated_capture(tiny_sd21, certify_request(), tmp_path / "device", precision="f32_f16")
+    bundle = _redeclare(device, tmp_path / "bundle", f16)
+    rc, cert, out = _certify(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys, "--mode", "free")
+    assert rc in (0, 1), out
+    overflows = cert["calibration_overflows"]
+    assert overflows and all(o["variant"].startswith("text_encoder+unet+vae: f16") for o in overflows)
+    first = overflows[0]
+    assert first["stage"] == "unet" and first["step"] == 0 and "norm" in first["op"]
+    assert first["first_affected_tensor"] == "unet/step_0/noise_pred"
+    assert "overflow" in first["detail"]
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "it defines no floor from <code>unet/step_0/noise_pred</code> on" in html
+
+
+def test_one_percent_error_in_the_time_embedding_is_caught(tiny_sd21, certify_cache, tmp_path, capsys):
+    """The floor covers a correct runtime's libm (perturbed exp / sin / cos), and no more: a 1 % gain on the
+    time embedding, on an otherwise exact f32 device, is rejected there."""
+    def fault(pipe):
+        te = pipe.components["unet"].time_embedding
+        forward = te.forward
+        te.forward = lambda *a, **kw: forward(*a, **kw) * np.float32(1.01)
+
+    bundle = emulated_capture(tiny_sd21, certify_request(), tmp_path / "bundle", precision="f32",
+                              intermediates=(f"unet/step_0/{TIME_EMBEDDING}",), fault=fault)
+    rc, cert, _ = _certify(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys, "--mode", "teacher")
+    assert rc == 1
+    f = cert["first_failure"]
+    assert (f["tensor"], f["module_path"]) == (f"unet/step_0/{TIME_EMBEDDING}", TIME_EMBEDDING)
+
+
+def test_exact_f32_device_is_within_the_libm_floor(tiny_sd21, certify_cache, tmp_path, capsys):
+    """The same exact device without the fault certifies, time embedding included (its floor is not zero:
+    the perturbed-libm variant moves it)."""
+    bundle = emulated_capture(tiny_sd21, certify_request(), tmp_path / "bundle", precision="f32",
+                              intermediates=(f"unet/step_0/{TIME_EMBEDDING}",))
+    rc, cert, _ = _certify(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys, "--mode", "teacher")
+    assert rc == 0
+    te = next(t for t in cert["tensors"] if t["module_path"] == TIME_EMBEDDING)
+    assert te["floor"]["peak"] > 0 and te["k_needed"] == 0
+
+
+def test_version_1_bundles_are_still_read(emulated_bundle, tmp_path):
+    """A version-1 capture.json (one delegate for the three models) reads, and its stages are derived."""
+    b = read_bundle(emulated_bundle)
+    doc = json.loads((emulated_bundle / "capture.json").read_text())
+    doc["schema_version"] = 1
+    del doc["stages"]
+    for c in doc["model"]["components"].values():
+        c.clear()
+        c.update(file="(none: emulated)", sha256="0" * 64)
+    import shutil
+
+    v1 = shutil.copytree(emulated_bundle, tmp_path / "v1")
+    (v1 / "capture.json").write_text(json.dumps(doc))
+    got = read_bundle(v1)
+    assert got.capture["schema_version"] == 1 and set(got.tensors) == set(b.tensors)
+    stages = got.stages
+    assert stages["unet"]["precision"] == "f32_f16" and stages["unet"]["ftz"] is True
+    assert stages["guidance_scheduler"]["precision"] == "f32"
+
+
+def test_declared_stages_fill_defaults():
+    doc = {"schema_version": 2, "model": {"weights": "int8"},
+           "stages": {"text_encoder": {"processor": "cpu", "precision": "f32"},
+                      "unet": {"processor": "gpu", "precision": "f16"},
+                      "vae": {"processor": "gpu", "precision": "f16", "int8_kernels": "hybrid"},
+                      "guidance_scheduler": {"processor": "host", "precision": "f32"}}}
+    s = declared_stages(doc)
+    # int8 on a CPU runs LiteRT's hybrid kernels, on a GPU dequantized weights, unless declared otherwise
+    assert [s[m]["int8_kernels"] for m in ("text_encoder", "unet", "vae")] == ["hybrid", "dequantize", "hybrid"]
+    assert s["unet"]["fast_math"] is True and s["text_encoder"]["fast_math"] is False
+    assert s["unet"]["ftz"] is None
