@@ -23,7 +23,7 @@ import os
 from numbers import Integral, Real
 
 STEPS = (1, 1000)  # SD's schedulers are trained on 1000 timesteps; more inference steps than that repeat them
-GUIDANCE = (0.0, 100.0)  # SD is used at 1..20; past 100 the guided noise is dominated by the difference term
+GUIDANCE = (0.0, 1000.0)  # SD is used at 1..20; the capture schema (version 2) allows up to 1000
 SEED = (0, 2**64 - 1)  # what numpy's PCG64 seeding takes without folding
 MAX_SIDE = 16384
 # CLIP reads 77 tokens (a few hundred characters); tokenizing megabytes only to truncate them costs seconds.

@@ -113,8 +113,9 @@ class Pipeline:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise FileNotFoundError(2, "no such model folder", str(self.model_dir))
-        if not (self.model_dir / "model_index.json").exists():  # present but not a file: refused when read
+        if not (self.model_dir / "model_index.json").exists():
             raise ValueError(f"{self.model_dir}: not a diffusers folder (no model_index.json)")
+        read_config(self.model_dir / "model_index.json")  # read as load_pipeline reads it: part of model_sha256
         if options is None:
             p = Precision(precision, ftz, block)
             base = ModelOptions.make(precision=p, rewrites=rewrites, weights_f16=low_memory and p.storage16)

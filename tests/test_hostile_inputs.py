@@ -320,7 +320,7 @@ MODEL_CASES = [
     ("index_missing_shard", lambda m: _shard(m, "absent.safetensors"), "absent.safetensors: no such file"),
     ("pickle_only", lambda m: ((m / TEXT_ST).unlink(), _replace(m / "text_encoder/pytorch_model.bin", pickle.dumps(1))),
      "refusing PyTorch pickle checkpoint"),
-    ("unet_folder_missing", lambda m: shutil.rmtree(m / "unet"), "missing component folder(s) unet"),
+    ("unet_folder_missing", lambda m: shutil.rmtree(m / "unet"), "model/unet: no such folder"),
 ]
 
 
@@ -341,10 +341,10 @@ def _latents(tmp: Path, data: bytes) -> Path:
 
 
 CLI_CASES = [
-    ("guidance_nan", lambda t: ["--guidance", "nan"], "--guidance must be a finite number in [0, 100], got nan"),
-    ("guidance_inf", lambda t: ["--guidance", "inf"], "--guidance must be a finite number in [0, 100]"),
-    ("guidance_negative", lambda t: ["--guidance", "-1"], "--guidance must be a finite number in [0, 100]"),
-    ("guidance_huge", lambda t: ["--guidance", "1e6"], "--guidance must be a finite number in [0, 100]"),
+    ("guidance_nan", lambda t: ["--guidance", "nan"], "--guidance must be a finite number in [0, 1000], got nan"),
+    ("guidance_inf", lambda t: ["--guidance", "inf"], "--guidance must be a finite number in [0, 1000]"),
+    ("guidance_negative", lambda t: ["--guidance", "-1"], "--guidance must be a finite number in [0, 1000]"),
+    ("guidance_huge", lambda t: ["--guidance", "1e6"], "--guidance must be a finite number in [0, 1000]"),
     ("guidance_text", lambda t: ["--guidance", "lots"], "argument --guidance: invalid float value"),
     ("steps_zero", lambda t: ["--steps", "0"], "--steps must be in [1, 1000], got 0"),
     ("steps_huge", lambda t: ["--steps", "100000"], "--steps must be in [1, 1000]"),
@@ -522,8 +522,8 @@ BUNDLE_CASES = [
      "capture.json is not a regular file"),
     ("guidance_1e400", lambda b, t: (_replace(b / "capture.json", (b / "capture.json").read_text().replace(
         '"guidance": 7.5', '"guidance": 1e400')), b)[-1], "capture.json: not valid JSON (number 1e400 overflows"),
-    ("guidance_huge", _doc_edit(lambda d: d["request"].update(guidance=1e300)), "request/guidance must be a finite"),
-    ("guidance_negative", _doc_edit(lambda d: d["request"].update(guidance=-2)), "request/guidance must be a finite"),
+    ("guidance_huge", _doc_edit(lambda d: d["request"].update(guidance=1e300)), "at request/guidance"),
+    ("guidance_negative", _doc_edit(lambda d: d["request"].update(guidance=-2)), "at request/guidance"),
     ("steps_float", _doc_edit(lambda d: d["request"].update(steps=4.0)), "schema violation at request/steps"),
     ("seed_float", _doc_edit(lambda d: d["request"].update(seed=3.0)), "schema violation at request/seed"),
     ("height_float", _doc_edit(lambda d: d["request"].update(height=64.0)), "schema violation at request/height"),
@@ -582,10 +582,11 @@ def test_bad_certify_option(extra, fragment, emulated_bundle, base_model, tmp_pa
 
 
 TFLITE_MANIFEST_CASES = [
-    ("missing", None, "refsd_export.json: missing (--tflite must be the export folder)"),
+    ("missing", None, "no refsd_export.json (not a folder written by 'refsd export')"),
     ("deep", "[" * DEEP + "]" * DEEP, "refsd_export.json: JSON nested too deeply"),
-    ("list", "[]", "refsd_export.json: not an export manifest"),
-    ("wrong_shape", '{"components": {"unet": {"tensors": [1]}}}', "refsd_export.json: not an export manifest"),
+    ("list", "[]", "refsd_export.json: not a refsd export manifest"),
+    ("wrong_shape", '{"format": "refsd-export", "components": {"unet": {"tensors": [1]}}}',
+     "not an export manifest"),
     ("not_utf8", b"\xff\xfe", "refsd_export.json: not UTF-8 text"),
 ]
 
