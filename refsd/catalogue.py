@@ -51,6 +51,16 @@ Cases:
     ``upcast_attention=True`` (scores and softmax in float32, as diffusers does
     for SD 2.x); only the probabilities are stored as fp16.
 
+On real kernels (LiteRT's GPU accelerator in fp16, each variant exported as a
+small .tflite by ``bench/gpu_probes.py``; ``Case.litert_gpu`` records what
+happened and why): ``mask_neg_1e9`` and ``scores_overflow`` break there too;
+``gelu_tanh``, ``group_norm_sum_squares`` and ``eps_ftz`` do not, because the
+converter fuses that GELU into one kernel, MEAN keeps float32 sums, and this
+GPU keeps subnormals; ``upcast_attention`` is no fix there (the exported graph
+has no per-op precision; fp32 kernels are). ``run_on_device(case)`` replays
+both variants under the ``litert-gpu`` device model, which agrees with every
+recorded outcome (tests/test_gpu_emulation.py).
+
 ``run_catalogue()`` runs them all; ``CatalogueResult.table()`` and
 ``.to_json()`` render the outcome, and ``refsd catalogue`` prints it.
 """
@@ -58,7 +68,7 @@ Cases:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import numpy as np
@@ -67,7 +77,8 @@ from refsd import ops
 from refsd.monitor import Event, Report, monitoring, scope
 from refsd.numerics import Precision, precision
 
-__all__ = ["CASES", "Case", "CaseResult", "CatalogueResult", "Variant", "run_case", "run_catalogue"]
+__all__ = ["CASES", "Case", "CaseResult", "CatalogueResult", "DeviceOutcome", "Variant", "run_case", "run_catalogue",
+           "run_on_device"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,15 @@ class Variant:
     description: str
     precision: Precision
     fn: Callable[[], np.ndarray]
+
+
+@dataclass(frozen=True)
+class DeviceOutcome:
+    """What a case's two variants did on a device's real fp16 kernels."""
+
+    broken_finite: bool  # the broken variant's output had no inf / NaN there
+    fixed_finite: bool
+    why: str  # where and why it differs from the generic f16 story
 
 
 @dataclass(frozen=True)
@@ -90,6 +110,7 @@ class Case:
     broken: Variant
     fixed: Variant
     also_expected: tuple[str, ...] = ()  # other event kinds the broken run must report
+    litert_gpu: DeviceOutcome | None = None  # measured on LiteRT's GPU accelerator, fp16 kernels
 
     @property
     def path(self) -> str:
@@ -234,7 +255,7 @@ def _mode(p: Precision) -> str:
 
 
 def _precision_dict(p: Precision) -> dict:
-    return {"mode": p.mode, "ftz": p.ftz, "block": p.block}
+    return {"mode": p.mode, "ftz": p.ftz, "block": p.block, "device_model": p.device_model}
 
 
 def _event_dict(e: Event | None) -> dict | None:
@@ -323,12 +344,16 @@ CASES: tuple[Case, ...] = (
         "overflow", "gelu", "pow3",
         broken=Variant("gelu(approximate='tanh')", F16, lambda: ops.gelu(_ff_activations(), approximate="tanh")),
         fixed=Variant("gelu_clip(M=10)", F16, lambda: ops.gelu_clip(_ff_activations(), M=10.0)),
+        litert_gpu=DeviceOutcome(True, True, "the converter fuses the unclipped tanh-GELU into the GELU builtin: "
+                                             "no x**3 tensor; the clipped form stays unfused and clean"),
     ),
     Case(
         "group_norm_sum_squares", "GroupNorm: fp16 sum of squares over 64x64x10 elements overflows", "norm1",
         "overflow", "group_norm", "sum.accumulate",
         broken=Variant("group_norm", F16, lambda: ops.group_norm(_gn_large_group(), num_groups=2)),
         fixed=Variant("same op", F32_F16, lambda: ops.group_norm(_gn_large_group(), num_groups=2)),
+        litert_gpu=DeviceOutcome(True, True, "MEAN keeps float32 sums: no fp16 sum of squares exists; what can "
+                                             "overflow there is the stored square d*d, for |x - mean| >= 256"),
     ),
     Case(
         "eps_ftz", "GroupNorm eps=1e-5 flushes to zero (FTZ), constant group -> rsqrt(0), NaN", "norm",
@@ -336,6 +361,8 @@ CASES: tuple[Case, ...] = (
         broken=Variant("eps=1e-5", F16_FTZ, _gn(1e-5)),
         fixed=Variant("eps=1e-3", F16_FTZ, _gn(1e-3)),
         also_expected=("invalid",),
+        litert_gpu=DeviceOutcome(True, True, "this GPU (lavapipe) keeps fp16 subnormals, so eps=1e-5 survives; "
+                                             "the case needs flush-to-zero hardware"),
     ),
     Case(
         "mask_neg_1e9", "attention mask -1e9 is -inf in fp16; fully masked row -> NaN", "attn2",
@@ -343,12 +370,16 @@ CASES: tuple[Case, ...] = (
         broken=Variant("mask=-1e9", F32_F16, _masked_attention(-1e9)),
         fixed=Variant("mask=-1e4", F32_F16, _masked_attention(-1e4)),
         also_expected=("invalid",),
+        litert_gpu=DeviceOutcome(False, True, "as predicted: the -1e9 constant is -inf, the fully masked row NaN"),
     ),
     Case(
         "scores_overflow", "attention scores QK^T/sqrt(d) overflow fp16 for large q, k", "attn1",
         "overflow", "attention", "scores",
         broken=Variant("attention", F32_F16, _big_attention(False)),
         fixed=Variant("upcast_attention=True", F32_F16, _big_attention(True)),
+        litert_gpu=DeviceOutcome(False, False, "breaks as predicted, but upcast_attention is no fix: the exported "
+                                               "graph has no per-op precision and its scores overflow all the same; "
+                                               "fp32 kernels (GpuOptions(enforce_f32=True)) are, measured finite"),
     ),
 )
 
@@ -365,6 +396,16 @@ def run_case(case: Case) -> CaseResult:
     fixed, fixed_finite = _run_variant(case, case.fixed)
     missing = tuple(k for k in case.also_expected if not broken.has(k))
     return CaseResult(case, broken, fixed, broken_finite, fixed_finite, missing)
+
+
+def run_on_device(case: Case, device_model: str = "litert-gpu") -> tuple[CaseResult, DeviceOutcome]:
+    """Both variants of ``case`` under the device model (f16 kernels, the
+    device's own subnormal handling: none flushed on LiteRT's GPU here), as
+    a ``CaseResult`` and the outcome in ``DeviceOutcome`` terms."""
+    device = Precision("f16", device_model=device_model)
+    moved = replace(case, broken=replace(case.broken, precision=device), fixed=replace(case.fixed, precision=device))
+    r = run_case(moved)
+    return r, DeviceOutcome(r.broken_finite, r.fixed_finite, "")
 
 
 def run_catalogue(cases: Sequence[Case] | None = None, *, only: Sequence[str] | None = None) -> CatalogueResult:

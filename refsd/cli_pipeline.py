@@ -11,6 +11,7 @@ import numpy as np
 
 from refsd.limits import check_request, max_image_pixels
 from refsd.monitor import EVENT_KINDS
+from refsd.numerics import DEVICE_MODELS, Precision
 from refsd.safe_io import check_output_file, load_npy
 
 FAIL_ON = ("severe",) + EVENT_KINDS
@@ -36,6 +37,9 @@ def _add_request_args(p: argparse.ArgumentParser, *, default_precision: str) -> 
     p.add_argument("--precision", choices=("f32", "f32_f16", "f16"), default=default_precision)
     p.add_argument("--ftz", action="store_true", help="flush fp16 subnormals to zero")
     p.add_argument("--block", type=int, default=32, help="f16 accumulation block (default 32)")
+    p.add_argument("--device-model", choices=tuple(DEVICE_MODELS), default=None,
+                   help="f16 only: emulate a runtime's measured fp16 kernels instead of the generic model "
+                        "(litert-gpu: LiteRT's GPU accelerator; README 'fp16 on real GPU kernels')")
     p.add_argument("--rewrites", default="none", help="none | paper | google | comma list of rewrite names")
     p.add_argument("--low-memory", action="store_true", help="load each model only for its stage; in f32_f16 / f16 keep weights as float16")
     p.add_argument("--latents", metavar="FILE.npy", help="initial latents to replay instead of the seed's noise")
@@ -53,8 +57,8 @@ def _run(args: argparse.Namespace, monitor):
     latents = None
     if args.latents:
         latents = _load_npy(args.latents)
-    pipe = Pipeline(args.model, precision=args.precision, ftz=args.ftz, block=args.block, rewrites=args.rewrites,
-                    low_memory=args.low_memory)
+    precision = Precision(args.precision, args.ftz, args.block, args.device_model)  # ValueError: exit 2
+    pipe = Pipeline(args.model, precision=precision, rewrites=args.rewrites, low_memory=args.low_memory)
     t0 = time.perf_counter()
     result = pipe(req, latents=latents, monitor=monitor, progress=not args.quiet)
     return req, result, time.perf_counter() - t0
@@ -136,11 +140,12 @@ def _cmd_fp16_check(args: argparse.Namespace) -> int:
         report.closest = report.closest[: args.top]
         print(report.table())
         failed = [k for k in kinds if (not report.clean if k == "severe" else report.has(k))]
-        print(f"\n{args.precision}{' ftz' if args.ftz else ''}, rewrites {args.rewrites}: {seconds:.1f} s; "
+        mode = args.precision + (" ftz" if args.ftz else "") + (f" {args.device_model}" if args.device_model else "")
+        print(f"\n{mode}, rewrites {args.rewrites}: {seconds:.1f} s; "
               + (f"FAIL on {', '.join(failed)}" if failed else f"no {'/'.join(kinds) or 'fail-on'} events"))
         if json_out is not None:
             doc = {"request": vars(req), "precision": args.precision, "ftz": args.ftz, "block": args.block,
-                   "rewrites": args.rewrites, "fail_on": kinds, "failed": failed, "report": report.to_dict()}
+                   "device_model": args.device_model, "rewrites": args.rewrites, "fail_on": kinds, "failed": failed, "report": report.to_dict()}
             json_out.write(json.dumps(doc, indent=2) + "\n")
     finally:
         if json_out is not None:

@@ -17,6 +17,9 @@ Events (element counts, per op and primitive):
 ``underflow``   a non-zero value becomes zero (``to_zero``) or an fp16 subnormal
 ``constant``    a constant (eps, mask, weight) does not survive fp16: becomes
                 inf or zero (severe), or subnormal (precision lost; zero on FTZ hardware)
+``precision``   a tensor the deployed graph stores in fp16 is too coarse for
+                the op that reads it (sin/cos of timestep arguments whose fp16
+                spacing exceeds ``refsd.ops.embedding.ARG_SPACING_LIMIT``); not severe
 
 and, per op output, headroom ``log2(65504 / max|y|)``: bits of magnitude left
 before fp16 overflows (negative in ``f32`` mode means "would overflow in fp16").
@@ -36,7 +39,7 @@ from typing import Iterator
 
 from refsd.numerics import FP16_MAX
 
-EVENT_KINDS = ("overflow", "invalid", "propagated", "underflow", "constant")
+EVENT_KINDS = ("overflow", "invalid", "propagated", "underflow", "constant", "precision")
 
 
 @dataclass(frozen=True)

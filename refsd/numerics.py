@@ -22,6 +22,10 @@ Three modes, named after TFLite GPU's ``CalculationsPrecision``:
     slices in half registers is ``block=4``; the default ``block=32`` models a
     kernel that keeps a short fp32 partial (and keeps emulation fast).
 
+``device_model="litert-gpu"`` (``f16`` only) replaces the generic f16 model
+by what LiteRT's GPU accelerator's fp16 kernels were measured to do
+(``DeviceModel``, ``bench/gpu_probes.py``, README "fp16 on real GPU kernels").
+
 ``ftz=True`` flushes fp16 subnormals (``|x| < 2**-14``) to signed zero, as many
 mobile GPUs do.
 
@@ -60,18 +64,77 @@ _ZERO_UPTO = _U32(0x33000000)
 
 
 @dataclass(frozen=True)
+class DeviceModel:
+    """How one runtime's fp16 kernels compute, where that differs from the
+    generic ``f16`` model. Each field was measured on probe models that isolate
+    one op (``bench/gpu_probes.py``); the comment says what was seen."""
+
+    name: str
+    # FULLY_CONNECTED, CONV_2D, BATCH_MATMUL: the accumulation block. 1: a
+    # sequential fp16 sum of fp16-rounded products in (kh, kw, cin) order, the
+    # bias added last (bit-identical on every probe but one: FULLY_CONNECTED on
+    # a single row runs another kernel, order not identified, 3-26% identical).
+    matmul_block: int
+    # MEAN and SUM keep a float32 accumulator (the mean of 12288 x 100 is
+    # exactly 100); only the result is stored as fp16.
+    fp32_reductions: bool
+    # Kernels that compute in float32 (MEAN, SUM, SOFTMAX, the fused LayerNorm,
+    # GELU) store fp16 by rounding toward zero (``truncate_f16``): bit-identical
+    # on SUM and MEAN, 99.98% on SOFTMAX (every element within 1 ulp), and a
+    # SUM past 65504 stores 65504, not inf. (Elementwise ops, model inputs and
+    # constants round to nearest and overflow to inf.)
+    truncating_stores: bool
+    # EXP (and LOGISTIC's exp) is exp2(r16(x * r16(log2 e))) in fp16, so its
+    # error grows with |x| (1.7e-3 relative at x = 11); bit-identical.
+    exp2: bool
+    # SOFTMAX is one float32 kernel: only its output is stored.
+    fused_softmax: bool
+    # The MEAN/SUB/MUL/MEAN/ADD/RSQRT/MUL pattern over the last axis (LayerNorm)
+    # is one float32 kernel (its exposed intermediates read back garbage):
+    # two-pass float32 statistics, truncated, 99.99% bit-identical.
+    fused_layer_norm: bool
+    # GroupNorm's second MEAN and the ADD of eps are one kernel: var + eps is
+    # rounded once, to nearest (bit-identical; unlike a lone MEAN, which
+    # truncates), and RSQRT is 1 / sqrt with the sqrt rounded.
+    linked_eps: bool
+    # The converter fuses the unfused tanh-GELU pattern into the GELU builtin
+    # (one kernel, no x**3 tensor): float32 math, truncated (92% bit-identical,
+    # all within 4 ulps; the erf form matched best as fp16 primitives, 82%).
+    gelu_builtin: bool
+    # Graph-level float32 requests (diffusers' upcast_attention) do not exist
+    # on the device: the whole graph runs in fp16.
+    per_op_fp32: bool
+
+
+DEVICE_MODELS = {
+    "litert-gpu": DeviceModel("litert-gpu", matmul_block=1, fp32_reductions=True, truncating_stores=True, exp2=True,
+                              fused_softmax=True, fused_layer_norm=True, linked_eps=True, gelu_builtin=True,
+                              per_op_fp32=False),
+}
+
+
+@dataclass(frozen=True)
 class Precision:
-    """A precision mode: ``mode`` in MODES, flush-to-zero, f16 accumulation block."""
+    """A precision mode: ``mode`` in MODES, flush-to-zero, f16 accumulation block,
+    and optionally a measured ``device_model`` (in DEVICE_MODELS, ``f16`` only)."""
 
     mode: str = "f32"
     ftz: bool = False
     block: int = 32
+    device_model: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown precision mode {self.mode!r}; expected one of {', '.join(MODES)}")
         if not isinstance(self.block, (int, np.integer)) or self.block < 1:
             raise ValueError(f"accumulation block must be a positive integer, got {self.block!r}")
+        if self.device_model is not None:
+            if self.device_model not in DEVICE_MODELS:
+                raise ValueError(f"unknown device model {self.device_model!r}; expected one of "
+                                 f"{', '.join(DEVICE_MODELS)}")
+            if self.mode != "f16":
+                raise ValueError(f"device model {self.device_model!r} models fp16 kernels: it needs mode 'f16', "
+                                 f"got {self.mode!r}")
 
     @property
     def storage16(self) -> bool:
@@ -84,6 +147,11 @@ class Precision:
         return self.mode == "f16"
 
     @property
+    def device(self) -> DeviceModel | None:
+        """The measured device model, or None for the generic modes."""
+        return None if self.device_model is None else DEVICE_MODELS[self.device_model]
+
+    @property
     def unit_roundoff(self) -> float:
         return U_F32 if self.mode == "f32" else U_F16
 
@@ -92,13 +160,16 @@ _PRECISION: contextvars.ContextVar[Precision] = contextvars.ContextVar("refsd_pr
 
 
 @contextlib.contextmanager
-def precision(mode: str | Precision = "f32", *, ftz: bool = False, block: int = 32) -> Iterator[Precision]:
+def precision(mode: str | Precision = "f32", *, ftz: bool = False, block: int = 32,
+              device_model: str | None = None) -> Iterator[Precision]:
     """Run the enclosed ops under a precision mode::
 
         with precision("f16", ftz=True):
             y = ops.gelu(x, approximate="tanh")
+        with precision("f16", device_model="litert-gpu"):
+            ...
     """
-    p = mode if isinstance(mode, Precision) else Precision(mode, ftz, block)
+    p = mode if isinstance(mode, Precision) else Precision(mode, ftz, block, device_model)
     token = _PRECISION.set(p)
     try:
         yield p
@@ -131,6 +202,34 @@ def round_f16(x: np.ndarray, *, ftz: bool = False) -> np.ndarray:
     ``ftz=False``, and about twice as fast (bench/README.md).
     """
     return _round_f16(_as_float32(x), ftz, stats=False)[0]
+
+
+# float32 bit pattern of 65504, the largest fp16 value.
+_F16_MAX_BITS = _U32(0x477FE000)
+
+
+def truncate_f16(x: np.ndarray, *, ftz: bool = False) -> np.ndarray:
+    """Round toward zero onto fp16, returned as float32: how LiteRT's GPU kernels
+    that compute in float32 (reductions, softmax, the fused LayerNorm) store
+    their fp16 output (measured). Finite values past 65504 saturate to +-65504
+    (so a too-large sum is silently wrong, never inf); inf and NaN are kept;
+    subnormals are truncated onto fp16's 2**-24 grid, or flushed with ``ftz``."""
+    x = _as_float32(x)
+    u = np.ascontiguousarray(x).view(_U32)
+    a = u & _ABS
+    r = a & _U32(0xFFFFE000)  # normal range: drop the 13 extra mantissa bits
+    np.minimum(r, _F16_MAX_BITS, out=r)
+    nonfinite = a >= _INF
+    r[nonfinite] = a[nonfinite]
+    small = a < _NORMAL_FROM
+    if small.any():
+        if ftz:
+            r[small] = 0
+        else:
+            grid = np.float32(2.0**24)  # powers of two: both products are exact
+            r[small] = (np.floor(a[small].view(np.float32) * grid) / grid).view(_U32)
+    r |= u & _SIGN
+    return r.view(np.float32).reshape(x.shape)
 
 
 def round_f16_stats(x: np.ndarray, *, ftz: bool = False) -> tuple[np.ndarray, RoundingStats]:

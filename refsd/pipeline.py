@@ -34,7 +34,7 @@ from refsd.models.module import ModelOptions
 from refsd.models.vae import VaeConfig
 from refsd.monitor import Monitor, Report, location, monitoring
 from refsd.numerics import Precision, round_f16
-from refsd.schedulers import make_scheduler
+from refsd.schedulers import DDIMScheduler, make_scheduler
 from refsd.trace import MODELS, TOKENS
 from refsd.weights import read_config, load_scheduler_config, load_text_encoder, load_tokenizer, load_unet, load_vae
 
@@ -95,7 +95,9 @@ def to_image(decoded: np.ndarray) -> np.ndarray:
 class Pipeline:
     """A Stable Diffusion pipeline over a diffusers folder.
 
-    ``precision``: ``f32`` | ``f32_f16`` | ``f16`` (``ftz``, ``block``);
+    ``precision``: ``f32`` | ``f32_f16`` | ``f16`` (``ftz``, ``block``), or a
+    ``Precision`` (then ``ftz`` and ``block`` are its own), e.g.
+    ``Precision("f16", device_model="litert-gpu")``;
     ``rewrites``: ``none`` | ``paper`` | ``google`` | a comma list;
     ``low_memory``: staged loading (each model loaded only for its stage),
     and in fp16-storage modes weights kept as float16 arrays (``weights_f16``).
@@ -107,9 +109,9 @@ class Pipeline:
     guidance and the scheduler step (float32 by default, as a phone's host
     CPU runs them; see :func:`guided_step`)."""
 
-    def __init__(self, model_dir: str | Path, *, precision: str = "f32", ftz: bool = False, block: int = 32,
-                 rewrites: str = "none", low_memory: bool = False, options: Mapping[str, ModelOptions] | None = None,
-                 guidance: Precision | None = None) -> None:
+    def __init__(self, model_dir: str | Path, *, precision: str | Precision = "f32", ftz: bool = False,
+                 block: int = 32, rewrites: str = "none", low_memory: bool = False,
+                 options: Mapping[str, ModelOptions] | None = None, guidance: Precision | None = None) -> None:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise FileNotFoundError(2, "no such model folder", str(self.model_dir))
@@ -117,7 +119,7 @@ class Pipeline:
             raise ValueError(f"{self.model_dir}: not a diffusers folder (no model_index.json)")
         read_config(self.model_dir / "model_index.json")  # read as load_pipeline reads it: part of model_sha256
         if options is None:
-            p = Precision(precision, ftz, block)
+            p = precision if isinstance(precision, Precision) else Precision(precision, ftz, block)
             base = ModelOptions.make(precision=p, rewrites=rewrites, weights_f16=low_memory and p.storage16)
             options = {m: base for m in MODELS}
         missing = [m for m in MODELS if m not in options]
@@ -237,14 +239,14 @@ def guided_step(sched, noise: np.ndarray, g: np.float32, i: int, x: np.ndarray, 
     """Classifier-free guidance ``eps = uncond + g (cond - uncond)`` on the
     UNet's [uncond, cond] output, then the scheduler step, in precision ``p``.
 
-    ``f32``: float32 throughout (a host CPU). ``f32_f16``: fp16 tensors
-    (the noise, the latents, eps and the new latents are rounded), float32
-    math inside. ``f16``: as a framework's fp16 tensors (PyTorch on fp16
-    tensors): additionally each primitive of the guidance (``cond - uncond``,
-    ``g *``, ``+``) is rounded. The scheduler step's own primitives are rounded
-    only at its output in both fp16 modes: its few scalar-times-tensor terms
-    differ by a few fp16 ulps of the latents between orders, which the
-    validator's calibration (both modes are variants) measures."""
+    ``f32``: float32 throughout (a host CPU). ``f32_f16``: fp16 tensors, one
+    fused kernel: the noise, the latents, eps and the new latents are rounded,
+    the math inside is float32. ``f16``: a framework's fp16 tensors (PyTorch
+    on fp16, on a CPU or a GPU): every primitive's result is rounded, and so is
+    every scalar coefficient (``g``, the scheduler's square roots), which
+    biases the step's gain by up to a unit roundoff per coefficient. The DDIM
+    step emulates that primitive by primitive; Euler and DPM-Solver++ are
+    rounded at their output only (their primitives are not emulated)."""
     if not p.storage16:
         uncond, cond = noise[:1], noise[1:]
         return sched.step(uncond + g * (cond - uncond), i, x)
@@ -253,10 +255,11 @@ def guided_step(sched, noise: np.ndarray, g: np.float32, i: int, x: np.ndarray, 
         return round_f16(a, ftz=p.ftz)
 
     uncond, cond, x = r(noise[:1]), r(noise[1:]), r(x)
-    if p.math16:
-        eps = r(uncond + r(r(g) * r(cond - uncond)))
-    else:
-        eps = r(uncond + g * (cond - uncond))
+    if not p.math16:
+        return r(sched.step(r(uncond + g * (cond - uncond)), i, x))
+    eps = r(uncond + r(r(g) * r(cond - uncond)))
+    if isinstance(sched, DDIMScheduler):
+        return sched.step(eps, i, x, rounding=r)
     return r(sched.step(eps, i, x))
 
 

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Callable, Any, Mapping
 
 import numpy as np
 
@@ -381,9 +381,15 @@ class DDIMScheduler(NoiseSchedule):
         self.timesteps = ts
         return ts
 
-    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray) -> np.ndarray:
-        """The latents after step ``i`` (eta = 0)."""
+    def step(self, model_output: np.ndarray, i: int, sample: np.ndarray, *,
+             rounding: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+        """The latents after step ``i`` (eta = 0). ``rounding``: applied to
+        every coefficient and every primitive's result, as a framework computing
+        on fp16 tensors does (PyTorch rounds a float32 scalar to the tensor's
+        fp16 before multiplying, and stores each op's output): pass
+        ``refsd.numerics.round_f16`` to emulate diffusers' DDIM step in fp16."""
         i = self._check_index(i)
+        r = rounding if rounding is not None else (lambda v: v)
         mo = np.asarray(model_output, dtype=_F32)
         x = np.asarray(sample, dtype=_F32)
         t = int(self.timesteps[i])
@@ -391,25 +397,26 @@ class DDIMScheduler(NoiseSchedule):
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         b_t = _F32(1.0) - a_t
+        sa, sb = r(_sqrt32(a_t)), r(_sqrt32(b_t))
 
         pred = self.config["prediction_type"]
         if pred == "epsilon":
-            x0 = (x - _sqrt32(b_t) * mo) / _sqrt32(a_t)
+            x0 = r(r(x - r(sb * mo)) / sa)
             eps = mo
         elif pred == "sample":
             x0 = mo
-            eps = (x - _sqrt32(a_t) * x0) / _sqrt32(b_t)
+            eps = r(r(x - r(sa * x0)) / sb)
         else:  # v_prediction
-            x0 = _sqrt32(a_t) * x - _sqrt32(b_t) * mo
-            eps = _sqrt32(a_t) * mo + _sqrt32(b_t) * x
+            x0 = r(r(sa * x) - r(sb * mo))
+            eps = r(r(sa * mo) + r(sb * x))
 
         if self.config["clip_sample"]:
-            r = _F32(self.config["clip_sample_range"])
-            x0 = np.clip(x0, -r, r)
+            c = _F32(self.config["clip_sample_range"])
+            x0 = np.clip(x0, -c, c)
 
         # eta = 0: std_dev_t = 0, so the direction coefficient is sqrt(1 - a_prev - 0**2).
-        direction = _sqrt32(_F32(1.0) - a_prev) * eps
-        return (_sqrt32(a_prev) * x0 + direction).astype(_F32, copy=False)
+        direction = r(r(_sqrt32(_F32(1.0) - a_prev)) * eps)
+        return r(r(r(_sqrt32(a_prev)) * x0) + direction).astype(_F32, copy=False)
 
 
 # --------------------------------------------------------------------------------------

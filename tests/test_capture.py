@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from refsd.pipeline import Pipeline, Request
-from refsd_validate.bundle import SCHEMA_PATH
+from refsd_validate.bundle import schema_path
 from refsd_validate.capture import capture
 
 REQUEST = Request("a red cube", negative_prompt="blurry", seed=3, steps=4, guidance=7.5, scheduler="ddim",
@@ -45,7 +45,7 @@ def load(bundle, name):
 
 def test_bundle_is_valid_by_the_schema(bundle):
     doc = json.loads((bundle / "capture.json").read_text())
-    jsonschema.validate(doc, json.loads(SCHEMA_PATH.read_text()))
+    jsonschema.validate(doc, json.loads(schema_path().read_text()))
     assert doc["device"]["name"] == "host" and doc["device"]["gpu"] is None and doc["device"]["soc"] is None
     assert doc["runtime"]["name"] == "ai-edge-litert"
     assert doc["runtime"]["delegate"] == {"name": "none", "library": None, "precision": "f32", "ftz": None,

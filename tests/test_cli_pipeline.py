@@ -121,6 +121,8 @@ def test_demo_writes_its_pictures_and_reports(tmp_path, capsys):
         assert (out / name).is_file(), name
     cert = json.loads((out / "certificate" / "certificate.json").read_text())
     assert cert["verdict"] == "certified"  # the LiteRT capture of the same graph (exit 0 says so too)
+    if (out / "capture_gpu").exists():  # this machine has a GPU adapter (README: GPU capture)
+        assert (out / "capture_gpu" / "capture.json").is_file() and (out / "certificate_gpu" / "report.html").is_file()
     doc = json.loads((out / "fp16_report.json").read_text())
     assert set(doc["modes"]) == {"f32_f16", "f16"}
     assert doc["modes"]["f32_f16"]["report"]["clean"]

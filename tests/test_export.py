@@ -215,6 +215,61 @@ def test_fp16_weight_export_within_derived_bound(tiny_sd15, tiny_export, name):
     assert rel(got, want16) <= bound
 
 
+def test_fp16_paper_text_encoder_gathers_from_a_float32_table(tiny_export):
+    """embedding_1d in an fp16-weight export: the GATHER reads a float32 constant (the fp16
+    table widened exactly, tflite_edit.widen_gather_tables) instead of a DEQUANTIZE output,
+    which the GPU delegate refuses. The same values gathered: bit-identical to the fp16
+    export of the same rewrites without embedding_1d (a 2-D GATHER from the dequantized
+    table). (Against the plain fp16 export the gap is 1e-3: fc_as_conv changes which fp16
+    weights the converter folds LayerNorm's affine into, not what embedding_1d does.)"""
+    paper = tiny_export("fp16", "paper")
+    none = tiny_export("fp16", "fc_as_conv,serial_conv,gn4d,gelu_clip")
+    it = interpreter(paper / "text_encoder.tflite")
+    producers = {o: op["op_name"] for op in it._get_ops_details() for o in op["outputs"]}
+    gathers = [op for op in it._get_ops_details() if op["op_name"] == "GATHER"]
+    assert gathers and all(op["inputs"][0] not in producers for op in gathers)  # a constant, not an op output
+    table = [d for d in it.get_tensor_details() if d["index"] == gathers[0]["inputs"][0]][0]
+    assert table["dtype"] == np.float32
+    values = it.get_tensor(table["index"])
+    np.testing.assert_array_equal(values.astype(np.float16).astype(np.float32), values)  # fp16 values
+    feeds = inputs(paper)["text_encoder"]
+    got, _ = run(paper, "text_encoder", feeds)
+    want, _ = run(none, "text_encoder", feeds)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_exposed_tensors_read_as_outputs(tiny_export):
+    """tflite_edit.expose_tensors (how the GPU capture reads intermediates): a module output
+    made an extra output reads the value the interpreter holds for it with every tensor
+    preserved, the model's own output is unchanged and keeps position 0, and a name that
+    is already an output shares its position; unknown names and inputs are refused."""
+    from refsd.export.tflite_edit import expose_tensors
+
+    folder = tiny_export("fp32", "none")
+    tensors = manifest(folder)["components"]["unet"]["tensors"]
+    mid = tensors["unet.mid_block"]["tensor"]
+    data = (folder / "unet.tflite").read_bytes()
+    exposed, positions = expose_tensors(data, [mid, tensors["unet"]["tensor"], mid])
+    assert positions == [1, 0, 1]
+    feeds = inputs(folder)["unet"]
+    want, it = run(folder, "unet", feeds, preserve=True)
+    index = {d["name"]: d["index"] for d in it.get_tensor_details()}
+    ex = Interpreter(model_content=exposed,
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    ex.allocate_tensors()
+    for d in ex.get_input_details():
+        ex.set_tensor(d["index"], feeds[d["name"]])
+    ex.invoke()
+    outs = [ex.get_tensor(d["index"]) for d in ex.get_output_details()]
+    assert len(outs) == 2
+    np.testing.assert_array_equal(outs[0], want)
+    np.testing.assert_array_equal(outs[1], it.get_tensor(index[mid]))
+    with pytest.raises(ValueError, match="no tensor named"):
+        expose_tensors(data, ["no/such/tensor"])
+    with pytest.raises(ValueError, match="is an input"):
+        expose_tensors(data, ["sample"])
+
+
 # ---------------------------------------------------------------- int8 weights
 
 
@@ -314,6 +369,7 @@ def _twin_cases():
                                                                    "downscale_freq_shift": 0}),
         ("timestep_embedding", (np.array([3.0, 500.0], np.float32),), {"dim": 33}),
         ("embedding", (rng.integers(0, 50, (2, 9)).astype(np.int32), a(50, 16)), {}),
+        ("embedding_1d", (rng.integers(0, 50, (2, 9)).astype(np.int32), a(50, 16)), {}),
         ("upsample_nearest2x", (x4,), {}),
     ]
 

@@ -131,7 +131,8 @@ def test_ops_only_through_the_namespace(tiny):
 
 
 def test_rewrite_sets():
-    assert set(Rewrites.parse("paper")) == {"fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "int8_weights"}
+    assert set(Rewrites.parse("paper")) == {"fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "embedding_1d",
+                                           "int8_weights"}
     assert set(Rewrites.parse("google")) == {"softmax_partial_fused", "winograd", "gelu_fused", "group_norm_fused"}
     assert set(Rewrites.parse("none")) == set() and str(Rewrites.parse(None)) == "none"
     r = Rewrites.parse("google, fc_as_conv", winograd_tile=2)
@@ -139,8 +140,11 @@ def test_rewrite_sets():
     assert set(Rewrites.parse(["gn4d", "flash_attention"])) == {"gn4d", "flash_attention"}
     with pytest.raises(ValueError, match="unknown rewrite 'gn5d'.*valid names: fc_as_conv"):
         Rewrites.parse("gn5d")
-    with pytest.raises(ValueError, match="refsd.models.prune"):
-        Rewrites.parse("prune")
+    p = Rewrites.parse("paper,prune=0.5:30000")  # pruning is declared like a rewrite and printed back
+    assert "prune" in p and (p.prune_amount, p.prune_min_weights) == (0.5, 30000)
+    assert str(Rewrites.parse(str(p))) == str(p) and "prune=0.5:30000" in str(p)
+    with pytest.raises(ValueError, match="prune=x"):
+        Rewrites.parse("prune=x")
     with pytest.raises(ValueError, match="replace the same op"):
         Rewrites.parse("google,flash_attention")
     with pytest.raises(ValueError, match="winograd_tile"):

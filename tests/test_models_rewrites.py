@@ -44,13 +44,15 @@ REWRITTEN_OP = {
     "fc_as_conv": "fc_as_conv", "serial_conv": "serial_conv", "gn4d": "gn4d", "gelu_clip": "geglu_clip",
     "softmax_partial_fused": "softmax_partial_fused", "flash_attention": "flash_attention",
     "winograd": "conv2d_winograd", "gelu_fused": "geglu_fused", "group_norm_fused": "group_norm_fused",
+    "embedding_1d": "embedding_1d",
 }
 NO_OP_IN = {  # (component, rewrite) pairs where the model has no op to rewrite
     ("text_encoder", "serial_conv"), ("text_encoder", "gn4d"), ("text_encoder", "winograd"),
     ("text_encoder", "group_norm_fused"), ("vae", "gelu_clip"), ("vae", "gelu_fused"),
+    ("unet", "embedding_1d"), ("vae", "embedding_1d"),
 }
 PRESET_EQUIVALENT = {
-    "paper-equivalent": "fc_as_conv,serial_conv,gn4d,gelu_clip",  # 'paper' minus int8_weights
+    "paper-equivalent": "fc_as_conv,serial_conv,gn4d,gelu_clip,embedding_1d",  # 'paper' minus int8_weights
     "google": "google",
 }
 LOADERS = {"text_encoder": weights.load_text_encoder, "unet": weights.load_unet, "vae": weights.load_vae}
@@ -145,8 +147,8 @@ def test_int8_dequantized_weights_within_half_a_step(tiny):
     unet = weights.load_unet(path / "unet", rewrites="int8_weights")
     conv = unet.down_blocks[0].resnets[0].conv1
     w, deq = np.asarray(conv.weight), conv.effective_weight()
-    assert conv.weight_q.dtype == np.int8
-    step = conv.weight_scale.reshape(1, 1, 1, -1)
+    assert conv.int8.q.dtype == np.int8
+    step = conv.int8.scale.reshape(1, 1, 1, -1)
     # ops.dequantize_int8's documented bound (fp16 normal range; 2**-25: fp16's floor below it)
     assert np.all(np.abs(deq - w) <= (step / 2 + 2.0**-11 * np.abs(w)) * (1 + 2.0**-10) + 2.0**-25)
 
@@ -175,6 +177,6 @@ def test_pruning_zero_amount_is_identity_and_int8_requantizes(tiny):
         prune(vae, amount=1.0)
     q = weights.load_vae(path / "vae", rewrites="int8_weights")
     conv = q.decoder.conv_in
-    before = conv.weight_q.shape
+    before = conv.int8.q.shape
     prune(q, amount=0.5, min_weights=1)
-    assert conv.weight_q.shape[2] == before[2] - before[2] // 2
+    assert conv.int8.q.shape[2] == before[2] - before[2] // 2

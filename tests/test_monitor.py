@@ -144,8 +144,8 @@ def test_f32_mode_reports_no_rounding_events():
     assert rep.events == [] and rep.clean
 
 
-def test_event_kinds_are_the_documented_five():
-    assert EVENT_KINDS == ("overflow", "invalid", "propagated", "underflow", "constant")
+def test_event_kinds_are_the_documented_six():
+    assert EVENT_KINDS == ("overflow", "invalid", "propagated", "underflow", "constant", "precision")
 
 
 # ------------------------------------------------------------------ the report

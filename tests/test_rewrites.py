@@ -51,7 +51,7 @@ def _without(attrs: dict, *keys: str) -> dict:
 def test_every_rewrite_is_covered():
     """A new entry in REWRITES needs a differential test here."""
     covered = {"fc_as_conv", "serial_conv", "gn4d", "group_norm_fused", "gelu_clip", "gelu_fused", "geglu_clip",
-               "geglu_fused", "softmax_partial_fused", "flash_attention", "conv2d_winograd"}
+               "geglu_fused", "softmax_partial_fused", "flash_attention", "conv2d_winograd", "embedding_1d"}
     assert set(ops.REWRITES) == covered
 
 
@@ -119,6 +119,32 @@ def test_group_norm_inputs_meet_the_spread_bound(args):
 def test_fc_as_conv(args):
     for mode in MODES:
         assert_rewrite_equivalent(ops.linear, ops.fc_as_conv, *args, mode=mode)
+
+
+# ---------------------------------------------------------------- embedding_1d
+
+
+@given(rst.embedding_inputs())
+def test_embedding_1d(args):
+    """A gather moves rows, it computes nothing: the rewrite must be bit-identical
+    (budget 0, floor 0) in every mode, including the fp16 rounding of the table."""
+    for mode in MODES:
+        assert_rewrite_equivalent(ops.embedding, ops.embedding_1d, *args, mode=mode, budget=0, floor=0)
+
+
+def _embedding_1d_wrong_order(ids, table):
+    # A plausible bug: flattening in Fortran order picks the rows of the transposed ids.
+    flat = np.asarray(ids).reshape(-1, order="F")
+    return ops.embedding_1d(flat.reshape(np.shape(ids)), table)
+
+
+@given(rst.embedding_inputs())
+def test_detects_embedding_1d_in_the_wrong_order(args):
+    ids, table = args
+    assume(not np.array_equal(ids.reshape(-1, order="F"), ids.reshape(-1)))  # transposing changes the order
+    assume(not np.array_equal(np.take(table, ids.reshape(-1, order="F"), 0), np.take(table, ids.reshape(-1), 0)))
+    with pytest.raises(RewriteMismatch):
+        assert_rewrite_equivalent(ops.embedding, _embedding_1d_wrong_order, ids, table, budget=0, floor=0)
 
 
 # ---------------------------------------------------------------- serial_conv
@@ -518,7 +544,10 @@ def test_int8_roundtrip_error_bound(w_axis, ftz):
     for mode in MODES:
         with precision(mode, ftz=ftz):
             deq = ops.dequantize_int8(q, s, axis=axis)
-        np.testing.assert_array_equal(round_f16(deq, ftz=ftz), deq)  # fp16 values in every mode
+        if mode == "f32":  # the float32 product, as a delegate dequantizing to fp32
+            np.testing.assert_array_equal(deq, q.astype(np.float32) * s.reshape(shp))
+        else:  # fp16 values in fp16-storage modes
+            np.testing.assert_array_equal(round_f16(deq, ftz=ftz), deq)
         err = np.abs(w.astype(f64) - deq)
         assert (err <= bound).all(), f"{mode}: excess {float((err - bound).max()):.3g}"
     # each channel's largest magnitude maps to +-127

@@ -1,10 +1,14 @@
-"""``refsd-validate capture``: run an export's .tflite files with LiteRT's
-Interpreter through refsd's own pipeline loop and write a capture bundle.
+"""``refsd-validate capture``: run an export's .tflite files with LiteRT
+through refsd's own pipeline loop and write a capture bundle.
 
 The loop is ``refsd.pipeline.Pipeline`` itself (tokenizer, seeded initial
 latents, scheduler, classifier-free guidance, boundary-tensor trace), with
-its three models replaced by LiteRT interpreters: what the validator reruns
-is then exactly what ran here, and only the models differ.
+its three models replaced by LiteRT runners: what the validator reruns
+is then exactly what ran here, and only the models differ. Two runners share
+that plumbing (``_LiteRTModel``): LiteRT's Interpreter (``--accelerator cpu``,
+below) and LiteRT's GPU accelerator (``--accelerator gpu``,
+``refsd_validate.capture_gpu``: adapter as reported, fp16 or fp32 kernels,
+per-component fallback, native errors, which intermediates were observable).
 
 Interpreters use LiteRT's builtin kernels without default delegates (no
 XNNPACK), so every intermediate tensor is readable after ``invoke()``; the
@@ -30,17 +34,19 @@ import numpy as np
 from refsd.cli_pipeline import add_prompt_args
 from refsd.pipeline import Pipeline
 from refsd_validate.bundle import model_sha256, write_bundle
+from refsd_validate.capture_gpu import GPU_PRECISIONS, divert_native_stderr
 
 PRECISIONS = ("f32", "f32_f16", "f16")
+ACCELERATORS = ("cpu", "gpu")
 
 
-class _LiteRTModel:
-    """One exported component behind the interface ``Pipeline`` calls."""
+class _InterpreterRunner:
+    """One exported component on LiteRT's Interpreter: ``run(feeds)`` -> (output,
+    {module path: tensor} of every mapped module output when ``intermediates``)."""
 
-    def __init__(self, tflite_dir: Path, name: str, entry: dict, *, delegate, intermediates: bool) -> None:
+    def __init__(self, path: Path, entry: dict, *, delegate, intermediates: bool) -> None:
         from ai_edge_litert.interpreter import Interpreter, OpResolverType  # noqa: PLC0415
 
-        path = tflite_dir / entry["file"]
         delegates = [delegate] if delegate is not None else None
         try:
             self.interp = Interpreter(
@@ -50,11 +56,32 @@ class _LiteRTModel:
             self.interp.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise ValueError(f"{path}: LiteRT cannot load it ({' '.join(str(e).split())})") from None
-        self.name = name
-        self.inputs = {d["name"]: d for d in self.interp.get_input_details()}
+        self.inputs = {d["name"]: d["index"] for d in self.interp.get_input_details()}
         self.tensors = entry["tensors"] if intermediates else {}
         self.index = {d["name"]: d["index"] for d in self.interp.get_tensor_details()}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        for key, arr in feeds.items():
+            self.interp.set_tensor(self.inputs[key], arr)
+        self.interp.invoke()
+        found = {path: np.array(self.interp.get_tensor(self.index[info["tensor"]]))
+                 for path, info in self.tensors.items()}
+        # A quantized export can map a module to a tensor that still holds int8 values (a GATHER from an int8
+        # table, before its DEQUANTIZE): not the module's float output, so not captured.
+        found = {path: v for path, v in found.items() if v.dtype.kind == "f"}
+        return np.array(self.interp.get_tensor(self.interp.get_output_details()[0]["index"])), found
+
+
+class _LiteRTModel:
+    """One exported component behind the interface ``Pipeline`` calls; ``runner``
+    (the Interpreter's or the GPU accelerator's) runs it."""
+
+    def __init__(self, name: str, entry: dict, runner) -> None:
+        self.name = name
+        self.entry = entry
+        self.runner = runner
         self.captured: dict[str, np.ndarray] = {}
+        self.not_observable: list[str] = []  # bundle names of module outputs the device did not materialise
         shapes = entry["inputs"]
         if "sample" in shapes:  # the UNet: Pipeline reads the latent channels from its config
             self.config = SimpleNamespace(in_channels=shapes["sample"]["shape"][-1])
@@ -62,21 +89,21 @@ class _LiteRTModel:
     def _run(self, **feeds) -> np.ndarray:
         from refsd.monitor import tensor_name  # noqa: PLC0415
 
+        arrays = {}
         for key, value in feeds.items():
-            d = self.inputs[key]
-            arr = np.asarray(value, dtype=d["dtype"])
-            if tuple(arr.shape) != tuple(d["shape"]):
+            spec = self.entry["inputs"][key]
+            arr = np.asarray(value, dtype=spec["dtype"])  # input_ids: int32, as exported
+            if list(arr.shape) != spec["shape"]:
                 raise ValueError(f"{self.name}: input {key} has shape {arr.shape}, the .tflite was exported for "
-                                 f"{tuple(int(s) for s in d['shape'])}")
-            self.interp.set_tensor(d["index"], arr)
-        self.interp.invoke()
-        for path, info in self.tensors.items():  # named at the pipeline's current stage and step
-            value = self.interp.get_tensor(self.index[info["tensor"]])
-            # A quantized export can map a module to a tensor that still holds int8 values (a GATHER from an
-            # int8 table, before its DEQUANTIZE): not the module's float output, so not captured.
-            if value.dtype.kind == "f":
-                self.captured[tensor_name(path)] = np.array(value)
-        return np.array(self.interp.get_tensor(self.interp.get_output_details()[0]["index"]))
+                                 f"{tuple(spec['shape'])}")
+            arrays[key] = arr
+        y, found = self.runner.run(arrays)
+        for path, value in found.items():  # named at the pipeline's current stage and step
+            if value is None:
+                self.not_observable.append(tensor_name(path))
+            else:
+                self.captured[tensor_name(path)] = value
+        return y
 
     # the calls Pipeline makes
     def __call__(self, *args):
@@ -118,13 +145,23 @@ def _check_delegate_library(path) -> None:
 
 
 def capture(tflite_dir, model_dir, request, out, *, delegate: str | None = None, intermediates: bool = False,
-            delegate_precision: str | None = None, progress: bool = True) -> Path:
+            delegate_precision: str | None = None, accelerator: str = "cpu", gpu_precision: str = "fp16",
+            allow_cpu_fallback: bool = False, progress: bool = True) -> Path:
     """Run ``request`` (a ``refsd.pipeline.Request``) on the export in
     ``tflite_dir`` of the diffusers folder ``model_dir``; write the bundle
-    directory ``out`` and return it."""
+    directory ``out`` and return it.
+
+    ``accelerator="cpu"``: LiteRT's Interpreter (builtin kernels, or ``delegate``).
+    ``accelerator="gpu"``: LiteRT's GPU accelerator (``refsd_validate.capture_gpu``)
+    in ``gpu_precision`` fp16 or fp32; a component that is not fully accelerated is
+    refused unless ``allow_cpu_fallback``."""
     from refsd.export.build import COMPONENTS, read_manifest  # noqa: PLC0415
     from refsd.schedulers import default_scheduler_name, make_scheduler  # noqa: PLC0415
 
+    if accelerator not in ACCELERATORS:
+        raise ValueError(f"accelerator must be one of {', '.join(ACCELERATORS)}, got {accelerator!r}")
+    if accelerator == "gpu" and delegate is not None:
+        raise ValueError("--delegate loads an Interpreter delegate; it does not combine with --accelerator gpu")
     tflite_dir, model_dir = Path(tflite_dir), Path(model_dir)
     manifest = read_manifest(tflite_dir)
     missing = [c for c in COMPONENTS if c not in manifest.get("components", {})]
@@ -146,29 +183,21 @@ def capture(tflite_dir, model_dir, request, out, *, delegate: str | None = None,
             raise ValueError(f"{path}: sha256 differs from {tflite_dir / 'refsd_export.json'} (file replaced?)")
         files[name] = {"format": "tflite", "file": entry["file"], "sha256": digest}
 
-    delegate_info = {"name": "none", "library": None, "precision": "f32", "ftz": None, "options": {}}
-    loaded = None
-    if delegate is not None:
-        if delegate_precision not in PRECISIONS:
-            raise ValueError(f"with a delegate, state its precision (one of {', '.join(PRECISIONS)}): the bundle "
-                             "records it and it cannot be read from the library")
-        if not Path(delegate).is_file():
-            raise FileNotFoundError(2, "no such delegate library", str(delegate))
-        _check_delegate_library(delegate)
-        from ai_edge_litert.interpreter import load_delegate  # noqa: PLC0415
+    if accelerator == "gpu":
+        from refsd_validate.capture_gpu import GpuModel, GpuSession  # noqa: PLC0415 (imports LiteRT)
 
-        try:
-            loaded = load_delegate(str(delegate))
-        except (ValueError, RuntimeError, OSError) as e:
-            raise ValueError(f"{delegate}: cannot load the delegate ({' '.join(str(e).split())})") from None
-        delegate_info = {"name": Path(delegate).stem, "library": str(delegate), "precision": delegate_precision,
-                         "ftz": None, "options": {}}
-
-    models = {name: _LiteRTModel(tflite_dir, name, manifest["components"][name], delegate=loaded,
-                                 intermediates=intermediates) for name in COMPONENTS}
+        session = GpuSession(gpu_precision, allow_cpu_fallback)
+        runners = {name: GpuModel(session, tflite_dir / manifest["components"][name]["file"],
+                                  manifest["components"][name], intermediates=intermediates) for name in COMPONENTS}
+    else:
+        loaded, delegate_info = _delegate(delegate, delegate_precision)
+        runners = {name: _InterpreterRunner(tflite_dir / manifest["components"][name]["file"],
+                                            manifest["components"][name], delegate=loaded,
+                                            intermediates=intermediates) for name in COMPONENTS}
+    models = {name: _LiteRTModel(name, manifest["components"][name], runner) for name, runner in runners.items()}
     pipe = _LiteRTPipeline(model_dir, models)
-    scheduler = request.scheduler or default_scheduler_name(pipe.scheduler_config)
     result = pipe(request, progress=progress)
+    scheduler = request.scheduler or default_scheduler_name(pipe.scheduler_config)
 
     tensors = dict(result.trace)
     tensors["inputs/token_ids"] = np.concatenate([pipe.token_ids(request.negative_prompt),
@@ -177,25 +206,81 @@ def capture(tflite_dir, model_dir, request, out, *, delegate: str | None = None,
         make_scheduler(scheduler, pipe.scheduler_config).set_timesteps(request.steps)).astype(np.int64)
     for m in models.values():
         tensors.update(m.captured)
+    host = {"guidance_scheduler": {"processor": "host", "precision": "f32", "ftz": None,
+                                   "runtime": "refsd (NumPy)"}}
+    if accelerator == "gpu":
+        runtime, stages, gpu_name = _gpu_declaration(session, runners, host)
+    else:
+        runtime = {"name": "ai-edge-litert", "version": _litert_version(), "delegate": delegate_info}
+        stages = {**{c: {"processor": "cpu" if delegate is None else "other",
+                         "precision": delegate_info["precision"], "ftz": delegate_info["ftz"],
+                         "fast_math": delegate is not None,
+                         "runtime": "LiteRT builtin kernels" if delegate is None else delegate_info["name"]}
+                     for c in COMPONENTS}, **host}
+        gpu_name = None
     doc = {
         "tool": f"refsd-validate capture (refsd {_version()})",
-        "device": {"name": "host", "manufacturer": None, "soc": None, "gpu": None,
+        "device": {"name": "host", "manufacturer": None, "soc": None, "gpu": gpu_name,
                    "os": platform.platform(), "cpu": platform.machine() or None},
-        "runtime": {"name": "ai-edge-litert", "version": _litert_version(), "delegate": delegate_info},
+        "runtime": runtime,
         "model": {"sha256": manifest["model_sha256"], "weights": manifest["weights"],
                   "rewrites": manifest["rewrites"], "components": files},
-        "stages": {**{c: {"processor": "cpu" if delegate is None else "other",
-                          "precision": delegate_info["precision"], "ftz": delegate_info["ftz"],
-                          "fast_math": delegate is not None,
-                          "runtime": "LiteRT builtin kernels" if delegate is None else delegate_info["name"]}
-                      for c in COMPONENTS},
-                   "guidance_scheduler": {"processor": "host", "precision": "f32", "ftz": None,
-                                          "runtime": "refsd (NumPy)"}},
+        "stages": stages,
         "request": {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
                     "steps": request.steps, "scheduler": scheduler, "guidance": float(request.guidance),
                     "height": request.height, "width": request.width},
     }
+    if accelerator == "gpu" and intermediates:
+        doc["observability"] = {
+            "not_observable": sorted(n for m in models.values() for n in m.not_observable),
+            "method": "exposed module outputs filled with a sentinel before every GPU run: never written "
+                      "(sentinel left), or all zeros where LiteRT's CPU interpreter on the same exposed "
+                      "model and inputs (first run of each component) has an element >= 2**-14",
+            "exposure_effect": {
+                "measure": "max over runs of max|y_exposed - y| / max|y|: the final output of the model "
+                           "with module outputs exposed against the unexposed model (which produced the "
+                           "boundary tensors), same inputs, same GPU",
+                **{name: runners[name].effect for name in COMPONENTS}},
+        }
     return write_bundle(out, doc, tensors)
+
+
+def _delegate(delegate: str | None, delegate_precision: str | None):
+    """(loaded Interpreter delegate or None, its ``runtime.delegate`` declaration)."""
+    if delegate is None:
+        return None, {"name": "none", "library": None, "precision": "f32", "ftz": None, "options": {}}
+    if delegate_precision not in PRECISIONS:
+        raise ValueError(f"with a delegate, state its precision (one of {', '.join(PRECISIONS)}): the bundle "
+                         "records it and it cannot be read from the library")
+    if not Path(delegate).is_file():
+        raise FileNotFoundError(2, "no such delegate library", str(delegate))
+    _check_delegate_library(delegate)
+    from ai_edge_litert.interpreter import load_delegate  # noqa: PLC0415
+
+    try:
+        loaded = load_delegate(str(delegate))
+    except (ValueError, RuntimeError, OSError) as e:
+        raise ValueError(f"{delegate}: cannot load the delegate ({' '.join(str(e).split())})") from None
+    return loaded, {"name": Path(delegate).stem, "library": str(delegate), "precision": delegate_precision,
+                    "ftz": None, "options": {}}
+
+
+def _gpu_declaration(session, runners: dict, host: dict):
+    """(``runtime``, ``stages``, device GPU name) of a GPU capture, as LiteRT reported them."""
+    reported = session.reported or {"adapter": None, "backend": "webgpu", "driver": None}
+    backend = reported["backend"]
+    accel = {"name": "litert-gpu", "backend": backend, "adapter": reported["adapter"],
+             "driver": reported["driver"], "options": session.options_doc}
+    # ``delegate`` repeats the precision for readers of the version-1 fields (the precision is the
+    # accelerator's: fp16 or fp32 kernels; subnormal flushing is not reported: ftz null).
+    delegate = {"name": "litert-gpu", "library": None, "precision": session.precision, "ftz": None,
+                "options": session.options_doc}
+    runtime = {"name": "ai-edge-litert", "version": _litert_version(), "delegate": delegate, "accelerator": accel}
+    label = f"LiteRT GPU accelerator ({backend})"
+    stages = {name: {"processor": "gpu", "precision": session.precision, "ftz": None, "fast_math": True,
+                     "fully_accelerated": r.fully_accelerated, "fallback_ops": r.fallback_ops, "runtime": label}
+              for name, r in runners.items()}
+    return runtime, {**stages, **host}, reported["adapter"]
 
 
 def _version() -> str:
@@ -229,6 +314,14 @@ def add_capture_parser(sub) -> None:
     p.add_argument("--delegate", metavar="LIB.so", help="external delegate library to load")
     p.add_argument("--delegate-precision", choices=PRECISIONS, help="the delegate's precision (required with "
                    "--delegate; recorded in the bundle)")
+    p.add_argument("--accelerator", choices=ACCELERATORS, default="cpu",
+                   help="cpu (default): LiteRT's Interpreter; gpu: LiteRT's GPU accelerator (WebGPU on the "
+                   "machine's Vulkan driver), the adapter recorded as reported")
+    p.add_argument("--gpu-precision", choices=tuple(GPU_PRECISIONS), default="fp16",
+                   help="with --accelerator gpu: fp16 (default) or fp32 kernels")
+    p.add_argument("--allow-cpu-fallback", action="store_true",
+                   help="with --accelerator gpu: capture even if some ops fall back to the CPU (recorded per "
+                   "component); without it such a component is refused")
     p.add_argument("--intermediates", action="store_true", help="also capture every module output the export maps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_capture)
@@ -243,7 +336,13 @@ def _cmd_capture(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.tflite)
     req = Request(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance, args.scheduler,
                   manifest["height"], manifest["width"])
+    if args.accelerator == "cpu" and args.allow_cpu_fallback:
+        raise ValueError("--allow-cpu-fallback applies to --accelerator gpu only")
+    if args.accelerator == "gpu":
+        divert_native_stderr()
     out = capture(args.tflite, args.model, req, args.out, delegate=args.delegate, intermediates=args.intermediates,
-                  delegate_precision=args.delegate_precision, progress=not args.quiet)
+                  delegate_precision=args.delegate_precision, accelerator=args.accelerator,
+                  gpu_precision=args.gpu_precision, allow_cpu_fallback=args.allow_cpu_fallback,
+                  progress=not args.quiet)
     print(f"wrote capture bundle {out}")
     return 0

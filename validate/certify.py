@@ -52,7 +52,7 @@ from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, ORIGINAL, CacheStat
     code_fingerprint, first_severe_event, rerun, teacher_inputs
 from refsd_validate.compare import json_safe, compare, psnr
 from refsd_validate.reader import Bundle, BundleError, ModelGeometry, read_bundle
-from refsd_validate.tolerance import K, MAX_K, REFERENCE, SYSTEMATIC, Verdict, Variant, calibration_variants, judge, \
+from refsd_validate.tolerance import K, MAX_K, REFERENCE, SYSTEMATIC, SYSTEMATIC_F16, Verdict, Variant, calibration_variants, judge, \
     noise_floor, unit_roundoff
 
 CERTIFICATE = "refsd-certificate"
@@ -171,7 +171,7 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
     deployment = _deployment(bundle, stages, tflite_dir)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     req = bundle.request
-    variants = calibration_variants(stages)
+    variants = calibration_variants(stages, deployment.weights)
     not_observable = sorted(set(bundle.capture.get("observability", {}).get("not_observable", []))
                             & set(bundle.intermediates))
     asked = frozenset(bundle.intermediates) - set(not_observable)
@@ -249,7 +249,8 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
                      "spread of the calibration variants around the reference on this request (times the variant's "
                      "scale; a variant non-finite at the tensor is left out), at least one unit roundoff u of the "
                      "stage's declared storage precision at the tensor's scale (peak: u max|ref|, rms: u rms(ref)), "
-                     f"{SYSTEMATIC} unit roundoffs of its arithmetic precision for offset and gain, and one standard "
+                     f"{SYSTEMATIC} unit roundoffs of its arithmetic precision for offset and gain ({SYSTEMATIC_F16} "
+                     "in fp16 arithmetic), and one standard "
                      "error of the fit under noise of the rms floor",
         "stages": stages, "deployment": deployment.label,
         "unit_roundoff": {s: unit_roundoff(d["precision"]) for s, d in stages.items()},

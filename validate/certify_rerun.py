@@ -40,6 +40,7 @@ from refsd.models.module import ModelOptions
 from refsd.models.rewrites import EXCLUSIVE, Rewrites
 from refsd.monitor import Monitor, recording
 from refsd.numerics import Precision
+from refsd.ops.hybrid import either_rounding
 from refsd.ops.transcendental import perturbed
 from refsd.pipeline import Pipeline, Request
 from refsd.trace import MODELS
@@ -112,15 +113,27 @@ def model_options(deployment: Deployment, variant: Variant) -> dict[str, ModelOp
         rw = Rewrites.parse([*deployed, *extra], **{f.name: getattr(deployed, f.name)
                                                    for f in dataclasses.fields(deployed) if f.name != "names"})
         out[model] = ModelOptions.make(precision=Precision(sv.precision, sv.ftz), rewrites=rw,
-                                       **_weight_options(deployment, kernels))
+                                       weight_jitter=sv.weight_jitter, **_weight_options(deployment, kernels))
     return out
 
 
 def _weight_options(deployment: Deployment, kernels: str | None) -> dict:
     if deployment.weights == "fp32":
         return {}
-    return {"weights": deployment.weights, "int8_kernels": kernels or "dequantize",
-            "int8_source": deployment.int8_source}
+    opts = {"weights": deployment.weights}
+    if deployment.weights == "int8":
+        opts["int8_kernels"] = kernels or "dequantize"
+        if deployment.int8_source is not None:
+            opts["int8_values"] = _int8_values(deployment.int8_source)
+    return opts
+
+
+@functools.lru_cache(maxsize=4)
+def _int8_values(folder: str) -> dict:
+    """The int8 values and per-channel scales stored in an export's .tflite files (read once per folder)."""
+    from refsd.export.tflite_weights import read_int8_weights  # noqa: PLC0415 (needs ai-edge-litert's schema)
+
+    return read_int8_weights(folder)
 
 
 def _guidance_precision(variant: Variant) -> Precision:
@@ -231,7 +244,8 @@ def _run(model_dir, deployment: Deployment, variant: Variant, request, ids, x0, 
     # the monitor's first severe event (overflow, invalid) is kept with the trace.
     if monitor is None and any(sv.precision != "f32" for sv in variant.stages):
         monitor = Monitor()
-    with recording(into=keep), perturbed(variant.libm_ulps):
+    # Both run-wide: only the stages that vary them have transcendentals perturbed enough to matter / hybrid kernels.
+    with recording(into=keep), perturbed(variant.libm_ulps), either_rounding(variant.either_rounding):
         result = pipe(req, latents=x0, token_ids=ids, teacher=teacher, monitor=monitor, progress=False)
     wanted = (set(names.boundary_names(steps)) | {names.TIMESTEPS}) - {names.LATENTS_INIT}  # an input, not a result
     trace = {n: v for n, v in result.trace.items() if n in wanted}

@@ -73,7 +73,11 @@ STATS = ("peak", "rms", "offset", "gain")
 # A correct fp32 kernel differs from another by its summation order: ~sqrt(K) roundings of fp32 per output
 # (K = 128..640 in the tiny model's reductions: 11..25), modelled as 16 times the fp16 storage spread scaled to fp32.
 F32_KERNEL_ROUNDINGS = 16
-SYSTEMATIC = 64  # unit roundoffs of a kernel's arithmetic it may err by systematically (minimum_floor)
+SYSTEMATIC = 64  # unit roundoffs of a kernel's fp32 arithmetic it may err by systematically (minimum_floor)
+# In fp16 arithmetic the same cancellation would be 64 u16 = 3 %, a floor no 1 % bias could pass: there the systematic
+# freedom the calibration runs cannot show is a scalar coefficient rounded to fp16 (a framework multiplies an fp16
+# tensor by a float32 scalar in fp16: the scheduler's square roots, the guidance scale), up to u16 each, two in a row.
+SYSTEMATIC_F16 = 2
 
 
 # Transcendental results (exp, sin, cos, tanh, erf, rsqrt) of a correct runtime, in ulp of float32 from NumPy's:
@@ -96,11 +100,15 @@ class StageVariant:
     ftz: bool = False
     kernels: str = "none"
     libm_ulps: float = 0.0
+    weight_jitter: bool = False  # fp16 / bf16 weights each possibly the other neighbour (ModelOptions.weight_jitter)
+    either_rounding: bool = False  # hybrid int8 activations rounded to either neighbour (refsd.ops.hybrid)
 
     @property
     def label(self) -> str:
         return (self.precision + (" ftz" if self.ftz else "") + ("" if self.kernels == "none" else f" +{self.kernels}")
-                + (f" libm±{self.libm_ulps:g}ulp" if self.libm_ulps else ""))
+                + (f" libm±{self.libm_ulps:g}ulp" if self.libm_ulps else "")
+                + (" weights±1ulp" if self.weight_jitter else "")
+                + (" int8-activations-either-way" if self.either_rounding else ""))
 
 
 PLAIN = StageVariant()
@@ -117,6 +125,10 @@ class Variant:
 
     def stage(self, name: str) -> StageVariant:
         return self.stages[STAGES.index(name)]
+
+    @property
+    def either_rounding(self) -> bool:
+        return any(sv.either_rounding for sv in self.stages)
 
     @property
     def libm_ulps(self) -> float:
@@ -140,26 +152,41 @@ def unit_roundoff(precision: str) -> float:
     return U_F32 if precision == "f32" else U_F16
 
 
-def stage_variants(precision: str, ftz: bool | None, *, fast_math: bool = False,
-                   kernels: bool = True) -> tuple[list[StageVariant], list[StageVariant]]:
+def stage_variants(precision: str, ftz: bool | None, *, fast_math: bool = False, kernels: bool = True,
+                   half_weights: bool = False, hybrid: bool = False) -> tuple[list[StageVariant], list[StageVariant]]:
     """(unscaled, scaled) runs of one stage whose spread around the f32
     reference is the noise floor of a stage declared ``precision`` (``ftz``
     None: unknown, so both). ``kernels``: the stage has ops whose kernels a
-    device may swap (the models; not guidance and the scheduler)."""
+    device may swap (the models; not guidance and the scheduler).
+    ``half_weights``: the deployment stores fp16 / bf16 weights, which the
+    runs with other kernels also round from a jittered value (the converter
+    rounds folded constants). ``hybrid``: int8 weights run by LiteRT CPU's
+    hybrid kernels, which quantize activations to 8 bits: a float difference of
+    1e-6 moves some activations across a rounding boundary, and those flips
+    compound through the layers (1-5e-2 end to end on the tiny UNet and VAE,
+    measured, from op-by-op agreement), so one run rounds activations either
+    way (``refsd.ops.hybrid.either_rounding``) and another takes the plain
+    float path's flips."""
     ulps = LIBM_ULPS_FAST if fast_math else LIBM_ULPS
     other = ALGORITHMS if kernels else "none"
+    jitter = half_weights and kernels
     if precision == "f32":
-        return [StageVariant("f32", False, other, ulps)], \
-            [StageVariant("f32_f16", False, "none")] if kernels else []
-    modes = ["f32_f16"] if precision == "f32_f16" else ["f32_f16", "f16"]
+        runs = [StageVariant("f32", False, other, ulps, jitter)]
+        if hybrid and kernels:
+            runs += [StageVariant("f32", False, "none", ulps, either_rounding=True)]
+        return runs, [StageVariant("f32_f16", False, "none")] if kernels else []
+    # A model stage declared f32_f16 keeps fp32 math inside its kernels; guidance and the scheduler are a few
+    # elementwise ops, which a framework on fp16 tensors rounds one by one, coefficients included, whichever
+    # precision it declares (PyTorch's CPU fp16 kernels compute in fp32 and round each op): both orders.
+    modes = ["f32_f16"] if precision == "f32_f16" and kernels else ["f32_f16", "f16"]
     flush = [False, True] if ftz is None else [bool(ftz)]
     runs = [StageVariant(m, z, "none") for m in modes for z in flush]
     if kernels:
-        runs += [StageVariant(m, z, other, ulps) for m in modes for z in flush]
+        runs += [StageVariant(m, z, other, ulps, jitter) for m in modes for z in flush]
     return runs, []
 
 
-def calibration_variants(stages: dict[str, dict]) -> list[Variant]:
+def calibration_variants(stages: dict[str, dict], weights: str = "fp32") -> list[Variant]:
     """The calibration runs for a deployment whose stages are declared as
     ``stages`` (``refsd_validate.bundle.declared_stages``). Each stage's own
     runs (:func:`stage_variants`) are zipped, shorter lists cycled, so every
@@ -168,7 +195,9 @@ def calibration_variants(stages: dict[str, dict]) -> list[Variant]:
     run that varies only the fp32-declared stages, the rest running as the
     reference, so its scale applies to nothing else."""
     per = [stage_variants(stages[s]["precision"], stages[s]["ftz"], fast_math=bool(stages[s]["fast_math"]),
-                          kernels=s != "guidance_scheduler") for s in STAGES]
+                          kernels=s != "guidance_scheduler", half_weights=weights in ("fp16", "bf16"),
+                          hybrid=stages[s].get("int8_kernels") == "hybrid")
+           for s in STAGES]
     n = max(len(u) for u, _ in per)
     runs = [Variant(tuple(u[j % len(u)] for u, _ in per)) for j in range(n)]
     if any(sc for _, sc in per):
@@ -221,8 +250,10 @@ def minimum_floor(ref: np.ndarray, precision: str) -> ErrorStats:
     SYSTEMATIC unit roundoffs of its arithmetic as a systematic error (offset,
     gain): a kernel computing a variance as E[x^2] - E[x]^2 loses bits to
     cancellation, consistently (LiteRT's builtin kernels against refsd in f32:
-    gain errors up to 33 u32, measured on the tiny model)."""
-    u, s = unit_roundoff(precision), SYSTEMATIC * math_roundoff(precision)
+    gain errors up to 33 u32, measured on the tiny model); in f16 arithmetic
+    SYSTEMATIC_F16 unit roundoffs (fp16-rounded scalar coefficients)."""
+    u = unit_roundoff(precision)
+    s = (SYSTEMATIC_F16 if precision == "f16" else SYSTEMATIC) * math_roundoff(precision)
     r = np.asarray(ref, np.float64)
     rms = float(np.sqrt(np.mean(r * r))) if r.size else 0.0
     return ErrorStats(u * float(np.abs(r).max(initial=0.0)), u * rms, s * rms, s)

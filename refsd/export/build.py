@@ -18,6 +18,10 @@ vae              ``latents`` (1, h, w, 4)                               (1, H, W
 The UNet's timestep is an input, so one file serves every step; the VAE
 includes ``latents / scaling_factor`` (it is ``decode_latents``).
 
+``prune=AMOUNT[:MIN_WEIGHTS]`` among the rewrites exports the pruned model
+(pruned as the loaders prune it: ``RootModel.deploy``); the manifest's
+``rewrites`` then carries the token, so a bundle can declare the same pruning.
+
 Weights: ``fp32``; ``fp16`` (float16 constants plus DEQUANTIZE ops, what the
 GPU delegate reads natively; the timestep frequency table is then built as an
 fp16-exact pair, see ``tf_ops.timestep_embedding``); ``int8`` (``Optimize.DEFAULT`` without a
@@ -41,6 +45,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+from refsd.export.tflite_edit import widen_gather_tables
 from refsd.models.rewrites import Rewrites
 from refsd.safe_io import read_json
 
@@ -48,7 +53,7 @@ COMPONENTS = ("text_encoder", "unet", "vae")
 WEIGHTS = ("fp32", "fp16", "int8")
 # Rewrites that change the graph; the rest of refsd's rewrites are GPU kernel
 # fusions (the delegate's business, not a graph) or, int8_weights, a storage choice (--weights int8).
-GRAPH_REWRITES = ("fc_as_conv", "serial_conv", "gn4d", "gelu_clip")
+GRAPH_REWRITES = ("fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "embedding_1d", "prune")  # prune: the pruned weights
 MANIFEST = "refsd_export.json"
 TOKENS = 77
 BATCH = 2  # [uncond, cond], as the pipeline runs the text encoder and the UNet
@@ -193,6 +198,8 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
             concrete, ops = _trace(model, specs)
         bar.set_postfix_str(f"{name}: converting ({weights})")
         data = _convert(concrete, weights)
+        if weights == "fp16" and "embedding_1d" in rw:
+            data = widen_gather_tables(data)  # else the GPU delegate refuses the 1-D GATHER (see tflite_edit)
         fname = f"{name}.tflite"
         tmp = out / (fname + ".tmp")
         tmp.write_bytes(data)

@@ -27,8 +27,9 @@ def add_export_parser(sub) -> None:
                    help="fp32; fp16 (float16 constants + DEQUANTIZE); int8 (per-channel weight-only via "
                    "Optimize.DEFAULT: LiteRT's CPU kernels then also quantize activations)")
     p.add_argument("--rewrites", default="none",
-                   help="none | paper | comma list of fc_as_conv, serial_conv, gn4d, gelu_clip (int8_weights, "
-                   "part of 'paper', is the --weights choice here)")
+                   help="none | paper | comma list of fc_as_conv, serial_conv, gn4d, gelu_clip, embedding_1d, "
+                   "prune=AMOUNT[:MIN_WEIGHTS] (structured pruning of convs with >= MIN_WEIGHTS weights, default "
+                   "4000000; recorded in refsd_export.json); int8_weights, part of 'paper', is the --weights choice here")
     p.add_argument("--serial-conv-limit", type=int, default=DEFAULT_SERIAL_CONV_LIMIT, metavar="N",
                    help=f"serial_conv's per-image activation limit in elements (default {DEFAULT_SERIAL_CONV_LIMIT}); "
                    "lint-gpu --max-conv-activation uses the same measure")

@@ -10,7 +10,9 @@ report on real phones:
 ``unsupported-op``   the builtin op has no GPU kernel (BROADCAST_TO among them: what
                      GroupNorm on rank-5 tensors emits; the ``gn4d`` rewrite avoids it)
 ``rank``             a runtime tensor of rank > 4 (the delegate's tensors are BHWC)
-``tensor-type``      a runtime tensor that is not float32 / float16 (``IsAllAllowedTensors``)
+``tensor-type``      a runtime tensor that is not float32 / float16 / int32 (``IsAllAllowedTensors``;
+                     int32 index tensors run on LiteRT's GPU accelerator: the ``embedding_1d``
+                     text encoder's RESHAPE and GATHER of its input ids are fully accelerated)
 ``hybrid-weights``   int8 weights on a float op (LiteRT's hybrid kernels): the delegate
                      reads constant weights as float32 / float16 only
 ``op-constraint``    an op-specific rule of ``CheckGpuDelegateCompatibility`` (MUL where
@@ -131,14 +133,12 @@ class _Tensor:
 def _read(path: Path):
     from ai_edge_litert import schema_py_generated as fb  # noqa: PLC0415
 
-    data = path.read_bytes()
-    # A .tflite is a flatbuffer with file identifier "TFL3" at bytes 4..8.
-    if len(data) < 8 or data[4:8] != b"TFL3":
-        raise ValueError(f"{path}: not a .tflite file (no TFL3 flatbuffer identifier)")
+    from refsd.export.tflite_edit import read_model  # noqa: PLC0415
+
     try:
-        model = fb.ModelT.InitFromObj(fb.Model.GetRootAs(data, 0))
-    except Exception as e:  # noqa: BLE001 - a corrupt flatbuffer raises anything from struct to IndexError
-        raise ValueError(f"{path}: corrupt .tflite ({type(e).__name__}: {e})") from None
+        model = read_model(path.read_bytes())
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
     op_names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
     type_names = {v: k.lower() for k, v in vars(fb.TensorType).items() if not k.startswith("_")}
     return model, op_names, type_names
@@ -187,9 +187,10 @@ def _check(name: str, ins: list[_Tensor], outs: list[_Tensor], limits: Limits, o
     high = [t for t in runtime if len(t.shape) > 4]
     if high:
         yield "rank", f"rank-{len(high[0].shape)} tensor {high[0]} (the GPU delegate handles rank <= 4)"
-    bad = [t for t in runtime if t.dtype not in ("float32", "float16")]
+    bad = [t for t in runtime if t.dtype not in ("float32", "float16", "int32")]
     if bad:
-        yield "tensor-type", f"runtime tensor {bad[0].name or '?'} is {bad[0].dtype} (GPU: float32/float16 only)"
+        yield "tensor-type", (f"runtime tensor {bad[0].name or '?'} is {bad[0].dtype} "
+                              "(GPU: float32/float16/int32 only)")
     if name in _WEIGHTED and len(ins) > 1 and ins[1].const and ins[1].dtype == "int8" and ins[0].dtype == "float32":
         yield "hybrid-weights", "int8 weights on a float input (hybrid kernel); the GPU delegate reads float " \
                                 "weights only: dequantize to float16 for the GPU"

@@ -12,7 +12,7 @@ Rewrites are graph rewrites here: ``fc_as_conv`` really is Reshape ->
 CONV_2D -> Reshape, ``serial_conv`` really is several CONV_2D plus ADD (or a
 CONCATENATION), ``gn4d`` keeps every tensor at rank <= 4 while ``group_norm``
 reshapes to rank 5 (as converters emit GroupNorm), ``gelu_clip`` puts the
-clip (MAXIMUM / MINIMUM) before the cube. The GPU-kernel fusions of the
+clip (MAXIMUM / MINIMUM) before the cube, ``embedding_1d`` gathers with 1-D indices. The GPU-kernel fusions of the
 ``google`` preset and ``int8_weights`` have no twin: they are not graphs (see
 ``refsd.export.build.graph_rewrites``).
 """
@@ -303,6 +303,15 @@ def timestep_embedding(t, *, dim: int, flip_sin_to_cos: bool = False, downscale_
 @_twin
 def embedding(ids, table):
     return tf.gather(np.asarray(table, np.float32), ids, axis=0)
+
+
+@_twin
+def embedding_1d(ids, table):
+    # One GATHER with 1-D indices between two RESHAPEs: what the GPU delegate accepts. (An
+    # fp16-weight export then also needs its table as float32: tflite_edit.widen_gather_tables.)
+    table = np.asarray(table, np.float32)
+    rows = tf.gather(table, tf.reshape(ids, [-1]), axis=0)
+    return tf.reshape(rows, [*ids.shape, table.shape[1]])
 
 
 @_twin

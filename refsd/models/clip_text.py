@@ -110,11 +110,21 @@ class ClipEncoder(Module):
         return x
 
 
+class TokenEmbedding(Embedding):
+    """The token lookup; ``embedding_1d`` runs it as a gather by 1-D indices (same rows)."""
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        if "embedding_1d" in self.rewrites:  # int8 tables: the dequantized rows, as the base class looks up
+            return self.ops.embedding_1d(ids, self.weight if self._table is None else self._table)
+        return super().forward(ids)
+
+
 class ClipEmbeddings(Module):
     def __init__(self, c: ClipTextConfig) -> None:
         super().__init__()
-        self.token_embedding = Embedding(c.vocab_size, c.hidden_size)
-        self.position_embedding = Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_embedding = TokenEmbedding(c.vocab_size, c.hidden_size)
+        # Looked up by constant positions: a deployed graph folds it into a float constant (never int8).
+        self.position_embedding = Embedding(c.max_position_embeddings, c.hidden_size, constant_ids=True)
         # transformers < 4.31 saved this buffer; accepted and ignored.
         self.declare("position_ids", (1, c.max_position_embeddings), "buffer", optional=True)
 

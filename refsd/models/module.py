@@ -11,6 +11,10 @@ is the tensor ``down_blocks.1.attentions.0.proj_in.weight`` of the checkpoint.
 * Loading converts once: conv OIHW -> HWIO, fp16 / bf16 -> float32 arrays, and
   in fp16-storage precision modes rounds each weight to fp16 once
   (``ops._core.mark_stored``) so ops do not round it again.
+* Then the root model makes the weights those *as deployed* (``RootModel.deploy``):
+  pruning (rewrite ``prune``), and the storage of ``ModelOptions.weights``
+  (fp16 / bf16 rounding, or int8 values and per-channel scales with the kernels
+  that run them, ``int8_kernels``).
 * Calling a child runs its ``forward`` under ``refsd.monitor.scope(<attribute
   name>)``: every op reports under its module path, e.g.
   ``unet.down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2``.
@@ -25,7 +29,7 @@ import dataclasses
 import mmap
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
@@ -34,6 +38,7 @@ from refsd.models.rewrites import Rewrites
 from refsd.monitor import record, scope
 from refsd.numerics import Precision
 from refsd.numerics import precision as _precision
+from refsd.numerics import U_F16, round_f16
 from refsd.ops._core import mark_stored
 from refsd.safe_io import check_schema, read_json
 
@@ -45,6 +50,32 @@ class WeightsError(ValueError):
 # ---------------------------------------------------------------- options
 
 
+WEIGHT_STORAGE = ("fp32", "fp16", "bf16", "int8")
+INT8_KERNELS = ("dequantize", "hybrid")
+# The TFLite converter leaves weights of fewer elements float (its dynamic-range quantizer's
+# minimum; measured on the tiny exports: 1024-element weights int8, an 864-element conv float).
+INT8_MIN_ELEMENTS = 1024
+
+
+class Int8Weight(NamedTuple):
+    """One int8 weight as deployed, in refsd's layout (Linear (out, in), Conv2d
+    HWIO, Embedding (num, dim)): ``q`` int8 and ``scale`` float32, per output
+    channel (out,), per tensor (1,), or for a conv the converter received split
+    over input channels (``serial_conv``) one row per part, (parts, out): each
+    part was quantized on its own. ``asymmetric``: the hybrid
+    FULLY_CONNECTED's ``asymmetric_quantize_inputs`` option. ``fold``: the
+    module path (relative to the root model) of a LayerNorm whose affine the
+    converter folded into this weight (``q * scale ~ W * gamma``), whose output
+    is then the normalized input alone; ``bias`` is then the folded bias
+    (``b + W @ beta``) as the .tflite stores it."""
+
+    q: np.ndarray
+    scale: np.ndarray
+    asymmetric: bool = True
+    fold: str | None = None
+    bias: np.ndarray | None = None
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """How a model runs, fixed at construction: op namespace, rewrites,
@@ -52,17 +83,55 @@ class ModelOptions:
     (``"none"`` = erf, as diffusers and transformers compute it), and
     ``weights_f16``: in fp16-storage modes, keep the (fp16-rounded) weights as
     float16 arrays, widened to float32 at each use: half the weight memory
-    (the low-memory pipeline), same results, ~2 ns per weight per use."""
+    (the low-memory pipeline), same results, ~2 ns per weight per use.
+
+    Weights as deployed, independent of the precision mode:
+
+    * ``weights="fp32"``: as loaded (in fp16-storage modes rounded to fp16 once,
+      as the device stores every tensor).
+    * ``"fp16"`` / ``"bf16"``: every parameter (conv and linear weights, biases,
+      norm weights, embedding tables) rounded once at load, to nearest even,
+      also in precision f32. That is the set the TFLite converter stores as
+      float16 with ``refsd export --weights fp16`` (every float constant of the
+      tiny exports is FLOAT16 + DEQUANTIZE); bf16 rounds the same set.
+    * ``"int8"``: what ``Optimize.DEFAULT`` stores: Linear and Conv2d weights
+      of at least ``INT8_MIN_ELEMENTS`` elements symmetric per output channel
+      (``ops.quantize_int8``, bit for bit the converter's values), and the
+      token embedding table (a GATHER of runtime ids) per tensor; biases, norm
+      weights and smaller weights stay float. ``int8_values``: {component
+      (``text_encoder`` / ``unet`` / ``vae``): {checkpoint key: ``Int8Weight``
+      or ``(q, scale)``}} read from the deployed .tflite
+      (``refsd.export.tflite_weights.read_int8_weights``) replaces refsd's own
+      quantization: then exactly the weights listed are int8, and LayerNorm
+      affines the converter folded into a weight are folded here too.
+      ``int8_kernels``: ``"dequantize"`` (weights dequantized at use, as GPU
+      delegates do: ``ops.dequantize_int8``) or ``"hybrid"`` (LiteRT CPU's
+      hybrid kernels, which also quantize activations: ``ops.hybrid``). The
+      ``int8_weights`` rewrite is ``weights="int8", int8_kernels="dequantize"``.
+
+    ``weight_jitter`` (a validator calibration variant, fp16 / bf16 weights):
+    each weight is rounded from its value moved by a pseudo-random +-1 unit
+    roundoff, so about half land on the other neighbour. A converter stores
+    folded constants (``fp16(W * gamma)`` of a LayerNorm folded into the next
+    layer, scalar products) where refsd rounds each tensor alone: a correct
+    deployment's fp16 weights may each be the other neighbour (measured: the
+    tiny text encoder's fp16 export is 1.1e-3 from refsd's per-tensor rounding).
+    """
 
     ops: Any = None
     rewrites: Rewrites = dataclasses.field(default_factory=Rewrites)
     precision: Precision = dataclasses.field(default_factory=Precision)
     gelu_approximate: str = "none"
     weights_f16: bool = False
+    weights: str = "fp32"
+    int8_kernels: str = "dequantize"
+    int8_values: Mapping[str, Mapping[str, Any]] | None = dataclasses.field(default=None, compare=False)
+    weight_jitter: bool = False
 
     @classmethod
     def make(cls, *, ops=None, rewrites="none", precision="f32", gelu_approximate: str = "none",
-             weights_f16: bool = False, **rewrite_params) -> "ModelOptions":
+             weights_f16: bool = False, weights: str = "fp32", int8_kernels: str = "dequantize",
+             int8_values: Mapping | None = None, weight_jitter: bool = False, **rewrite_params) -> "ModelOptions":
         if ops is None:
             import refsd.ops as ops  # noqa: PLC0415 (the default namespace)
         p = precision if isinstance(precision, Precision) else Precision(precision)
@@ -70,7 +139,37 @@ class ModelOptions:
             raise ValueError(f"gelu_approximate must be 'none' or 'tanh', got {gelu_approximate!r}")
         if weights_f16 and not p.storage16:
             raise ValueError(f"weights_f16 needs an fp16-storage precision mode (f32_f16 or f16), not {p.mode}")
-        return cls(ops, Rewrites.parse(rewrites, **rewrite_params), p, gelu_approximate, weights_f16)
+        if weights not in WEIGHT_STORAGE:
+            raise ValueError(f"unknown weights {weights!r}: expected one of {', '.join(WEIGHT_STORAGE)}")
+        if int8_kernels not in INT8_KERNELS:
+            raise ValueError(f"unknown int8_kernels {int8_kernels!r}: expected one of {', '.join(INT8_KERNELS)}")
+        rw = Rewrites.parse(rewrites, **rewrite_params)
+        if "int8_weights" in rw:
+            if weights not in ("fp32", "int8"):
+                raise ValueError(f"rewrite int8_weights stores weights as int8; it contradicts weights={weights!r}")
+            weights = "int8"
+        if int8_values is not None:
+            if weights != "int8":
+                raise ValueError(f"int8_values given with weights={weights!r}: they need weights='int8'")
+            bad = sorted(set(int8_values) - {"text_encoder", "unet", "vae"})
+            if bad:
+                raise ValueError(f"int8_values: unknown component {bad[0]!r} (expected text_encoder, unet, vae)")
+        if weight_jitter and weights not in ("fp16", "bf16"):
+            raise ValueError(f"weight_jitter moves fp16 / bf16 weights; weights={weights!r} has none")
+        return cls(ops, rw, p, gelu_approximate, weights_f16, weights, int8_kernels, int8_values, weight_jitter)
+
+
+def _jitter(arr: np.ndarray, u: float) -> np.ndarray:
+    """``arr * (1 + s u)`` with a fixed pseudo-random sign ``s`` per element (see ``weight_jitter``)."""
+    signs = np.random.default_rng(arr.size).integers(0, 2, arr.size, dtype=np.int8).reshape(arr.shape)
+    return (arr * np.where(signs == 1, np.float32(1 + u), np.float32(1 - u))).astype(np.float32)
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """Round float32 values to the nearest bfloat16 (ties to even), returned as float32."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    u = (u + (np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1)))) & np.uint32(0xFFFF0000)
+    return u.view(np.float32)
 
 
 # ---------------------------------------------------------------- modules
@@ -207,13 +306,27 @@ class Module:
             arr = np.ascontiguousarray(arr.transpose(2, 3, 1, 0))  # OIHW -> HWIO
         elif spec.layout == "linear" and arr.ndim == 4:
             arr = arr.reshape(arr.shape[:2])  # legacy 1x1-conv-shaped linear
+        setattr(self, name, self._store(arr, name))
+
+    def _store(self, arr: np.ndarray, name: str = "") -> np.ndarray:
+        """A float32 parameter as the model holds it: rounded once to fp16 / bf16
+        under ``weights="fp16"`` / ``"bf16"`` (nearest even, subnormals kept, as
+        the converter rounds), then to fp16 in fp16-storage modes (registered
+        with ``mark_stored``); read-only."""
+        stored_as = self.opts.weights
+        if stored_as in ("fp16", "bf16") and self.opts.weight_jitter:
+            arr = _jitter(arr, U_F16 if stored_as == "fp16" else 2.0**-8)
+        if stored_as == "fp16":
+            arr = round_f16(arr)
+        elif stored_as == "bf16":
+            arr = round_bf16(arr)
         p = self.opts.precision
         if p.storage16:
-            arr = mark_stored(arr, ftz=p.ftz, f16=self.opts.weights_f16)
-        elif arr.flags.writeable:
+            return mark_stored(arr, ftz=p.ftz, f16=self.opts.weights_f16)
+        if arr.flags.writeable:
             arr = arr.view()
             arr.flags.writeable = False
-        setattr(self, name, arr)
+        return arr
 
 
 def _drop_mapped_pages(src: np.ndarray) -> None:
@@ -272,10 +385,45 @@ class RootModel(Module):
     def _finish(self, name: str, options: ModelOptions) -> None:
         self._name = name
         self._opts = options
-        for _, mod in self.named_modules():
+        for path, mod in self.named_modules():
             mod._opts = options
+            mod._path = path
             for cname, child in mod.named_children():
                 child._name = cname
+
+    def load_state_dict(self, state: Mapping[str, Any], *, source: str | None = None) -> None:
+        """``Module.load_state_dict``, then ``deploy``."""
+        super().load_state_dict(state, source=source)
+        self.deploy()
+
+    def deploy(self) -> None:
+        """Make the loaded weights those deployed: prune (rewrite ``prune``:
+        ``refsd.models.prune`` with the rewrite's amount and minimum), then int8
+        storage (``ModelOptions.weights``): each weight quantized, or given by
+        ``int8_values`` for this component (every key must name an int8-capable
+        weight of the right shape: a ``WeightsError`` lists those that do not)."""
+        rw = self.rewrites
+        if "prune" in rw:
+            from refsd.models.prune import prune  # noqa: PLC0415 (prune builds on this module)
+
+            prune(self, amount=rw.prune_amount, min_weights=rw.prune_min_weights)
+        values = dict((self.opts.int8_values or {}).get(self._name, {}))
+        layers = {f"{path}.weight": mod for path, mod in self.named_modules() if isinstance(mod, _DeployedWeight)}
+        unknown = sorted(set(values) - set(layers))
+        if unknown:
+            raise WeightsError(f"int8_values for {self._name}: {len(unknown)} key(s) name no Linear, Conv2d or "
+                               f"Embedding weight: {', '.join(unknown[:10])}")
+        norms = dict(self.named_modules())
+        for mod in norms.values():
+            if isinstance(mod, LayerNorm):
+                mod.affine_folded = False
+        for key, mod in layers.items():
+            mod.deploy(values.get(key), given=bool(values))
+            fold = mod.int8.fold if mod.int8 is not None else None
+            if fold is not None:
+                if not isinstance(norms.get(fold), LayerNorm):
+                    raise WeightsError(f"int8_values for {self._name}: {key} folds {fold!r}, not a LayerNorm")
+                norms[fold].affine_folded = True
 
     @property
     def precision(self) -> Precision:
@@ -308,9 +456,82 @@ class RootModel(Module):
 # ---------------------------------------------------------------- layers
 
 
-class Linear(Module):
+class _DeployedWeight(Module):
+    """A layer whose ``weight`` may be deployed as int8 (``ModelOptions.weights``):
+    Linear and Conv2d (per output channel, axis ``_axis`` of the stored weight)
+    and Embedding (per tensor). ``int8`` holds the deployed ``Int8Weight`` or None.
+
+    Under ``weights="int8"`` a weight large enough to be quantized is kept as
+    loaded, float32 (not rounded to fp16 in fp16-storage modes): the converter
+    quantizes the float32 checkpoint, so refsd does too."""
+
+    _axis: int | None = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.int8: Int8Weight | None = None
+
+    def _int8_eligible(self, arr: np.ndarray) -> bool:
+        return arr.size >= INT8_MIN_ELEMENTS
+
+    def _store(self, arr: np.ndarray, name: str = "") -> np.ndarray:
+        if name == "weight" and self.opts.weights == "int8" and self._int8_eligible(arr):
+            arr = arr.view()
+            arr.flags.writeable = False
+            return arr
+        return super()._store(arr, name)
+
+    def deploy(self, value=None, *, given: bool = False) -> None:
+        """Set ``int8`` from ``value`` (an ``Int8Weight`` or ``(q, scale)`` in
+        refsd's layout, checked against the weight), or quantize the weight with
+        ``ops.quantize_int8`` when it is eligible and no values were ``given`` for
+        the model; nothing unless ``weights="int8"``."""
+        self.int8 = None
+        if self.opts.weights != "int8" or self.weight is None:
+            return
+        if value is None:
+            if given and self._int8_eligible(self.weight):
+                # The deployed model keeps this eligible weight float: store it as floats are stored.
+                self.weight = super()._store(self.weight)
+            if given or not self._int8_eligible(self.weight):
+                return
+            value = Int8Weight(*self.ops.quantize_int8(self.weight, axis=self._axis))
+        value = value if isinstance(value, Int8Weight) else Int8Weight(*value)
+        q, scale = self._own_layout(np.asarray(value.q)), np.asarray(value.scale, np.float32)
+        want = (1,) if self._axis is None else (self.weight.shape[self._axis],)
+        if q.dtype != np.int8 or q.shape != self.weight.shape or not self._scales_fit(scale, want):
+            raise WeightsError(f"{self._path}.weight: int8 values {q.dtype} {q.shape} with scales {scale.shape} do "
+                               f"not match the weight {self.weight.shape} (scales {want})")
+        self.int8 = value._replace(q=q, scale=scale)
+
+    def _scales_fit(self, scale: np.ndarray, want: tuple) -> bool:
+        return scale.shape in (want, (1,))
+
+    def _own_layout(self, q: np.ndarray) -> np.ndarray:
+        return q
+
+    def _bias(self):
+        """The bias as deployed: the converter's folded one where a LayerNorm was folded in."""
+        d = self.int8
+        return self.bias if d is None or d.bias is None else np.asarray(d.bias, np.float32)
+
+    def _hybrid(self) -> bool:
+        return self.int8 is not None and self.opts.int8_kernels == "hybrid"
+
+    def effective_weight(self):
+        """The weight a float kernel uses: ``ops.dequantize_int8`` at use, or the float weight."""
+        d = self.int8
+        if d is None:
+            return self.weight
+        return self.ops.dequantize_int8(d.q, d.scale, axis=None if d.scale.shape == (1,) else self._axis)
+
+
+class Linear(_DeployedWeight):
     """``torch.nn.Linear``: weight (out, in). ``fc_as_conv`` runs it as a 1x1
-    Conv2D on (N, L, C) inputs; ``int8_weights`` dequantizes it at use."""
+    Conv2D on (N, L, C) inputs. int8 weights (``ModelOptions.weights``):
+    dequantized at use, or LiteRT CPU's hybrid FULLY_CONNECTED
+    (``ops.linear_hybrid_int8``; ``ops.fc_as_conv_hybrid_int8`` under
+    ``fc_as_conv``, where the graph has a hybrid CONV_2D)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, alt_shapes=()) -> None:
         super().__init__()
@@ -320,36 +541,40 @@ class Linear(Module):
             self.declare("bias", (out_features,), "vector")
         else:
             self.bias = None
-        self.weight_q = self.weight_scale = None
 
-    def _set_param(self, name, value, spec) -> None:
-        super()._set_param(name, value, spec)
-        if name == "weight":
-            self.quantize()
-
-    def quantize(self) -> None:
-        """(Re)compute the int8 weights if ``int8_weights`` is on."""
-        if "int8_weights" in self.rewrites and self.weight is not None:
-            self.weight_q, self.weight_scale = self.ops.quantize_int8(self.weight, axis=0)
-
-    def effective_weight(self) -> np.ndarray:
-        if self.weight_q is not None:
-            return self.ops.dequantize_int8(self.weight_q, self.weight_scale, axis=0)
-        return self.weight
+    def _own_layout(self, q: np.ndarray) -> np.ndarray:
+        # A 1x1 conv HWIO (1, 1, in, out): the weight of an FC exported as a conv (fc_as_conv).
+        return np.ascontiguousarray(q[0, 0].T) if q.ndim == 4 and q.shape[:2] == (1, 1) else q
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        ops, b = self.ops, self._bias()
+        as_conv = "fc_as_conv" in self.rewrites and np.ndim(x) == 3
+        if self._hybrid():
+            d = self.int8
+            if as_conv:
+                return ops.fc_as_conv_hybrid_int8(x, d.q, d.scale, b)
+            return ops.linear_hybrid_int8(x, d.q, d.scale, b, asymmetric=d.asymmetric)
         w = self.effective_weight()
-        if "fc_as_conv" in self.rewrites and np.ndim(x) == 3:
-            return self.ops.fc_as_conv(x, w, self.bias)
-        return self.ops.linear(x, w, self.bias)
+        if as_conv:
+            return ops.fc_as_conv(x, w, b)
+        return ops.linear(x, w, b)
 
 
-class Conv2d(Module):
+class Conv2d(_DeployedWeight):
     """``torch.nn.Conv2d`` on NHWC activations, weights stored HWIO.
 
     Rewrites: ``serial_conv`` when the per-image activation exceeds the limit,
-    else ``winograd`` for 3x3 stride-1; ``int8_weights`` dequantizes at use.
-    ``in_keep`` (set by ``prune``) selects the input channels kept."""
+    else ``winograd`` for 3x3 stride-1. int8 weights: dequantized at use, or
+    LiteRT CPU's hybrid CONV_2D (``ops.conv2d_hybrid_int8``, which replaces
+    ``winograd``). A conv split over input channels has int8 scales per part,
+    (parts, Cout), as the converter quantizes each part's weight on its own
+    (read from the .tflite, or quantized here from the float weight), and runs
+    ``ops.serial_conv_hybrid_int8`` under hybrid kernels; an output split keeps
+    the whole conv's per-channel scales and, hybrid, equals one conv (every
+    part quantizes the same input). ``in_keep`` (set by ``prune``) selects the
+    input channels kept."""
+
+    _axis = -1
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int = 1,
                  padding=0, bias: bool = True) -> None:
@@ -361,22 +586,46 @@ class Conv2d(Module):
             self.declare("bias", (out_channels,), "vector")
         else:
             self.bias = None
-        self.weight_q = self.weight_scale = None
         self.in_keep: np.ndarray | None = None
 
     def _set_param(self, name, value, spec) -> None:
-        super()._set_param(name, value, spec)
         if name == "weight":
-            self.quantize()
+            self.in_keep = None  # a fresh, unpruned weight
+        super()._set_param(name, value, spec)
 
-    def quantize(self) -> None:
-        if "int8_weights" in self.rewrites and self.weight is not None:
-            self.weight_q, self.weight_scale = self.ops.quantize_int8(self.weight, axis=-1)
+    def _scales_fit(self, scale: np.ndarray, want: tuple) -> bool:
+        parts = scale.shape[0] if scale.ndim == 2 else 0
+        return super()._scales_fit(scale, want) or (parts > 1 and scale.shape[1:] == want
+                                                     and self.weight.shape[2] % parts == 0)
 
-    def effective_weight(self) -> np.ndarray:
-        if self.weight_q is not None:
-            return self.ops.dequantize_int8(self.weight_q, self.weight_scale, axis=-1)
-        return self.weight
+    def deploy(self, value=None, *, given: bool = False) -> None:
+        super().deploy(value, given=given)
+        self._parts: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _int8_split(self, factor: int) -> tuple[np.ndarray, np.ndarray]:
+        """(q, scales (factor, Cout)) of the input split into ``factor`` parts: the
+        deployed per-part scales, or each part of the float weight quantized on its
+        own (``ops.quantize_int8``, cached), as the converter quantizes the parts."""
+        d = self.int8
+        if d.scale.ndim == 2:
+            if d.scale.shape[0] != factor:
+                raise ValueError(f"{self._path}: the deployed weights are split in {d.scale.shape[0]} parts, "
+                                 f"serial_conv splits this conv in {factor} (serial_conv_limit differs?)")
+            return d.q, d.scale
+        if factor not in self._parts:
+            c = self.weight.shape[2] // factor
+            split = [self.ops.quantize_int8(self.weight[:, :, i * c:(i + 1) * c], axis=-1) for i in range(factor)]
+            self._parts[factor] = (np.concatenate([q for q, _ in split], axis=2), np.stack([s for _, s in split]))
+        return self._parts[factor]
+
+    def effective_weight(self):
+        d = self.int8
+        return self._dequantized_split(d.q, d.scale) if d is not None and d.scale.ndim == 2 else super().effective_weight()
+
+    def _dequantized_split(self, q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+        c = q.shape[2] // scale.shape[0]
+        return np.concatenate([self.ops.dequantize_int8(q[:, :, i * c:(i + 1) * c], s, axis=-1)
+                               for i, s in enumerate(scale)], axis=2)
 
     def serial_factor(self, x_shape) -> tuple[int, str]:
         """(factor, axis) ``serial_conv`` would use for this input: factor 1 if
@@ -397,11 +646,17 @@ class Conv2d(Module):
     def forward(self, x: np.ndarray) -> np.ndarray:
         if self.in_keep is not None:
             x = x[..., self.in_keep]
-        w, b, ops, rw = self.effective_weight(), self.bias, self.ops, self.rewrites
-        if "serial_conv" in rw:
-            k, axis = self.serial_factor(np.shape(x))
-            if k > 1:
-                return ops.serial_conv(x, w, b, factor=k, axis=axis, stride=self.stride, padding=self.padding)
+        b, ops, rw, d = self._bias(), self.ops, self.rewrites, self.int8
+        k, axis = self.serial_factor(np.shape(x)) if "serial_conv" in rw else (1, None)
+        split_int8 = d is not None and (d.scale.ndim == 2 or (k > 1 and axis == "input"))
+        if self._hybrid():
+            if split_int8:
+                q, scale = self._int8_split(k)
+                return ops.serial_conv_hybrid_int8(x, q, scale, b, stride=self.stride, padding=self.padding)
+            return ops.conv2d_hybrid_int8(x, d.q, d.scale, b, stride=self.stride, padding=self.padding)
+        w = self._dequantized_split(*self._int8_split(k)) if split_int8 else self.effective_weight()
+        if k > 1:
+            return ops.serial_conv(x, w, b, factor=k, axis=axis, stride=self.stride, padding=self.padding)
         if "winograd" in rw and self.kernel_size == 3 and self.stride == 1:
             return ops.conv2d_winograd(x, w, b, padding=self.padding, tile=rw.winograd_tile)
         return ops.conv2d(x, w, b, stride=self.stride, padding=self.padding)
@@ -436,21 +691,42 @@ class LayerNorm(Module):
         self.dim, self.eps = dim, eps
         self.declare("weight", (dim,), "vector")
         self.declare("bias", (dim,), "vector")
+        # Set by ``RootModel.deploy`` when the deployed graph folded this affine into the next
+        # layer's int8 weights (``Int8Weight.fold``): the output is then the normalized input.
+        self.affine_folded = False
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        if self.affine_folded:
+            return self.ops.layer_norm(x, None, None, eps=self.eps)
         return self.ops.layer_norm(x, self.weight, self.bias, eps=self.eps)
 
 
-class Embedding(Module):
-    """``torch.nn.Embedding``: a (num, dim) table looked up by integer ids."""
+class Embedding(_DeployedWeight):
+    """``torch.nn.Embedding``: a (num, dim) table looked up by integer ids.
 
-    def __init__(self, num_embeddings: int, dim: int) -> None:
+    int8 weights: the converter quantizes a table looked up by runtime ids per
+    tensor (GATHER on int8, then DEQUANTIZE: the rows as float32 ``q * scale``);
+    a lookup of constant ids (``constant_ids``, CLIP's positions) is folded into
+    a float constant instead. The dequantized table is computed once at deploy."""
+
+    _axis = None
+
+    def __init__(self, num_embeddings: int, dim: int, *, constant_ids: bool = False) -> None:
         super().__init__()
-        self.num_embeddings, self.dim = num_embeddings, dim
+        self.num_embeddings, self.dim, self.constant_ids = num_embeddings, dim, constant_ids
         self.declare("weight", (num_embeddings, dim), "embedding")
+        self._table = None
+
+    def _int8_eligible(self, arr: np.ndarray) -> bool:
+        return not self.constant_ids and super()._int8_eligible(arr)
+
+    def deploy(self, value=None, *, given: bool = False) -> None:
+        super().deploy(value, given=given)
+        d = self.int8
+        self._table = None if d is None else Module._store(self, d.q.astype(np.float32) * d.scale)
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
-        return self.ops.embedding(ids, self.weight)
+        return self.ops.embedding(ids, self.weight if self._table is None else self._table)
 
 
 def gelu_op(module: Module, *, gated: bool, approximate: str | None = None):

@@ -3,7 +3,9 @@ Sec. 3.4: "structured pruning on huge convolution layers").
 
 This changes the model, so it is measured, never asserted equal: run the
 model before and after and compare (tests/test_models_rewrites.py reports the
-error).
+error). A deployment declares it as the rewrite ``prune=AMOUNT[:MIN_WEIGHTS]``
+(``refsd.models.rewrites``): ``RootModel.deploy`` then prunes after loading,
+and ``refsd export --rewrites ...,prune=...`` exports the pruned model.
 
 For each Conv2d with at least ``min_weights`` weights, the input channels
 whose weight slices ``w[:, :, c, :]`` have the smallest L1 norms are removed:
@@ -21,9 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from refsd.models.module import Conv2d, Module
-from refsd.ops._core import mark_stored
-
-DEFAULT_MIN_WEIGHTS = 4_000_000  # SD's 3x3 convs at 1280 channels (14.7M) and 1920/2560 -> 640/1280 in the up path
+from refsd.models.rewrites import DEFAULT_PRUNE_AMOUNT
+from refsd.models.rewrites import DEFAULT_PRUNE_MIN_WEIGHTS as DEFAULT_MIN_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,14 @@ class PrunedConv:
     weights_after: int
 
 
-def prune(model: Module, *, amount: float = 0.25, min_weights: int = DEFAULT_MIN_WEIGHTS) -> list[PrunedConv]:
+def prune(model: Module, *, amount: float = DEFAULT_PRUNE_AMOUNT,
+          min_weights: int = DEFAULT_MIN_WEIGHTS) -> list[PrunedConv]:
     """Prune ``amount`` (0 <= amount < 1) of the input channels of every conv
     with at least ``min_weights`` weights, in place, by smallest L1 norm.
-    Returns what was pruned. Re-quantizes under ``int8_weights``."""
+    Returns what was pruned. Re-quantizes under ``weights="int8"`` (refsd's own
+    quantization: int8 values read from a .tflite describe the weights they
+    were read for). The loaders apply it after loading when the rewrite
+    ``prune`` is declared (``Rewrites.parse("prune=0.25:4000000")``)."""
     if not 0 <= amount < 1:
         raise ValueError(f"prune amount must lie in [0, 1), got {amount!r}")
     done = []
@@ -54,14 +59,9 @@ def prune(model: Module, *, amount: float = 0.25, min_weights: int = DEFAULT_MIN
         keep = np.sort(np.argsort(norms, kind="stable")[drop:])
         base = np.arange(cin) if mod.in_keep is None else mod.in_keep
         new = np.ascontiguousarray(w[:, :, keep, :])
-        p = mod.opts.precision
-        if p.storage16:
-            new = mark_stored(new, ftz=p.ftz, f16=mod.opts.weights_f16)  # already fp16 values: re-registered
-        else:
-            new.flags.writeable = False
         before = w.size
-        mod.weight, mod.in_keep = new, base[keep]
-        mod.quantize()
+        mod.weight, mod.in_keep = mod._store(new, "weight"), base[keep]  # stored as the loader stores weights
+        mod.deploy()  # re-quantized under weights="int8"
         root = getattr(model, "_name", "")
         done.append(PrunedConv(f"{root}.{path}" if root else path, int(keep.size), int(cin), before, int(new.size)))
     return done

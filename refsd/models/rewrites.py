@@ -6,6 +6,7 @@ A rewrite set is a preset name, an explicit comma list, or a ``Rewrites``::
     Rewrites.parse("paper")                       # Choi et al. 2023 (Squeezing ...)
     Rewrites.parse("google")                      # Chen et al. 2023 (Speed is all you need)
     Rewrites.parse("gn4d,fc_as_conv", serial_conv_limit=1 << 20)
+    Rewrites.parse("paper,prune=0.25:30000")      # + pruning (amount 0.25, convs of >= 30000 weights)
 
 Names and what a model does with them (each op beside the op it replaces in
 ``refsd.ops``):
@@ -20,8 +21,19 @@ Names and what a model does with them (each op beside the op it replaces in
 ``gelu_clip``               tanh-GELU (and GEGLU's gate) with its input clipped to [-M, M]. It
                             rewrites *tanh*-GELU: on an erf-GELU model it also switches the
                             approximation, so compare it against ``gelu_approximate="tanh"``
+``embedding_1d``            the text encoder's token lookup as one GATHER with 1-D indices (ids
+                            flattened, rows reshaped back): the GPU delegate gathers only with 1-D
+                            indices, so without it the text encoder never runs fully on the GPU
 ``int8_weights``            conv / linear weights symmetric per-output-channel int8,
-                            dequantized to fp16 at use (changes the model: measured, not equal)
+                            dequantized at use (changes the model: measured, not equal). The same
+                            implementation as ``ModelOptions.make(weights="int8",
+                            int8_kernels="dequantize")``: the rewrite name is that option
+``prune``                   structured L1-norm pruning of the input channels of large convs
+                            (``refsd.models.prune``), applied by the loader after loading: it
+                            changes the weights (measured, not equal). Token ``prune`` (amount
+                            ``prune_amount`` 0.25, convs of >= ``prune_min_weights`` = 4M
+                            weights), ``prune=AMOUNT`` or ``prune=AMOUNT:MIN_WEIGHTS``; ``str()``
+                            writes the token back, so a bundle's rewrite string reproduces it
 ``softmax_partial_fused``   attention storing only the row max and row sum
 ``flash_attention``         tiled attention with online softmax (tile ``flash_tile``)
 ``winograd``                3x3 stride-1 convs by Winograd F(``winograd_tile`` x tile, 3x3)
@@ -29,7 +41,6 @@ Names and what a model does with them (each op beside the op it replaces in
 ``group_norm_fused``        GroupNorm as one float32 kernel
 ==========================  ==================================================================
 
-Structured pruning changes the weights, not the graph: ``refsd.models.prune``.
 """
 
 from __future__ import annotations
@@ -39,18 +50,20 @@ from typing import Iterable
 
 # name -> preset membership is documented above; order here is the canonical print order.
 NAMES = (
-    "fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "int8_weights",
+    "fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "embedding_1d", "int8_weights", "prune",
     "softmax_partial_fused", "flash_attention", "winograd", "gelu_fused", "group_norm_fused",
 )
 PRESETS = {
     "none": (),
-    "paper": ("fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "int8_weights"),
+    # ``embedding_1d`` is not from the paper (it reports only UNet delegation): refsd adds it so
+    # that a ``paper`` export runs all three components on the GPU.
+    "paper": ("fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "embedding_1d", "int8_weights"),
     "google": ("softmax_partial_fused", "winograd", "gelu_fused", "group_norm_fused"),
 }
 # Rewrites that compute the same function as the original graph (up to rounding):
 # a model with any of these stays within the f32 bound of the plain model.
-# ``gelu_clip`` is one against tanh-GELU; ``int8_weights`` changes the weights.
-EQUIVALENCE = tuple(n for n in NAMES if n != "int8_weights")
+# ``gelu_clip`` is one against tanh-GELU; ``int8_weights`` and ``prune`` change the weights.
+EQUIVALENCE = tuple(n for n in NAMES if n not in ("int8_weights", "prune"))
 # Pairs that replace the same op: at most one of each.
 EXCLUSIVE = (
     ("gn4d", "group_norm_fused"),
@@ -66,6 +79,10 @@ EXCLUSIVE = (
 # the 64x64x960 concat = 3.75 Mi), and this limit splits those too. Real delegate
 # limits depend on the GPU and backend: set yours (``serial_conv_limit``).
 DEFAULT_SERIAL_CONV_LIMIT = 1_572_864
+# ``prune`` defaults: a quarter of the input channels of SD's largest convs (3x3 at 1280 channels,
+# 14.7M weights, and the 1920/2560 -> 640/1280 convs of the up path).
+DEFAULT_PRUNE_AMOUNT = 0.25
+DEFAULT_PRUNE_MIN_WEIGHTS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -78,15 +95,16 @@ class Rewrites:
     winograd_tile: int = 4
     flash_tile: int = 64
     gelu_clip_M: float = 10.0
+    prune_amount: float = DEFAULT_PRUNE_AMOUNT
+    prune_min_weights: int = DEFAULT_PRUNE_MIN_WEIGHTS
 
     def __post_init__(self) -> None:
         names = frozenset(self.names)
         object.__setattr__(self, "names", names)
         unknown = sorted(names - set(NAMES))
         if unknown:
-            hint = " (pruning changes weights: use refsd.models.prune(model, ...))" if "prune" in unknown else ""
             raise ValueError(
-                f"unknown rewrite{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}{hint}; "
+                f"unknown rewrite{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
                 f"valid names: {', '.join(NAMES)}; presets: {', '.join(PRESETS)}"
             )
         for a, b in EXCLUSIVE:
@@ -102,12 +120,19 @@ class Rewrites:
             raise ValueError(f"flash_tile must be a positive int, got {self.flash_tile!r}")
         if not self.gelu_clip_M > 0:
             raise ValueError(f"gelu_clip_M must be > 0, got {self.gelu_clip_M!r}")
+        if not (isinstance(self.prune_amount, (int, float)) and 0 <= self.prune_amount < 1):
+            raise ValueError(f"prune amount must lie in [0, 1), got {self.prune_amount!r}")
+        if not (isinstance(self.prune_min_weights, int) and self.prune_min_weights >= 1):
+            raise ValueError(f"prune_min_weights must be a positive int, got {self.prune_min_weights!r}")
 
     @classmethod
     def parse(cls, spec: "str | Iterable[str] | Rewrites | None" = "none", **params) -> "Rewrites":
         """``"none"`` / ``"paper"`` / ``"google"``, a comma list of names and
         presets (``"google,fc_as_conv"``), an iterable of names, or a ``Rewrites``
-        (``params`` then override its parameters)."""
+        (``params`` then override its parameters). ``prune=AMOUNT[:MIN_WEIGHTS]``
+        sets ``prune_amount`` (and ``prune_min_weights``), ``serial_conv=LIMIT``
+        ``serial_conv_limit``; ``str()`` writes both back, so a bundle's
+        ``model.rewrites`` reproduces the deployment."""
         if isinstance(spec, Rewrites):
             return replace(spec, **params) if params else spec
         if spec is None:
@@ -119,6 +144,12 @@ class Rewrites:
                 continue
             if item in PRESETS:
                 names.update(PRESETS[item])
+            elif item.startswith("prune="):
+                names.add("prune")
+                params = {**_prune_params(item), **params}
+            elif item.startswith("serial_conv="):
+                names.add("serial_conv")
+                params = {**_serial_conv_params(item), **params}
             else:
                 names.add(item)
         return cls(frozenset(names), **params)
@@ -130,4 +161,34 @@ class Rewrites:
         return (n for n in NAMES if n in self.names)
 
     def __str__(self) -> str:
-        return ",".join(self) or "none"
+        def token(n: str) -> str:
+            if n == "serial_conv" and self.serial_conv_limit != DEFAULT_SERIAL_CONV_LIMIT:
+                return f"serial_conv={self.serial_conv_limit}"  # the limit decides the splits: a deployment needs it
+            if n != "prune":
+                return n
+            tail = f":{self.prune_min_weights}" if self.prune_min_weights != DEFAULT_PRUNE_MIN_WEIGHTS else ""
+            return f"prune={self.prune_amount:g}{tail}"
+
+        return ",".join(token(n) for n in self) or "none"
+
+
+def _prune_params(item: str) -> dict:
+    """``prune=AMOUNT[:MIN_WEIGHTS]`` -> rewrite parameters, or a one-line error naming the token."""
+    amount, _, minimum = item[len("prune="):].partition(":")
+    try:
+        params = {"prune_amount": float(amount)}
+        if minimum:
+            params["prune_min_weights"] = int(minimum)
+    except ValueError:
+        raise ValueError(f"bad rewrite token {item!r}: expected prune=AMOUNT or prune=AMOUNT:MIN_WEIGHTS "
+                         "(e.g. prune=0.25:4000000)") from None
+    return params
+
+
+def _serial_conv_params(item: str) -> dict:
+    """``serial_conv=LIMIT`` -> ``serial_conv_limit``, or a one-line error naming the token."""
+    try:
+        return {"serial_conv_limit": int(item[len("serial_conv="):])}
+    except ValueError:
+        raise ValueError(f"bad rewrite token {item!r}: expected serial_conv=LIMIT (elements per image, "
+                         "e.g. serial_conv=1572864)") from None

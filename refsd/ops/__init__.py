@@ -9,11 +9,14 @@ op it replaces; ``REWRITES`` maps each to its original.
 from refsd.ops.activations import erf, geglu, geglu_clip, geglu_fused, gelu, gelu_clip, gelu_fused, quick_gelu, silu
 from refsd.ops.attention import attention, flash_attention, softmax, softmax_partial_fused
 from refsd.ops.conv import conv2d, conv_output_hw, serial_conv, serial_conv_factor
-from refsd.ops.elementwise import add, concat, mul, scale
-from refsd.ops.embedding import embedding, timestep_embedding
+from refsd.ops.elementwise import add, concat, exp, mul, scale
+from refsd.ops.embedding import embedding, embedding_1d, timestep_embedding
+from refsd.ops.hybrid import (conv2d_hybrid_int8, fc_as_conv_hybrid_int8, linear_hybrid_int8,
+                              quantize_activations, serial_conv_hybrid_int8)
 from refsd.ops.linear import fc_as_conv, linear
 from refsd.ops.norm import gn4d, group_norm, group_norm_fused, layer_norm
 from refsd.ops.quant import dequantize_int8, quantize_int8
+from refsd.ops.reduce import reduce_mean, reduce_sum
 from refsd.ops.resample import upsample_nearest2x
 from refsd.ops.winograd import conv2d_winograd, winograd_error_scale
 
@@ -30,12 +33,19 @@ REWRITES = {
     "softmax_partial_fused": "attention",
     "flash_attention": "attention",
     "conv2d_winograd": "conv2d",
+    "embedding_1d": "embedding",
 }
+# Kernels for int8 weights (``ModelOptions(weights="int8", int8_kernels="hybrid")``): not rewrites
+# (they compute a different function, LiteRT CPU's), but they replace these ops.
+HYBRID_KERNELS = {"linear_hybrid_int8": "linear", "conv2d_hybrid_int8": "conv2d",
+                  "fc_as_conv_hybrid_int8": "fc_as_conv", "serial_conv_hybrid_int8": "serial_conv"}
 
 __all__ = [
-    "REWRITES", "add", "attention", "concat", "conv2d", "conv2d_winograd", "conv_output_hw", "dequantize_int8",
-    "embedding", "erf", "fc_as_conv", "flash_attention", "geglu", "geglu_clip", "geglu_fused", "gelu", "gelu_clip",
-    "gelu_fused", "gn4d", "group_norm", "group_norm_fused", "layer_norm", "linear", "mul", "quantize_int8",
-    "quick_gelu", "scale", "serial_conv", "serial_conv_factor", "silu", "softmax", "softmax_partial_fused",
-    "timestep_embedding", "upsample_nearest2x", "winograd_error_scale",
+    "HYBRID_KERNELS", "REWRITES", "add", "attention", "concat", "conv2d", "conv2d_hybrid_int8", "conv2d_winograd",
+    "conv_output_hw", "dequantize_int8", "embedding", "embedding_1d", "erf", "exp", "fc_as_conv",
+    "fc_as_conv_hybrid_int8", "flash_attention", "geglu", "geglu_clip", "geglu_fused", "gelu", "gelu_clip",
+    "gelu_fused", "gn4d", "group_norm", "group_norm_fused", "layer_norm", "linear", "linear_hybrid_int8", "mul",
+    "quantize_activations", "quantize_int8", "quick_gelu", "reduce_mean", "reduce_sum", "scale", "serial_conv",
+    "serial_conv_factor", "serial_conv_hybrid_int8", "silu", "softmax", "softmax_partial_fused", "timestep_embedding",
+    "upsample_nearest2x", "winograd_error_scale",
 ]

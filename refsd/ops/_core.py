@@ -21,7 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from refsd import monitor as _mon
-from refsd.numerics import RoundingStats, current_precision, round_f16, round_f16_stats
+from refsd.ops.transcendental import perturb
+from refsd.numerics import (FP16_MIN_NORMAL, RoundingStats, current_precision, round_f16, round_f16_stats,
+                            truncate_f16)
 
 # ---------------------------------------------------------------- op frames
 
@@ -265,23 +267,26 @@ def _f32_stats(y: np.ndarray) -> RoundingStats:
 
 
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` on float32 BLAS; in ``f16`` under the blocked model over K."""
+    """``a @ b`` on float32 BLAS; in ``f16`` under the blocked model over K
+    (the device model's measured block when one is set)."""
     p = current_precision()
     if not p.math16:
         return np.matmul(a, b)
+    block = p.device.matmul_block if p.device else p.block
     k = a.shape[-1]
     s = None
-    for k0 in range(0, k, p.block):
-        part = prim(np.matmul(a[..., k0 : k0 + p.block], b[..., k0 : k0 + p.block, :]), "matmul.partial")
+    for k0 in range(0, k, block):
+        part = prim(np.matmul(a[..., k0 : k0 + block], b[..., k0 : k0 + block, :]), "matmul.partial")
         s = part if s is None else prim(s + part, "matmul.accumulate")
     return s
 
 
 def reduce_sum(x: np.ndarray, axis, *, keepdims: bool = False) -> np.ndarray:
     """Sum over ``axis`` (int or tuple); in ``f16`` under the blocked model,
-    summing the reduced axes in C order (last fastest)."""
+    summing the reduced axes in C order (last fastest). A device model with
+    ``fp32_reductions`` keeps the float32 sum (the caller rounds what it stores)."""
     p = current_precision()
-    if not p.math16:
+    if not p.math16 or p.device and p.device.fp32_reductions:
         return np.sum(x, axis=axis, dtype=np.float32, keepdims=keepdims)
     axes = tuple(sorted(a % x.ndim for a in ((axis,) if np.isscalar(axis) else axis)))
     keep = [i for i in range(x.ndim) if i not in axes]
@@ -296,3 +301,54 @@ def reduce_sum(x: np.ndarray, axis, *, keepdims: bool = False) -> np.ndarray:
     if keepdims:
         s = s.reshape([1 if i in axes else n for i, n in enumerate(x.shape)])
     return s
+
+
+def reduce_mean(x: np.ndarray, axes, primitive: str = "mean") -> np.ndarray:
+    """Mean over ``axes`` (kept as size-1 dims): ``reduce_sum / n`` rounded as
+    one primitive in ``f16`` (``litert-gpu``: the float32 mean, stored by
+    ``kernel_out``)."""
+    axes = (axes,) if np.isscalar(axes) else tuple(axes)
+    n = int(np.prod([x.shape[a] for a in axes]))
+    return kernel_out(reduce_sum(x, axes, keepdims=True) / np.float32(n), primitive)
+
+
+_LOG2E = np.float32(1.0 / np.log(2.0))
+
+
+def exp(x: np.ndarray, primitive: str = "exp") -> np.ndarray:
+    """``exp(x)`` as a primitive: rounded in ``f16``; under a device model with
+    ``exp2`` computed as the kernel does, ``exp2(r16(x * r16(log2 e)))``, whose
+    fp16 argument is off by up to |x log2 e| (2**-11 + 2.2e-4) (its rounding and
+    the constant's), a relative error of the result ln 2 times that (1.7e-3
+    measured at x = 11)."""
+    p = current_precision()
+    if p.device and p.device.exp2:
+        return prim(perturb(np.exp2(prim(x * round_f16(_LOG2E), primitive + ".log2e"))), primitive)
+    return prim(perturb(np.exp(x)), primitive)
+
+
+def kernel_out(y: np.ndarray, primitive: str) -> np.ndarray:
+    """The fp16 tensor a float32 kernel (a reduction, a fused op) stores: under
+    a device model with ``truncating_stores`` rounded toward zero
+    (``truncate_f16``: past 65504 it saturates, reported as an ``overflow``
+    since the value is silently wrong); otherwise a primitive (``prim``)."""
+    p = current_precision()
+    if not (p.device and p.device.truncating_stores):
+        return prim(y, primitive)
+    y = np.asarray(y, dtype=np.float32)
+    r = truncate_f16(y, ftz=p.ftz)
+    if _mon.active_monitor() is not None:
+        a = np.abs(y)
+        finite = np.isfinite(a)
+        saturated = int(np.count_nonzero(finite & (a >= np.float32(2.0**16))))
+        if saturated:
+            _mon.active_monitor().event("overflow", _frame().op, primitive, saturated,
+                                        "finite value saturates to 65504 (float32 kernel output truncated to fp16)",
+                                        True)
+            _frame().inf_seen = True
+        nonzero = a != 0
+        to_zero = int(np.count_nonzero(nonzero & (r == 0)))
+        to_sub = int(np.count_nonzero((r != 0) & (np.abs(r) < np.float32(FP16_MIN_NORMAL))))
+        has_nan, has_inf = bool(np.isnan(a).any()), bool(np.isinf(a).any())
+        _report(RoundingStats(0, to_zero, to_sub, has_nan, has_inf, 0.0), primitive)
+    return r

@@ -4,6 +4,11 @@ rewrites: input clipping (Choi et al. 2023) and a fused kernel (Chen et al. 2023
 Unfused tanh-GELU, ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x**3)))``,
 is eight kernels; in ``f16`` each rounds, and ``x**3`` overflows fp16 for
 ``|x| >= 40.3`` (41**3 = 68921 > 65504).
+
+``litert-gpu`` (measured): TFLite's converter turns that unclipped pattern
+into the GELU builtin, one float32 kernel with no ``x**3`` tensor; the
+clipped form stays unfused. SiLU's exp is the kernel's
+``exp2`` form (``refsd.ops._core.exp``).
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import math
 
 import numpy as np
 
-from refsd.ops._core import const, load, op, prim, store
+from refsd.numerics import current_precision
+from refsd.ops._core import const, exp, kernel_out, load, op, prim, store
 from refsd.ops.transcendental import perturb
 
 _SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
@@ -83,6 +89,11 @@ def _check_approximate(approximate: str) -> None:
 
 
 def _gelu_unfused(x: np.ndarray, approximate: str, clip: float | None = None) -> np.ndarray:
+    device = current_precision().device
+    if device and device.gelu_builtin and approximate == "tanh" and clip is None:
+        # The converter matches the unclipped pattern to the GELU builtin: one
+        # float32 kernel, no x**3 tensor (measured: finite where x**3 overflows).
+        return kernel_out(gelu_f32(x, approximate), "gelu")
     if approximate == "none":
         e = prim(perturb(erf(prim(x * const(_INV_SQRT2, "inv_sqrt2"), "scale"))), "erf")
     else:
@@ -133,7 +144,7 @@ def silu(x: np.ndarray) -> np.ndarray:
     """``x * sigmoid(x)`` with ``sigmoid(x) = 1 / (1 + exp(-x))``; in ``f16``
     ``exp(-x)`` overflows for x < -11.1 (harmlessly: the result is -0)."""
     x = load(x)
-    e = prim(perturb(np.exp(-x)), "exp")
+    e = exp(-x)
     return store(x * prim(np.float32(1.0) / prim(np.float32(1.0) + e, "add_one"), "reciprocal"))
 
 
@@ -142,7 +153,7 @@ def quick_gelu(x: np.ndarray) -> np.ndarray:
     """CLIP's ``x * sigmoid(1.702 x)``."""
     x = load(x)
     z = prim(x * const(1.702, "quick_gelu_coeff"), "scale")
-    e = prim(perturb(np.exp(-z)), "exp")
+    e = exp(-z)
     return store(x * prim(np.float32(1.0) / prim(np.float32(1.0) + e, "add_one"), "reciprocal"))
 
 

@@ -10,6 +10,10 @@ for large activations (``upcast_attention`` keeps it float32, as diffusers
 does) and an additive mask of -1e9 becomes -inf, making a fully masked row
 NaN. The rewrites differ exactly in which of these tensors they store.
 
+``litert-gpu`` (measured): the two BATCH_MATMULs accumulate sequentially in
+fp16 like FULLY_CONNECTED, ``S`` is stored after the scale MUL, and SOFTMAX
+is one float32 kernel that rounds only ``P``.
+
 Shapes: ``q`` (N, Lq, H*D), ``k`` (N, Lk, H*D), ``v`` (N, Lk, H*Dv) ->
 (N, Lq, H*Dv). ``mask`` is additive, broadcastable to (N, H, Lq, Lk).
 """
@@ -18,16 +22,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from refsd.ops._core import const, load, matmul, op, prim, reduce_sum, store, stored
+from refsd.numerics import current_precision
+from refsd.ops._core import const, kernel_out, load, matmul, op, prim, reduce_sum, store, stored
 from refsd.ops.transcendental import perturb
 
 
 def _softmax_math(x: np.ndarray, axis: int, *, inplace: bool = False) -> np.ndarray:
     """The three passes: max, sum of exp(x - max), divide. Primitives round in
     f16. ``inplace``: ``x`` is a temporary of the caller and may be overwritten
-    (attention's score matrices are the largest tensors of the UNet)."""
+    (attention's score matrices are the largest tensors of the UNet).
+    Under a device model with ``fused_softmax`` it is one float32 kernel that
+    stores its output (``kernel_out``)."""
     m = np.max(x, axis=axis, keepdims=True)
     e = np.subtract(x, m, out=x if inplace else None)
+    device = current_precision().device
+    if device and device.fused_softmax:
+        perturb(np.exp(e, out=e))
+        e /= np.sum(e, axis=axis, keepdims=True, dtype=np.float32)
+        return kernel_out(e, "softmax")
     e = prim(e, "subtract_max")
     e = prim(perturb(np.exp(e, out=e)), "exp")
     return prim(np.divide(e, reduce_sum(e, axis, keepdims=True), out=e), "divide")
@@ -120,7 +132,13 @@ def attention(q, k, v, *, heads: int = 1, mask=None, scale: float | None = None,
 
     ``upcast_attention``: scores and softmax in float32 (diffusers'
     ``upcast_attention``); ``upcast_softmax``: softmax in float32 only. In both
-    the probabilities are cast back to fp16 storage before ``P V``."""
+    the probabilities are cast back to fp16 storage before ``P V``. Under a
+    device model without ``per_op_fp32`` both flags are ignored: the exported
+    graph runs in fp16 on the device like every other op (measured: the
+    upcast variant's scores overflow on LiteRT's GPU as the plain one's do)."""
+    device = current_precision().device
+    if device and not device.per_op_fp32:
+        upcast_attention = upcast_softmax = False
     qh, kh, vh, scale, m = _prepare(q, k, v, heads, mask, scale)
     scale = _scale_const(scale, upcast_attention)
     n, h, lq, _ = qh.shape

@@ -70,24 +70,27 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, stride=
     return store(y)
 
 
-def _conv_acc(x: np.ndarray, w: np.ndarray, *, stride, padding) -> np.ndarray:
-    """The accumulation of conv2d without bias or rounding of the output."""
+def _conv_acc(x: np.ndarray, w: np.ndarray, *, stride, padding, mm=matmul) -> np.ndarray:
+    """The accumulation of conv2d without bias or rounding of the output, in
+    the dtype of ``x`` and ``w``; ``mm`` multiplies the im2col patches by the
+    weight matrix (the precision mode's ``matmul``; ``ops.hybrid`` passes exact
+    integer-valued float products)."""
     n, h, wd, cin = x.shape
     kh, kw, _, cout = w.shape
     (sh, sw), ((pt, pb), (pl, pr)) = _pair(stride), _padding(padding)
     ho, wo = conv_output_hw(h, wd, kh, kw, stride=stride, padding=padding)
     if kh == kw == 1 and sh == sw == 1 and not (pt or pb or pl or pr):
-        return matmul(x.reshape(-1, cin), w.reshape(cin, cout)).reshape(n, h, wd, cout)
+        return mm(x.reshape(-1, cin), w.reshape(cin, cout)).reshape(n, h, wd, cout)
     xp = np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0))) if (pt or pb or pl or pr) else x
     # windows: (n, ho', wo', cin, kh, kw) view -> reorder to (kh, kw, cin)
     win = np.lib.stride_tricks.sliding_window_view(xp, (kh, kw), axis=(1, 2))[:, ::sh, ::sw][:, :ho, :wo]
     wmat = w.reshape(kh * kw * cin, cout)
-    y = np.empty((n, ho, wo, cout), np.float32)
+    y = np.empty((n, ho, wo, cout), np.result_type(x, w))
     rows = max(1, _PATCH_CHUNK // max(1, n * wo * kh * kw * cin))
     for r0 in range(0, ho, rows):
         chunk = win[:, r0 : r0 + rows]
         patches = np.ascontiguousarray(chunk.transpose(0, 1, 2, 4, 5, 3)).reshape(-1, kh * kw * cin)
-        y[:, r0 : r0 + rows] = matmul(patches, wmat).reshape(n, -1, wo, cout)
+        y[:, r0 : r0 + rows] = mm(patches, wmat).reshape(n, -1, wo, cout)
     return y
 
 

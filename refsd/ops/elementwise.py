@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refsd.ops._core import const, load, op, store
+from refsd.ops._core import const, exp as _exp, load, op, store
 
 
 @op
@@ -18,6 +18,13 @@ def add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def mul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a * b`` (broadcasting), one fp32 multiply rounded to fp16 in fp16 modes."""
     return store(load(a) * load(b))
+
+
+@op
+def exp(x: np.ndarray) -> np.ndarray:
+    """``exp(x)``, rounded to fp16 in fp16 modes; overflows fp16 for x > 11.09.
+    ``litert-gpu``: computed as ``exp2(r16(x * r16(log2 e)))`` like its kernel."""
+    return store(_exp(load(x)))
 
 
 @op

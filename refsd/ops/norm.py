@@ -7,13 +7,20 @@ the normalized values, gamma and beta. The sum of squares is where a large
 group overflows fp16 (64x64x10 elements of magnitude 2 already sum past 65504).
 ``eps`` is a graph constant: 1e-5 is subnormal in fp16 and flushes to zero on
 FTZ hardware, so a constant group gives rsqrt(0) = inf and 0 * inf = NaN.
+
+``litert-gpu`` (measured, bit-identical on the probes): the MEAN kernels
+keep float32 sums, so the sums of squares cannot overflow; the mean is
+truncated to fp16, the squares ``d * d`` are an fp16 tensor (MUL) that
+overflows to inf where ``|x - mean| >= 256``; the second MEAN and the eps ADD
+round once; LayerNorm is one float32 kernel.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from refsd.ops._core import const, load, op, param, prim, reduce_sum, store
+from refsd.numerics import current_precision
+from refsd.ops._core import const, kernel_out, load, op, param, prim, reduce_mean, reduce_sum, store
 from refsd.ops.transcendental import perturb
 
 
@@ -30,11 +37,17 @@ def _check_gn(x: np.ndarray, gamma, beta, num_groups: int) -> None:
 
 def _normalize(xg: np.ndarray, axes: tuple[int, ...], eps) -> np.ndarray:
     """The unfused statistics and normalization over ``axes`` of ``xg``."""
-    n = int(np.prod([xg.shape[a] for a in axes]))
-    mean = prim(reduce_sum(xg, axes, keepdims=True) / np.float32(n), "mean")
+    mean = reduce_mean(xg, axes)
     d = prim(xg - mean, "center")
-    var = prim(reduce_sum(prim(d * d, "square"), axes, keepdims=True) / np.float32(n), "variance")
-    inv = prim(perturb(np.float32(1.0) / np.sqrt(prim(var + eps, "add_eps"))), "rsqrt")
+    square = prim(d * d, "square")
+    device = current_precision().device
+    if device and device.linked_eps:  # one kernel: the float32 mean of squares plus eps, rounded once
+        n = int(np.prod([xg.shape[a] for a in axes]))
+        var_eps = prim(reduce_sum(square, axes, keepdims=True) / np.float32(n) + eps, "add_eps")
+        inv = prim(perturb(np.float32(1.0) / prim(np.sqrt(var_eps), "sqrt")), "rsqrt")
+    else:
+        var = reduce_mean(square, axes, "variance")
+        inv = prim(perturb(np.float32(1.0) / np.sqrt(prim(var + eps, "add_eps"))), "rsqrt")
     return prim(d * inv, "normalize")
 
 
@@ -97,11 +110,21 @@ def group_norm_fused(x: np.ndarray, gamma=None, beta=None, *, num_groups: int, e
 @op
 def layer_norm(x: np.ndarray, gamma=None, beta=None, *, eps: float = 1e-5) -> np.ndarray:
     """LayerNorm over the last axis: ``(x - mean) / sqrt(var + eps) * gamma + beta``.
-    Same primitives as ``group_norm``, reduced over one axis."""
+    Same primitives as ``group_norm``, reduced over one axis. Under a device
+    model with ``fused_layer_norm`` the normalization is one float32 kernel
+    (two-pass mean and variance, float32 ``eps``) whose output is stored by
+    ``kernel_out``; gamma and beta follow as fp16 primitives."""
     x = load(x)
     c = x.shape[-1]
     for name, v in (("gamma", gamma), ("beta", beta)):
         if v is not None and np.shape(v) != (c,):
             raise ValueError(f"layer_norm: {name} shape {np.shape(v)} does not match {c} features")
-    y = _normalize(x, (x.ndim - 1,), const(eps, "eps"))
+    device = current_precision().device
+    if device and device.fused_layer_norm:
+        mean = x.mean(axis=-1, keepdims=True, dtype=np.float32)
+        d = x - mean
+        var = np.mean(d * d, axis=-1, keepdims=True, dtype=np.float32)
+        y = kernel_out(d / np.sqrt(var + np.float32(eps)), "normalize")
+    else:
+        y = _normalize(x, (x.ndim - 1,), const(eps, "eps"))
     return store(_affine(y, gamma, beta))

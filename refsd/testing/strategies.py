@@ -53,7 +53,7 @@ from refsd.numerics import FP16_MAX, FP16_MIN_NORMAL
 _MIN_NORMAL = float(FP16_MIN_NORMAL)
 
 __all__ = [
-    "attention_inputs", "conv_inputs", "fp16_arrays", "fp16_values", "geglu_inputs", "gelu_inputs",
+    "attention_inputs", "conv_inputs", "embedding_inputs", "fp16_arrays", "fp16_values", "geglu_inputs", "gelu_inputs",
     "group_norm_inputs", "linear_inputs", "nhwc_shapes", "serial_conv_inputs", "winograd_inputs",
 ]
 
@@ -384,3 +384,19 @@ def geglu_inputs(max_abs: float = 4.0, *, max_len: int = 8, max_features: int = 
     ``F <= max_features``."""
     shapes = st.tuples(st.integers(1, 2), st.integers(1, max_len), st.integers(1, max_features).map(lambda f: 2 * f))
     return fp16_arrays(shapes, min_value=-max_abs, max_value=max_abs).map(lambda h: (h,))
+
+
+# ---------------------------------------------------------------- embedding
+
+
+@st.composite
+def embedding_inputs(draw, max_rows: int = 16, max_dim: int = 8, *, max_abs: float = 4.0):
+    """``(ids, table)`` for ``embedding`` / ``embedding_1d``: ``table`` of shape
+    ``(V, D)``, ``V <= max_rows``, ``D <= max_dim``, fp16 values in
+    ``[-max_abs, max_abs]``; ``ids`` int32 in ``[0, V)`` of any shape of rank 1 to
+    3 with sides <= 8 (the text encoder's is (N, L))."""
+    rows, dim = draw(st.integers(1, max_rows)), draw(st.integers(1, max_dim))
+    table = draw(fp16_arrays((rows, dim), min_value=-max_abs, max_value=max_abs))
+    shape = draw(hnp.array_shapes(min_dims=1, max_dims=3, max_side=8))
+    ids = draw(hnp.arrays(np.int32, shape, elements=st.integers(0, rows - 1)))
+    return ids, table

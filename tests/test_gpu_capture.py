@@ -1,0 +1,207 @@
+"""``refsd-validate capture --accelerator gpu``: LiteRT's GPU accelerator (WebGPU
+on the machine's Vulkan driver: Mesa's lavapipe in CI, see README) on the tiny
+SD 2.1-architecture model at 64x64, fp16 weights.
+
+Every GPU run goes through the command line in a subprocess: the exports are
+built in this process with TensorFlow, and TensorFlow and LiteRT's GPU
+accelerator do not share a process. Without a Vulkan loader or GPU adapter the
+module skips with one line saying which.
+
+Image tolerance: PSNR (data range 1, on ``clip(x / 2 + 0.5, 0, 1)``) against
+refsd's float32 pipeline on the original weights. Measured with these 2 DDIM
+steps on lavapipe: fp16 37.8 dB, fp32 64.9 dB (README, "GPU capture"). The
+bounds are not derived error budgets but sit well clear of both the measured
+figures and a broken run: fp16 > 30 dB (an all-zero or garbage image is below
+10 dB); fp32 differs from the reference only by the fp16 weight rounding and
+fp32 kernel rounding, > 45 dB.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+
+from refsd.pipeline import Pipeline, Request
+from refsd_validate.bundle import schema_path
+from refsd_validate.capture_gpu import adapter_info, fallback_ops, native_errors
+from refsd_validate.compare import psnr
+
+REQUEST = Request("a red cube", negative_prompt="blurry", seed=3, steps=2, guidance=7.5, scheduler="ddim",
+                  height=64, width=64)
+# Tensors the GPU fuses away (measured on LiteRT 2.3's WebGPU accelerator): a LayerNorm's mean reads
+# back as zeros, the PAD before the downsampler's strided conv is never written. Mapped under made-up
+# module paths in a copy of the export, they must be listed as not observable and not stored.
+FUSED = {"text_encoder": ("text_encoder.text_model.final_layer_norm.mean",
+                          "text_encoder.text_model.final_layer_norm/Mean"),
+         "unet": ("unet.down_blocks.0.downsamplers.0.pad", "unet.down_blocks.0.downsamplers.0.conv/Pad")}
+PSNR_MIN = {"fp16": 30.0, "fp32": 45.0}
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "refsd_validate", "capture", *args], capture_output=True,
+                          text=True, env=env)
+
+
+def _request_args(tflite: Path, model: Path, out: Path) -> list[str]:
+    r = REQUEST
+    return ["--tflite", str(tflite), "--model", str(model), "--out", str(out), "--prompt", r.prompt,
+            "--negative-prompt", r.negative_prompt, "--seed", str(r.seed), "--steps", str(r.steps),
+            "--guidance", str(r.guidance), "--scheduler", r.scheduler, "--quiet", "--accelerator", "gpu"]
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_sd21, tmp_path_factory):
+    """{"paper", "none"}: fp16-weight exports of the tiny SD 2.1 model at 64x64 (paper with the two fused
+    tensors mapped), built once; skips the module when this machine has no GPU adapter."""
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("ai_edge_litert")
+    if ctypes.util.find_library("vulkan") is None:
+        pytest.skip("no Vulkan loader (libvulkan1): GPU capture needs a Vulkan driver, see README 'GPU capture'")
+    from refsd.export.build import MANIFEST, export
+
+    root = tmp_path_factory.mktemp("gpu")
+    out = {}
+    for rw in ("paper", "none"):
+        export(tiny_sd21, root / rw, weights="fp16", rewrites=rw, height=64, width=64, progress=False)
+        out[rw] = root / rw
+    doc = json.loads((out["paper"] / MANIFEST).read_text())
+    for component, (path, tensor) in FUSED.items():
+        doc["components"][component]["tensors"][path] = {"tensor": tensor, "shape": []}
+    (out["paper"] / MANIFEST).write_text(json.dumps(doc))
+    probe = _cli(*_request_args(out["paper"], tiny_sd21, root / "probe"), "--steps", "1")
+    if "found no GPU adapter" in probe.stderr:
+        pytest.skip(f"no GPU adapter: {probe.stderr.strip()}")
+    assert probe.returncode == 0, probe.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_image(tiny_sd21):
+    return Pipeline(tiny_sd21)(REQUEST, progress=False).trace["vae/image"]
+
+
+def _doc(bundle: Path) -> dict:
+    return json.loads((bundle / "capture.json").read_text())
+
+
+def _unit(x) -> np.ndarray:
+    return np.clip(np.asarray(x, np.float64) / 2 + 0.5, 0, 1)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_paper_export_captures_fully_on_the_gpu(exports, tiny_sd21, reference_image, tmp_path, precision,
+                                                record_property):
+    r = _cli(*_request_args(exports["paper"], tiny_sd21, tmp_path / "b"), "--gpu-precision", precision)
+    assert r.returncode == 0, r.stderr
+    doc = _doc(tmp_path / "b")
+    jsonschema.validate(doc, json.loads(schema_path().read_text()))
+    accel = doc["runtime"]["accelerator"]
+    assert accel["name"] == "litert-gpu" and accel["backend"].startswith("webgpu/") and accel["adapter"]
+    assert accel["options"]["gpu_options"]["enforce_f32"] is (precision == "fp32")
+    assert accel["options"]["hardware_accelerators"] == "GPU|CPU"
+    assert doc["device"]["gpu"] == accel["adapter"]
+    want = {"fp16": "f16", "fp32": "f32"}[precision]
+    for c in ("text_encoder", "unet", "vae"):
+        stage = doc["stages"][c]
+        assert (stage["processor"], stage["precision"], stage["fast_math"]) == ("gpu", want, True)
+        assert stage["fully_accelerated"] is True and stage["fallback_ops"] == []
+    assert doc["stages"]["guidance_scheduler"]["processor"] == "host"
+    image = np.load(tmp_path / "b" / doc["tensors"]["vae/image"]["file"])
+    assert np.isfinite(image).all()
+    db = psnr(_unit(reference_image), _unit(image), data_range=1.0)
+    record_property(f"gpu_{precision}_psnr_db", db)
+    print(f"\nGPU {precision}: PSNR {db:.1f} dB against refsd f32")
+    assert db > PSNR_MIN[precision]
+
+
+def test_fused_away_intermediates_are_not_observable(exports, tiny_sd21, tmp_path):
+    """The fp16 capture with intermediates, on its own bundle so the test can say exactly what is expected:
+    the two fused tensors (every step for the UNet's) are listed and not stored, every module output the
+    export maps is observable and stored, and the exposure effect is recorded per component."""
+    r = _cli(*_request_args(exports["paper"], tiny_sd21, tmp_path / "b"), "--intermediates")
+    assert r.returncode == 0, r.stderr
+    doc = _doc(tmp_path / "b")
+    obs = doc["observability"]
+    fused = {f"text_encoder/{FUSED['text_encoder'][0]}"} | {
+        f"unet/step_{i}/{FUSED['unet'][0]}" for i in range(REQUEST.steps)}
+    assert set(obs["not_observable"]) == fused
+    assert not fused & set(doc["tensors"])
+    assert "unet/step_1/unet.mid_block" in doc["tensors"] and "vae/vae.decoder.up_blocks.0" in doc["tensors"]
+    assert "sentinel" in obs["method"]
+    effect = obs["exposure_effect"]
+    assert {"text_encoder", "unet", "vae"} <= set(effect)
+    # Exposing outputs may change kernel fusion, hence rounding: recorded, and bounded by fp16 noise.
+    assert all(0.0 <= effect[c] < 0.1 for c in ("text_encoder", "unet", "vae")), effect
+
+
+def test_fallback_is_refused_unless_allowed(exports, tiny_sd21, tmp_path):
+    strict = _cli(*_request_args(exports["none"], tiny_sd21, tmp_path / "strict"))
+    assert strict.returncode == 2 and len(strict.stderr.strip().splitlines()) == 1, strict.stderr
+    assert "not fully accelerated" in strict.stderr and "--allow-cpu-fallback" in strict.stderr
+    assert "text_encoder.tflite" in strict.stderr and "GATHER: Only support 1D indices" in strict.stderr
+    assert not (tmp_path / "strict").exists()
+    ok = _cli(*_request_args(exports["none"], tiny_sd21, tmp_path / "ok"), "--allow-cpu-fallback", "--steps", "1")
+    assert ok.returncode == 0, ok.stderr
+    stages = _doc(tmp_path / "ok")["stages"]
+    assert stages["text_encoder"]["fully_accelerated"] is False
+    assert "GATHER: Only support 1D indices" in stages["text_encoder"]["fallback_ops"]
+    # the rank-5 GroupNorm of the plain export (the gn4d rewrite removes it)
+    for c in ("unet", "vae"):
+        assert stages[c]["fully_accelerated"] is False
+        assert any("Tensor dimensions must be less than 5" in op for op in stages[c]["fallback_ops"])
+
+
+def test_no_adapter_is_one_line_exit_2(exports, tiny_sd21, tmp_path):
+    """A native failure LiteRT reports only on native stderr (here: Vulkan finds no driver, so Dawn finds no
+    adapter) is one line and exit 2, never a traceback or a silently CPU-only capture."""
+    env = {**os.environ, "VK_ICD_FILENAMES": str(tmp_path / "no-such-icd.json")}
+    r = _cli(*_request_args(exports["paper"], tiny_sd21, tmp_path / "b"), env=env)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()], r.stderr
+    assert "found no GPU adapter" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_bad_options_are_one_line(exports, tiny_sd21, tmp_path):
+    cases = [(["--allow-cpu-fallback", "--accelerator", "cpu"], "applies to --accelerator gpu only"),
+             (["--delegate", "/lib/libm.so.6", "--delegate-precision", "f16"], "does not combine"),
+             (["--gpu-precision", "bf16"], "--gpu-precision")]
+    for extra, message in cases:
+        r = _cli(*_request_args(exports["paper"], tiny_sd21, tmp_path / "b"), *extra)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+# ---------------------------------------------------------------- the native-log reading, on recorded lines
+
+# Recorded from LiteRT 2.3 on lavapipe (shortened), plus the WGSL error line a CUMSUM shader logged.
+LOG = """\
+INFO: Failed to load OpenCL library with dlopen: libOpenCL.so: cannot open shared object file
+WARNING: [compiler_plugin.cc:312] Failed to load plugin at: libLiteRtCompilerPlugin_IntelOpenvino.so with error: \
+ERROR: [litert/compiler/plugin/compiler_plugin.cc:259]
+I0000 00:00:1795995464.698265 6575 environment.cc:532] Selected adapter: llvmpipe (LLVM 15.0.6, 256 bits), \
+arch=software, vendor=mesa, backend=Vulkan, adapterType=CPU / Software
+ERROR: Following operations are not supported by GPU delegate:
+DEQUANTIZE: 
+GATHER: Only support 1D indices
+122 operations will run on the GPU, and the remaining 46 operations will run on the CPU.
+"""
+WGSL = "Error while parsing WGSL: :12:5 error: unresolved call target 'subgroupAdd'"
+
+
+def test_native_log_reading():
+    assert adapter_info(LOG) == {"adapter": "llvmpipe (LLVM 15.0.6, 256 bits)", "backend": "webgpu/vulkan",
+                                 "driver": "vendor=mesa, arch=software, adapterType=CPU / Software"}
+    assert adapter_info("no adapter line") is None
+    assert fallback_ops(LOG) == ["DEQUANTIZE", "GATHER: Only support 1D indices"]
+    assert native_errors(LOG) == []  # load noise and the fallback report are not errors
+    assert native_errors(LOG + WGSL + "\n") == [WGSL]
+    glog = "E0000 00:00:1795995892.055336 15366 delegate_webgpu.cc:736] Failed to get or create delegate"
+    assert native_errors(glog) == [glog]
