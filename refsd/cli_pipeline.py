@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from refsd.limits import check_request, max_image_pixels
 from refsd.monitor import EVENT_KINDS
 from refsd.numerics import DEVICE_MODELS, Precision
+from refsd.safe_io import check_output_file, load_npy
 
 FAIL_ON = ("severe",) + EVENT_KINDS
 
@@ -49,6 +51,7 @@ def _run(args: argparse.Namespace, monitor):
 
     if args.block < 1:
         raise ValueError(f"--block must be >= 1, got {args.block}")
+    check_request_args(args)
     req = Request(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance, args.scheduler,
                   args.height, args.width)
     latents = None
@@ -61,18 +64,21 @@ def _run(args: argparse.Namespace, monitor):
     return req, result, time.perf_counter() - t0
 
 
+def check_request_args(args: argparse.Namespace) -> None:
+    """The request options' ranges (``refsd.limits``), named as options."""
+    check_request(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance,
+                  getattr(args, "height", 1), getattr(args, "width", 1), options=True)
+
+
 def _load_npy(path: str) -> np.ndarray:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(2, "no such file", str(p))
-    try:
-        arr = np.load(p, allow_pickle=False)
-    except ValueError as e:
-        raise ValueError(f"{p}: not a plain .npy array ({e})") from None
-    if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
-        raise ValueError(f"{p}: expected a floating-point .npy array")
+    # 32 bytes per image pixel: float64 latents of up to 4 channels at the full image size, far above
+    # what any VAE scale needs, and still bounded by this machine's memory.
+    label = f"--latents {path}"
+    arr = load_npy(path, max_bytes=max_image_pixels() * 32, what=label)
+    if arr.dtype.kind != "f":
+        raise ValueError(f"{label}: expected a floating-point .npy array")
     if not np.isfinite(arr).all():
-        raise ValueError(f"{p}: latents contain inf or NaN")
+        raise ValueError(f"{label}: latents contain inf or NaN")
     return arr.astype(np.float32)
 
 
@@ -90,8 +96,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from refsd.png import write_png  # noqa: PLC0415
 
     out = Path(args.out)
-    if not out.parent.is_dir():
-        raise FileNotFoundError(2, "output folder does not exist", str(out.parent))
+    check_output_file(out, "--out")
+    if args.trace:
+        check_output_file(args.trace, "--trace")
     req, result, seconds = _run(args, None)
     write_png(out, result.image)
     if args.trace:
@@ -124,6 +131,8 @@ def _cmd_fp16_check(args: argparse.Namespace) -> int:
         raise ValueError(f"--fail-on: unknown event kind(s) {', '.join(unknown)}; expected {', '.join(FAIL_ON)}")
     if args.top < 0:
         raise ValueError(f"--top must be >= 0, got {args.top}")
+    if args.json:
+        check_output_file(args.json, "--json")
     json_out = open(args.json, "w", encoding="utf-8") if args.json else None  # fail early on a bad path
     try:
         req, result, seconds = _run(args, Monitor())

@@ -29,7 +29,9 @@ from typing import Callable, Mapping
 import numpy as np
 
 from refsd import trace as trace_names
+from refsd.limits import check_request
 from refsd.models.module import ModelOptions
+from refsd.models.vae import VaeConfig
 from refsd.monitor import Monitor, Report, location, monitoring
 from refsd.numerics import Precision, round_f16
 from refsd.schedulers import DDIMScheduler, make_scheduler
@@ -51,12 +53,8 @@ class Request:
     width: int = 512
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.height < 1 or self.width < 1:
-            raise ValueError(f"height and width must be positive, got {self.height}x{self.width}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        check_request(self.prompt, self.negative_prompt, self.seed, self.steps, self.guidance, self.height,
+                      self.width)
 
 
 @dataclass
@@ -117,8 +115,9 @@ class Pipeline:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise FileNotFoundError(2, "no such model folder", str(self.model_dir))
-        if not (self.model_dir / "model_index.json").is_file():
+        if not (self.model_dir / "model_index.json").exists():
             raise ValueError(f"{self.model_dir}: not a diffusers folder (no model_index.json)")
+        read_config(self.model_dir / "model_index.json")  # read as load_pipeline reads it: part of model_sha256
         if options is None:
             p = precision if isinstance(precision, Precision) else Precision(precision, ftz, block)
             base = ModelOptions.make(precision=p, rewrites=rewrites, weights_f16=low_memory and p.storage16)
@@ -131,9 +130,9 @@ class Pipeline:
         self.low_memory = low_memory
         self.tokenizer = load_tokenizer(self.model_dir / "tokenizer")
         self.scheduler_config = load_scheduler_config(self.model_dir / "scheduler")
-        vae_config = read_config(self.model_dir / "vae" / "config.json")
+        vae_config = self.model_dir / "vae" / "config.json"
         # As diffusers: each VAE up block but the last doubles the size (8 for SD).
-        self.vae_scale_factor = 2 ** (len(vae_config.get("block_out_channels", (0, 0, 0, 0))) - 1)
+        self.vae_scale_factor = VaeConfig.from_dict(read_config(vae_config), source=str(vae_config)).downscale
         self.components: dict | None = None
         if not low_memory:
             self.components = {m: self._load(m) for m in MODELS}

@@ -43,12 +43,13 @@ Precision notes (what "reproduces diffusers" means here, measured in
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Callable, Any, Mapping
 
 import numpy as np
+
+from refsd.safe_io import read_json
 
 __all__ = [
     "SCHEDULERS",
@@ -165,10 +166,12 @@ def _is_number(v) -> bool:
 class _Param:
     """One config key: its default (the diffusers class's default) and what is supported."""
 
-    def __init__(self, default, *, choices=None, kind=None, only=_MISSING, allow_none=False):
+    def __init__(self, default, *, choices=None, kind=None, only=_MISSING, allow_none=False, hi=None):
         self.default = default
+        self.hi = hi  # upper bound of an int kind
         self.choices = choices  # tuple of accepted values
-        self.kind = kind  # 'bool' | 'int' | 'pos_int' | 'number' | 'number_or_-inf' | 'betas' | None
+        # 'bool' | 'int' | 'pos_int' | 'number' | 'positive' | 'beta' (in (0, 1)) | 'number_or_-inf' | 'betas' | None
+        self.kind = kind
         self.only = only  # the single supported value (others are recognised but unsupported)
         self.allow_none = allow_none
 
@@ -205,12 +208,17 @@ class _Param:
                 raise bad("expected an integer")
             return int(value)
         if self.kind == "pos_int":
-            if not _is_int(value) or value < 1:
-                raise bad("expected a positive integer")
+            if not _is_int(value) or not 1 <= value <= (self.hi or value):
+                raise bad("expected a positive integer" + (f" <= {self.hi}" if self.hi else ""))
             return int(value)
         if self.kind == "number":
             if not _is_number(value) or not math.isfinite(float(value)):
                 raise bad("expected a finite number")
+            return float(value)
+        if self.kind in ("positive", "beta"):  # a negative beta makes sqrt(beta) complex; beta >= 1 kills alpha
+            hi = 1.0 if self.kind == "beta" else math.inf
+            if not _is_number(value) or not 0 < float(value) < hi:
+                raise bad("expected a number in (0, 1)" if self.kind == "beta" else "expected a finite number > 0")
             return float(value)
         if self.kind == "number_or_-inf":
             if not _is_number(value) or math.isnan(float(value)) or float(value) == math.inf:
@@ -221,16 +229,17 @@ class _Param:
                 arr = np.asarray(value, dtype=np.float64)
             except (TypeError, ValueError):
                 raise bad("expected a list of numbers") from None
-            if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr)):
-                raise bad("expected a non-empty list of finite numbers")
+            if arr.ndim != 1 or arr.size == 0 or not np.all((arr > 0) & (arr < 1)):
+                raise bad("expected a non-empty list of numbers in (0, 1)")
             return arr.astype(_F32)
         return value
 
 
 _COMMON: dict[str, _Param] = {
-    "num_train_timesteps": _Param(1000, kind="pos_int"),
-    "beta_start": _Param(0.0001, kind="number"),
-    "beta_end": _Param(0.02, kind="number"),
+    # SD trains on 1000; the bound keeps a hostile config from allocating a schedule of 10^12 betas
+    "num_train_timesteps": _Param(1000, kind="pos_int", hi=100_000),
+    "beta_start": _Param(0.0001, kind="beta"),
+    "beta_end": _Param(0.02, kind="beta"),
     "beta_schedule": _Param("linear", choices=_BETA_SCHEDULES),
     "trained_betas": _Param(None, kind="betas", allow_none=True),
     "prediction_type": _Param("epsilon", choices=_PREDICTION_TYPES),
@@ -345,7 +354,7 @@ class DDIMScheduler(NoiseSchedule):
     PARAMS = {
         "timestep_spacing": _Param("leading", choices=_SPACINGS),
         "clip_sample": _Param(True, kind="bool"),
-        "clip_sample_range": _Param(1.0, kind="number"),
+        "clip_sample_range": _Param(1.0, kind="positive"),
         "set_alpha_to_one": _Param(True, kind="bool"),
         "thresholding": _Param(False, only=False),
     }
@@ -439,8 +448,8 @@ class EulerDiscreteScheduler(NoiseSchedule):
         "use_karras_sigmas": _Param(False, kind="bool", allow_none=True),
         "use_exponential_sigmas": _Param(False, only=False),
         "use_beta_sigmas": _Param(False, only=False),
-        "sigma_min": _Param(None, kind="number", allow_none=True),  # used only with Karras sigmas
-        "sigma_max": _Param(None, kind="number", allow_none=True),
+        "sigma_min": _Param(None, kind="positive", allow_none=True),  # used only with Karras sigmas
+        "sigma_max": _Param(None, kind="positive", allow_none=True),
     }
 
     def __init__(self, config: Mapping[str, Any] | None = None, **overrides):
@@ -686,6 +695,8 @@ def default_scheduler_name(config: Mapping[str, Any]) -> str:
     suggesting to pick one of ours explicitly.
     """
     cls = config.get("_class_name")
+    if cls is not None and not isinstance(cls, str):
+        raise ValueError(f"scheduler config _class_name must be a string, got {cls!r}")
     if cls is None:
         raise ValueError(
             f"scheduler config has no _class_name, so there is no default scheduler: choose one of {_valid_names()}"
@@ -708,7 +719,7 @@ def make_scheduler(name: str | None, config: Mapping[str, Any] | None = None) ->
     """
     config = {} if config is None else config
     if not isinstance(config, Mapping):
-        raise TypeError(f"scheduler config must be a dict, got {type(config).__name__}")
+        raise ValueError(f"scheduler config must be a JSON object, got {type(config).__name__}")
     if name is None:
         name = default_scheduler_name(config)
     key = name.lower() if isinstance(name, str) else name
@@ -734,14 +745,7 @@ def load_scheduler_config(path: str | Path) -> dict:
         p = found[0]
     elif not p.is_file():
         raise FileNotFoundError(f"scheduler config not found: {p}")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{p} is not UTF-8 text: {e}") from None
-    try:
-        cfg = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    cfg = read_json(p)  # refsd.safe_io: UTF-8, strict JSON, one line naming the file
     if not isinstance(cfg, dict):
         raise ValueError(f"{p} must hold a JSON object, got {type(cfg).__name__}")
     return cfg

@@ -32,6 +32,7 @@ from refsd.models.clip_text import ClipTextConfig, ClipTextModel
 from refsd.models.module import ModelOptions, WeightsError, read_config
 from refsd.models.unet import UNet2DConditionModel, UNetConfig
 from refsd.models.vae import AutoencoderKL, VaeConfig
+from refsd.safe_io import check_regular, check_schema, open_regular, parse_json, read_text
 
 __all__ = [
     "Components", "WeightsError", "find_weights", "load_component_state", "load_pipeline", "load_scheduler_config",
@@ -45,7 +46,15 @@ _DTYPES = {
 }
 _NAMES = {np.dtype(v).str: k for k, v in _DTYPES.items() if k != "BF16"}
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-_MAX_HEADER = 100 * 1024 * 1024
+# What transformers' CLIPTokenizer reads from tokenizer/ (those present).
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                   "merges.txt", "tokenizer.json")
+# A shard index: every tensor mapped to a plain file name of the component folder (never a path out of it).
+_INDEX_SCHEMA = {
+    "type": "object", "required": ["weight_map"],
+    "properties": {"weight_map": {"type": "object", "minProperties": 1,
+                                  "additionalProperties": {"type": "string",
+                                                           "pattern": "^[^/\\\\]+\\.safetensors$"}}}}
 
 
 # ---------------------------------------------------------------- safetensors
@@ -54,23 +63,25 @@ _MAX_HEADER = 100 * 1024 * 1024
 def read_safetensors(path: str | os.PathLike, *, metadata: bool = False):
     """{name: array} memory-mapped read-only from a ``.safetensors`` file
     (bfloat16 is widened to float32, the only copy made). With
-    ``metadata=True`` returns ``(tensors, metadata_dict)``."""
+    ``metadata=True`` returns ``(tensors, metadata_dict)``.
+
+    The header is first checked by the ``safetensors`` library's own parser,
+    stricter than a hand check: integer offsets and shapes, string dtypes,
+    tensors contiguous and non-overlapping from offset 0, exactly covering
+    the data (no byte shared by two tensors, none unaccounted for)."""
     path = Path(path)
     _refuse_pickle(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise WeightsError(f"{path}: not a safetensors file (shorter than 8 bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(_MAX_HEADER, size - 8):
-            raise WeightsError(f"{path}: not a safetensors file (header length {n} exceeds the file)")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise WeightsError(f"{path}: corrupt safetensors header (not a JSON object)")
+    size = check_regular(path, error=WeightsError)
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415
+
+    try:
+        with safe_open(path, framework="numpy"):
+            pass
+    except SafetensorError as e:
+        raise WeightsError(f"{path}: corrupt safetensors file ({' '.join(str(e).split())[:300]})") from None
+    with open_regular(path, error=WeightsError) as f:
+        (n,) = struct.unpack("<Q", f.read(8))  # the library checked: 8 + n <= size, n within its limit
+        header = parse_json(f.read(n), f"{path} (safetensors header)", WeightsError)
     meta = header.pop("__metadata__", None) or {}
     start = 8 + n
     data_len = size - start
@@ -78,18 +89,10 @@ def read_safetensors(path: str | os.PathLike, *, metadata: bool = False):
         np.zeros(0, np.uint8)
     out = {}
     for name, info in header.items():
-        try:
-            dtype_name, shape, (a, b) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise WeightsError(f"{path}: corrupt header entry for {name!r}: {info!r}") from None
+        dtype_name, shape, (a, b) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         if dtype_name not in _DTYPES:
             raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}")
-        dt = _DTYPES[dtype_name]
-        count = int(np.prod(shape, dtype=np.int64))
-        if not (0 <= a <= b <= data_len) or b - a != count * dt.itemsize:
-            raise WeightsError(f"{path}: tensor {name!r} offsets {a}..{b} do not fit shape {shape} {dtype_name} "
-                               f"in {data_len} data bytes (truncated or corrupt file)")
-        arr = buf[a:b].view(dt).reshape(shape)
+        arr = buf[a:b].view(_DTYPES[dtype_name]).reshape(shape)
         if dtype_name == "BF16":
             arr = (arr.astype(np.uint32) << np.uint32(16)).view(np.float32)
         out[name] = arr
@@ -155,9 +158,11 @@ def _pickle_message(found: list[Path]) -> str:
 
 
 def find_weights(component_dir: str | os.PathLike, *, variant: str | None = None) -> list[Path]:
-    """The safetensors file(s) of one component folder: ``<name>.safetensors``
-    (``<name>.<variant>.safetensors`` with a variant, e.g. ``fp16``), the shards
-    of a ``.safetensors.index.json``, or the only ``*.safetensors`` there.
+    """The files the weights of one component folder are read from:
+    ``<name>.safetensors`` (``<name>.<variant>.safetensors`` with a variant,
+    e.g. ``fp16``), or a ``.safetensors.index.json`` followed by the shards it
+    names (plain file names in the folder, never a path out of it), or the only
+    ``*.safetensors`` there.
     A folder holding only pickles is refused with how to convert."""
     d = Path(component_dir)
     if d.is_file():
@@ -171,12 +176,11 @@ def find_weights(component_dir: str | os.PathLike, *, variant: str | None = None
     suffix = f".{variant}.safetensors" if variant else ".safetensors"
     for stem in stems:
         single = d / f"{stem}{suffix}"
-        if single.is_file():
+        if single.exists():
             return [single]
         index = d / f"{stem}{suffix}.index.json"
-        if index.is_file():
-            weight_map = read_config(index).get("weight_map", {})
-            return [d / f for f in sorted(set(weight_map.values()))]
+        if index.exists():
+            return [index, *sorted({d / f for f in shard_map(index).values()})]
     candidates = sorted(p for p in d.glob("*.safetensors"))
     if variant is None:
         candidates = [p for p in candidates if p.name.count(".") == 1] or candidates
@@ -193,21 +197,49 @@ def find_weights(component_dir: str | os.PathLike, *, variant: str | None = None
 
 def load_component_state(component_dir: str | os.PathLike, *, variant: str | None = None) -> dict[str, np.ndarray]:
     """All tensors of a component folder, memory-mapped; duplicate keys across shards are an error."""
+    files = find_weights(component_dir, variant=variant)
+    index = shard_map(files.pop(0)) if files[0].name.endswith(".index.json") else None
     state: dict[str, np.ndarray] = {}
-    for f in find_weights(component_dir, variant=variant):
+    for f in files:
         part = read_safetensors(f)
         dup = sorted(set(part) & set(state))
         if dup:
             raise WeightsError(f"{f}: keys already loaded from another shard: {', '.join(dup[:10])}")
+        if index is not None:
+            stray = sorted(k for k in part if index.get(k) != f.name)
+            if stray:
+                raise WeightsError(f"{f}: holds tensors its index does not map to it: {', '.join(stray[:10])}")
         state.update(part)
+    if index is not None and set(index) - set(state):
+        absent = sorted(set(index) - set(state))
+        raise WeightsError(f"{files[0].parent}: tensors the index maps to a shard are in none: "
+                           f"{', '.join(absent[:10])}")
     return state
+
+
+def shard_map(index: Path) -> dict[str, str]:
+    """tensor name -> shard file name of a ``*.safetensors.index.json`` (checked: plain file names only)."""
+    doc = read_config(index)
+    check_schema(doc, _INDEX_SCHEMA, str(index), WeightsError)
+    return doc["weight_map"]
 
 
 def _config(component_dir: Path, name: str = "config.json") -> dict:
     path = component_dir / name
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise WeightsError(f"{component_dir}: missing {name}")
     return read_config(path)
+
+
+def _build(model_cls, config_cls, d: Path, options: ModelOptions):
+    """A model from ``d/config.json``; a config that types check but cannot build a model (groups that do
+    not divide the channels, heads that do not divide the width) is named as that file's fault."""
+    source = str(d / "config.json")
+    config = config_cls.from_dict(_config(d), source=source)
+    try:
+        return model_cls(config, options=options)
+    except ValueError as e:
+        raise WeightsError(f"{source}: {' '.join(str(e).split())}") from None
 
 
 def _options(options: ModelOptions | None, kw: dict) -> ModelOptions:
@@ -223,8 +255,7 @@ def load_text_encoder(path: str | os.PathLike, *, options: ModelOptions | None =
     """``text_encoder/`` (or a folder containing it) -> ``ClipTextModel``.
     ``option_kw``: ``precision``, ``rewrites``, ``ops``, ``gelu_approximate``, rewrite parameters."""
     d = _component(path, "text_encoder")
-    model = ClipTextModel(ClipTextConfig.from_dict(_config(d), source=str(d / "config.json")),
-                          options=_options(options, option_kw))
+    model = _build(ClipTextModel, ClipTextConfig, d, _options(options, option_kw))
     model.load_state_dict(load_component_state(d, variant=variant), source=str(d))
     return model
 
@@ -232,8 +263,7 @@ def load_text_encoder(path: str | os.PathLike, *, options: ModelOptions | None =
 def load_unet(path: str | os.PathLike, *, options: ModelOptions | None = None, variant: str | None = None,
               **option_kw) -> UNet2DConditionModel:
     d = _component(path, "unet")
-    model = UNet2DConditionModel(UNetConfig.from_dict(_config(d), source=str(d / "config.json")),
-                                 options=_options(options, option_kw))
+    model = _build(UNet2DConditionModel, UNetConfig, d, _options(options, option_kw))
     model.load_state_dict(load_component_state(d, variant=variant), source=str(d))
     return model
 
@@ -241,22 +271,46 @@ def load_unet(path: str | os.PathLike, *, options: ModelOptions | None = None, v
 def load_vae(path: str | os.PathLike, *, options: ModelOptions | None = None, variant: str | None = None,
              **option_kw) -> AutoencoderKL:
     d = _component(path, "vae")
-    model = AutoencoderKL(VaeConfig.from_dict(_config(d), source=str(d / "config.json")),
-                          options=_options(options, option_kw))
+    model = _build(AutoencoderKL, VaeConfig, d, _options(options, option_kw))
     model.load_state_dict(load_component_state(d, variant=variant), source=str(d))
     return model
+
+
+def tokenizer_files(path: str | os.PathLike) -> list[Path]:
+    """The files of ``tokenizer/`` that transformers' ``CLIPTokenizer`` reads, those present."""
+    d = _component(path, "tokenizer")
+    return [d / name for name in TOKENIZER_FILES if os.path.lexists(d / name)]
 
 
 def load_tokenizer(path: str | os.PathLike):
     """``tokenizer/`` -> transformers ``CLIPTokenizer`` from the folder's own
     vocab.json / merges.txt (or tokenizer.json, as transformers 5 saves it);
-    never the hub."""
+    never the hub. Every file is checked before transformers sees it (a
+    regular file, UTF-8, a JSON object where JSON is expected, vocabulary ids
+    non-negative integers); ``tokenizer_config.json`` is required: without it
+    transformers silently falls back to its own special tokens (SD 2.1 pads
+    with ``!``, the default would pad with ``<|endoftext|>``: other ids, another image)."""
     d = _component(path, "tokenizer")
-    if not ((d / "vocab.json").is_file() and (d / "merges.txt").is_file()) and not (d / "tokenizer.json").is_file():
+    present = {p.name for p in tokenizer_files(d)}
+    if "tokenizer_config.json" not in present:
+        raise WeightsError(f"{d / 'tokenizer_config.json'}: missing; refused rather than tokenizing with "
+                           "transformers' default special tokens")
+    if not {"vocab.json", "merges.txt"} <= present and "tokenizer.json" not in present:
         raise WeightsError(f"{d}: no tokenizer files (expected vocab.json and merges.txt, or tokenizer.json)")
+    for name in present - {"merges.txt"}:
+        doc = read_config(d / name)
+        if name == "vocab.json" and not all(type(v) is int and v >= 0 for v in doc.values()):
+            raise WeightsError(f"{d / name}: every token id must be a non-negative integer")
+    if "merges.txt" in present:
+        read_text(d / "merges.txt", error=WeightsError)
     from transformers import CLIPTokenizer  # noqa: PLC0415 (only the tokenizer needs transformers)
 
-    return CLIPTokenizer.from_pretrained(str(d), local_files_only=True)
+    try:
+        return CLIPTokenizer.from_pretrained(str(d), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers raises bare Exception for files it cannot parse
+        msg = " ".join(str(e).split())[:200]
+        raise WeightsError(f"{d}: transformers cannot build a CLIPTokenizer from these files "
+                           f"({type(e).__name__}: {msg})") from None
 
 
 def load_scheduler_config(path: str | os.PathLike) -> dict:
@@ -298,7 +352,7 @@ def load_pipeline(path: str | os.PathLike, *, options: ModelOptions | None = Non
     if p.is_file():
         _refuse_pickle(p)
     index_path = p / "model_index.json"
-    if not index_path.is_file():
+    if not os.path.lexists(index_path):
         pickles = sorted(p.glob("*.ckpt")) + sorted(p.glob("*.bin")) if p.is_dir() else []
         if pickles:
             raise WeightsError(_pickle_message(pickles))

@@ -283,7 +283,8 @@ def test_load_npy_never_unpickles(files, monkeypatch):
     [
         (["--atol", "abc"], "invalid float value"),
         (["--check-mode", "p99"], "invalid choice"),
-        (["--atol", "-1"], "atol must be >= 0"),
+        (["--atol", "-1"], "--atol must be a finite number >= 0"),
+        (["--rtol", "inf"], "--rtol must be a finite number >= 0"),
         (["--quantile", "2"], "quantile must be in [0, 1]"),
         (["--bogus"], "unrecognized arguments"),
     ],

@@ -271,7 +271,7 @@ def test_default_scheduler_from_class_name():
 def test_unknown_name_lists_valid_names():
     with pytest.raises(ValueError, match=r"unknown scheduler 'pndm'.*'ddim', 'euler', 'dpm\+\+2m'"):
         make_scheduler("pndm", SD15)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="must be a JSON object"):
         make_scheduler("ddim", [("beta_schedule", "linear")])
 
 

@@ -34,6 +34,8 @@ from typing import Mapping
 
 import numpy as np
 
+from refsd.safe_io import check_schema
+from refsd.safe_io import sha256_file  # noqa: F401 (re-exported: hashes of files named in a bundle)
 from refsd.trace import MODELS
 
 SCHEMA = "refsd-capture"
@@ -47,39 +49,11 @@ def schema_path(version: int = SCHEMA_VERSION) -> Path:
 
 TENSOR_DTYPES = ("float32", "float16", "int32", "int64")
 
-# Files of a diffusers folder that define the model (weights, configs, tokenizer);
-# anything else in the folder (README, images, .git) does not change the hash.
-_MODEL_SUFFIXES = (".json", ".safetensors", ".txt")
 
 
 def tensor_file(name: str) -> str:
     """The bundle-relative file of tensor ``name``."""
     return f"tensors/{name}.npy"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def model_sha256(model_dir: str | os.PathLike) -> str:
-    """A diffusers folder's identity: sha256 over the sorted (relative path,
-    sha256 of contents) of its config, weight and tokenizer files. Stable under
-    copying and re-rooting; any changed byte of a weight changes it."""
-    root = Path(model_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(2, "no such model folder", str(root))
-    h = hashlib.sha256()
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _MODEL_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    if not files:
-        raise ValueError(f"{root}: no model files (.json, .safetensors, .txt) to hash")
-    for p in files:
-        h.update(p.relative_to(root).as_posix().encode() + b"\0" + sha256_file(p).encode() + b"\n")
-    return h.hexdigest()
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -123,21 +97,15 @@ def _to_nhwc(name: str, arr: np.ndarray, layout: str) -> np.ndarray:
 def check_document(doc: Mapping) -> None:
     """Raise ``ValueError`` (one line, naming the JSON path) unless ``doc`` is a
     capture.json of a version this validator reads, valid against its schema."""
-    import jsonschema  # noqa: PLC0415 (only readers and writers need it)
-
     if not isinstance(doc, Mapping):
         raise ValueError("capture.json: not a JSON object")
     if doc.get("schema") != SCHEMA:
         raise ValueError(f"capture.json: schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
     version = doc.get("schema_version")
-    if version not in SCHEMA_VERSIONS or isinstance(version, bool):
+    if type(version) is not int or version not in SCHEMA_VERSIONS:  # not 2.0, not True
         raise ValueError(f"capture.json: unsupported schema_version {version!r} (this validator reads versions "
                          f"{', '.join(map(str, SCHEMA_VERSIONS))})")
-    validator = jsonschema.Draft202012Validator(_schema(version))
-    error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
-        raise ValueError(f"capture.json: schema violation at {where}: {' '.join(error.message.split())[:300]}")
+    check_schema(doc, _schema(version), "capture.json")  # refsd.safe_io: integers strictly integers
 
 
 @functools.cache
@@ -209,6 +177,7 @@ def write_bundle(out: str | os.PathLike, capture: Mapping, tensors: Mapping[str,
 
 
 def _check_against_model(doc: Mapping, arrays: Mapping[str, np.ndarray], model_dir) -> None:
+    from refsd.model_identity import model_sha256  # noqa: PLC0415
     from refsd.names import is_recorded, module_paths  # noqa: PLC0415
     from refsd_validate.reader import ModelGeometry, required_tensors  # noqa: PLC0415
 
@@ -232,3 +201,13 @@ def _check_against_model(doc: Mapping, arrays: Mapping[str, np.ndarray], model_d
     if unknown:
         raise ValueError(f"tensors the reference does not record ({len(unknown)}): {', '.join(unknown[:5])} "
                          "(see 'refsd-validate names --model DIR')")
+
+
+def __getattr__(name: str):
+    # ``model_sha256`` moved next to the loader whose reads it covers (refsd.model_identity); re-exported
+    # lazily so that writing a bundle on a device host still imports NumPy and the standard library only.
+    if name == "model_sha256":
+        from refsd.model_identity import model_sha256  # noqa: PLC0415
+
+        return model_sha256
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

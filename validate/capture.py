@@ -329,8 +329,10 @@ def add_capture_parser(sub) -> None:
 
 def _cmd_capture(args: argparse.Namespace) -> int:
     from refsd.export.build import read_manifest  # noqa: PLC0415
+    from refsd.cli_pipeline import check_request_args  # noqa: PLC0415
     from refsd.pipeline import Request  # noqa: PLC0415
 
+    check_request_args(args)
     manifest = read_manifest(args.tflite)
     req = Request(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance, args.scheduler,
                   manifest["height"], manifest["width"])

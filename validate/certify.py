@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -158,7 +159,7 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
     if not (isinstance(k, (int, float)) and 0 < k <= MAX_K):
         raise BundleError(f"k must be in (0, {MAX_K:g}], got {k!r}")
     model_dir = Path(model_dir)
-    if not (model_dir / "model_index.json").is_file():
+    if not os.path.lexists(model_dir / "model_index.json"):  # a FIFO or directory there is refused when read
         raise BundleError(f"{model_dir}: not a diffusers model folder (no model_index.json)")
     geometry = ModelGeometry.from_dir(model_dir)
     bundle = read_bundle(bundle_path, geometry)

@@ -35,6 +35,7 @@ import numpy as np
 
 import refsd
 from refsd import trace as names
+from refsd.blas import blas_fingerprint
 from refsd.models.module import ModelOptions
 from refsd.models.rewrites import EXCLUSIVE, Rewrites
 from refsd.monitor import Monitor, recording
@@ -268,6 +269,7 @@ def first_severe_event(trace: Mapping[str, np.ndarray]) -> dict | None:
 
 def _cache_key(model_sha, deployment, variant, request, ids, x0, teacher, intermediates) -> str:
     h = hashlib.sha256()
+    h.update(json.dumps(blas_fingerprint(), sort_keys=True).encode())  # results depend on BLAS threads (refsd.blas)
     fields = {k: request[k] for k in ("steps", "scheduler", "guidance", "height", "width")}
     h.update(json.dumps({"code": code_fingerprint(), "model": model_sha, "deployment": dataclasses.asdict(deployment),
                          "int8_source": _source_digest(deployment.int8_source),

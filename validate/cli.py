@@ -16,18 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
 import numpy as np
 
+from refsd.safe_io import load_npy as safe_load_npy
 from refsd_validate.compare import CHECK_MODES, DEFAULT_ATOL, DEFAULT_QUANTILE, DEFAULT_RTOL, compare
+from refsd_validate.reader import MAX_TENSOR_BYTES  # the same bound as a capture bundle's tensors
 
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 PROG = "refsd-validate"
-_NPY_MAGIC = b"\x93NUMPY"
-_ZIP_MAGIC = b"PK\x03\x04"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,31 +37,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def load_npy(path: str | Path) -> np.ndarray:
-    """Load one array from an .npy file, refusing anything that is not one.
+    """Load one array from an .npy file, refusing anything that is not one
+    (``refsd.safe_io.load_npy``: header and size checked before any allocation).
 
-    Raises ``FileNotFoundError`` or ``ValueError`` with a one-line message."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file")
-    if p.is_dir():
-        raise ValueError(f"{p}: is a directory, expected an .npy file")
-    with open(p, "rb") as f:
-        magic = f.read(len(_NPY_MAGIC))
-    if magic.startswith(_ZIP_MAGIC):
-        raise ValueError(f"{p}: is a zip archive (.npz?), expected a single-array .npy file")
-    if magic[:1] == b"\x80":
-        raise ValueError(f"{p}: is a Python pickle; refused (pickled data is never loaded)")
-    if magic != _NPY_MAGIC:
-        raise ValueError(f"{p}: not an .npy file (no NumPy magic header)")
-    try:
-        arr = np.load(p, allow_pickle=False)
-    except ValueError as e:
-        if "allow_pickle" in str(e) or "Object arrays" in str(e):
-            raise ValueError(f"{p}: holds a pickled object array; refused (pickled data is never loaded)") from None
-        raise ValueError(f"{p}: not a valid .npy file ({' '.join(str(e).split())})") from None
-    except EOFError:
-        raise ValueError(f"{p}: truncated .npy file") from None
-    return arr
+    Raises ``ValueError`` with a one-line message naming the file."""
+    return safe_load_npy(path, max_bytes=MAX_TENSOR_BYTES)
 
 
 def _add_compare(sub) -> None:
@@ -85,6 +66,10 @@ def _add_compare(sub) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    for opt in ("atol", "rtol"):  # the library takes inf (Polygraphy's "ignore"); from a command line it is absurd
+        value = getattr(args, opt)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"--{opt} must be a finite number >= 0, got {value!r}")
     ref, test = load_npy(args.ref), load_npy(args.test)
     result = compare(ref, test, atol=args.atol, rtol=args.rtol, check_mode=args.check_mode,
                      quantile=args.quantile, name=Path(args.test).name)

@@ -3,16 +3,23 @@
 A bundle (a directory, or a ``.zip`` of one, with or without a single top
 folder) comes from a device we do not control, so nothing in it is trusted:
 
-* ``capture.json`` is at most 4 MiB, must be UTF-8 JSON (no NaN literals), of
-  schema ``refsd-capture`` version 2 or 1, and valid against that version's
-  ``schema/capture-{version}.schema.json`` (``Bundle.stages`` reads both
-  versions' declaration of where each stage ran);
+* ``capture.json`` is at most 4 MiB of strict UTF-8 JSON
+  (``refsd.safe_io.parse_json``: no NaN / inf / ``1e400``, no duplicate keys,
+  no lone surrogates, nesting bounded), of schema ``refsd-capture`` version 2
+  or 1, valid against that version's ``schema/capture-{version}.schema.json``
+  (integers strictly integers: ``2.0`` is not a shape; ``Bundle.stages`` reads
+  both versions' declaration of where each stage ran), its request within
+  ``refsd.limits``' ranges;
 * a tensor's file is named ``tensors/...npy`` with no ``.``/``..`` parts; in a
   directory it must resolve inside the bundle (a symlink out is refused), in a
   zip it must be a regular member (no symlink, no duplicate, not encrypted);
 * sizes are checked *before* reading: the declared shape and dtype fix the
   data size, so a file (or a zip member's declared and actual size) larger
   than that plus a 16 KiB header allowance is refused unread: no zip bomb;
+  a zip member is inflated in pieces under that byte budget whatever its
+  headers claim (stored, deflate and bzip2; methods that cannot be bounded
+  are refused), then its size and CRC-32 are checked; a zip of more than
+  ``MAX_ZIP_MEMBERS`` members is refused from its end record;
 * the .npy header is parsed first (pickles and object arrays refused: only
   ``np.load(..., allow_pickle=False)`` ever runs), then dtype, shape, the
   exact data length (a truncated file is named as such) and the sha256 in
@@ -22,24 +29,31 @@ folder) comes from a device we do not control, so nothing in it is trusted:
   initial latents finite; every missing boundary tensor is listed.
 
 Every fault raises :class:`BundleError` (a ``ValueError``) whose message is
-one line; the CLI prints it and exits 2. NumPy, jsonschema and the standard
-library only (no refsd import: the validator must not trust the reference).
+one line; the CLI prints it and exits 2. NumPy, jsonschema, the standard
+library, and refsd's input checks only (``refsd.safe_io``, ``refsd.limits``,
+shared with the model loader); no refsd numerics: the validator must not
+trust the reference.
 """
 
 from __future__ import annotations
 
+import bz2
+import collections
 import hashlib
 import io
-import json
 import math
 import re
 import stat
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from refsd.limits import check_request
+from refsd.safe_io import npy_header, open_regular, parse_json, read_json
 from refsd_validate.bundle import check_document, declared_stages
 
 MAX_CAPTURE_JSON = 4 << 20
@@ -51,7 +65,6 @@ INTS = ("int32", "int64")
 STAGES = ("text_encoder", "unet", "vae")
 _STEP = re.compile(r"^(unet/step_(\d+)/noise_pred|scheduler/step_(\d+)/latents)$")
 _INTERMEDIATE = re.compile(r"^(text_encoder|unet|vae)/(?:step_(\d+)/)?([A-Za-z0-9_.]+(?:#\d+)?)$")
-_NPY_MAGIC = b"\x93NUMPY"
 
 
 class BundleError(ValueError):
@@ -74,22 +87,24 @@ class ModelGeometry:
         root = Path(model_dir)
 
         def cfg(rel: str) -> dict:
-            p = root / rel
-            try:
-                doc = json.loads(p.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise BundleError(f"{p}: missing (is --model a diffusers folder?)") from None
-            except (OSError, ValueError) as e:
-                raise BundleError(f"{p}: unreadable config ({_one_line(e)})") from None
+            doc = read_json(root / rel, error=BundleError)
+            if not isinstance(doc, dict):
+                raise BundleError(f"{root / rel}: expected a JSON object")
             return doc
 
-        text, unet, vae = cfg("text_encoder/config.json"), cfg("unet/config.json"), cfg("vae/config.json")
-        try:
-            return cls(int(text["hidden_size"]), int(text["vocab_size"]), int(unet["in_channels"]),
-                       int(unet["out_channels"]), 2 ** (len(vae["block_out_channels"]) - 1), int(vae["out_channels"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{root}: model config lacks a field the validator needs ({_one_line(e)})") from None
+        def positive(doc: dict, rel: str, key: str) -> int:
+            value = doc.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BundleError(f"{root / rel}: {key} must be a positive integer, got {value!r}")
+            return value
 
+        t, u, v = "text_encoder/config.json", "unet/config.json", "vae/config.json"
+        text, unet, vae = cfg(t), cfg(u), cfg(v)
+        blocks = vae.get("block_out_channels")
+        if not isinstance(blocks, list) or not 1 <= len(blocks) <= 16:
+            raise BundleError(f"{root / v}: block_out_channels must be a list of 1 to 16 entries")
+        return cls(positive(text, t, "hidden_size"), positive(text, t, "vocab_size"), positive(unet, u, "in_channels"),
+                   positive(unet, u, "out_channels"), 2 ** (len(blocks) - 1), positive(vae, v, "out_channels"))
 
 
 def required_tensors(request: dict, geometry: ModelGeometry | None) -> dict[str, tuple[tuple | None, tuple]]:
@@ -202,17 +217,12 @@ def _check_inputs(tensors: dict, geometry: ModelGeometry | None) -> None:
 
 
 def _parse_capture(raw: bytes) -> dict:
-    def no_constants(c: str):
-        raise ValueError(f"non-standard JSON constant {c}")
-
-    try:
-        doc = json.loads(raw.decode("utf-8"), parse_constant=no_constants)
-    except UnicodeDecodeError:
-        raise BundleError("capture.json: not UTF-8 text") from None
-    except ValueError as e:
-        raise BundleError(f"capture.json: not valid JSON ({_one_line(e)})") from None
+    doc = parse_json(raw, "capture.json", BundleError)
     try:
         check_document(doc)
+        request = doc["request"]
+        check_request(request["prompt"], request["negative_prompt"], request["seed"], request["steps"],
+                      request["guidance"], request["height"], request["width"], prefix="capture.json: request/")
     except ValueError as e:
         raise BundleError(str(e)) from None
     return doc
@@ -229,32 +239,17 @@ def _load_tensor(files: "_Files", name: str, entry: dict) -> np.ndarray:
         raise BundleError(f"tensor {name}: file {rel!r} escapes the bundle")
     data = files.read(rel, nbytes + NPY_HEADER_ALLOWANCE, what=f"tensor {name}")
     where = f"tensor {name} ({rel})"
-    if data[:1] == b"\x80":
-        raise BundleError(f"{where}: is a Python pickle; refused (pickled data is never loaded)")
-    if data[:6] != _NPY_MAGIC:
-        raise BundleError(f"{where}: not an .npy file (no NumPy magic)")
-    buf = io.BytesIO(data)
-    try:
-        version = np.lib.format.read_magic(buf)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-        if version not in read_header:
-            raise ValueError(f"unsupported .npy version {version}")
-        file_shape, _, file_dtype = read_header[version](buf)
-    except ValueError as e:
-        raise BundleError(f"{where}: bad .npy header ({_one_line(e)[:200]})") from None
-    if file_dtype.hasobject:
-        raise BundleError(f"{where}: holds a pickled object array; refused (pickled data is never loaded)")
+    file_shape, file_dtype, offset, _ = npy_header(data, where, BundleError)
     if file_dtype.name != dtype.name or tuple(file_shape) != shape:
         raise BundleError(f"{where}: file holds {file_dtype.name} {tuple(file_shape)}, capture.json declares "
                           f"{dtype.name} {shape}")
-    have = len(data) - buf.tell()
+    have = len(data) - offset
     if have != nbytes:
         kind = "truncated" if have < nbytes else "has trailing bytes"
         raise BundleError(f"{where}: {kind}: {have} data bytes, {nbytes} expected for {dtype.name} {shape}")
     if hashlib.sha256(data).hexdigest() != entry["sha256"]:
         raise BundleError(f"{where}: sha256 differs from capture.json (file changed after capture)")
-    buf.seek(0)
-    return np.load(buf, allow_pickle=False)
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 class _Files:
@@ -284,7 +279,7 @@ class _DirFiles(_Files):
             raise BundleError(f"{what}: {rel} is not a regular file")
         if st.st_size > limit:
             raise BundleError(f"{what}: {rel} is {st.st_size} bytes, over the {limit}-byte limit; refused unread")
-        with open(real, "rb") as f:
+        with open_regular(real, error=BundleError, what=f"{what}: {rel}") as f:
             data = f.read(limit + 1)
         if len(data) > limit:  # grew since stat
             raise BundleError(f"{what}: {rel} is over the {limit}-byte limit; refused")
@@ -292,15 +287,28 @@ class _DirFiles(_Files):
 
 
 class _ZipFiles(_Files):
+    """A zipped bundle. Members are inflated by :func:`_inflate` under a byte budget, whatever their
+    headers claim; only the methods it can bound are accepted."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            with zipfile.ZipFile(path) as zf:
-                infos = zf.infolist()
-        except (zipfile.BadZipFile, OSError) as e:
+            with open_regular(path, error=BundleError) as f:
+                # The end record only: the member count before parsing 150k entries (a private helper of
+                # zipfile's; without it the count is checked after parsing, which is linear anyway).
+                end_record = getattr(zipfile, "_EndRecData", None)
+                end = end_record(f) if end_record is not None else None
+                if end is not None:
+                    _check_member_count(path, end[_ECD_ENTRIES_TOTAL])
+                with zipfile.ZipFile(f) as zf:
+                    infos = zf.infolist()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            if isinstance(e, BundleError):
+                raise
             raise BundleError(f"{path}: neither a bundle directory nor a readable .zip ({_one_line(e)})") from None
-        names = [i.filename for i in infos]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        _check_member_count(path, len(infos))
+        counts = collections.Counter(i.filename for i in infos)
+        dupes = sorted(n for n, c in counts.items() if c > 1)
         if dupes:
             raise BundleError(f"{path}: duplicate zip members {', '.join(dupes[:5])}; refused (which one is meant?)")
         for info in infos:
@@ -323,17 +331,71 @@ class _ZipFiles(_Files):
             raise BundleError(f"{what}: file {rel} is missing from the bundle")
         if info.flag_bits & 0x1:
             raise BundleError(f"{what}: zip member {rel} is encrypted")
+        if info.compress_type not in _INFLATERS:
+            raise BundleError(f"{what}: zip member {rel} uses compression method {info.compress_type}; only stored, "
+                              "deflate and bzip2 can be inflated under a byte budget, so it is refused")
         if info.file_size > limit:
             raise BundleError(f"{what}: zip member {rel} is {info.file_size} bytes uncompressed, over the "
                               f"{limit}-byte limit; refused unread (zip bomb?)")
         try:
-            with zipfile.ZipFile(self.path) as zf, zf.open(info) as f:
-                data = f.read(limit + 1)  # the header's size may lie: never read past the limit
-        except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as e:
+            with open_regular(self.path, error=BundleError) as f:
+                data = _inflate(f, info, limit)
+        except (zlib.error, OSError, EOFError, ValueError) as e:
+            if isinstance(e, BundleError):
+                raise BundleError(f"{what}: zip member {rel} {e}") from None
             raise BundleError(f"{what}: zip member {rel} unreadable ({_one_line(e)})") from None
-        if len(data) > limit:
-            raise BundleError(f"{what}: zip member {rel} inflates past the {limit}-byte limit; refused (zip bomb?)")
         return data
+
+
+MAX_ZIP_MEMBERS = 100_000  # a 512x512 run with every intermediate of 50 steps has ~75k tensors
+_ECD_ENTRIES_TOTAL = 4  # zipfile's index of the total entry count in the end-of-central-directory record
+_CHUNK = 1 << 16
+# Decompressors that stop at max_length: zlib (deflate, raw stream) and bz2. LZMA in a zip carries its own
+# properties header and zipfile's wrapper decompresses without a bound, so it is refused with the rest.
+_INFLATERS = {zipfile.ZIP_STORED: None, zipfile.ZIP_DEFLATED: lambda: zlib.decompressobj(-15),
+              zipfile.ZIP_BZIP2: bz2.BZ2Decompressor}
+
+
+def _check_member_count(path: Path, count: int) -> None:
+    if count > MAX_ZIP_MEMBERS:
+        raise BundleError(f"{path}: {count} zip members, over the limit of {MAX_ZIP_MEMBERS}; refused")
+
+
+def _inflate(f, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """Member ``info``'s bytes, inflated in ``_CHUNK`` pieces with the output never past ``limit + 1``
+    bytes, whatever the headers say; the result must match the declared size and CRC-32."""
+    f.seek(info.header_offset)
+    local = f.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise BundleError("has a corrupt local header")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    f.seek(info.header_offset + 30 + name_len + extra_len)
+    make = _INFLATERS[info.compress_type]
+    d = make() if make else None
+    out = bytearray()
+    left = info.compress_size
+    while left > 0:
+        chunk = f.read(min(_CHUNK, left))
+        if not chunk:
+            raise BundleError("is truncated")
+        left -= len(chunk)
+        if d is None:
+            out += chunk
+        elif isinstance(d, bz2.BZ2Decompressor):
+            out += d.decompress(chunk, limit + 1 - len(out))
+            while not d.needs_input and not d.eof and len(out) <= limit:
+                out += d.decompress(b"", limit + 1 - len(out))
+        else:
+            while chunk and len(out) <= limit:
+                out += d.decompress(chunk, limit + 1 - len(out))
+                chunk = d.unconsumed_tail
+        if len(out) > limit:
+            raise BundleError(f"inflates past the {limit}-byte limit; refused (zip bomb?)")
+    if d is not None and not d.eof:
+        raise BundleError("is truncated (compressed stream ends early)")
+    if len(out) != info.file_size or zlib.crc32(out) != info.CRC:
+        raise BundleError("is corrupt (size or CRC-32 differs from the zip directory)")
+    return bytes(out)
 
 
 def _one_line(e: object) -> str:

@@ -48,6 +48,7 @@ from pathlib import Path
 from refsd.export.tflite_edit import widen_gather_tables
 from refsd.models.rewrites import Rewrites
 from refsd.trace import CFG_ORDER, TOKENS
+from refsd.safe_io import read_json
 
 COMPONENTS = ("text_encoder", "unet", "vae")
 WEIGHTS = ("fp32", "fp16", "int8")
@@ -216,12 +217,9 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
 def read_manifest(tflite_dir) -> dict:
     """``refsd_export.json`` of an export folder, with a one-line error if absent or not one."""
     path = Path(tflite_dir) / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FileNotFoundError(2, f"no {MANIFEST} (not a folder written by 'refsd export')", str(tflite_dir))
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    doc = read_json(path)  # refsd.safe_io: never blocks on a FIFO; UTF-8, strict JSON, nesting bounded
     if not isinstance(doc, dict) or doc.get("format") != "refsd-export":
         raise ValueError(f"{path}: not a refsd export manifest")
     return doc

@@ -181,6 +181,9 @@ class ClipTextModel(RootModel):
         if ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"{ids.shape[1]} tokens exceed max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ValueError(f"token ids {int(ids.min())}..{int(ids.max())} outside the text encoder's vocabulary "
+                             f"[0, {self.config.vocab_size}) (tokenizer and text_encoder/config.json disagree)")
         return self.graph(ids)
 
     def graph(self, ids):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import mmap
 import os
 from dataclasses import dataclass
@@ -34,12 +33,14 @@ from typing import Any, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
+from refsd.models.config_schema import config_schema
 from refsd.models.rewrites import Rewrites
 from refsd.monitor import record, scope
 from refsd.numerics import Precision
 from refsd.numerics import precision as _precision
 from refsd.numerics import U_F16, round_f16
 from refsd.ops._core import mark_stored
+from refsd.safe_io import check_schema, read_json
 
 
 class WeightsError(ValueError):
@@ -772,6 +773,7 @@ def config_from_dict(cls, d: Mapping[str, Any], *, required: tuple[str, ...] = (
     missing = [k for k in required if k not in d]
     if missing:
         raise ValueError(f"{source}: missing required key{'s' * (len(missing) != 1)} {', '.join(missing)}")
+    check_schema(d, config_schema(cls), source)
     names = {f.name for f in dataclasses.fields(cls)}
     kw = {k: _freeze(v) for k, v in d.items() if k in names}
     try:
@@ -787,8 +789,8 @@ def _freeze(v):
 
 
 def read_config(path: str | os.PathLike) -> dict:
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    """A JSON object from a config file, read strictly (``refsd.safe_io.read_json``)."""
+    doc = read_json(path, error=WeightsError)
+    if not isinstance(doc, dict):
+        raise WeightsError(f"{path}: expected a JSON object, got a JSON {type(doc).__name__}")
+    return doc

@@ -106,8 +106,9 @@ def _scores(qh, kh, scale, m, upcast_attention: bool) -> np.ndarray:
 # the softmax's passes and the fp16 roundings and never take more memory than a
 # chunk: 1.3-1.45x faster there (bench/README.md; 2^20 was the fastest of
 # 2^15..2^22). Every score, probability and output element is computed by the
-# same operations in the same order as unchunked, bit for bit (rows of a
-# matmul do not depend on the other rows).
+# same formula as unchunked, but not necessarily bit for bit: BLAS may block a
+# chunk's rows differently from the whole product's (1-2 fp32 ulp measured on
+# OpenBLAS). The chunks depend only on the shapes, so results are reproducible.
 SCORE_CHUNK = 1 << 20
 _MIN_ROWS = 16  # keeps each matmul a GEMM (a single row would be a GEMV)
 
