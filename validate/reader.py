@@ -52,6 +52,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from refsd import trace
 from refsd.limits import check_request
 from refsd.safe_io import npy_header, open_regular, parse_json, read_json
 from refsd_validate.bundle import check_document, declared_stages
@@ -59,10 +60,8 @@ from refsd_validate.bundle import check_document, declared_stages
 MAX_CAPTURE_JSON = 4 << 20
 NPY_HEADER_ALLOWANCE = 16 << 10  # real .npy headers are 128-4096 bytes
 MAX_TENSOR_BYTES = 4 << 30  # per tensor: SD 1.5's largest attention scores at 512x512 are 1 GiB
-TOKENS = 77
 FLOATS = ("float32", "float16")
 INTS = ("int32", "int64")
-STAGES = ("text_encoder", "unet", "vae")
 _STEP = re.compile(r"^(unet/step_(\d+)/noise_pred|scheduler/step_(\d+)/latents)$")
 _INTERMEDIATE = re.compile(r"^(text_encoder|unet|vae)/(?:step_(\d+)/)?([A-Za-z0-9_.]+(?:#\d+)?)$")
 
@@ -111,20 +110,20 @@ def required_tensors(request: dict, geometry: ModelGeometry | None) -> dict[str,
     """Name -> (shape, allowed dtypes) of every tensor ``request`` requires, in
     pipeline order; shapes are None without the model's geometry."""
     height, width, steps = request["height"], request["width"], request["steps"]
-    per_step = [f"{s}/step_{i}/{t}" for i in range(steps) for s, t in (("unet", "noise_pred"), ("scheduler", "latents"))]
-    names = ["inputs/token_ids", "text_encoder/hidden_states", "scheduler/latents_init", *per_step, "vae/image"]
-    dtypes = {n: INTS if n == "inputs/token_ids" else FLOATS for n in names}
+    names = [trace.TOKEN_IDS, *trace.boundary_names(steps)]
+    dtypes = {n: INTS if n == trace.TOKEN_IDS else FLOATS for n in names}
     if geometry is None:
         return {n: (None, dtypes[n]) for n in names}
     g = geometry
     if height % g.vae_scale or width % g.vae_scale:
         raise BundleError(f"request size {height}x{width} is not a multiple of the model's VAE scale {g.vae_scale}")
     h, w, c = height // g.vae_scale, width // g.vae_scale, g.latent_channels
-    shapes = {"inputs/token_ids": (2, TOKENS), "text_encoder/hidden_states": (2, TOKENS, g.text_hidden),
-              "scheduler/latents_init": (1, h, w, c), "vae/image": (1, height, width, g.image_channels)}
+    batch = len(trace.CFG_ORDER)
+    shapes = {trace.TOKEN_IDS: (batch, trace.TOKENS), trace.HIDDEN_STATES: (batch, trace.TOKENS, g.text_hidden),
+              trace.LATENTS_INIT: (1, h, w, c), trace.IMAGE: (1, height, width, g.image_channels)}
     for i in range(steps):
-        shapes[f"unet/step_{i}/noise_pred"] = (2, h, w, g.unet_out_channels)
-        shapes[f"scheduler/step_{i}/latents"] = (1, h, w, c)
+        shapes[trace.noise_pred(i)] = (batch, h, w, g.unet_out_channels)
+        shapes[trace.latents(i)] = (1, h, w, c)
     return {n: (shapes[n], dtypes[n]) for n in names}
 
 
