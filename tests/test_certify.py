@@ -331,8 +331,10 @@ def test_calibration_variants_follow_each_stage():
     stages = _stages("f16", None, guidance="f16", processor="gpu")
     stages["text_encoder"].update(processor="cpu", precision="f32", fast_math=False)
     runs = calibration_variants(stages)
-    assert len(runs) == 9  # 2 modes x 2 FTZ x 2 kernels for the f16 stages, plus the scaled run
-    assert {v.stage("text_encoder").precision for v in runs[:8]} == {"f32"}
+    # 2 modes x 2 FTZ x 2 kernels, and the litert-gpu device model x 2 FTZ for the f16 GPU stages; the scaled run
+    assert len(runs) == 11
+    assert {v.stage("unet").device_model for v in runs} == {None, "litert-gpu"}
+    assert {v.stage("text_encoder").precision for v in runs[:10]} == {"f32"}
     assert {v.stage("guidance_scheduler").precision for v in runs} >= {"f32_f16", "f16"}
     scaled = runs[-1]
     assert scaled.stage("text_encoder").precision == "f32_f16" and scaled.stage("unet") == StageVariant()
