@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from bundle_helpers import bundle_parts
 from conftest import certify_request
 
 from refsd.pipeline import Request
@@ -17,16 +18,10 @@ from refsd_validate.cli import main
 from refsd_validate.reader import read_bundle
 
 
-def _parts(bundle):
-    b = read_bundle(bundle)
-    tensors = {**b.tensors, **{n: b.tensor(n) for n in b.intermediates}}
-    doc = {k: v for k, v in json.loads(json.dumps(b.capture)).items()
-           if k not in ("schema", "schema_version", "tensors")}
-    return doc, tensors
 
 
 def test_write_bundle_checks_against_the_model(emulated_bundle, tiny_sd21, tmp_path):
-    doc, tensors = _parts(emulated_bundle)
+    doc, tensors = bundle_parts(emulated_bundle)
     write_bundle(tmp_path / "ok", doc, tensors, model_dir=tiny_sd21)  # the good bundle passes
     nchw = {**tensors, "unet/step_1/noise_pred": np.transpose(tensors["unet/step_1/noise_pred"], (0, 3, 1, 2))}
     with pytest.raises(ValueError, match=r"unet/step_1/noise_pred: shape .* \(NCHW: pass layout='NCHW'"):
@@ -41,7 +36,7 @@ def test_write_bundle_checks_against_the_model(emulated_bundle, tiny_sd21, tmp_p
 
 
 def test_write_bundle_converts_a_declared_layout(emulated_bundle, tiny_sd21, tmp_path):
-    doc, tensors = _parts(emulated_bundle)
+    doc, tensors = bundle_parts(emulated_bundle)
     nchw = {n: np.transpose(v, (0, 3, 1, 2)) if v.ndim == 4 else v for n, v in tensors.items()}
     out = write_bundle(tmp_path / "b", doc, nchw, layout="NCHW", model_dir=tiny_sd21)
     again = read_bundle(out)
@@ -51,7 +46,7 @@ def test_write_bundle_converts_a_declared_layout(emulated_bundle, tiny_sd21, tmp
 
 def test_write_bundle_takes_other_runtimes_tensors(emulated_bundle, tmp_path):
     torch = pytest.importorskip("torch")
-    doc, tensors = _parts(emulated_bundle)
+    doc, tensors = bundle_parts(emulated_bundle)
     as_torch = {n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in tensors.items()}
     out = write_bundle(tmp_path / "t", doc, as_torch)
     assert np.array_equal(read_bundle(out).tensors["vae/image"], tensors["vae/image"])
@@ -63,7 +58,7 @@ def test_write_bundle_takes_other_runtimes_tensors(emulated_bundle, tmp_path):
 
 
 def test_check_says_what_certify_will_judge(emulated_bundle, tiny_sd21, tmp_path, capsys):
-    doc, tensors = _parts(emulated_bundle)
+    doc, tensors = bundle_parts(emulated_bundle)
     del tensors["scheduler/timesteps"]
     doc["observability"] = {"not_observable": ["unet/step_2/unet.mid_block.attentions.0"], "method": "test"}
     bundle = write_bundle(tmp_path / "b", doc, tensors)
@@ -90,7 +85,7 @@ def test_names_lists_what_the_reference_records(tiny_sd21, capsys):
 
 
 def test_swapped_cfg_batch_order_is_the_first_line(emulated_bundle, tiny_sd21, certify_cache, tmp_path, capsys):
-    doc, tensors = _parts(emulated_bundle)
+    doc, tensors = bundle_parts(emulated_bundle)
     swap = ("inputs/token_ids", "text_encoder/hidden_states", *(f"unet/step_{i}/noise_pred" for i in range(4)))
     for n in swap:
         tensors[n] = tensors[n][::-1].copy()
@@ -105,7 +100,7 @@ def test_nchw_written_as_nhwc_is_explained(tiny_sd21, certify_cache, tmp_path, c
     """C == H == W (8x8 images: 4x4x4 latents), so no shape check can see the layout: certify's first line does."""
     req = Request(certify_request().prompt, steps=2, scheduler="ddim", height=8, width=8)
     good = emulated_capture(tiny_sd21, req, tmp_path / "good", precision="f32")
-    doc, tensors = _parts(good)
+    doc, tensors = bundle_parts(good)
     ambiguous = {n for n, v in tensors.items() if v.ndim == 4 and v.shape[1] == v.shape[2] == v.shape[3]}
     assert "unet/step_0/noise_pred" in ambiguous
     wrong = {n: np.ascontiguousarray(np.transpose(v, (0, 3, 1, 2))) if n in ambiguous - {"scheduler/latents_init"}

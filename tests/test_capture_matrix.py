@@ -19,20 +19,18 @@ both architectures (about 10 exports: the export dominates the cost); set
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
+from bundle_helpers import certify_cli, rewrite_bundle
 from conftest import TINY_CONV_LIMIT
 
 pytest.importorskip("tensorflow")
 pytest.importorskip("ai_edge_litert")
 
 from refsd.pipeline import Request  # noqa: E402
-from refsd_validate.bundle import write_bundle  # noqa: E402
 from refsd_validate.cli import main  # noqa: E402
-from refsd_validate.reader import read_bundle  # noqa: E402
 
 pytestmark = [pytest.mark.conformance, pytest.mark.slow]
 
@@ -81,19 +79,8 @@ def cell_capture(models, tmp_path_factory):
     return get
 
 
-def _certify(bundle, model, out, cache, capsys, *extra):
-    rc = main(["certify", str(bundle), "--model", str(model), "--out", str(out), "--cache", str(cache), *extra])
-    captured = capsys.readouterr()
-    assert not captured.err, captured.err
-    return rc, json.loads((out / "certificate.json").read_text()), captured.out
 
 
-def _faulty(bundle, out, edit):
-    b = read_bundle(bundle)
-    tensors = dict(b.tensors)
-    edit(tensors)
-    doc = {k: v for k, v in b.capture.items() if k not in ("schema", "schema_version", "tensors")}
-    return write_bundle(out, doc, tensors)
 
 
 def _nan_at_step_1(t):
@@ -114,7 +101,7 @@ def _bias_from_step_1(t):
 def test_litert_cpu_capture_of_the_deployed_model(arch, weights, rewrites, cell_capture, certify_cache, tmp_path,
                                                   capsys):
     model, tflite, bundle = cell_capture(arch, weights, rewrites)
-    rc, cert, out = _certify(bundle, model, tmp_path / "good", certify_cache, capsys, "--tflite", str(tflite))
+    rc, cert, out = certify_cli(bundle, model, tmp_path / "good", certify_cache, capsys, "--tflite", str(tflite))
     assert rc == 0, out
     assert max(t["k_needed"] for t in cert["tensors"]) < 4
     cost = cert["deployment_cost"]
@@ -125,8 +112,8 @@ def test_litert_cpu_capture_of_the_deployed_model(arch, weights, rewrites, cell_
     assert f"deployment cost (weights {weights}" in out
 
     for name, fault in (("nan", _nan_at_step_1), ("bias", _bias_from_step_1)):
-        bad = _faulty(bundle, tmp_path / name, fault)
-        rc, cert, out = _certify(bad, model, tmp_path / f"out-{name}", certify_cache, capsys, "--tflite", str(tflite),
+        bad = rewrite_bundle(bundle, tmp_path / name, tensors=fault)
+        rc, cert, out = certify_cli(bad, model, tmp_path / f"out-{name}", certify_cache, capsys, "--tflite", str(tflite),
                                  "--mode", "teacher")
         assert rc == 1, out
         f = cert["first_failure"]
@@ -139,7 +126,7 @@ def test_int8_without_the_tflite_quantizes_as_the_exporter(cell_capture, certify
     """Without --tflite the reference quantizes the checkpoint as the converter does (bit-identical values):
     the same capture certifies."""
     model, _, bundle = cell_capture("sd21", "int8", "paper")
-    rc, cert, out = _certify(bundle, model, tmp_path / "out", certify_cache, capsys)
+    rc, cert, out = certify_cli(bundle, model, tmp_path / "out", certify_cache, capsys)
     assert rc == 0, out
     assert cert["provenance"]["int8_source"] is None
 

@@ -16,12 +16,13 @@ import os
 
 import numpy as np
 import pytest
+from bundle_helpers import certify_cli, rewrite_bundle
 from conftest import CERTIFY_INTERMEDIATES, certify_request
 
 from refsd.pipeline import Pipeline
 from refsd.tiny import make_tiny
 from refsd_validate import certify_rerun
-from refsd_validate.bundle import model_sha256, write_bundle
+from refsd_validate.bundle import model_sha256
 from refsd_validate.certify_emulate import emulated_capture
 from refsd_validate.cli import main
 from refsd_validate.reader import read_bundle
@@ -33,12 +34,6 @@ from refsd_validate.tolerance import (ALGORITHMS, K, LIBM_ULPS, REFERENCE, SYSTE
 ATTN1 = "unet.mid_block.attentions.0.transformer_blocks.0.attn1"
 
 
-def _certify(bundle, model, out, cache, capsys, *extra):
-    rc = main(["certify", str(bundle), "--model", str(model), "--out", str(out), "--cache", str(cache), *extra])
-    captured = capsys.readouterr()
-    assert not captured.err, captured.err
-    cert = json.loads((out / "certificate.json").read_text())
-    return rc, cert, captured.out
 
 
 def _device(model, tmp, fault=None):
@@ -47,13 +42,6 @@ def _device(model, tmp, fault=None):
                             declare_ftz=True, rewrites="google", intermediates=CERTIFY_INTERMEDIATES, fault=fault)
 
 
-def _rewrite(good, out, edit):
-    """A copy of bundle ``good`` whose tensors ``edit`` changed in place (capture.json re-hashed)."""
-    b = read_bundle(good)
-    tensors = {**b.tensors, **{n: b.tensor(n) for n in b.intermediates}}
-    edit(tensors)
-    capture = {k: v for k, v in b.capture.items() if k not in ("schema", "schema_version", "tensors")}
-    return write_bundle(out, capture, tensors)
 
 
 def _unet_output_fault(first_step, edit, last_step=None):
@@ -135,7 +123,7 @@ def test_nan_at_step_2_is_localized(tiny_sd21, certify_cache, tmp_path, capsys):
 
     bundle = _device(tiny_sd21, tmp_path, _unet_output_fault(2, nan, last_step=2))
     assert np.isnan(read_bundle(bundle).tensors["vae/image"]).all()  # it did propagate
-    rc, cert, stdout = _certify(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys)
+    rc, cert, stdout = certify_cli(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys)
     assert rc == 1 and cert["verdict"] == "not certified"
     assert _first(cert) == ("unet/step_2/noise_pred", "teacher", "unet", 2, None)
     assert cert["first_failure"]["failed"] == ["nonfinite"] and cert["first_failure"]["k_needed"] == "inf"
@@ -147,7 +135,7 @@ def test_nan_at_step_2_is_localized(tiny_sd21, certify_cache, tmp_path, capsys):
 
 def test_one_percent_bias_from_step_1_is_localized(tiny_sd21, certify_cache, tmp_path, capsys):
     bundle = _device(tiny_sd21, tmp_path, _unet_output_fault(1, lambda out: out * np.float32(1.01)))
-    rc, cert, _ = _certify(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys)
+    rc, cert, _ = certify_cli(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys)
     assert rc == 1
     assert _first(cert) == ("unet/step_1/noise_pred", "teacher", "unet", 1, None)
     assert "gain" in cert["first_failure"]["failed"]
@@ -162,8 +150,8 @@ def test_steps_out_of_order_are_localized(emulated_bundle, tiny_sd21, certify_ca
         for kind in ("unet/step_{}/noise_pred", "scheduler/step_{}/latents"):
             t[kind.format(1)], t[kind.format(2)] = t[kind.format(2)], t[kind.format(1)]
 
-    bundle = _rewrite(emulated_bundle, tmp_path / "bundle", swap)
-    rc, cert, _ = _certify(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys)
+    bundle = rewrite_bundle(emulated_bundle, tmp_path / "bundle", tensors=swap)
+    rc, cert, _ = certify_cli(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys)
     assert rc == 1
     assert _first(cert) == ("unet/step_1/noise_pred", "teacher", "unet", 1, None)
 
@@ -174,8 +162,8 @@ def test_fp16_overflow_saturated_image_is_localized(emulated_bundle, tiny_sd21, 
         img[0, 20:36, 10:30, :] = np.inf  # the decoder's last conv overflowed fp16 in a patch
         t["vae/image"] = img
 
-    bundle = _rewrite(emulated_bundle, tmp_path / "bundle", saturate)
-    rc, cert, _ = _certify(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys)
+    bundle = rewrite_bundle(emulated_bundle, tmp_path / "bundle", tensors=saturate)
+    rc, cert, _ = certify_cli(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys)
     assert rc == 1
     assert _first(cert) == ("vae/image", "teacher", "vae", None, None)
     failing = {(t["name"], t["mode"]) for t in cert["tensors"] if not t["passed"]}
@@ -202,7 +190,7 @@ def test_nan_inside_the_unet_is_localized_to_its_module(tiny_sd21, certify_cache
         attn1.forward = faulty
 
     bundle = _device(tiny_sd21, tmp_path, fault)
-    rc, cert, _ = _certify(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys)
+    rc, cert, _ = certify_cli(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys)
     assert rc == 1
     assert _first(cert) == (f"unet/step_2/{ATTN1}", "teacher", "unet", 2, ATTN1)
     node_data = json.loads((tmp_path / "out" / "model_explorer" / "unet.json").read_text())
@@ -238,7 +226,7 @@ def test_reruns_are_cached_by_content(good, emulated_bundle, tiny_sd21, certify_
         raise AssertionError("the reference was rerun despite the cache")
 
     monkeypatch.setattr(certify_rerun, "_run", no_run)
-    rc, cert, _ = _certify(emulated_bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys)
+    rc, cert, _ = certify_cli(emulated_bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys)
     assert rc == 0 and cert["tensors"] == good[1]["tensors"]
 
 
@@ -349,7 +337,7 @@ def test_certify_rejects_a_bad_mode(emulated_bundle, tiny_sd21, tmp_path, capsys
 
 def test_litert_cpu_capture_certifies(litert_capture, tiny_sd21, certify_cache, tmp_path, capsys):
     tflite = litert_capture.parent / "tflite"
-    rc, cert, stdout = _certify(litert_capture, tiny_sd21, tmp_path / "out", certify_cache, capsys,
+    rc, cert, stdout = certify_cli(litert_capture, tiny_sd21, tmp_path / "out", certify_cache, capsys,
                                 "--tflite", str(tflite))
     assert rc == 0 and cert["verdict"] == "certified", stdout
     assert cert["provenance"]["runtime"]["name"] == "ai-edge-litert"

@@ -13,9 +13,10 @@ import json
 
 import numpy as np
 import pytest
+from bundle_helpers import certify_cli, rewrite_bundle
 from conftest import certify_request
 
-from refsd_validate.bundle import declared_stages, write_bundle
+from refsd_validate.bundle import declared_stages
 from refsd_validate.certify_emulate import emulated_capture
 from refsd_validate.cli import main
 from refsd_validate.reader import read_bundle
@@ -23,21 +24,8 @@ from refsd_validate.reader import read_bundle
 TIME_EMBEDDING = "unet.time_embedding"
 
 
-def _certify(bundle, model, out, cache, capsys, *extra):
-    rc = main(["certify", str(bundle), "--model", str(model), "--out", str(out), "--cache", str(cache), *extra])
-    captured = capsys.readouterr()
-    assert not captured.err, captured.err
-    return rc, json.loads((out / "certificate.json").read_text()), captured.out
 
 
-def _redeclare(bundle, out, edit):
-    """A copy of ``bundle`` whose capture.json ``edit`` changed (tensors unchanged)."""
-    b = read_bundle(bundle)
-    tensors = {**b.tensors, **{n: b.tensor(n) for n in b.intermediates}}
-    doc = {k: v for k, v in json.loads(json.dumps(b.capture)).items()
-           if k not in ("schema", "schema_version", "tensors")}
-    edit(doc)
-    return write_bundle(out, doc, tensors)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +37,7 @@ def gelu_clip_device(tiny_sd21, tmp_path_factory):
 
 def test_approximating_rewrite_certifies_and_its_cost_is_reported(gelu_clip_device, tiny_sd21, certify_cache,
                                                                    tmp_path, capsys):
-    rc, cert, out = _certify(gelu_clip_device, tiny_sd21, tmp_path / "out", certify_cache, capsys)
+    rc, cert, out = certify_cli(gelu_clip_device, tiny_sd21, tmp_path / "out", certify_cache, capsys)
     assert rc == 0, out
     cost = cert["deployment_cost"]
     # gelu_clip switches the tiny SD 2.1's erf-GELU to a clipped tanh-GELU: the deployed model differs from the
@@ -61,11 +49,11 @@ def test_approximating_rewrite_certifies_and_its_cost_is_reported(gelu_clip_devi
 
 
 def test_deployment_cost_gate_has_its_own_exit_code(gelu_clip_device, tiny_sd21, certify_cache, tmp_path, capsys):
-    rc, cert, out = _certify(gelu_clip_device, tiny_sd21, tmp_path / "a", certify_cache, capsys,
+    rc, cert, out = certify_cli(gelu_clip_device, tiny_sd21, tmp_path / "a", certify_cache, capsys,
                              "--max-deployment-cost", "psnr:199")
     assert rc == 3 and cert["verdict"] == "certified" and cert["deployment_cost"]["gate"]["passed"] is False
     assert "FAILS --max-deployment-cost psnr:199" in out
-    rc, cert, _ = _certify(gelu_clip_device, tiny_sd21, tmp_path / "b", certify_cache, capsys,
+    rc, cert, _ = certify_cli(gelu_clip_device, tiny_sd21, tmp_path / "b", certify_cache, capsys,
                            "--max-deployment-cost", "rel:0.5")
     assert rc == 0 and cert["deployment_cost"]["gate"]["passed"] is True
 
@@ -83,20 +71,20 @@ def test_undeclared_rewrite_is_a_device_fault(tiny_sd21, certify_cache, tmp_path
     fp16 unit roundoff, so only an f32 declaration can tell the two apart.)"""
     device = emulated_capture(tiny_sd21, certify_request(), tmp_path / "device", precision="f32",
                               rewrites="gelu_clip")
-    rc, cert, _ = _certify(device, tiny_sd21, tmp_path / "ok", certify_cache, capsys, "--mode", "teacher")
+    rc, cert, _ = certify_cli(device, tiny_sd21, tmp_path / "ok", certify_cache, capsys, "--mode", "teacher")
     assert rc == 0
 
     def plain(doc):
         doc["model"]["rewrites"] = "none"
         doc["runtime"]["delegate"]["options"]["rewrites"] = "none"
 
-    bundle = _redeclare(device, tmp_path / "bundle", plain)
-    rc, cert, _ = _certify(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys, "--mode", "teacher")
+    bundle = rewrite_bundle(device, tmp_path / "bundle", doc=plain)
+    rc, cert, _ = certify_cli(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys, "--mode", "teacher")
     assert rc == 1 and cert["first_failure"]["tensor"] == "text_encoder/hidden_states"
 
 
 def test_unknown_rewrite_is_bad_input(gelu_clip_device, tiny_sd21, tmp_path, capsys):
-    bundle = _redeclare(gelu_clip_device, tmp_path / "bundle", lambda d: d["model"].update(rewrites="gelu_magic"))
+    bundle = rewrite_bundle(gelu_clip_device, tmp_path / "bundle", doc=lambda d: d["model"].update(rewrites="gelu_magic"))
     rc = main(["certify", str(bundle), "--model", str(tiny_sd21), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "model.rewrites 'gelu_magic'" in err[0] and "gelu_magic" in err[0], err
@@ -113,8 +101,8 @@ def test_f16_declared_where_the_f16_emulation_overflows_gets_a_verdict(tiny_sd21
 
     # A device that keeps fp16 tensors but does not overflow (it accumulates in fp32), with the plain GroupNorm.
     device = emulated_capture(tiny_sd21, certify_request(), tmp_path / "device", precision="f32_f16")
-    bundle = _redeclare(device, tmp_path / "bundle", f16)
-    rc, cert, out = _certify(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys, "--mode", "free")
+    bundle = rewrite_bundle(device, tmp_path / "bundle", doc=f16)
+    rc, cert, out = certify_cli(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys, "--mode", "free")
     assert rc in (0, 1), out
     overflows = cert["calibration_overflows"]
     assert overflows and all(o["variant"].startswith("text_encoder+unet+vae: f16") for o in overflows)
@@ -136,7 +124,7 @@ def test_one_percent_error_in_the_time_embedding_is_caught(tiny_sd21, certify_ca
 
     bundle = emulated_capture(tiny_sd21, certify_request(), tmp_path / "bundle", precision="f32",
                               intermediates=(f"unet/step_0/{TIME_EMBEDDING}",), fault=fault)
-    rc, cert, _ = _certify(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys, "--mode", "teacher")
+    rc, cert, _ = certify_cli(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys, "--mode", "teacher")
     assert rc == 1
     f = cert["first_failure"]
     assert (f["tensor"], f["module_path"]) == (f"unet/step_0/{TIME_EMBEDDING}", TIME_EMBEDDING)
@@ -147,7 +135,7 @@ def test_exact_f32_device_is_within_the_libm_floor(tiny_sd21, certify_cache, tmp
     the perturbed-libm variant moves it)."""
     bundle = emulated_capture(tiny_sd21, certify_request(), tmp_path / "bundle", precision="f32",
                               intermediates=(f"unet/step_0/{TIME_EMBEDDING}",))
-    rc, cert, _ = _certify(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys, "--mode", "teacher")
+    rc, cert, _ = certify_cli(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys, "--mode", "teacher")
     assert rc == 0
     te = next(t for t in cert["tensors"] if t["module_path"] == TIME_EMBEDDING)
     assert te["floor"]["peak"] > 0 and te["k_needed"] == 0

@@ -51,13 +51,12 @@ What is asserted, and why these bounds:
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
 from ai_edge_litert import schema_py_generated as schema
-from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+from litert_helpers import interpreter, manifest
 from refsd import weights
 from refsd.export.tflite_weights import read_int8_tflite, read_int8_weights
 from refsd.models.module import Conv2d, Embedding, Int8Weight, Linear, ModelOptions, round_bf16
@@ -102,15 +101,8 @@ def deployed(models, tmp_path_factory):
     return get
 
 
-def manifest(folder) -> dict:
-    return json.loads((folder / "refsd_export.json").read_text())
 
 
-def interpreter(path, *, preserve: bool = False) -> Interpreter:
-    it = Interpreter(model_path=str(path), experimental_preserve_all_tensors=preserve,
-                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    it.allocate_tensors()
-    return it
 
 
 def feeds(folder) -> dict:

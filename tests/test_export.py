@@ -34,7 +34,6 @@ Tolerances:
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -42,6 +41,7 @@ import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+from litert_helpers import interpreter, manifest
 from refsd import weights
 from refsd.models.module import ModelOptions
 from refsd.monitor import location, recording
@@ -56,15 +56,8 @@ def rel(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
 
 
-def manifest(folder) -> dict:
-    return json.loads((folder / "refsd_export.json").read_text())
 
 
-def interpreter(path, *, preserve: bool = False) -> Interpreter:
-    it = Interpreter(model_path=str(path), experimental_preserve_all_tensors=preserve,
-                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    it.allocate_tensors()
-    return it
 
 
 def run(folder, name, feeds, *, preserve=False):

@@ -52,7 +52,7 @@ from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, ORIGINAL, CacheStat
     code_fingerprint, first_severe_event, rerun, teacher_inputs
 from refsd_validate.compare import json_safe, compare, psnr
 from refsd_validate.reader import Bundle, BundleError, ModelGeometry, read_bundle
-from refsd_validate.tolerance import K, MAX_K, REFERENCE, SYSTEMATIC, SYSTEMATIC_F16, Verdict, Variant, calibration_variants, judge, \
+from refsd_validate.tolerance import K, MAX_K, REFERENCE, SYSTEMATIC, SYSTEMATIC_F16, Verdict, calibration_variants, judge, \
     noise_floor, unit_roundoff
 
 CERTIFICATE = "refsd-certificate"

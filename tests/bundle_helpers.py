@@ -1,0 +1,38 @@
+"""Helpers the validator's tests share: run ``certify`` through its CLI, and
+derive a bundle from another by editing its tensors or its capture.json (a
+broken capture tool, a faulty device, a wrong declaration)."""
+
+from __future__ import annotations
+
+import json
+
+from refsd_validate.bundle import write_bundle
+from refsd_validate.cli import main
+from refsd_validate.reader import read_bundle
+
+
+def certify_cli(bundle, model, out, cache, capsys, *extra) -> tuple[int, dict, str]:
+    """(exit code, certificate.json, stdout) of ``refsd-validate certify``; stderr must stay empty."""
+    rc = main(["certify", str(bundle), "--model", str(model), "--out", str(out), "--cache", str(cache), *extra])
+    captured = capsys.readouterr()
+    assert not captured.err, captured.err
+    return rc, json.loads((out / "certificate.json").read_text()), captured.out
+
+
+def bundle_parts(bundle) -> tuple[dict, dict]:
+    """(capture.json without what write_bundle fills in, every tensor) of a bundle, as write_bundle takes them."""
+    b = read_bundle(bundle)
+    tensors = {**b.tensors, **{n: b.tensor(n) for n in b.intermediates}}
+    doc = {k: v for k, v in json.loads(json.dumps(b.capture)).items()
+           if k not in ("schema", "schema_version", "tensors")}
+    return doc, tensors
+
+
+def rewrite_bundle(bundle, out, *, tensors=None, doc=None):
+    """A copy of ``bundle`` at ``out`` after ``tensors(dict)`` / ``doc(dict)`` edited it in place."""
+    d, t = bundle_parts(bundle)
+    if tensors is not None:
+        tensors(t)
+    if doc is not None:
+        doc(d)
+    return write_bundle(out, d, t)
