@@ -12,9 +12,9 @@ weights, the clipped GELU) and at float32-reordering level where it does not;
 a NaN at step 1 and a +1 % bias from step 1 are rejected at
 ``unet/step_1/noise_pred`` (teacher-forced).
 
-CI runs ``CI_CELLS``, which cover every weights value and every rewrite on
-both architectures (about 10 exports: the export dominates the cost); set
-``REFSD_CAPTURE_MATRIX=full`` for all 36 cells.
+CI runs ``CI_CELLS`` (3 exports: the export dominates the cost), which cover
+every weights value and every paper rewrite, on both architectures; set
+``REFSD_CAPTURE_MATRIX=full`` for all 36 cells (each rewrite alone too).
 """
 
 from __future__ import annotations
@@ -38,10 +38,9 @@ SIZE, STEPS = 64, 3
 ARCHS = ("sd15", "sd21")
 WEIGHTS = ("fp32", "fp16", "int8")
 REWRITES = ("none", "fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "paper")
-CI_CELLS = [("sd21", "fp32", "none"), ("sd21", "fp16", "paper"), ("sd21", "int8", "paper"),
-            ("sd21", "fp16", "gelu_clip"), ("sd21", "int8", "none"),
-            ("sd15", "fp32", "paper"), ("sd15", "fp16", "none"), ("sd15", "int8", "serial_conv"),
-            ("sd15", "fp32", "fc_as_conv"), ("sd15", "fp16", "gn4d")]
+# CI: int8 (hybrid kernels) with every paper rewrite, fp16 weights with every paper rewrite on the other
+# architecture, and the plain fp32 export. Each cell costs an export (~20 s on 2 cores) plus its certifications.
+CI_CELLS = [("sd21", "int8", "paper"), ("sd15", "fp16", "paper"), ("sd21", "fp32", "none")]
 ALL_CELLS = [(a, w, r) for a in ARCHS for w in WEIGHTS for r in REWRITES]
 CELLS = ALL_CELLS if os.environ.get("REFSD_CAPTURE_MATRIX") == "full" else CI_CELLS
 # Rewrites that compute the original function up to float32 summation order.
@@ -133,7 +132,7 @@ def test_int8_without_the_tflite_quantizes_as_the_exporter(cell_capture, certify
 
 def test_a_tflite_that_is_not_the_one_captured_is_refused(cell_capture, tmp_path, capsys):
     model, _, bundle = cell_capture("sd21", "int8", "paper")
-    _, other, _ = cell_capture("sd21", "int8", "none")
+    _, other, _ = cell_capture("sd21", "fp32", "none")
     rc = main(["certify", str(bundle), "--model", str(model), "--out", str(tmp_path / "o"), "--tflite", str(other)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "is not the" in err[0] and "sha256 differs" in err[0], err
