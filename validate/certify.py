@@ -52,8 +52,8 @@ from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, ORIGINAL, CacheStat
     code_fingerprint, first_severe_event, rerun, teacher_inputs
 from refsd_validate.compare import json_safe, compare, psnr
 from refsd_validate.reader import Bundle, BundleError, ModelGeometry, read_bundle
-from refsd_validate.tolerance import K, MAX_K, REFERENCE, SYSTEMATIC, SYSTEMATIC_F16, Verdict, calibration_variants, judge, \
-    noise_floor, unit_roundoff
+from refsd_validate.tolerance import K, MAX_K, REFERENCE, SYSTEMATIC, SYSTEMATIC_F16, Verdict, calibration_variants, \
+    error_stats, judge, minimum_floor, noise_floor, unit_roundoff
 
 CERTIFICATE = "refsd-certificate"
 CERTIFICATE_VERSION = 2
@@ -290,8 +290,6 @@ def _layout_hint(first: TensorResult, expected: np.ndarray, test: np.ndarray, k:
 
 def default_cache_dir() -> Path:
     """Reference reruns are cached here unless ``--cache`` says otherwise."""
-    import os  # noqa: PLC0415
-
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "refsd" / "certify"
 
@@ -389,8 +387,6 @@ def _no_floor(name: str, mode: str, ref: np.ndarray, test: np.ndarray, precision
     """Every calibration variant is non-finite here: the declared precision
     overflows on this request, so a finite device did not compute as declared
     (an fp32 accumulation, say) and a non-finite one cannot be told from a fault."""
-    from refsd_validate.tolerance import error_stats, minimum_floor  # noqa: PLC0415
-
     stats, floor = error_stats(ref, test), minimum_floor(ref, precision)
     verdict = Verdict(False, math.inf, ("calibration_overflow",), stats, floor, floor)
     stage, step, path = parse_name(name)
