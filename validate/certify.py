@@ -216,9 +216,9 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
             cut = _cut(order, event, bad)
             usable_until.append(cut)
             if cut < len(order):
-                overflows.append({"mode": m, "variant": v.label, "first_affected_tensor": order[cut],
-                                  **(event or {"op": None, "stage": None, "step": None,
-                                              "detail": f"non-finite from {bad}"})})
+                where = {k: v for k, v in event.items() if k != "unaffected"} if event else \
+                    {"op": None, "stage": None, "step": None, "detail": f"non-finite from {bad}"}
+                overflows.append({"mode": m, "variant": v.label, "first_affected_tensor": order[cut], **where})
         for i, n in enumerate(order):
             stage = parse_name(n)[0]
             precision = stages.get(stage if stage in stages else "guidance_scheduler")["precision"]
@@ -347,9 +347,11 @@ def _check_shape(name: str, shape: tuple, ref: np.ndarray) -> None:
 def _cut(order: list[str], event: dict | None, nonfinite: str | None) -> int:
     """Index in ``order`` from which a calibration run is unusable: its first
     non-finite tensor, or the first tensor at or after the stage and step of its
-    first fp16 overflow (``len(order)`` if neither)."""
+    first fp16 overflow that was not recorded before the overflowing module
+    (``len(order)`` if neither)."""
     cut = order.index(nonfinite) if nonfinite is not None else len(order)
     if event is not None:
+        unaffected = set(event.get("unaffected", ()))  # recorded before the overflowing module: still fair
         stage_rank = {"text_encoder": 0, "unet": 1, "vae": 2}
 
         def at_or_after(name: str) -> bool:
@@ -360,7 +362,7 @@ def _cut(order: list[str], event: dict | None, nonfinite: str | None) -> int:
                 return rank > ev_rank
             return event["step"] is None or step is None or step >= event["step"]
 
-        cut = min(cut, next((i for i, n in enumerate(order) if at_or_after(n)), len(order)))
+        cut = min(cut, next((i for i, n in enumerate(order) if at_or_after(n) and n not in unaffected), len(order)))
     return cut
 
 

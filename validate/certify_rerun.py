@@ -149,8 +149,10 @@ class _Keep(dict):
     def __init__(self, wanted: frozenset[str]) -> None:
         super().__init__()
         self.wanted = wanted
+        self.sequence: list[str] = []  # every module output's name, wanted or not, in order
 
     def __setitem__(self, key, value) -> None:
+        self.sequence.append(key)
         if key in self.wanted:
             super().__setitem__(key, np.array(value))
 
@@ -221,12 +223,16 @@ def prune_cache(cache_dir: Path, budget: int, *, keep: Path | None = None) -> li
 
 @functools.cache
 def code_fingerprint() -> str:
-    """sha256 of refsd's source files (relative path and bytes), NumPy's
-    version and the machine architecture: what a cached rerun depends on."""
+    """sha256 of refsd's source files and of this module and the variants'
+    (relative path and bytes: a rerun is their function), NumPy's version and
+    the machine architecture: what a cached rerun depends on."""
     root = Path(refsd.__file__).parent
     h = hashlib.sha256(f"{refsd.__version__} numpy {np.__version__} {platform.machine()}".encode())
-    for f in sorted(root.rglob("*.py")):
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    here = Path(__file__).parent
+    files = [(f.relative_to(root).as_posix(), f) for f in sorted(root.rglob("*.py"))]
+    files += [(f"refsd_validate/{name}", here / name) for name in ("certify_rerun.py", "tolerance.py")]
+    for rel, f in files:
+        h.update(rel.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 
@@ -256,9 +262,22 @@ def _run(model_dir, deployment: Deployment, variant: Variant, request, ids, x0, 
     severe = next((e for e in monitor.events if e.kind in ("overflow", "invalid")), None) if monitor else None
     if severe is not None:
         event = {"op": f"{severe.path} ({severe.op}/{severe.primitive})", "stage": severe.stage, "step": severe.step,
-                 "detail": f"{severe.kind}: {severe.detail}"}
+                 "detail": f"{severe.kind}: {severe.detail}", "unaffected": _recorded_before(keep, severe)}
         trace[OVERFLOW_KEY] = np.frombuffer(json.dumps(event).encode(), np.uint8)
     return trace
+
+
+def _recorded_before(keep: _Keep, event) -> list[str]:
+    """The kept module outputs recorded before the overflowing module began to
+    output (itself, or one of its children): computed before the overflow, so
+    still fair calibration. Empty when the module is not found (conservative)."""
+    def inside(name: str) -> bool:
+        stage, step, path = names.parse_name(name)
+        path = (path or "").split("#", 1)[0]
+        return (stage, step) == (event.stage, event.step) and (path == event.path or path.startswith(event.path + "."))
+
+    first = next((i for i, n in enumerate(keep.sequence) if inside(n)), None)
+    return [] if first is None else [n for n in keep.sequence[:first] if n in keep]
 
 
 def first_severe_event(trace: Mapping[str, np.ndarray]) -> dict | None:
