@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -251,3 +252,30 @@ def test_native_log_reading():
     assert native_errors(LOG + WGSL + "\n") == [WGSL]
     glog = "E0000 00:00:1795995892.055336 15366 delegate_webgpu.cc:736] Failed to get or create delegate"
     assert native_errors(glog) == [glog]
+
+
+def test_a_deployment_the_gpu_breaks_is_rejected_where_it_breaks(exports, tiny_sd21, certify_cache, tmp_path):
+    """The tiny model with the mid-block self-attention's query and key weights x300: finite in float32, but
+    its attention scores pass 65504 in the GPU's fp16 kernels. Captured with intermediates, it is rejected at
+    the first module whose output is non-finite, inside that attention, at step 0 (measured on tiny sd15:
+    attn1.to_out.0). refsd's f16 calibration runs overflow there too; what they recorded before that module
+    still calibrates, so nothing earlier is blamed."""
+    from safetensors.numpy import load_file, save_file
+
+    from refsd.export.build import export
+    from refsd_validate.certify import certify
+
+    model = shutil.copytree(tiny_sd21, tmp_path / "model")
+    weights = next((model / "unet").glob("*.safetensors"))
+    state = load_file(str(weights))
+    attn1 = "mid_block.attentions.0.transformer_blocks.0.attn1"
+    for k in (f"{attn1}.to_q.weight", f"{attn1}.to_k.weight"):
+        state[k] = state[k] * np.float32(300)
+    save_file(state, str(weights))
+    export(model, tmp_path / "tflite", weights="fp16", rewrites="paper", height=64, width=64, progress=False)
+    r = _cli(*_request_args(tmp_path / "tflite", model, tmp_path / "b"), "--intermediates")
+    assert r.returncode == 0, r.stderr
+    cert = certify(tmp_path / "b", model, mode="teacher", cache_dir=certify_cache)
+    f = cert.to_dict()["first_failure"]
+    assert not cert.certified and f["failed"] == ["nonfinite"], f
+    assert (f["step"], f["stage"]) == (0, "unet") and f["module_path"].startswith(f"unet.{attn1}"), f
