@@ -175,7 +175,7 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
                          f"got {height}x{width}")
     h, w = height // scale, width // scale
 
-    from refsd_validate.bundle import model_sha256  # noqa: PLC0415
+    from refsd.model_identity import model_sha256  # noqa: PLC0415
     from tqdm import tqdm  # noqa: PLC0415
 
     from refsd.models.module import ModelOptions  # noqa: PLC0415
