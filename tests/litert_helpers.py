@@ -17,3 +17,12 @@ def interpreter(path, *, preserve: bool = False) -> Interpreter:
                      experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
     it.allocate_tensors()
     return it
+
+
+def run(folder, name, feeds, *, preserve: bool = False):
+    """(output, interpreter) of ``folder/name.tflite`` on ``feeds`` (input name -> array)."""
+    it = interpreter(folder / f"{name}.tflite", preserve=preserve)
+    for d in it.get_input_details():
+        it.set_tensor(d["index"], feeds[d["name"]])
+    it.invoke()
+    return it.get_tensor(it.get_output_details()[0]["index"]), it

@@ -56,7 +56,7 @@ import numpy as np
 import pytest
 from ai_edge_litert import schema_py_generated as schema
 
-from litert_helpers import interpreter, manifest
+from litert_helpers import manifest, run
 from refsd import weights
 from refsd.export.tflite_weights import read_int8_tflite, read_int8_weights
 from refsd.models.module import Conv2d, Embedding, Int8Weight, Linear, ModelOptions, round_bf16
@@ -118,12 +118,6 @@ def feeds(folder) -> dict:
     }
 
 
-def litert(folder, name, feed, *, preserve=False):
-    it = interpreter(folder / f"{name}.tflite", preserve=preserve)
-    for d in it.get_input_details():
-        it.set_tensor(d["index"], feed[d["name"]])
-    it.invoke()
-    return it.get_tensor(it.get_output_details()[0]["index"]), it
 
 
 def rerun(model_dir, folder, name, feed, **options):
@@ -216,7 +210,7 @@ def test_hybrid_kernels_match_litert_op_by_op(deployed, tiny_export, arch, rewri
     inputs = feeds(folder)
     report = {}
     for name in COMPONENTS:
-        _, it = litert(folder, name, inputs[name], preserve=True)
+        _, it = run(folder, name, inputs[name], preserve=True)
         flips = quantized = ops = 0
         for kind, xi, yi, q, scale, bi, asym, stride, pad in _hybrid_ops(folder / f"{name}.tflite"):
             x, y = it.get_tensor(xi), it.get_tensor(yi)
@@ -250,7 +244,7 @@ def test_int8_components_against_litert(models, deployed, arch, rewrites):
     inputs = feeds(folder)
     rows = []
     for name in COMPONENTS:
-        got, _ = litert(folder, name, inputs[name])
+        got, _ = run(folder, name, inputs[name])
         hybrid = rerun(models[arch], folder, name, inputs[name], weights="int8", int8_kernels="hybrid",
                        int8_values=values)
         dequant = rerun(models[arch], folder, name, inputs[name], weights="int8", int8_kernels="dequantize",
@@ -281,7 +275,7 @@ def test_serialized_conv_parts_are_quantized_and_run_per_part(models, tiny_expor
         q, scale = convs[key[: -len(".weight")]]._int8_split(v.scale.shape[0])
         assert np.array_equal(q, v.q) and np.array_equal(scale, v.scale), key
     feed = feeds(folder)["unet"]
-    got, _ = litert(folder, "unet", feed)
+    got, _ = run(folder, "unet", feed)
     hybrid = rerun(models["sd15"], folder, "unet", feed, weights="int8", int8_kernels="hybrid", int8_values=values)
     dequant = rerun(models["sd15"], folder, "unet", feed, weights="int8", int8_kernels="dequantize", int8_values=values)
     print(f"\nsd15 int8 paper 16x16 (split convs) UNet vs LiteRT: hybrid {rel(hybrid, got):.1e}, "
@@ -298,7 +292,7 @@ def test_fp16_weights_reproduce_the_stored_parameters(models, tiny_export):
     inputs = feeds(folder)
     rows = []
     for name in COMPONENTS:
-        got, _ = litert(folder, name, inputs[name])
+        got, _ = run(folder, name, inputs[name])
         e16 = rel(rerun(models["sd15"], folder, name, inputs[name], weights="fp16"), got)
         e32 = rel(rerun(models["sd15"], folder, name, inputs[name]), got)
         rows.append(f"{name}: fp16 weights {e16:.1e}, fp32 weights {e32:.1e}")
@@ -315,7 +309,7 @@ def test_pruned_export_reruns_with_the_declared_rewrite(models, tiny_export):
     assert PRUNE in manifest(folder)["rewrites"]
     inputs = feeds(folder)
     for name in ("unet", "vae"):
-        got, _ = litert(folder, name, inputs[name])
+        got, _ = run(folder, name, inputs[name])
         pruned = rerun(models["sd15"], folder, name, inputs[name])
         assert rel(pruned, got) <= FP32_TOL, name
         unpruned = LOADERS[name](models["sd15"] / name)

@@ -41,7 +41,7 @@ import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from litert_helpers import interpreter, manifest
+from litert_helpers import interpreter, manifest, run
 from refsd import weights
 from refsd.models.module import ModelOptions
 from refsd.monitor import location, recording
@@ -60,12 +60,6 @@ def rel(a, b) -> float:
 
 
 
-def run(folder, name, feeds, *, preserve=False):
-    it = interpreter(folder / f"{name}.tflite", preserve=preserve)
-    for d in it.get_input_details():
-        it.set_tensor(d["index"], feeds[d["name"]])
-    it.invoke()
-    return it.get_tensor(it.get_output_details()[0]["index"]), it
 
 
 def inputs(folder, timestep: float = 501.0) -> dict:
