@@ -35,7 +35,8 @@ if __name__ == "__main__" and "--threads" not in sys.argv:
 import numpy as np  # noqa: E402
 
 from refsd import ops  # noqa: E402
-from refsd.monitor import monitoring, scope  # noqa: E402
+from refsd.context import scope  # noqa: E402
+from refsd.monitor import monitoring  # noqa: E402
 from refsd.numerics import precision, round_f16  # noqa: E402
 
 

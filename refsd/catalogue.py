@@ -74,7 +74,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 from refsd import ops
-from refsd.monitor import Event, Report, monitoring, scope
+from refsd.context import scope
+from refsd.monitor import Event, Report, monitoring
 from refsd.numerics import Precision, precision
 
 __all__ = ["CASES", "Case", "CaseResult", "CatalogueResult", "DeviceOutcome", "Variant", "run_case", "run_catalogue",

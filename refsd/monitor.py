@@ -37,6 +37,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
+from refsd.context import current_location, current_path
 from refsd.numerics import FP16_MAX
 
 EVENT_KINDS = ("overflow", "invalid", "propagated", "underflow", "constant", "precision")
@@ -103,7 +104,7 @@ class Monitor:
 
     def event(self, kind: str, op: str, primitive: str, count: int, detail: str, severe: bool) -> None:
         assert kind in EVENT_KINDS, kind
-        path, (stage, step) = current_path(), _WHERE.get()
+        path, (stage, step) = current_path(), current_location()
         stat = self._stat(stage, path, op)
         stat.counts[kind] = stat.counts.get(kind, 0) + count
         # One event row per (stage, step, path, op, primitive, kind, detail):
@@ -123,7 +124,7 @@ class Monitor:
         self.events.append(Event(self._seq, kind, path, op, primitive, stage, step, count, detail, severe))
 
     def op_output(self, op: str, max_abs: float) -> None:
-        path, (stage, step) = current_path(), _WHERE.get()
+        path, (stage, step) = current_path(), current_location()
         stat = self._stat(stage, path, op)
         stat.calls += 1
         # NaN outranks any magnitude: the op has already gone past overflow.
@@ -234,10 +235,6 @@ def _json_float(v: float):
 
 
 _MONITOR: contextvars.ContextVar[Monitor | None] = contextvars.ContextVar("refsd_monitor", default=None)
-_PATH: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("refsd_path", default=())
-_WHERE: contextvars.ContextVar[tuple[str | None, int | None]] = contextvars.ContextVar(
-    "refsd_where", default=(None, None)
-)
 
 
 def active_monitor() -> Monitor | None:
@@ -253,68 +250,3 @@ def monitoring(monitor: Monitor | None = None) -> Iterator[Monitor]:
         yield mon
     finally:
         _MONITOR.reset(token)
-
-
-@contextlib.contextmanager
-def scope(name: str) -> Iterator[str]:
-    """Append ``name`` (dotted allowed) to the module path of the enclosed ops."""
-    token = _PATH.set(_PATH.get() + (name,) if name else _PATH.get())
-    try:
-        yield current_path()
-    finally:
-        _PATH.reset(token)
-
-
-def current_path() -> str:
-    return ".".join(_PATH.get())
-
-
-_RECORDER: contextvars.ContextVar[dict | None] = contextvars.ContextVar("refsd_recorder", default=None)
-
-
-def tensor_name(path: str) -> str:
-    """The capture-bundle name of a module output at the current location:
-    ``{stage}/step_{i}/{module path}`` (``{stage}/{module path}`` outside the
-    denoising loop), e.g. ``unet/step_3/unet.mid_block.attentions.0``."""
-    stage, step = _WHERE.get()
-    prefix = stage or path.split(".", 1)[0]
-    return f"{prefix}/step_{step}/{path}" if step is not None else f"{prefix}/{path}"
-
-
-@contextlib.contextmanager
-def recording(into: dict | None = None) -> Iterator[dict]:
-    """Collect every module's output (``Module.__call__``) into a dict keyed by
-    ``tensor_name``: the reference side of a capture's intermediates. A module
-    called twice at one location keeps its first output and the second goes
-    under ``name#1`` (and so on), so nothing is silently overwritten."""
-    store = into if into is not None else {}
-    token = _RECORDER.set(store)
-    try:
-        yield store
-    finally:
-        _RECORDER.reset(token)
-
-
-def record(path: str, value) -> None:
-    """Store a module output if a ``recording()`` is active (cheap otherwise).
-    Only tensor outputs are kept (down blocks return ``(x, skips)`` tuples;
-    their tensors are recorded by the modules inside)."""
-    store = _RECORDER.get()
-    if store is None or not path or not hasattr(value, "shape"):
-        return
-    name = tensor_name(path)
-    key, k = name, 0
-    while key in store:
-        k += 1
-        key = f"{name}#{k}"
-    store[key] = value
-
-
-@contextlib.contextmanager
-def location(stage: str | None = None, step: int | None = None) -> Iterator[None]:
-    """Tag the enclosed ops with a pipeline stage and denoising step."""
-    token = _WHERE.set((stage, step))
-    try:
-        yield
-    finally:
-        _WHERE.reset(token)

@@ -83,7 +83,7 @@ def recorded_names(model_dir: str | Path, *, steps: int = 1, height: int = 512, 
                    progress: bool = False) -> list[NameInfo]:
     """Every tensor a run of ``steps`` steps at ``height`` x ``width`` records,
     in execution order, with shape and meaning (one step is run for shapes)."""
-    from refsd.monitor import recording  # noqa: PLC0415
+    from refsd.context import recording  # noqa: PLC0415
     from refsd.pipeline import Pipeline, Request  # noqa: PLC0415
 
     pipe = Pipeline(model_dir, low_memory=True)

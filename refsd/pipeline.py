@@ -29,14 +29,15 @@ from typing import Callable, Mapping
 import numpy as np
 
 from refsd import trace as trace_names
+from refsd.context import location
 from refsd.limits import check_request
 from refsd.models.module import ModelOptions
 from refsd.models.vae import VaeConfig
-from refsd.monitor import Monitor, Report, location, monitoring
+from refsd.monitor import Monitor, Report, monitoring
 from refsd.numerics import Precision, round_f16
 from refsd.schedulers import DDIMScheduler, make_scheduler
 from refsd.trace import MODELS, TOKENS
-from refsd.weights import read_config, load_scheduler_config, load_text_encoder, load_tokenizer, load_unet, load_vae
+from refsd.weights import load_scheduler_config, load_text_encoder, load_tokenizer, load_unet, load_vae, read_config
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ import pytest
 from refsd import ops
 from refsd.catalogue import CASES, run_case, run_catalogue
 from refsd.cli import main
-from refsd.monitor import monitoring, scope
+from refsd.context import scope
+from refsd.monitor import monitoring
 from refsd.numerics import precision
 
 ROOT = Path(__file__).resolve().parent.parent

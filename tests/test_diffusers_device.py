@@ -42,13 +42,14 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from refsd.monitor import recording  # noqa: E402
-from refsd.pipeline import Pipeline, Request  # noqa: E402
-from refsd.schedulers import make_scheduler  # noqa: E402
-from refsd.trace import boundary_names, is_boundary  # noqa: E402
 from refsd_validate.bundle import write_bundle  # noqa: E402
 from refsd_validate.certify import certify  # noqa: E402
 from refsd_validate.reader import BundleError, ModelGeometry, read_bundle  # noqa: E402
+
+from refsd.context import recording  # noqa: E402
+from refsd.pipeline import Pipeline, Request  # noqa: E402
+from refsd.schedulers import make_scheduler  # noqa: E402
+from refsd.trace import boundary_names, is_boundary  # noqa: E402
 
 pytestmark = pytest.mark.conformance
 

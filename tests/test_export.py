@@ -40,11 +40,11 @@ import sys
 import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
 from litert_helpers import interpreter, manifest, run
+
 from refsd import weights
+from refsd.context import location, recording
 from refsd.models.module import ModelOptions
-from refsd.monitor import location, recording
 from refsd.ops.quant import quantize_int8
 
 FP32_TOL = 1e-5

@@ -18,7 +18,8 @@ import pytest
 
 from refsd import ops
 from refsd.catalogue import CASES, run_on_device
-from refsd.monitor import monitoring, scope
+from refsd.context import scope
+from refsd.monitor import monitoring
 from refsd.numerics import FP16_MAX, U_F16, Precision, precision, round_f16, truncate_f16
 
 ROOT = Path(__file__).resolve().parent.parent

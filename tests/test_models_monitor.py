@@ -11,8 +11,9 @@ import pytest
 
 import refsd.ops
 from refsd import weights
+from refsd.context import location
 from refsd.models import ModelOptions, Rewrites
-from refsd.monitor import location, monitoring
+from refsd.monitor import monitoring
 from refsd.numerics import round_f16
 from refsd.tiny import make_tiny
 
@@ -169,7 +170,7 @@ def test_bad_inputs_are_clear_errors(tiny):
 def test_recording_names_every_module_output(tiny):
     """``recording()`` keeps each module's output under its capture-bundle name
     (``{stage}/step_{i}/{module path}``), the tensor the module returned."""
-    from refsd.monitor import recording
+    from refsd.context import recording
 
     comp = weights.load_pipeline(tiny, tokenizer=False)
     with recording() as rec:

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from refsd import ops
-from refsd.monitor import EVENT_KINDS, Monitor, active_monitor, current_path, headroom, location, monitoring, scope
+from refsd.context import current_path, location, scope
+from refsd.monitor import EVENT_KINDS, Monitor, active_monitor, headroom, monitoring
 from refsd.numerics import FP16_MAX, precision
 
 

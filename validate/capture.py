@@ -30,11 +30,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from refsd_validate.bundle import model_sha256, write_bundle
+from refsd_validate.capture_gpu import GPU_PRECISIONS, divert_native_stderr
 
 from refsd.cli_pipeline import add_prompt_args
 from refsd.pipeline import Pipeline
-from refsd_validate.bundle import model_sha256, write_bundle
-from refsd_validate.capture_gpu import GPU_PRECISIONS, divert_native_stderr
 
 PRECISIONS = ("f32", "f32_f16", "f16")
 ACCELERATORS = ("cpu", "gpu")
@@ -87,7 +87,7 @@ class _LiteRTModel:
             self.config = SimpleNamespace(in_channels=shapes["sample"]["shape"][-1])
 
     def _run(self, **feeds) -> np.ndarray:
-        from refsd.monitor import tensor_name  # noqa: PLC0415
+        from refsd.context import tensor_name  # noqa: PLC0415
 
         arrays = {}
         for key, value in feeds.items():
@@ -328,8 +328,8 @@ def add_capture_parser(sub) -> None:
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
-    from refsd.export.build import read_manifest  # noqa: PLC0415
     from refsd.cli_pipeline import check_request_args  # noqa: PLC0415
+    from refsd.export.build import read_manifest  # noqa: PLC0415
     from refsd.pipeline import Request  # noqa: PLC0415
 
     check_request_args(args)

@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from refsd_validate.bundle import model_sha256, write_bundle
 
 from refsd import __version__
-from refsd.monitor import recording
+from refsd.context import recording
 from refsd.pipeline import Pipeline, Request
 from refsd.schedulers import make_scheduler
 from refsd.trace import MODELS
-from refsd_validate.bundle import model_sha256, write_bundle
-
 
 
 def emulated_capture(model_dir: str | Path, request: Request, out: str | Path, *, precision: str = "f32_f16",

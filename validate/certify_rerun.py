@@ -32,19 +32,20 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+from refsd_validate.tolerance import Variant
 
 import refsd
 from refsd import trace as names
 from refsd.blas import blas_fingerprint
+from refsd.context import recording
 from refsd.models.module import ModelOptions
 from refsd.models.rewrites import EXCLUSIVE, Rewrites
-from refsd.monitor import Monitor, recording
+from refsd.monitor import Monitor
 from refsd.numerics import Precision
 from refsd.ops.hybrid import either_rounding
 from refsd.ops.transcendental import perturbed
 from refsd.pipeline import Pipeline, Request
 from refsd.trace import MODELS
-from refsd_validate.tolerance import Variant
 
 # Reruns of the real SD 2.1 at 512x512 with intermediates are ~100s of MB; 50 certifications of the tiny model at
 # 64x64 with every intermediate wrote ~5 GB. Least-recently-used eviction keeps the calibration runs that bundles of

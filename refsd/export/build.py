@@ -47,8 +47,8 @@ from pathlib import Path
 
 from refsd.export.tflite_edit import widen_gather_tables
 from refsd.models.rewrites import Rewrites
-from refsd.trace import CFG_ORDER, TOKENS
 from refsd.safe_io import read_json
+from refsd.trace import CFG_ORDER, TOKENS
 
 COMPONENTS = ("text_encoder", "unet", "vae")
 WEIGHTS = ("fp32", "fp16", "int8")
@@ -89,7 +89,7 @@ def _trace(model, specs: dict):
     """(concrete function, {module path: (TF op of its output, its shape)}) of ``model.graph``."""
     import tensorflow as tf  # noqa: PLC0415
 
-    from refsd.monitor import location, recording  # noqa: PLC0415
+    from refsd.context import location, recording  # noqa: PLC0415
 
     recorded: dict = {}
     signature = [tf.TensorSpec(shape, getattr(tf, dtype), name=name) for name, (shape, dtype) in specs.items()]
@@ -175,9 +175,9 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
                          f"got {height}x{width}")
     h, w = height // scale, width // scale
 
-    from refsd.model_identity import model_sha256  # noqa: PLC0415
     from tqdm import tqdm  # noqa: PLC0415
 
+    from refsd.model_identity import model_sha256  # noqa: PLC0415
     from refsd.models.module import ModelOptions  # noqa: PLC0415
     from refsd.weights import load_text_encoder, load_unet, load_vae  # noqa: PLC0415
 

@@ -28,10 +28,11 @@ from typing import Iterator
 import numpy as np
 import tensorflow as tf
 
-from refsd.monitor import current_path
+from refsd.context import current_path
+from refsd.ops.activations import _GELU_COEFF, _SQRT_2_OVER_PI
+
 # Pure shape arithmetic, shared with the reference so both executors choose the same split.
 from refsd.ops.conv import _padding, conv_output_hw, serial_conv_factor  # noqa: F401 (re-exported names)
-from refsd.ops.activations import _GELU_COEFF, _SQRT_2_OVER_PI
 
 _FP16_EXACT: contextvars.ContextVar[bool] = contextvars.ContextVar("refsd_export_fp16_exact", default=False)
 

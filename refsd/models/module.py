@@ -33,12 +33,11 @@ from typing import Any, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
+from refsd.context import record, scope
 from refsd.models.config_schema import config_schema
 from refsd.models.rewrites import Rewrites
-from refsd.monitor import record, scope
-from refsd.numerics import Precision
+from refsd.numerics import U_F16, Precision, round_f16
 from refsd.numerics import precision as _precision
-from refsd.numerics import U_F16, round_f16
 from refsd.ops._core import mark_stored
 from refsd.safe_io import check_schema, read_json
 

@@ -20,12 +20,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from refsd.context import scope
 from refsd.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D
 from refsd.models.module import (
-    Conv2d, GroupNorm, LayerNorm, Linear, ModelOptions, Module, RootModel, activation, attention_op,
-    config_from_dict, gelu_op,
+    Conv2d,
+    GroupNorm,
+    LayerNorm,
+    Linear,
+    ModelOptions,
+    Module,
+    RootModel,
+    activation,
+    attention_op,
+    config_from_dict,
+    gelu_op,
 )
-from refsd.monitor import scope
 
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP = ("CrossAttnUpBlock2D", "UpBlock2D")
