@@ -29,10 +29,10 @@ import numpy as np
 import tensorflow as tf
 
 from refsd.context import current_path
-from refsd.ops.activations import _GELU_COEFF, _SQRT_2_OVER_PI
+from refsd.ops.activations import GELU_COEFF, SQRT_2_OVER_PI
 
 # Pure shape arithmetic, shared with the reference so both executors choose the same split.
-from refsd.ops.conv import _padding, conv_output_hw, serial_conv_factor  # noqa: F401 (re-exported names)
+from refsd.ops.conv import conv_output_hw, padding_pairs, serial_conv_factor  # noqa: F401 (re-exported names)
 
 _FP16_EXACT: contextvars.ContextVar[bool] = contextvars.ContextVar("refsd_export_fp16_exact", default=False)
 
@@ -105,7 +105,7 @@ def _gelu(x, approximate: str, clip: float | None = None):
         return tf.nn.gelu(x, approximate=False)
     # Unfused tanh-GELU, primitive by primitive, so the clip sits before the cube.
     g = x if clip is None else tf.clip_by_value(x, -np.float32(clip), np.float32(clip))
-    inner = (g + (g * g * g) * np.float32(_GELU_COEFF)) * np.float32(_SQRT_2_OVER_PI)
+    inner = (g + (g * g * g) * np.float32(GELU_COEFF)) * np.float32(SQRT_2_OVER_PI)
     return (x * np.float32(0.5)) * (np.float32(1.0) + tf.tanh(inner))
 
 
@@ -198,7 +198,7 @@ def linear(x, w, b=None):
 def conv2d(x, w, b=None, *, stride=1, padding=0):
     w = np.asarray(w, np.float32)
     kh, kw = w.shape[:2]
-    (pt, pb), (pl, pr) = _padding(padding)
+    (pt, pb), (pl, pr) = padding_pairs(padding)
     sh, sw = (stride, stride) if isinstance(stride, (int, np.integer)) else stride
     h, wd = x.shape[1], x.shape[2]
     ho, wo = conv_output_hw(h, wd, kh, kw, stride=stride, padding=padding)

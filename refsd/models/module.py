@@ -10,7 +10,7 @@ is the tensor ``down_blocks.1.attentions.0.proj_in.weight`` of the checkpoint.
   mismatch is reported in one ``WeightsError``.
 * Loading converts once: conv OIHW -> HWIO, fp16 / bf16 -> float32 arrays, and
   in fp16-storage precision modes rounds each weight to fp16 once
-  (``ops._core.mark_stored``) so ops do not round it again.
+  (``ops.mark_stored``) so ops do not round it again.
 * Then the root model makes the weights those *as deployed* (``RootModel.deploy``):
   pruning (rewrite ``prune``), and the storage of ``ModelOptions.weights``
   (fp16 / bf16 rounding, or int8 values and per-channel scales with the kernels
@@ -38,7 +38,7 @@ from refsd.models.config_schema import config_schema
 from refsd.models.rewrites import Rewrites
 from refsd.numerics import U_F16, Precision, round_f16
 from refsd.numerics import precision as _precision
-from refsd.ops._core import mark_stored
+from refsd.ops import mark_stored
 from refsd.safe_io import check_schema, read_json
 
 

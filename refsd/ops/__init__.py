@@ -6,6 +6,7 @@ Arrays are positional, attributes keyword-only. Every rewrite sits beside the
 op it replaces; ``REWRITES`` maps each to its original.
 """
 
+from refsd.ops._core import mark_stored
 from refsd.ops.activations import erf, geglu, geglu_clip, geglu_fused, gelu, gelu_clip, gelu_fused, quick_gelu, silu
 from refsd.ops.attention import attention, flash_attention, softmax, softmax_partial_fused
 from refsd.ops.conv import conv2d, conv_output_hw, serial_conv, serial_conv_factor
@@ -44,7 +45,8 @@ __all__ = [
     "HYBRID_KERNELS", "REWRITES", "add", "attention", "concat", "conv2d", "conv2d_hybrid_int8", "conv2d_winograd",
     "conv_output_hw", "dequantize_int8", "embedding", "embedding_1d", "erf", "exp", "fc_as_conv",
     "fc_as_conv_hybrid_int8", "flash_attention", "geglu", "geglu_clip", "geglu_fused", "gelu", "gelu_clip",
-    "gelu_fused", "gn4d", "group_norm", "group_norm_fused", "layer_norm", "linear", "linear_hybrid_int8", "mul",
+    "gelu_fused", "gn4d", "group_norm", "group_norm_fused", "layer_norm", "linear", "linear_hybrid_int8",
+    "mark_stored", "mul",
     "quantize_activations", "quantize_int8", "quick_gelu", "reduce_mean", "reduce_sum", "scale", "serial_conv",
     "serial_conv_factor", "serial_conv_hybrid_int8", "silu", "softmax", "softmax_partial_fused", "timestep_embedding",
     "upsample_nearest2x", "winograd_error_scale",

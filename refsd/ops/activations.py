@@ -21,9 +21,9 @@ from refsd.numerics import current_precision
 from refsd.ops._core import const, exp, kernel_out, load, op, prim, store
 from refsd.ops.transcendental import perturb
 
-_SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
+SQRT_2_OVER_PI = float(np.sqrt(2.0 / np.pi))
 _INV_SQRT2 = float(1.0 / np.sqrt(2.0))
-_GELU_COEFF = 0.044715
+GELU_COEFF = 0.044715
 APPROXIMATIONS = ("none", "tanh")
 
 # Numerical Recipes' erfc (Chebyshev fit), fractional error < 1.2e-7 for all x,
@@ -99,8 +99,8 @@ def _gelu_unfused(x: np.ndarray, approximate: str, clip: float | None = None) ->
     else:
         g = x if clip is None else np.clip(x, -np.float32(clip), np.float32(clip))
         cube = prim(g * g * g, "pow3")
-        inner = prim(g + prim(cube * const(_GELU_COEFF, "gelu_coeff"), "mul_coeff"), "add")
-        e = prim(perturb(np.tanh(prim(inner * const(_SQRT_2_OVER_PI, "sqrt_2_over_pi"), "mul_sqrt_2_over_pi"))), "tanh")
+        inner = prim(g + prim(cube * const(GELU_COEFF, "gelu_coeff"), "mul_coeff"), "add")
+        e = prim(perturb(np.tanh(prim(inner * const(SQRT_2_OVER_PI, "sqrt_2_over_pi"), "mul_sqrt_2_over_pi"))), "tanh")
     return prim(x * np.float32(0.5), "half") * prim(np.float32(1.0) + e, "add_one")
 
 
@@ -108,7 +108,7 @@ def gelu_f32(x: np.ndarray, approximate: str = "none") -> np.ndarray:
     """GELU in plain float32 math (what a fused kernel computes in registers)."""
     if approximate == "none":
         return np.float32(0.5) * x * (np.float32(1.0) + erf(x * np.float32(_INV_SQRT2)))
-    inner = np.float32(_SQRT_2_OVER_PI) * (x + np.float32(_GELU_COEFF) * x * x * x)
+    inner = np.float32(SQRT_2_OVER_PI) * (x + np.float32(GELU_COEFF) * x * x * x)
     return np.float32(0.5) * x * (np.float32(1.0) + np.tanh(inner))
 
 

@@ -24,7 +24,7 @@ def _pair(v) -> tuple[int, int]:
     return int(a), int(b)
 
 
-def _padding(padding) -> tuple[tuple[int, int], tuple[int, int]]:
+def padding_pairs(padding) -> tuple[tuple[int, int], tuple[int, int]]:
     """int, (ph, pw) or ((top, bottom), (left, right))."""
     if isinstance(padding, (int, np.integer)):
         p = int(padding)
@@ -36,7 +36,7 @@ def _padding(padding) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def conv_output_hw(h: int, w: int, kh: int, kw: int, *, stride=1, padding=0) -> tuple[int, int]:
-    (st_h, st_w), ((pt, pb), (pl, pr)) = _pair(stride), _padding(padding)
+    (st_h, st_w), ((pt, pb), (pl, pr)) = _pair(stride), padding_pairs(padding)
     return (h + pt + pb - kh) // st_h + 1, (w + pl + pr - kw) // st_w + 1
 
 
@@ -77,7 +77,7 @@ def _conv_acc(x: np.ndarray, w: np.ndarray, *, stride, padding, mm=matmul) -> np
     integer-valued float products)."""
     n, h, wd, cin = x.shape
     kh, kw, _, cout = w.shape
-    (sh, sw), ((pt, pb), (pl, pr)) = _pair(stride), _padding(padding)
+    (sh, sw), ((pt, pb), (pl, pr)) = _pair(stride), padding_pairs(padding)
     ho, wo = conv_output_hw(h, wd, kh, kw, stride=stride, padding=padding)
     if kh == kw == 1 and sh == sw == 1 and not (pt or pb or pl or pr):
         return mm(x.reshape(-1, cin), w.reshape(cin, cout)).reshape(n, h, wd, cout)

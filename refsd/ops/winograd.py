@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from refsd.ops._core import load, matmul, op, param, prim, store, stored
-from refsd.ops.conv import _check_conv, _padding
+from refsd.ops.conv import _check_conv
+from refsd.ops.conv import padding_pairs as _padding
 
 _F2 = (
     np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float32),  # B^T
