@@ -102,7 +102,7 @@ def run(work: Path) -> None:
 
 def compare(work: Path) -> dict:
     from refsd.context import location, recording
-    from refsd.models.module import ModelOptions
+    from refsd.models.options import ModelOptions
     from refsd.monitor import monitoring
     from refsd.numerics import Precision
     from refsd.weights import load_unet

@@ -26,7 +26,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from refsd.models.module import WeightsError
+from refsd.models.loading import WeightsError
 from refsd.safe_io import sha256_file
 from refsd.weights import find_weights, tokenizer_files
 

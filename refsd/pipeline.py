@@ -31,7 +31,7 @@ import numpy as np
 from refsd import trace as trace_names
 from refsd.context import location
 from refsd.limits import check_request
-from refsd.models.module import ModelOptions
+from refsd.models.options import ModelOptions
 from refsd.models.vae import VaeConfig
 from refsd.monitor import Monitor, Report, monitoring
 from refsd.numerics import Precision, round_f16

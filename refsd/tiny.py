@@ -26,7 +26,7 @@ import numpy as np
 
 from refsd.data import BOS, EOS, clip_bpe, merges_txt
 from refsd.models.clip_text import ClipTextConfig, ClipTextModel
-from refsd.models.module import ModelOptions
+from refsd.models.options import ModelOptions
 from refsd.models.unet import UNet2DConditionModel, UNetConfig
 from refsd.models.vae import AutoencoderKL, VaeConfig
 from refsd.weights import write_safetensors

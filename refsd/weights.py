@@ -29,10 +29,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from refsd.models.clip_text import ClipTextConfig, ClipTextModel
-from refsd.models.module import ModelOptions, WeightsError, read_config
+from refsd.models.loading import WeightsError
+from refsd.models.options import ModelOptions
 from refsd.models.unet import UNet2DConditionModel, UNetConfig
 from refsd.models.vae import AutoencoderKL, VaeConfig
-from refsd.safe_io import check_regular, check_schema, open_regular, parse_json, read_text
+from refsd.safe_io import check_regular, check_schema, open_regular, parse_json, read_json, read_text
 
 __all__ = [
     "Components", "WeightsError", "find_weights", "load_component_state", "load_pipeline", "load_scheduler_config",
@@ -215,6 +216,14 @@ def load_component_state(component_dir: str | os.PathLike, *, variant: str | Non
         raise WeightsError(f"{files[0].parent}: tensors the index maps to a shard are in none: "
                            f"{', '.join(absent[:10])}")
     return state
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """A JSON object from a config file, read strictly (``refsd.safe_io.read_json``)."""
+    doc = read_json(path, error=WeightsError)
+    if not isinstance(doc, dict):
+        raise WeightsError(f"{path}: expected a JSON object, got a JSON {type(doc).__name__}")
+    return doc
 
 
 def shard_map(index: Path) -> dict[str, str]:

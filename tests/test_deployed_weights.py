@@ -59,7 +59,9 @@ from ai_edge_litert import schema_py_generated as schema
 from litert_helpers import manifest, run
 from refsd import weights
 from refsd.export.tflite_weights import read_int8_tflite, read_int8_weights
-from refsd.models.module import Conv2d, Embedding, Int8Weight, Linear, ModelOptions, round_bf16
+from refsd.models.loading import round_bf16
+from refsd.models.module import Conv2d, Embedding, Linear
+from refsd.models.options import Int8Weight, ModelOptions
 from refsd.models.rewrites import Rewrites
 from refsd.numerics import round_f16
 from refsd.ops.hybrid import conv2d_hybrid_int8, linear_hybrid_int8, quantize_activations

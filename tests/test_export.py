@@ -44,7 +44,7 @@ from litert_helpers import interpreter, manifest, run
 
 from refsd import weights
 from refsd.context import location, recording
-from refsd.models.module import ModelOptions
+from refsd.models.options import ModelOptions
 from refsd.ops.quant import quantize_int8
 
 FP32_TOL = 1e-5

@@ -55,6 +55,14 @@ def test_every_rewrite_is_covered():
     assert set(ops.REWRITES) == covered
 
 
+def test_one_rewrite_vocabulary():
+    """The ops each model rewrite runs (``refsd.models.rewrites.OPS``) are exactly the ops of ``ops.REWRITES``."""
+    from refsd.models import rewrites  # noqa: PLC0415
+
+    assert set(rewrites.OPS) == set(rewrites.NAMES)
+    assert {op for names in rewrites.OPS.values() for op in names} == set(ops.REWRITES)
+
+
 # ---------------------------------------------------------------- strategies themselves
 
 

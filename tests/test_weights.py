@@ -313,7 +313,7 @@ def _rss_file_kb() -> int:
 def test_converted_tensors_release_their_mapped_pages(tmp_path):
     # A converting load (conv OIHW -> HWIO, fp16 rounding) must not keep the
     # checkpoint's pages resident beside the model's own copy.
-    from refsd.models.module import _drop_mapped_pages
+    from refsd.models.loading import drop_mapped_pages
 
     rng = np.random.default_rng(0)
     big = rng.standard_normal((16, 1024, 1024)).astype(np.float32)  # 64 MiB
@@ -323,6 +323,6 @@ def test_converted_tensors_release_their_mapped_pages(tmp_path):
     assert np.array_equal(src, big)  # touches every page
     touched = _rss_file_kb()
     assert touched - before > 48 * 1024
-    _drop_mapped_pages(src)
+    drop_mapped_pages(src)
     assert touched - _rss_file_kb() > 48 * 1024
     assert np.array_equal(src, big)  # still readable: the page cache refaults them

@@ -38,7 +38,7 @@ import refsd
 from refsd import trace as names
 from refsd.blas import blas_fingerprint
 from refsd.context import recording
-from refsd.models.module import ModelOptions
+from refsd.models.options import ModelOptions
 from refsd.models.rewrites import EXCLUSIVE, Rewrites
 from refsd.monitor import Monitor
 from refsd.numerics import Precision

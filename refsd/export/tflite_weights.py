@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from refsd.models.module import Int8Weight, WeightsError
+from refsd.models.loading import WeightsError
+from refsd.models.options import Int8Weight
 
 # TF op name (after the module's scope) of the layer that owns a weight constant.
 _OWNER_OPS = ("MatMul", "Conv2D", "GatherV2")

@@ -15,7 +15,9 @@ The model as deployed: ``weights="fp16"|"bf16"|"int8"``, ``int8_kernels="hybrid"
 """
 
 from refsd.models.clip_text import ClipTextConfig, ClipTextModel
-from refsd.models.module import Int8Weight, ModelOptions, Module, RootModel, WeightsError
+from refsd.models.loading import WeightsError
+from refsd.models.module import Module, RootModel
+from refsd.models.options import Int8Weight, ModelOptions
 from refsd.models.prune import prune
 from refsd.models.rewrites import EQUIVALENCE, NAMES, PRESETS, Rewrites
 from refsd.models.unet import UNet2DConditionModel, UNetConfig

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from refsd.models.module import Conv2d, GroupNorm, Linear, Module, activation, attention_op
+from refsd.models.module import Conv2d, GroupNorm, Linear, Module, activation
+from refsd.models.rewrites import attention_op
 
 
 class ResnetBlock2D(Module):

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refsd.models.module import (
-    Embedding, LayerNorm, Linear, ModelOptions, Module, RootModel, activation, attention_op, config_from_dict,
-    gelu_op,
-)
+from refsd.models.config import config_from_dict
+from refsd.models.module import Embedding, LayerNorm, Linear, Module, RootModel, activation
+from refsd.models.options import ModelOptions
+from refsd.models.rewrites import attention_op, embedding_op, gelu_op
 
 # transformers' ACT2FN names -> (op, GELU approximation; None: erf unless the model option says tanh)
 _ACTS = {"quick_gelu": ("quick_gelu", None), "gelu": ("gelu", None), "gelu_new": ("gelu", "tanh"),
@@ -114,9 +114,7 @@ class TokenEmbedding(Embedding):
     """The token lookup; ``embedding_1d`` runs it as a gather by 1-D indices (same rows)."""
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
-        if "embedding_1d" in self.rewrites:  # int8 tables: the dequantized rows, as the base class looks up
-            return self.ops.embedding_1d(ids, self.weight if self._table is None else self._table)
-        return super().forward(ids)
+        return embedding_op(self)(ids, self.table())
 
 
 class ClipEmbeddings(Module):

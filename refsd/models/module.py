@@ -19,174 +19,32 @@ is the tensor ``down_blocks.1.attentions.0.proj_in.weight`` of the checkpoint.
   name>)``: every op reports under its module path, e.g.
   ``unet.down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2``.
 * Ops are reached only through ``self.ops``, the namespace handed to the root
-  model (``refsd.ops`` by default), so another executor can pass its own.
+  model (``refsd.ops`` by default), so another executor can pass its own;
+  which op a layer runs under the model's rewrites is chosen in
+  ``refsd.models.rewrites``.
+
+Beside it: ``refsd.models.options`` (``ModelOptions``), ``refsd.models.loading``
+(the strict check and the conversion of checkpoint tensors),
+``refsd.models.config`` (config dataclasses from ``config.json``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import mmap
-import os
-from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, NamedTuple
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
 from refsd.context import record, scope
-from refsd.models.config_schema import config_schema
-from refsd.models.rewrites import Rewrites
-from refsd.numerics import U_F16, Precision, round_f16
+from refsd.models.loading import (ParamSpec, WeightsError, check_state, checkpoint_array, drop_mapped_pages,
+                                  read_only, store_float)
+from refsd.models.options import INT8_MIN_ELEMENTS, Int8Weight, ModelOptions
+from refsd.models.prune import prune
+from refsd.models.rewrites import (Rewrites, conv_hybrid_op, conv_op, group_norm_op, linear_hybrid_op,
+                                   linear_op, serial_conv_split)
+from refsd.numerics import Precision
 from refsd.numerics import precision as _precision
-from refsd.ops import mark_stored
-from refsd.safe_io import check_schema, read_json
-
-
-class WeightsError(ValueError):
-    """A checkpoint that does not match the model (keys, shapes, format)."""
-
-
-# ---------------------------------------------------------------- options
-
-
-WEIGHT_STORAGE = ("fp32", "fp16", "bf16", "int8")
-INT8_KERNELS = ("dequantize", "hybrid")
-# The TFLite converter leaves weights of fewer elements float (its dynamic-range quantizer's
-# minimum; measured on the tiny exports: 1024-element weights int8, an 864-element conv float).
-INT8_MIN_ELEMENTS = 1024
-
-
-class Int8Weight(NamedTuple):
-    """One int8 weight as deployed, in refsd's layout (Linear (out, in), Conv2d
-    HWIO, Embedding (num, dim)): ``q`` int8 and ``scale`` float32, per output
-    channel (out,), per tensor (1,), or for a conv the converter received split
-    over input channels (``serial_conv``) one row per part, (parts, out): each
-    part was quantized on its own. ``asymmetric``: the hybrid
-    FULLY_CONNECTED's ``asymmetric_quantize_inputs`` option. ``fold``: the
-    module path (relative to the root model) of a LayerNorm whose affine the
-    converter folded into this weight (``q * scale ~ W * gamma``), whose output
-    is then the normalized input alone; ``bias`` is then the folded bias
-    (``b + W @ beta``) as the .tflite stores it."""
-
-    q: np.ndarray
-    scale: np.ndarray
-    asymmetric: bool = True
-    fold: str | None = None
-    bias: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class ModelOptions:
-    """How a model runs, fixed at construction: op namespace, rewrites,
-    precision mode, the GELU approximation of its GELU / GEGLU layers
-    (``"none"`` = erf, as diffusers and transformers compute it), and
-    ``weights_f16``: in fp16-storage modes, keep the (fp16-rounded) weights as
-    float16 arrays, widened to float32 at each use: half the weight memory
-    (the low-memory pipeline), same results, ~2 ns per weight per use.
-
-    Weights as deployed, independent of the precision mode:
-
-    * ``weights="fp32"``: as loaded (in fp16-storage modes rounded to fp16 once,
-      as the device stores every tensor).
-    * ``"fp16"`` / ``"bf16"``: every parameter (conv and linear weights, biases,
-      norm weights, embedding tables) rounded once at load, to nearest even,
-      also in precision f32. That is the set the TFLite converter stores as
-      float16 with ``refsd export --weights fp16`` (every float constant of the
-      tiny exports is FLOAT16 + DEQUANTIZE); bf16 rounds the same set.
-    * ``"int8"``: what ``Optimize.DEFAULT`` stores: Linear and Conv2d weights
-      of at least ``INT8_MIN_ELEMENTS`` elements symmetric per output channel
-      (``ops.quantize_int8``, bit for bit the converter's values), and the
-      token embedding table (a GATHER of runtime ids) per tensor; biases, norm
-      weights and smaller weights stay float. ``int8_values``: {component
-      (``text_encoder`` / ``unet`` / ``vae``): {checkpoint key: ``Int8Weight``
-      or ``(q, scale)``}} read from the deployed .tflite
-      (``refsd.export.tflite_weights.read_int8_weights``) replaces refsd's own
-      quantization: then exactly the weights listed are int8, and LayerNorm
-      affines the converter folded into a weight are folded here too.
-      ``int8_kernels``: ``"dequantize"`` (weights dequantized at use, as GPU
-      delegates do: ``ops.dequantize_int8``) or ``"hybrid"`` (LiteRT CPU's
-      hybrid kernels, which also quantize activations: ``ops.hybrid``). The
-      ``int8_weights`` rewrite is ``weights="int8", int8_kernels="dequantize"``.
-
-    ``weight_jitter`` (a validator calibration variant, fp16 / bf16 weights):
-    each weight is rounded from its value moved by a pseudo-random +-1 unit
-    roundoff, so about half land on the other neighbour. A converter stores
-    folded constants (``fp16(W * gamma)`` of a LayerNorm folded into the next
-    layer, scalar products) where refsd rounds each tensor alone: a correct
-    deployment's fp16 weights may each be the other neighbour (measured: the
-    tiny text encoder's fp16 export is 1.1e-3 from refsd's per-tensor rounding).
-    """
-
-    ops: Any = None
-    rewrites: Rewrites = dataclasses.field(default_factory=Rewrites)
-    precision: Precision = dataclasses.field(default_factory=Precision)
-    gelu_approximate: str = "none"
-    weights_f16: bool = False
-    weights: str = "fp32"
-    int8_kernels: str = "dequantize"
-    int8_values: Mapping[str, Mapping[str, Any]] | None = dataclasses.field(default=None, compare=False)
-    weight_jitter: bool = False
-
-    @classmethod
-    def make(cls, *, ops=None, rewrites="none", precision="f32", gelu_approximate: str = "none",
-             weights_f16: bool = False, weights: str = "fp32", int8_kernels: str = "dequantize",
-             int8_values: Mapping | None = None, weight_jitter: bool = False, **rewrite_params) -> "ModelOptions":
-        if ops is None:
-            import refsd.ops as ops  # noqa: PLC0415 (the default namespace)
-        p = precision if isinstance(precision, Precision) else Precision(precision)
-        if gelu_approximate not in ("none", "tanh"):
-            raise ValueError(f"gelu_approximate must be 'none' or 'tanh', got {gelu_approximate!r}")
-        if weights_f16 and not p.storage16:
-            raise ValueError(f"weights_f16 needs an fp16-storage precision mode (f32_f16 or f16), not {p.mode}")
-        if weights not in WEIGHT_STORAGE:
-            raise ValueError(f"unknown weights {weights!r}: expected one of {', '.join(WEIGHT_STORAGE)}")
-        if int8_kernels not in INT8_KERNELS:
-            raise ValueError(f"unknown int8_kernels {int8_kernels!r}: expected one of {', '.join(INT8_KERNELS)}")
-        rw = Rewrites.parse(rewrites, **rewrite_params)
-        if "int8_weights" in rw:
-            if weights not in ("fp32", "int8"):
-                raise ValueError(f"rewrite int8_weights stores weights as int8; it contradicts weights={weights!r}")
-            weights = "int8"
-        if int8_values is not None:
-            if weights != "int8":
-                raise ValueError(f"int8_values given with weights={weights!r}: they need weights='int8'")
-            bad = sorted(set(int8_values) - {"text_encoder", "unet", "vae"})
-            if bad:
-                raise ValueError(f"int8_values: unknown component {bad[0]!r} (expected text_encoder, unet, vae)")
-        if weight_jitter and weights not in ("fp16", "bf16"):
-            raise ValueError(f"weight_jitter moves fp16 / bf16 weights; weights={weights!r} has none")
-        return cls(ops, rw, p, gelu_approximate, weights_f16, weights, int8_kernels, int8_values, weight_jitter)
-
-
-def _jitter(arr: np.ndarray, u: float) -> np.ndarray:
-    """``arr * (1 + s u)`` with a fixed pseudo-random sign ``s`` per element (see ``weight_jitter``)."""
-    signs = np.random.default_rng(arr.size).integers(0, 2, arr.size, dtype=np.int8).reshape(arr.shape)
-    return (arr * np.where(signs == 1, np.float32(1 + u), np.float32(1 - u))).astype(np.float32)
-
-
-def round_bf16(x: np.ndarray) -> np.ndarray:
-    """Round float32 values to the nearest bfloat16 (ties to even), returned as float32."""
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
-    u = (u + (np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1)))) & np.uint32(0xFFFF0000)
-    return u.view(np.float32)
-
-
-# ---------------------------------------------------------------- modules
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """A declared tensor: its shape *in the checkpoint* and how it is stored.
-
-    ``layout``: ``linear`` (out, in), kept; ``conv`` (O, I, KH, KW), stored HWIO;
-    ``vector`` / ``embedding``, kept; ``buffer``: accepted, shape-checked and
-    ignored (``position_ids``). ``optional`` tensors may be absent.
-    ``alt_shapes``: other accepted checkpoint shapes (legacy layouts)."""
-
-    shape: tuple
-    layout: str
-    optional: bool = False
-    alt_shapes: tuple = ()
 
 
 class Module:
@@ -283,97 +141,19 @@ class Module:
         checkpoint in the message)."""
         state = self._remap_state(dict(state))
         table = self._param_table()
-        missing = [k for k, (_, _, spec) in table.items() if k not in state and not spec.optional]
-        unexpected = sorted(k for k in state if k not in table)
-        mismatched = []
-        for k, (_, _, spec) in table.items():
-            if k in state:
-                shape = tuple(np.shape(state[k]))
-                if shape != spec.shape and shape not in spec.alt_shapes:
-                    mismatched.append((k, shape, spec.shape))
-        if missing or unexpected or mismatched:
-            raise WeightsError(_mismatch_message(type(self).__name__, source, missing, unexpected, mismatched))
+        check_state(type(self).__name__, {k: spec for k, (_, _, spec) in table.items()}, state, source)
         for k, (mod, pname, spec) in table.items():
             if k in state and spec.layout != "buffer":
                 mod._set_param(pname, state[k], spec)
                 if not np.may_share_memory(getattr(mod, pname), state[k]):
-                    _drop_mapped_pages(state[k])
+                    drop_mapped_pages(state[k])
 
     def _set_param(self, name: str, value, spec: ParamSpec) -> None:
-        arr = _as_float32(value)
-        if spec.layout == "conv":
-            arr = np.ascontiguousarray(arr.transpose(2, 3, 1, 0))  # OIHW -> HWIO
-        elif spec.layout == "linear" and arr.ndim == 4:
-            arr = arr.reshape(arr.shape[:2])  # legacy 1x1-conv-shaped linear
-        setattr(self, name, self._store(arr, name))
+        setattr(self, name, self._store(checkpoint_array(value, spec), name))
 
     def _store(self, arr: np.ndarray, name: str = "") -> np.ndarray:
-        """A float32 parameter as the model holds it: rounded once to fp16 / bf16
-        under ``weights="fp16"`` / ``"bf16"`` (nearest even, subnormals kept, as
-        the converter rounds), then to fp16 in fp16-storage modes (registered
-        with ``mark_stored``); read-only."""
-        stored_as = self.opts.weights
-        if stored_as in ("fp16", "bf16") and self.opts.weight_jitter:
-            arr = _jitter(arr, U_F16 if stored_as == "fp16" else 2.0**-8)
-        if stored_as == "fp16":
-            arr = round_f16(arr)
-        elif stored_as == "bf16":
-            arr = round_bf16(arr)
-        p = self.opts.precision
-        if p.storage16:
-            return mark_stored(arr, ftz=p.ftz, f16=self.opts.weights_f16)
-        if arr.flags.writeable:
-            arr = arr.view()
-            arr.flags.writeable = False
-        return arr
-
-
-def _drop_mapped_pages(src: np.ndarray) -> None:
-    """Once a model holds its own converted copy of a memory-mapped checkpoint
-    tensor, drop the tensor's mapped pages: pages a process has read count in
-    its RSS while mapped, so a converting load (conv transposes, fp16
-    rounding) would otherwise peak at checkpoint size + model size. The page
-    cache keeps them; a later read of a neighbouring tensor just faults again."""
-    base = src
-    while isinstance(base, np.ndarray):
-        base = base.base
-    if not isinstance(base, mmap.mmap) or not src.flags.c_contiguous or src.nbytes == 0:
-        return
-    page = mmap.PAGESIZE
-    origin = np.frombuffer(base, np.uint8, count=1).ctypes.data
-    lo = (src.ctypes.data - origin) // page * page
-    hi = min(len(base), -(-(src.ctypes.data - origin + src.nbytes) // page) * page)
-    base.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-
-
-def _as_float32(value) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.dtype == np.float32:
-        return arr
-    if arr.dtype.kind != "f":
-        raise WeightsError(f"expected a floating-point tensor, got dtype {arr.dtype}")
-    return arr.astype(np.float32)
-
-
-def _mismatch_message(model: str, source, missing, unexpected, mismatched, limit: int = 25) -> str:
-    def listing(items):
-        items = list(items)
-        shown = items[:limit]
-        more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
-        return "".join(f"\n    {s}" for s in shown) + more
-
-    lines = [f"{source or 'checkpoint'} does not match {model}:"]
-    if missing:
-        lines.append(f"  {len(missing)} missing key{'s' * (len(missing) != 1)}:{listing(missing)}")
-    if unexpected:
-        lines.append(f"  {len(unexpected)} unexpected key{'s' * (len(unexpected) != 1)}:{listing(unexpected)}")
-    if mismatched:
-        rows = [f"{k}: checkpoint {tuple(a)}, model expects {tuple(b)}" for k, a, b in mismatched]
-        lines.append(f"  {len(mismatched)} shape mismatch{'es' * (len(mismatched) != 1)}:{listing(rows)}")
-    if missing and unexpected:
-        lines.append("  (missing and unexpected keys together usually mean a config.json that does not "
-                     "belong to these weights, or a different checkpoint dialect)")
-    return "\n".join(lines)
+        """A float32 parameter as the model holds it (``loading.store_float``)."""
+        return store_float(arr, self.opts)
 
 
 class RootModel(Module):
@@ -403,8 +183,6 @@ class RootModel(Module):
         weight of the right shape: a ``WeightsError`` lists those that do not)."""
         rw = self.rewrites
         if "prune" in rw:
-            from refsd.models.prune import prune  # noqa: PLC0415 (prune builds on this module)
-
             prune(self, amount=rw.prune_amount, min_weights=rw.prune_min_weights)
         values = dict((self.opts.int8_values or {}).get(self._name, {}))
         layers = {f"{path}.weight": mod for path, mod in self.named_modules() if isinstance(mod, _DeployedWeight)}
@@ -475,10 +253,20 @@ class _DeployedWeight(Module):
 
     def _store(self, arr: np.ndarray, name: str = "") -> np.ndarray:
         if name == "weight" and self.opts.weights == "int8" and self._int8_eligible(arr):
-            arr = arr.view()
-            arr.flags.writeable = False
-            return arr
+            return read_only(arr)
         return super()._store(arr, name)
+
+    def _quantize(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(q, scale) of a float weight (or part of one) as the converter quantizes it:
+        ``ops.quantize_int8`` per output channel (axis ``_axis``), or per tensor."""
+        return self.ops.quantize_int8(w, axis=self._axis)
+
+    def set_weight(self, arr: np.ndarray) -> None:
+        """Replace the float weight (refsd's layout, e.g. a pruned one): stored as
+        the loader stores a weight, then deployed again (re-quantized under
+        ``weights="int8"``)."""
+        self.weight = self._store(arr, "weight")
+        self.deploy()
 
     def deploy(self, value=None, *, given: bool = False) -> None:
         """Set ``int8`` from ``value`` (an ``Int8Weight`` or ``(q, scale)`` in
@@ -491,10 +279,10 @@ class _DeployedWeight(Module):
         if value is None:
             if given and self._int8_eligible(self.weight):
                 # The deployed model keeps this eligible weight float: store it as floats are stored.
-                self.weight = super()._store(self.weight)
+                self.weight = store_float(self.weight, self.opts)
             if given or not self._int8_eligible(self.weight):
                 return
-            value = Int8Weight(*self.ops.quantize_int8(self.weight, axis=self._axis))
+            value = Int8Weight(*self._quantize(self.weight))
         value = value if isinstance(value, Int8Weight) else Int8Weight(*value)
         q, scale = self._own_layout(np.asarray(value.q)), np.asarray(value.scale, np.float32)
         want = (1,) if self._axis is None else (self.weight.shape[self._axis],)
@@ -546,17 +334,10 @@ class Linear(_DeployedWeight):
         return np.ascontiguousarray(q[0, 0].T) if q.ndim == 4 and q.shape[:2] == (1, 1) else q
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        ops, b = self.ops, self._bias()
-        as_conv = "fc_as_conv" in self.rewrites and np.ndim(x) == 3
+        b = self._bias()
         if self._hybrid():
-            d = self.int8
-            if as_conv:
-                return ops.fc_as_conv_hybrid_int8(x, d.q, d.scale, b)
-            return ops.linear_hybrid_int8(x, d.q, d.scale, b, asymmetric=d.asymmetric)
-        w = self.effective_weight()
-        if as_conv:
-            return ops.fc_as_conv(x, w, b)
-        return ops.linear(x, w, b)
+            return linear_hybrid_op(self, np.ndim(x))(x, self.int8, b)
+        return linear_op(self, np.ndim(x))(x, self.effective_weight(), b)
 
 
 class Conv2d(_DeployedWeight):
@@ -613,7 +394,7 @@ class Conv2d(_DeployedWeight):
             return d.q, d.scale
         if factor not in self._parts:
             c = self.weight.shape[2] // factor
-            split = [self.ops.quantize_int8(self.weight[:, :, i * c:(i + 1) * c], axis=-1) for i in range(factor)]
+            split = [self._quantize(self.weight[:, :, i * c:(i + 1) * c]) for i in range(factor)]
             self._parts[factor] = (np.concatenate([q for q, _ in split], axis=2), np.stack([s for _, s in split]))
         return self._parts[factor]
 
@@ -626,39 +407,26 @@ class Conv2d(_DeployedWeight):
         return np.concatenate([self.ops.dequantize_int8(q[:, :, i * c:(i + 1) * c], s, axis=-1)
                                for i, s in enumerate(scale)], axis=2)
 
-    def serial_factor(self, x_shape) -> tuple[int, str]:
-        """(factor, axis) ``serial_conv`` would use for this input: factor 1 if
-        within the limit or if no split of either axis can meet it."""
-        rw = self.rewrites
-        w_shape = (self.kernel_size, self.kernel_size, x_shape[-1], self.out_channels)
-        one = (1,) + tuple(x_shape[1:])  # the limit is per image
-        axes = (rw.serial_conv_axis,) + tuple(a for a in ("input", "output") if a != rw.serial_conv_axis)
-        for axis in axes:
-            try:
-                k = self.ops.serial_conv_factor(one, w_shape, limit=rw.serial_conv_limit, axis=axis,
-                                                stride=self.stride, padding=self.padding)
-            except ValueError:
-                continue
-            return k, axis
-        return 1, rw.serial_conv_axis
+    def prune_inputs(self, keep: np.ndarray) -> None:
+        """Keep only the input channels ``keep`` (indices into the current
+        weight's input channels; ``refsd.models.prune``): the weight loses the
+        others and ``in_keep`` gathers the kept ones from the full input."""
+        w = np.asarray(self.weight)
+        base = np.arange(w.shape[2]) if self.in_keep is None else self.in_keep
+        self.set_weight(np.ascontiguousarray(w[:, :, keep, :]))
+        self.in_keep = base[keep]
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         if self.in_keep is not None:
             x = x[..., self.in_keep]
-        b, ops, rw, d = self._bias(), self.ops, self.rewrites, self.int8
-        k, axis = self.serial_factor(np.shape(x)) if "serial_conv" in rw else (1, None)
+        b, d = self._bias(), self.int8
+        k, axis = serial_conv_split(self, np.shape(x))
         split_int8 = d is not None and (d.scale.ndim == 2 or (k > 1 and axis == "input"))
         if self._hybrid():
-            if split_int8:
-                q, scale = self._int8_split(k)
-                return ops.serial_conv_hybrid_int8(x, q, scale, b, stride=self.stride, padding=self.padding)
-            return ops.conv2d_hybrid_int8(x, d.q, d.scale, b, stride=self.stride, padding=self.padding)
+            q, scale = self._int8_split(k) if split_int8 else (d.q, d.scale)
+            return conv_hybrid_op(self, split_int8)(x, q, scale, b)
         w = self._dequantized_split(*self._int8_split(k)) if split_int8 else self.effective_weight()
-        if k > 1:
-            return ops.serial_conv(x, w, b, factor=k, axis=axis, stride=self.stride, padding=self.padding)
-        if "winograd" in rw and self.kernel_size == 3 and self.stride == 1:
-            return ops.conv2d_winograd(x, w, b, padding=self.padding, tile=rw.winograd_tile)
-        return ops.conv2d(x, w, b, stride=self.stride, padding=self.padding)
+        return conv_op(self, k, axis)(x, w, b)
 
 
 class GroupNorm(Module):
@@ -673,12 +441,7 @@ class GroupNorm(Module):
         self.declare("bias", (num_channels,), "vector")
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        rw = self.rewrites
-        fn = self.ops.group_norm
-        if "gn4d" in rw:
-            fn = self.ops.gn4d
-        elif "group_norm_fused" in rw:
-            fn = self.ops.group_norm_fused
+        fn = group_norm_op(self)
         return fn(x, self.weight, self.bias, num_groups=self.num_groups, eps=self.eps)
 
 
@@ -722,35 +485,14 @@ class Embedding(_DeployedWeight):
     def deploy(self, value=None, *, given: bool = False) -> None:
         super().deploy(value, given=given)
         d = self.int8
-        self._table = None if d is None else Module._store(self, d.q.astype(np.float32) * d.scale)
+        self._table = None if d is None else store_float(d.q.astype(np.float32) * d.scale, self.opts)
+
+    def table(self) -> np.ndarray:
+        """The table as looked up: the weight, or the dequantized int8 table."""
+        return self.weight if self._table is None else self._table
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
-        return self.ops.embedding(ids, self.weight if self._table is None else self._table)
-
-
-def gelu_op(module: Module, *, gated: bool, approximate: str | None = None):
-    """The GELU (or GEGLU gate) a module runs, by rewrite and approximation
-    (``approximate`` fixed by the checkpoint, else the model option): ``f(x)``."""
-    ops, rw = module.ops, module.rewrites
-    approx = approximate or module.opts.gelu_approximate
-    if "gelu_clip" in rw:
-        fn = ops.geglu_clip if gated else ops.gelu_clip
-        return lambda x: fn(x, M=rw.gelu_clip_M)
-    if "gelu_fused" in rw:
-        fn = ops.geglu_fused if gated else ops.gelu_fused
-        return lambda x: fn(x, approximate=approx)
-    fn = ops.geglu if gated else ops.gelu
-    return lambda x: fn(x, approximate=approx)
-
-
-def attention_op(module: Module):
-    """The attention op a module runs, by rewrite: ``f(q, k, v, **kw)``."""
-    ops, rw = module.ops, module.rewrites
-    if "flash_attention" in rw:
-        return lambda q, k, v, **kw: ops.flash_attention(q, k, v, tile=rw.flash_tile, **kw)
-    if "softmax_partial_fused" in rw:
-        return ops.softmax_partial_fused
-    return ops.attention
+        return self.ops.embedding(ids, self.table())
 
 
 def activation(module: Module, name: str, fn, x: np.ndarray) -> np.ndarray:
@@ -758,38 +500,3 @@ def activation(module: Module, name: str, fn, x: np.ndarray) -> np.ndarray:
     name diffusers gives it: ``nonlinearity``, ``conv_act``, ``act``)."""
     with scope(name):
         return fn(x)
-
-
-# ---------------------------------------------------------------- configs
-
-
-def config_from_dict(cls, d: Mapping[str, Any], *, required: tuple[str, ...] = (), source: str = "config"):
-    """A frozen config dataclass from a ``config.json`` dict: keys the
-    dataclass does not have are ignored, ``required`` keys must be present,
-    lists become tuples."""
-    if not isinstance(d, Mapping):
-        raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
-    missing = [k for k in required if k not in d]
-    if missing:
-        raise ValueError(f"{source}: missing required key{'s' * (len(missing) != 1)} {', '.join(missing)}")
-    check_schema(d, config_schema(cls), source)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: _freeze(v) for k, v in d.items() if k in names}
-    try:
-        return cls(**kw)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: {e}") from None
-
-
-def _freeze(v):
-    if isinstance(v, list):
-        return tuple(_freeze(x) for x in v)
-    return v
-
-
-def read_config(path: str | os.PathLike) -> dict:
-    """A JSON object from a config file, read strictly (``refsd.safe_io.read_json``)."""
-    doc = read_json(path, error=WeightsError)
-    if not isinstance(doc, dict):
-        raise WeightsError(f"{path}: expected a JSON object, got a JSON {type(doc).__name__}")
-    return doc

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from refsd.models.module import Conv2d, Module
 from refsd.models.rewrites import DEFAULT_PRUNE_AMOUNT
 from refsd.models.rewrites import DEFAULT_PRUNE_MIN_WEIGHTS as DEFAULT_MIN_WEIGHTS
 
@@ -36,7 +35,7 @@ class PrunedConv:
     weights_after: int
 
 
-def prune(model: Module, *, amount: float = DEFAULT_PRUNE_AMOUNT,
+def prune(model, *, amount: float = DEFAULT_PRUNE_AMOUNT,
           min_weights: int = DEFAULT_MIN_WEIGHTS) -> list[PrunedConv]:
     """Prune ``amount`` (0 <= amount < 1) of the input channels of every conv
     with at least ``min_weights`` weights, in place, by smallest L1 norm.
@@ -48,7 +47,7 @@ def prune(model: Module, *, amount: float = DEFAULT_PRUNE_AMOUNT,
         raise ValueError(f"prune amount must lie in [0, 1), got {amount!r}")
     done = []
     for path, mod in model.named_modules():
-        if not isinstance(mod, Conv2d) or mod.weight is None or mod.weight.size < min_weights:
+        if not callable(getattr(mod, "prune_inputs", None)) or mod.weight is None or mod.weight.size < min_weights:
             continue
         w = np.asarray(mod.weight)
         cin = w.shape[2]
@@ -57,11 +56,7 @@ def prune(model: Module, *, amount: float = DEFAULT_PRUNE_AMOUNT,
             continue
         norms = np.abs(w).sum(axis=(0, 1, 3), dtype=np.float64)
         keep = np.sort(np.argsort(norms, kind="stable")[drop:])
-        base = np.arange(cin) if mod.in_keep is None else mod.in_keep
-        new = np.ascontiguousarray(w[:, :, keep, :])
-        before = w.size
-        mod.weight, mod.in_keep = mod._store(new, "weight"), base[keep]  # stored as the loader stores weights
-        mod.deploy()  # re-quantized under weights="int8"
+        mod.prune_inputs(keep)  # stored as the loader stores weights, re-quantized under weights="int8"
         root = getattr(model, "_name", "")
-        done.append(PrunedConv(f"{root}.{path}" if root else path, int(keep.size), int(cin), before, int(new.size)))
+        done.append(PrunedConv(f"{root}.{path}" if root else path, int(keep.size), int(cin), w.size, mod.weight.size))
     return done

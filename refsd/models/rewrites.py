@@ -8,8 +8,8 @@ A rewrite set is a preset name, an explicit comma list, or a ``Rewrites``::
     Rewrites.parse("gn4d,fc_as_conv", serial_conv_limit=1 << 20)
     Rewrites.parse("paper,prune=0.25:30000")      # + pruning (amount 0.25, convs of >= 30000 weights)
 
-Names and what a model does with them (each op beside the op it replaces in
-``refsd.ops``):
+Names and what a model does with them (``OPS``: the ops of ``refsd.ops`` each
+rewrite runs, each beside the op it replaces there, ``refsd.ops.REWRITES``):
 
 ==========================  ==================================================================
 ``fc_as_conv``              every FullyConnected on (N, L, C) runs as Reshape -> 1x1 Conv2D -> Reshape
@@ -41,6 +41,10 @@ Names and what a model does with them (each op beside the op it replaces in
 ``group_norm_fused``        GroupNorm as one float32 kernel
 ==========================  ==================================================================
 
+Which op a layer runs is chosen here, in one place (``gelu_op``, ``attention_op``,
+``linear_op``, ``group_norm_op``, ``embedding_op``, ``conv_op`` and the int8 hybrid
+kernels' ``linear_hybrid_op`` / ``conv_hybrid_op``): the layers in
+``refsd.models.module`` ask, and run what they are given.
 """
 
 from __future__ import annotations
@@ -53,6 +57,22 @@ NAMES = (
     "fc_as_conv", "serial_conv", "gn4d", "gelu_clip", "embedding_1d", "int8_weights", "prune",
     "softmax_partial_fused", "flash_attention", "winograd", "gelu_fused", "group_norm_fused",
 )
+# rewrite name -> the ops of ``refsd.ops`` it runs instead of the originals (``refsd.ops.REWRITES``
+# maps each of these ops to the op it replaces). ``int8_weights`` and ``prune`` change weights, not ops.
+OPS = {
+    "fc_as_conv": ("fc_as_conv",),
+    "serial_conv": ("serial_conv",),
+    "gn4d": ("gn4d",),
+    "gelu_clip": ("gelu_clip", "geglu_clip"),
+    "embedding_1d": ("embedding_1d",),
+    "int8_weights": (),
+    "prune": (),
+    "softmax_partial_fused": ("softmax_partial_fused",),
+    "flash_attention": ("flash_attention",),
+    "winograd": ("conv2d_winograd",),
+    "gelu_fused": ("gelu_fused", "geglu_fused"),
+    "group_norm_fused": ("group_norm_fused",),
+}
 PRESETS = {
     "none": (),
     # ``embedding_1d`` is not from the paper (it reports only UNet delegation): refsd adds it so
@@ -192,3 +212,107 @@ def _serial_conv_params(item: str) -> dict:
     except ValueError:
         raise ValueError(f"bad rewrite token {item!r}: expected serial_conv=LIMIT (elements per image, "
                          "e.g. serial_conv=1572864)") from None
+
+
+# ---------------------------------------------------------------- dispatch
+# The op a layer runs, by its rewrites. ``module`` is a layer bound to a root model: these read
+# ``module.ops``, ``module.rewrites``, ``module.opts`` and the layer's own attributes.
+
+
+def gelu_op(module, *, gated: bool, approximate: str | None = None):
+    """The GELU (or GEGLU gate) a module runs, by rewrite and approximation
+    (``approximate`` fixed by the checkpoint, else the model option): ``f(x)``."""
+    ops, rw = module.ops, module.rewrites
+    approx = approximate or module.opts.gelu_approximate
+    if "gelu_clip" in rw:
+        fn = ops.geglu_clip if gated else ops.gelu_clip
+        return lambda x: fn(x, M=rw.gelu_clip_M)
+    if "gelu_fused" in rw:
+        fn = ops.geglu_fused if gated else ops.gelu_fused
+        return lambda x: fn(x, approximate=approx)
+    fn = ops.geglu if gated else ops.gelu
+    return lambda x: fn(x, approximate=approx)
+
+
+def attention_op(module):
+    """The attention op a module runs, by rewrite: ``f(q, k, v, **kw)``."""
+    ops, rw = module.ops, module.rewrites
+    if "flash_attention" in rw:
+        return lambda q, k, v, **kw: ops.flash_attention(q, k, v, tile=rw.flash_tile, **kw)
+    if "softmax_partial_fused" in rw:
+        return ops.softmax_partial_fused
+    return ops.attention
+
+
+def group_norm_op(module):
+    """The GroupNorm op, by rewrite: ``f(x, weight, bias, *, num_groups, eps)``."""
+    ops, rw = module.ops, module.rewrites
+    if "gn4d" in rw:
+        return ops.gn4d
+    if "group_norm_fused" in rw:
+        return ops.group_norm_fused
+    return ops.group_norm
+
+
+def embedding_op(module):
+    """The token lookup, by rewrite: ``f(ids, table)``."""
+    return module.ops.embedding_1d if "embedding_1d" in module.rewrites else module.ops.embedding
+
+
+def _fc_as_conv(module, ndim: int) -> bool:
+    return "fc_as_conv" in module.rewrites and ndim == 3
+
+
+def linear_op(module, ndim: int):
+    """A Linear's float op on a rank-``ndim`` input (``fc_as_conv`` applies to (N, L, C)): ``f(x, w, b)``."""
+    return module.ops.fc_as_conv if _fc_as_conv(module, ndim) else module.ops.linear
+
+
+def linear_hybrid_op(module, ndim: int):
+    """A Linear's int8 hybrid kernel (``int8_kernels="hybrid"``): ``f(x, Int8Weight, b)``; under
+    ``fc_as_conv`` the hybrid CONV_2D the graph then has."""
+    ops = module.ops
+    if _fc_as_conv(module, ndim):
+        return lambda x, d, b: ops.fc_as_conv_hybrid_int8(x, d.q, d.scale, b)
+    return lambda x, d, b: ops.linear_hybrid_int8(x, d.q, d.scale, b, asymmetric=d.asymmetric)
+
+
+def serial_conv_split(conv, x_shape) -> tuple[int, str | None]:
+    """(factor, axis) a Conv2d runs input ``x_shape`` with: ``serial_conv`` with
+    the smallest factor that meets ``serial_conv_limit`` per image (the preferred
+    ``serial_conv_axis`` first, then the other), factor 1 if within the limit or
+    if no split of either axis can meet it; ``(1, None)`` without ``serial_conv``."""
+    rw = conv.rewrites
+    if "serial_conv" not in rw:
+        return 1, None
+    w_shape = (conv.kernel_size, conv.kernel_size, x_shape[-1], conv.out_channels)
+    one = (1,) + tuple(x_shape[1:])  # the limit is per image
+    axes = (rw.serial_conv_axis,) + tuple(a for a in ("input", "output") if a != rw.serial_conv_axis)
+    for axis in axes:
+        try:
+            k = conv.ops.serial_conv_factor(one, w_shape, limit=rw.serial_conv_limit, axis=axis,
+                                            stride=conv.stride, padding=conv.padding)
+        except ValueError:
+            continue
+        return k, axis
+    return 1, rw.serial_conv_axis
+
+
+def conv_op(conv, factor: int, axis: str | None):
+    """A Conv2d's float op for the split ``serial_conv_split`` chose: ``serial_conv``
+    when split, else ``winograd`` for 3x3 stride-1, else ``conv2d``: ``f(x, w, b)``."""
+    ops, rw, stride, padding = conv.ops, conv.rewrites, conv.stride, conv.padding
+    if factor > 1:
+        return lambda x, w, b: ops.serial_conv(x, w, b, factor=factor, axis=axis, stride=stride, padding=padding)
+    if "winograd" in rw and conv.kernel_size == 3 and stride == 1:
+        return lambda x, w, b: ops.conv2d_winograd(x, w, b, padding=padding, tile=rw.winograd_tile)
+    return lambda x, w, b: ops.conv2d(x, w, b, stride=stride, padding=padding)
+
+
+def conv_hybrid_op(conv, split: bool):
+    """A Conv2d's int8 hybrid kernel (which replaces ``winograd``): per-part
+    scales (a conv the converter split over input channels) run
+    ``serial_conv_hybrid_int8``, else ``conv2d_hybrid_int8``: ``f(x, q, scale, b)``."""
+    ops, stride, padding = conv.ops, conv.stride, conv.padding
+    fn = ops.serial_conv_hybrid_int8 if split else ops.conv2d_hybrid_int8
+    return lambda x, q, scale, b: fn(x, q, scale, b, stride=stride, padding=padding)

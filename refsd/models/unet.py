@@ -22,19 +22,10 @@ import numpy as np
 
 from refsd.context import scope
 from refsd.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D
-from refsd.models.module import (
-    Conv2d,
-    GroupNorm,
-    LayerNorm,
-    Linear,
-    ModelOptions,
-    Module,
-    RootModel,
-    activation,
-    attention_op,
-    config_from_dict,
-    gelu_op,
-)
+from refsd.models.config import config_from_dict
+from refsd.models.module import Conv2d, GroupNorm, LayerNorm, Linear, Module, RootModel, activation
+from refsd.models.options import ModelOptions
+from refsd.models.rewrites import attention_op, gelu_op
 
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP = ("CrossAttnUpBlock2D", "UpBlock2D")

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from refsd.models.blocks import Downsample2D, ResnetBlock2D, SpatialSelfAttention, Upsample2D
-from refsd.models.module import Conv2d, GroupNorm, ModelOptions, Module, RootModel, activation, config_from_dict
+from refsd.models.config import config_from_dict
+from refsd.models.module import Conv2d, GroupNorm, Module, RootModel, activation
+from refsd.models.options import ModelOptions
 
 _EPS = 1e-6  # diffusers' VAE resnets, attention and output norms
 
@@ -58,6 +60,7 @@ class VaeConfig:
 
     @property
     def downscale(self) -> int:
+        """The VAE scale factor: image pixels per latent pixel along each side."""
         return 2 ** (len(self.block_out_channels) - 1)
 
 

@@ -3,7 +3,8 @@ precision mode (``refsd.numerics.precision``) and reporting to the active
 exception monitor (``refsd.monitor.monitoring``).
 
 Arrays are positional, attributes keyword-only. Every rewrite sits beside the
-op it replaces; ``REWRITES`` maps each to its original.
+op it replaces; ``REWRITES`` maps each to its original (the rewrite names a
+model declares, and the ops each runs: ``refsd.models.rewrites.OPS``).
 """
 
 from refsd.ops._core import mark_stored
@@ -21,7 +22,9 @@ from refsd.ops.reduce import reduce_mean, reduce_sum
 from refsd.ops.resample import upsample_nearest2x
 from refsd.ops.winograd import conv2d_winograd, winograd_error_scale
 
-# rewrite -> the op it replaces (same positional arrays, same result up to rounding)
+# rewrite op -> the op it replaces (same positional arrays, same result up to rounding). Keys are op
+# names; the model rewrite that runs each (``winograd`` runs ``conv2d_winograd``, ``gelu_clip`` runs
+# ``gelu_clip`` and ``geglu_clip``) is ``refsd.models.rewrites.OPS``.
 REWRITES = {
     "fc_as_conv": "linear",
     "serial_conv": "conv2d",

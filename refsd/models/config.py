@@ -1,4 +1,6 @@
-"""JSON Schemas of the model configs, derived from the config dataclasses.
+"""The config idiom: a frozen dataclass per ``config.json``, built with
+:func:`config_from_dict` (the models' ``UNetConfig``, ``VaeConfig``,
+``ClipTextConfig``).
 
 A config dataclass (``UNetConfig``, ``VaeConfig``, ``ClipTextConfig``) already
 says, field by field, what type a ``config.json`` value has and what its
@@ -27,6 +29,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
+from typing import Any
+
+from refsd.safe_io import check_schema
 
 MAX_INT = 1 << 20  # SD's largest size is CLIP's vocabulary (49408)
 MAX_ITEMS = 8  # SD has 4 blocks
@@ -83,3 +89,28 @@ def config_schema(cls) -> dict:
     """The JSON Schema of a config dataclass's ``config.json``."""
     return {"type": "object",
             "properties": {f.name: _field_schema(f) for f in dataclasses.fields(cls) if not f.name.startswith("_")}}
+
+
+def config_from_dict(cls, d: Mapping[str, Any], *, required: tuple[str, ...] = (), source: str = "config"):
+    """A frozen config dataclass from a ``config.json`` dict: checked against
+    :func:`config_schema`, keys the dataclass does not have are ignored,
+    ``required`` keys must be present, lists become tuples."""
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise ValueError(f"{source}: missing required key{'s' * (len(missing) != 1)} {', '.join(missing)}")
+    check_schema(d, config_schema(cls), source)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: freeze(v) for k, v in d.items() if k in names}
+    try:
+        return cls(**kw)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def freeze(v):
+    """A JSON value with every list a tuple (hashable, as a frozen dataclass field)."""
+    if isinstance(v, list):
+        return tuple(freeze(x) for x in v)
+    return v
