@@ -167,9 +167,11 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
     model_dir = Path(model_dir)
     if not (model_dir / "model_index.json").is_file():
         raise FileNotFoundError(2, "not a diffusers folder (no model_index.json)", str(model_dir))
+    from refsd.models.vae import VaeConfig  # noqa: PLC0415
     from refsd.weights import read_config  # noqa: PLC0415
 
-    scale = 2 ** (len(read_config(model_dir / "vae" / "config.json").get("block_out_channels", (0,) * 4)) - 1)
+    vae_config = model_dir / "vae" / "config.json"
+    scale = VaeConfig.from_dict(read_config(vae_config), source=str(vae_config)).downscale
     if height < scale or width < scale or height % scale or width % scale:
         raise ValueError(f"height and width must be positive multiples of the VAE scale factor {scale}, "
                          f"got {height}x{width}")
