@@ -90,7 +90,7 @@ def traces(workdir: Path) -> dict[str, tuple[dict[str, np.ndarray], str]]:
     """"{arch}_{mode}" -> (boundary trace, model sha256) of each tiny model's run of TRACE_REQUEST."""
     from refsd.pipeline import Pipeline, Request  # noqa: PLC0415
     from refsd.tiny import make_tiny  # noqa: PLC0415
-    from refsd.model_identity import model_sha256  # noqa: PLC0415
+    from refsd.weights import model_sha256  # noqa: PLC0415
 
     out = {}
     for arch in ARCHES:

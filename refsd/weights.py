@@ -19,7 +19,7 @@ never unpickled: unpickling runs arbitrary code.
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import struct
 from dataclasses import dataclass
@@ -33,11 +33,12 @@ from refsd.models.loading import WeightsError
 from refsd.models.options import ModelOptions
 from refsd.models.unet import UNet2DConditionModel, UNetConfig
 from refsd.models.vae import AutoencoderKL, VaeConfig
-from refsd.safe_io import check_regular, check_schema, open_regular, parse_json, read_json, read_text
+from refsd.safe_io import check_regular, check_schema, open_regular, parse_json, read_json, read_text, sha256_file
 
 __all__ = [
-    "Components", "WeightsError", "find_weights", "load_component_state", "load_pipeline", "load_scheduler_config",
-    "load_text_encoder", "load_tokenizer", "load_unet", "load_vae", "read_safetensors", "write_safetensors",
+    "MODELS", "Components", "WeightsError", "find_weights", "load_component_state", "load_model", "load_pipeline",
+    "load_scheduler_config", "load_text_encoder", "load_tokenizer", "load_unet", "load_vae", "model_files",
+    "model_sha256", "read_config", "read_safetensors", "write_safetensors",
 ]
 
 _DTYPES = {
@@ -65,6 +66,13 @@ def read_safetensors(path: str | os.PathLike, *, metadata: bool = False):
     """{name: array} memory-mapped read-only from a ``.safetensors`` file
     (bfloat16 is widened to float32, the only copy made). With
     ``metadata=True`` returns ``(tensors, metadata_dict)``.
+
+    Why not ``safetensors.numpy.load_file`` / ``safe_open(...).get_tensor``: they
+    copy each tensor into memory (a 5 GB checkpoint is 5 GB of RSS before the
+    model converts anything) and do not read bfloat16 into NumPy. Here every
+    tensor is an ``np.memmap`` view of the file: nothing is read until used, and
+    once a model holds its converted copy the loader drops the tensor's mapped
+    pages (``refsd.models.loading.drop_mapped_pages``, which needs the mmap).
 
     The header is first checked by the ``safetensors`` library's own parser,
     stricter than a hand check: integer offsets and shapes, string dtypes,
@@ -102,29 +110,23 @@ def read_safetensors(path: str | os.PathLike, *, metadata: bool = False):
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``tensors`` as safetensors, deterministically: keys sorted, data
-    in key order, compact JSON header padded with spaces to 8 bytes,
-    ``metadata`` (default ``{"format": "pt"}``, which transformers requires)."""
+    """Write ``tensors`` as safetensors with the ``safetensors`` library
+    (deterministic: its layout orders tensors by dtype alignment, then name),
+    ``metadata`` (default ``{"format": "pt"}``, which transformers requires),
+    atomically (a temporary file renamed into place)."""
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
     meta = {"format": "pt"} if metadata is None else dict(metadata)
-    header: dict[str, Any] = {"__metadata__": {k: str(meta[k]) for k in sorted(meta)}} if meta else {}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        arr = np.asarray(tensors[name])  # (not ascontiguousarray: it turns a 0-d array into 1-d)
+    arrays = {}
+    for name, value in tensors.items():
+        arr = np.asarray(value)
         key = arr.dtype.newbyteorder("<").str if arr.dtype.itemsize > 1 else arr.dtype.str
         if key not in _NAMES:
             raise ValueError(f"write_safetensors: unsupported dtype {arr.dtype} for {name!r}")
-        data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[name] = {"dtype": _NAMES[key], "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
+        # (not np.ascontiguousarray: it turns a 0-d array into 1-d)
+        arrays[name] = arr if arr.flags.c_contiguous else arr.copy(order="C")
     tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for data in blobs:
-            f.write(data)
+    save_file(arrays, tmp, metadata={k: str(v) for k, v in meta.items()} or None)
     os.replace(tmp, path)
 
 
@@ -259,30 +261,42 @@ def _options(options: ModelOptions | None, kw: dict) -> ModelOptions:
     return ModelOptions.make(**kw)
 
 
-def load_text_encoder(path: str | os.PathLike, *, options: ModelOptions | None = None, variant: str | None = None,
-                      **option_kw) -> ClipTextModel:
-    """``text_encoder/`` (or a folder containing it) -> ``ClipTextModel``.
-    ``option_kw``: ``precision``, ``rewrites``, ``ops``, ``gelu_approximate``, rewrite parameters."""
-    d = _component(path, "text_encoder")
-    model = _build(ClipTextModel, ClipTextConfig, d, _options(options, option_kw))
+# component -> (model class, config class)
+MODELS = {
+    "text_encoder": (ClipTextModel, ClipTextConfig),
+    "unet": (UNet2DConditionModel, UNetConfig),
+    "vae": (AutoencoderKL, VaeConfig),
+}
+
+
+def load_model(path: str | os.PathLike, component: str, *, options: ModelOptions | None = None,
+               variant: str | None = None, **option_kw):
+    """``<component>/`` (or a folder containing it) -> its model (``MODELS``), built
+    from its ``config.json`` and loaded strictly from its safetensors weights.
+    ``option_kw``: ``precision``, ``rewrites``, ``ops``, ``gelu_approximate``, rewrite
+    parameters (or ``options=``, not both)."""
+    if component not in MODELS:
+        raise ValueError(f"unknown component {component!r}; expected one of {', '.join(MODELS)}")
+    model_cls, config_cls = MODELS[component]
+    d = _component(path, component)
+    model = _build(model_cls, config_cls, d, _options(options, option_kw))
     model.load_state_dict(load_component_state(d, variant=variant), source=str(d))
     return model
 
 
-def load_unet(path: str | os.PathLike, *, options: ModelOptions | None = None, variant: str | None = None,
-              **option_kw) -> UNet2DConditionModel:
-    d = _component(path, "unet")
-    model = _build(UNet2DConditionModel, UNetConfig, d, _options(options, option_kw))
-    model.load_state_dict(load_component_state(d, variant=variant), source=str(d))
-    return model
+def load_text_encoder(path: str | os.PathLike, **kw) -> ClipTextModel:
+    """``text_encoder/`` (or a folder containing it) -> ``ClipTextModel`` (``load_model``)."""
+    return load_model(path, "text_encoder", **kw)
 
 
-def load_vae(path: str | os.PathLike, *, options: ModelOptions | None = None, variant: str | None = None,
-             **option_kw) -> AutoencoderKL:
-    d = _component(path, "vae")
-    model = _build(AutoencoderKL, VaeConfig, d, _options(options, option_kw))
-    model.load_state_dict(load_component_state(d, variant=variant), source=str(d))
-    return model
+def load_unet(path: str | os.PathLike, **kw) -> UNet2DConditionModel:
+    """``unet/`` (or a folder containing it) -> ``UNet2DConditionModel`` (``load_model``)."""
+    return load_model(path, "unet", **kw)
+
+
+def load_vae(path: str | os.PathLike, **kw) -> AutoencoderKL:
+    """``vae/`` (or a folder containing it) -> ``AutoencoderKL`` (``load_model``)."""
+    return load_model(path, "vae", **kw)
 
 
 def tokenizer_files(path: str | os.PathLike) -> list[Path]:
@@ -374,9 +388,54 @@ def load_pipeline(path: str | os.PathLike, *, options: ModelOptions | None = Non
     return Components(
         path=p,
         model_index=index,
-        text_encoder=load_text_encoder(p / "text_encoder", options=opts, variant=variant),
-        unet=load_unet(p / "unet", options=opts, variant=variant),
-        vae=load_vae(p / "vae", options=opts, variant=variant),
+        text_encoder=load_model(p / "text_encoder", "text_encoder", options=opts, variant=variant),
+        unet=load_model(p / "unet", "unet", options=opts, variant=variant),
+        vae=load_model(p / "vae", "vae", options=opts, variant=variant),
         tokenizer=load_tokenizer(p / "tokenizer") if tokenizer else None,
         scheduler_config=load_scheduler_config(p / "scheduler"),
     )
+
+
+# ---------------------------------------------------------------- model identity
+
+
+def model_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The files :func:`model_sha256` hashes, in hashing order."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(2, "no such model folder", str(root))
+    files = [root / "model_index.json", root / "scheduler" / "scheduler_config.json",
+             *tokenizer_files(root / "tokenizer")]
+    for comp in MODELS:
+        files += [root / comp / "config.json", *find_weights(root / comp)]
+    return sorted(set(files), key=lambda p: p.relative_to(root).as_posix())
+
+
+def model_sha256(model_dir: str | os.PathLike) -> str:
+    """The identity of a diffusers folder: the sha256 of exactly the bytes the loader reads.
+
+    ``model_sha256(DIR)`` hashes, in sorted order of their paths relative to DIR,
+    ``relative path \\0 sha256(contents) \\n`` for each file that
+    ``refsd.weights.load_pipeline`` (and so the pipeline, the exporter and the
+    validator's rerun) reads:
+
+    * ``model_index.json``;
+    * ``text_encoder/``, ``unet/``, ``vae/``: ``config.json`` and the weights as
+      ``refsd.weights.find_weights`` finds them (the single ``.safetensors``, or
+      the ``.safetensors.index.json`` and every shard it names, which are plain
+      file names inside the component folder);
+    * ``tokenizer/``: the files of ``refsd.weights.TOKENIZER_FILES`` present;
+    * ``scheduler/scheduler_config.json``.
+
+    Nothing else: a README, an image, another variant's weights or a stray file
+    do not change the hash, and a byte changed in any file above does. A folder
+    the loader would refuse (a missing config, a shard index pointing out of the
+    folder, a FIFO) is refused here with the same error. Stable under copying
+    and re-rooting (paths are relative).
+    """
+    root = Path(model_dir)
+    h = hashlib.sha256()
+    for p in model_files(root):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + sha256_file(p, error=WeightsError).encode()
+                 + b"\n")
+    return h.hexdigest()

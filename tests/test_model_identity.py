@@ -1,4 +1,4 @@
-"""model_sha256 covers exactly the bytes the loader reads (refsd.model_identity)."""
+"""model_sha256 covers exactly the bytes the loader reads (refsd.weights)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from refsd.model_identity import model_files, model_sha256
+from refsd.weights import model_files, model_sha256
 from refsd.pipeline import Pipeline
 from refsd.weights import WeightsError, load_unet, read_safetensors, write_safetensors
 

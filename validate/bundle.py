@@ -177,7 +177,7 @@ def write_bundle(out: str | os.PathLike, capture: Mapping, tensors: Mapping[str,
 
 
 def _check_against_model(doc: Mapping, arrays: Mapping[str, np.ndarray], model_dir) -> None:
-    from refsd.model_identity import model_sha256  # noqa: PLC0415
+    from refsd.weights import model_sha256  # noqa: PLC0415
     from refsd.names import is_recorded, module_paths  # noqa: PLC0415
     from refsd_validate.reader import ModelGeometry, required_tensors  # noqa: PLC0415
 
@@ -207,7 +207,7 @@ def __getattr__(name: str):
     # ``model_sha256`` moved next to the loader whose reads it covers (refsd.model_identity); re-exported
     # lazily so that writing a bundle on a device host still imports NumPy and the standard library only.
     if name == "model_sha256":
-        from refsd.model_identity import model_sha256  # noqa: PLC0415
+        from refsd.weights import model_sha256  # noqa: PLC0415
 
         return model_sha256
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

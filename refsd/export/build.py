@@ -179,7 +179,7 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
 
     from tqdm import tqdm  # noqa: PLC0415
 
-    from refsd.model_identity import model_sha256  # noqa: PLC0415
+    from refsd.weights import model_sha256  # noqa: PLC0415
     from refsd.models.options import ModelOptions  # noqa: PLC0415
     from refsd.weights import load_text_encoder, load_unet, load_vae  # noqa: PLC0415
 
