@@ -44,12 +44,13 @@ Precision notes (what "reproduces diffusers" means here, measured in
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Callable, Any, Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
-from refsd.safe_io import read_json
+from refsd.models.config import config_from_dict
 
 __all__ = [
     "SCHEDULERS",
@@ -60,8 +61,10 @@ __all__ = [
     "DPMSolverMultistepScheduler",
     "make_scheduler",
     "default_scheduler_name",
-    "load_scheduler_config",
-    "from_config_file",
+    "SchedulerConfig",
+    "DDIMConfig",
+    "EulerConfig",
+    "DPMSolverConfig",
     "torch_linspace_f32",
 ]
 
@@ -148,8 +151,11 @@ def _karras_sigmas(in_sigmas: np.ndarray, steps: int, sigma_min=None, sigma_max=
 # --------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------
+# A scheduler's config is a frozen dataclass built from ``scheduler_config.json`` with
+# ``config_from_dict`` (the idiom of the model configs): a field per key this reference reads, with
+# the diffusers class's default, and in its metadata what is supported; ``__post_init__`` checks
+# every field against it (``_check``), in one place, naming the key and the value it refuses.
 
-_MISSING = object()
 _SPACINGS = ("leading", "trailing", "linspace")
 _BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -163,89 +169,145 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
 
 
-class _Param:
-    """One config key: its default (the diffusers class's default) and what is supported."""
+def _key(default, kind: str, arg=None):
+    """A config field: its default and what is supported (``kind`` and its ``arg``, see ``_check``)."""
+    return dataclasses.field(default=default, metadata={"kind": kind, "arg": arg})
 
-    def __init__(self, default, *, choices=None, kind=None, only=_MISSING, allow_none=False, hi=None):
-        self.default = default
-        self.hi = hi  # upper bound of an int kind
-        self.choices = choices  # tuple of accepted values
-        # 'bool' | 'int' | 'pos_int' | 'number' | 'positive' | 'beta' (in (0, 1)) | 'number_or_-inf' | 'betas' | None
-        self.kind = kind
-        self.only = only  # the single supported value (others are recognised but unsupported)
-        self.allow_none = allow_none
 
-    def check(self, key: str, value):
-        def bad(why: str):
-            return ValueError(f"scheduler config {key}={value!r} is not supported: {why}")
+def _check(key: str, value, kind: str, arg):
+    """``value`` of config key ``key`` normalized, or a ValueError naming key and value. Kinds:
+    ``choice`` (one of the strings ``arg``), ``only`` (the single supported value ``arg``; diffusers
+    treats null like false for the flags whose only value is false), ``bool`` (``arg``: null allowed,
+    read as false), ``count`` (an integer in [1, ``arg``]), ``int``, ``positive`` (a number > 0;
+    ``arg``: null allowed), ``beta`` (a number in (0, 1)), ``lambda`` (a number, -inf allowed),
+    ``betas`` (null, or a non-empty list of numbers in (0, 1))."""
 
-        if value is None:
-            if self.allow_none:
-                return False if self.kind == "bool" else None
-            if self.only is False:  # diffusers treats None like False for these flags
-                return False
-            raise bad("expected a value, got null")
-        if self.only is not _MISSING:
-            if isinstance(self.only, bool):
-                ok = isinstance(value, (bool, np.bool_)) and bool(value) == self.only
-            elif isinstance(self.only, int):
-                ok = _is_int(value) and int(value) == self.only
-            else:
-                ok = isinstance(value, str) and value == self.only
-            if not ok:
-                raise bad(f"only {self.only!r} is implemented")
-            return self.only
-        if self.choices is not None:
-            if not isinstance(value, str) or value not in self.choices:
-                raise bad(f"expected one of {', '.join(map(repr, self.choices))}")
-            return value
-        if self.kind == "bool":
-            if not isinstance(value, (bool, np.bool_)):
-                raise bad("expected true or false")
-            return bool(value)
-        if self.kind == "int":
-            if not _is_int(value):
-                raise bad("expected an integer")
-            return int(value)
-        if self.kind == "pos_int":
-            if not _is_int(value) or not 1 <= value <= (self.hi or value):
-                raise bad("expected a positive integer" + (f" <= {self.hi}" if self.hi else ""))
-            return int(value)
-        if self.kind == "number":
-            if not _is_number(value) or not math.isfinite(float(value)):
-                raise bad("expected a finite number")
-            return float(value)
-        if self.kind in ("positive", "beta"):  # a negative beta makes sqrt(beta) complex; beta >= 1 kills alpha
-            hi = 1.0 if self.kind == "beta" else math.inf
-            if not _is_number(value) or not 0 < float(value) < hi:
-                raise bad("expected a number in (0, 1)" if self.kind == "beta" else "expected a finite number > 0")
-            return float(value)
-        if self.kind == "number_or_-inf":
-            if not _is_number(value) or math.isnan(float(value)) or float(value) == math.inf:
-                raise bad("expected a number")
-            return float(value)
-        if self.kind == "betas":
-            try:
-                arr = np.asarray(value, dtype=np.float64)
-            except (TypeError, ValueError):
-                raise bad("expected a list of numbers") from None
-            if arr.ndim != 1 or arr.size == 0 or not np.all((arr > 0) & (arr < 1)):
-                raise bad("expected a non-empty list of numbers in (0, 1)")
-            return arr.astype(_F32)
+    def bad(why: str):
+        return ValueError(f"{key}={_as_written(value)!r} is not supported: {why}")
+
+    if value is None:
+        if kind in ("bool", "positive") and arg or kind == "betas" or (kind == "only" and arg is None):
+            return False if kind == "bool" else None
+        if kind == "only" and arg is False:
+            return False
+        raise bad("expected a value, got null")
+    if kind == "only":
+        if isinstance(arg, bool):
+            ok = isinstance(value, (bool, np.bool_)) and bool(value) == arg
+        elif isinstance(arg, int):
+            ok = _is_int(value) and int(value) == arg
+        else:
+            ok = isinstance(value, str) and value == arg
+        if not ok:
+            raise bad(f"only {arg!r} is implemented")
+        return arg
+    if kind == "choice":
+        if not isinstance(value, str) or value not in arg:
+            raise bad(f"expected one of {', '.join(map(repr, arg))}")
         return value
+    if kind == "bool":
+        if not isinstance(value, (bool, np.bool_)):
+            raise bad("expected true or false")
+        return bool(value)
+    if kind == "int":
+        if not _is_int(value):
+            raise bad("expected an integer")
+        return int(value)
+    if kind == "count":
+        if not _is_int(value) or not 1 <= value <= arg:
+            raise bad(f"expected a positive integer <= {arg}")
+        return int(value)
+    if kind in ("positive", "beta"):  # a negative beta makes sqrt(beta) complex; beta >= 1 kills alpha
+        hi = 1.0 if kind == "beta" else math.inf
+        if not _is_number(value) or not 0 < float(value) < hi:
+            raise bad("expected a number in (0, 1)" if kind == "beta" else "expected a finite number > 0")
+        return float(value)
+    if kind == "lambda":
+        if not _is_number(value) or math.isnan(float(value)) or float(value) == math.inf:
+            raise bad("expected a number")
+        return float(value)
+    assert kind == "betas", kind
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise bad("expected a list of numbers") from None
+    if arr.ndim != 1 or arr.size == 0 or not np.all((arr > 0) & (arr < 1)):
+        raise bad("expected a non-empty list of numbers in (0, 1)")
+    return tuple(float(b) for b in arr.astype(_F32))
 
 
-_COMMON: dict[str, _Param] = {
+def _as_written(v):
+    """A config value as the JSON had it (``config_from_dict`` made its lists tuples)."""
+    return [_as_written(x) for x in v] if isinstance(v, tuple) else v
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """The keys every scheduler reads. ``SCHEMA = False``: ``config_from_dict`` leaves the checks
+    to ``__post_init__``, which names the key and value in the scheduler's own words."""
+
+    SCHEMA: ClassVar[bool] = False
+
     # SD trains on 1000; the bound keeps a hostile config from allocating a schedule of 10^12 betas
-    "num_train_timesteps": _Param(1000, kind="pos_int", hi=100_000),
-    "beta_start": _Param(0.0001, kind="beta"),
-    "beta_end": _Param(0.02, kind="beta"),
-    "beta_schedule": _Param("linear", choices=_BETA_SCHEDULES),
-    "trained_betas": _Param(None, kind="betas", allow_none=True),
-    "prediction_type": _Param("epsilon", choices=_PREDICTION_TYPES),
-    "steps_offset": _Param(0, kind="int"),
-    "rescale_betas_zero_snr": _Param(False, only=False),
-}
+    num_train_timesteps: int = _key(1000, "count", 100_000)
+    beta_start: float = _key(0.0001, "beta")
+    beta_end: float = _key(0.02, "beta")
+    beta_schedule: str = _key("linear", "choice", _BETA_SCHEDULES)
+    trained_betas: tuple | None = _key(None, "betas")  # float32 values (as a tuple: the config is frozen)
+    prediction_type: str = _key("epsilon", "choice", _PREDICTION_TYPES)
+    steps_offset: int = _key(0, "int")
+    rescale_betas_zero_snr: bool = _key(False, "only", False)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _check(f.name, getattr(self, f.name), f.metadata["kind"],
+                                                    f.metadata["arg"]))
+        betas = self.trained_betas
+        if betas is not None and len(betas) != self.num_train_timesteps:
+            raise ValueError(f"trained_betas has {len(betas)} values but "
+                             f"num_train_timesteps={self.num_train_timesteps}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DDIMConfig(SchedulerConfig):
+    timestep_spacing: str = _key("leading", "choice", _SPACINGS)
+    clip_sample: bool = _key(True, "bool")
+    clip_sample_range: float = _key(1.0, "positive")
+    set_alpha_to_one: bool = _key(True, "bool")
+    thresholding: bool = _key(False, "only", False)
+
+
+@dataclasses.dataclass(frozen=True)
+class EulerConfig(SchedulerConfig):
+    timestep_spacing: str = _key("linspace", "choice", _SPACINGS)
+    interpolation_type: str = _key("linear", "only", "linear")
+    timestep_type: str = _key("discrete", "only", "discrete")
+    final_sigmas_type: str = _key("zero", "choice", ("zero", "sigma_min"))
+    use_karras_sigmas: bool = _key(False, "bool", True)
+    use_exponential_sigmas: bool = _key(False, "only", False)
+    use_beta_sigmas: bool = _key(False, "only", False)
+    sigma_min: float | None = _key(None, "positive", True)  # used only with Karras sigmas
+    sigma_max: float | None = _key(None, "positive", True)
+
+
+@dataclasses.dataclass(frozen=True)
+class DPMSolverConfig(SchedulerConfig):
+    timestep_spacing: str = _key("linspace", "choice", _SPACINGS)
+    solver_order: int = _key(2, "only", 2)
+    algorithm_type: str = _key("dpmsolver++", "only", "dpmsolver++")
+    solver_type: str = _key("midpoint", "choice", ("midpoint", "heun"))
+    lower_order_final: bool = _key(True, "bool")
+    euler_at_final: bool = _key(False, "bool")
+    final_sigmas_type: str = _key("zero", "choice", ("zero", "sigma_min"))
+    lambda_min_clipped: float = _key(-math.inf, "lambda")
+    variance_type: str | None = _key(None, "only", None)
+    thresholding: bool = _key(False, "only", False)
+    use_karras_sigmas: bool = _key(False, "bool", True)
+    use_exponential_sigmas: bool = _key(False, "only", False)
+    use_beta_sigmas: bool = _key(False, "only", False)
+    use_lu_lambdas: bool = _key(False, "only", False)
+    use_flow_sigmas: bool = _key(False, "only", False)
+    use_dynamic_shifting: bool = _key(False, "only", False)
 
 
 class NoiseSchedule:
@@ -259,31 +321,26 @@ class NoiseSchedule:
     #: diffusers class this scheduler mirrors; short name used by :func:`make_scheduler`
     diffusers_class: str = ""
     name: str = ""
-    PARAMS: dict[str, _Param] = {}
+    #: the config dataclass of this scheduler
+    CONFIG: type[SchedulerConfig] = SchedulerConfig
 
     def __init__(self, config: Mapping[str, Any] | None = None, **overrides):
         cfg = dict(config or {})
         cfg.update(overrides)
-        params = {**_COMMON, **self.PARAMS}
-        resolved: dict[str, Any] = {}
-        for key, p in params.items():
-            resolved[key] = p.check(key, cfg[key]) if key in cfg else p.default
+        #: the frozen config (``CONFIG``): the given keys, checked, and the diffusers defaults
+        self.config = config_from_dict(self.CONFIG, cfg, source="scheduler config")
         #: keys of the given config this scheduler does not use (other schedulers' keys,
         #: ``_class_name``, ``_diffusers_version``...): ignored, as diffusers ignores them
-        self.ignored_config_keys = sorted(k for k in cfg if k not in params)
-        self.config = resolved
+        self.ignored_config_keys = sorted(k for k in cfg if k not in {f.name for f in dataclasses.fields(self.CONFIG)})
+        c = self.config
 
-        n = resolved["num_train_timesteps"]
-        if resolved["trained_betas"] is not None:
-            betas = resolved["trained_betas"]
-            if betas.size != n:
-                raise ValueError(
-                    f"scheduler config trained_betas has {betas.size} values but num_train_timesteps={n}"
-                )
-        elif resolved["beta_schedule"] == "linear":
-            betas = torch_linspace_f32(resolved["beta_start"], resolved["beta_end"], n)
-        elif resolved["beta_schedule"] == "scaled_linear":
-            betas = torch_linspace_f32(resolved["beta_start"] ** 0.5, resolved["beta_end"] ** 0.5, n) ** 2
+        n = c.num_train_timesteps
+        if c.trained_betas is not None:
+            betas = np.array(c.trained_betas, dtype=_F32)
+        elif c.beta_schedule == "linear":
+            betas = torch_linspace_f32(c.beta_start, c.beta_end, n)
+        elif c.beta_schedule == "scaled_linear":
+            betas = torch_linspace_f32(c.beta_start ** 0.5, c.beta_end ** 0.5, n) ** 2
         else:  # squaredcos_cap_v2
             betas = _betas_for_alpha_bar(n)
         self.betas = betas.astype(_F32)
@@ -297,7 +354,7 @@ class NoiseSchedule:
     def _check_steps(self, num_inference_steps) -> int:
         if not _is_int(num_inference_steps) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        n = self.config["num_train_timesteps"]
+        n = self.config.num_train_timesteps
         if num_inference_steps > n:
             raise ValueError(f"num_inference_steps={num_inference_steps} exceeds num_train_timesteps={n}")
         return int(num_inference_steps)
@@ -311,6 +368,42 @@ class NoiseSchedule:
         if not _is_int(i) or not 0 <= i < len(self.timesteps):
             raise IndexError(f"step index must be an integer in [0, {len(self.timesteps)}), got {i!r}")
         return int(i)
+
+    def _timestep_grid(self, steps: int, dtype, *, end: int | None = None, drop_last: bool = False,
+                       round_linspace: bool = True) -> np.ndarray:
+        """diffusers' timesteps for ``steps`` steps by ``timestep_spacing``, descending,
+        with its dtype (int64 for DDIM and DPM-Solver++, float32 for Euler) and
+        formulas: ``end`` (default ``num_train_timesteps``) bounds them above
+        (DPM-Solver++'s ``lambda_min_clipped``); ``drop_last``: linspace and leading
+        take ``steps + 1`` points and drop the last (DPM-Solver++); ``round_linspace``:
+        linspace values rounded (not by Euler, whose timesteps are fractional)."""
+        c = self.config
+        T = c.num_train_timesteps
+        end = T if end is None else end
+        n = steps + 1 if drop_last else steps
+        if c.timestep_spacing == "linspace":
+            ts = np.linspace(0, end - 1, n)
+            ts = (ts.round() if round_linspace else ts)[::-1]
+        elif c.timestep_spacing == "leading":
+            ts = (np.arange(0, n) * (end // n)).round()[::-1]
+        else:  # trailing
+            ts = np.arange(end, 0, -(T / steps)).round()
+        if drop_last and c.timestep_spacing != "trailing":
+            ts = ts[:-1]
+        ts = ts.astype(dtype)
+        if c.timestep_spacing == "leading":
+            ts += c.steps_offset
+        elif c.timestep_spacing == "trailing":
+            ts -= 1
+        return ts
+
+    def _final_sigma(self):
+        """The sigma after the last step (Euler, DPM-Solver++): 0, or under
+        ``final_sigmas_type="sigma_min"`` the smallest training sigma ``sqrt((1 - a0) / a0)``."""
+        if self.config.final_sigmas_type == "sigma_min":
+            a0 = self.alphas_cumprod[0]
+            return _sqrt32((_F32(1.0) - a0) / a0)
+        return 0
 
     def _train_sigmas(self) -> np.ndarray:
         """``((1 - alphas_cumprod) / alphas_cumprod) ** 0.5`` in float32 (Euler / DPM)."""
@@ -351,32 +444,15 @@ class DDIMScheduler(NoiseSchedule):
 
     diffusers_class = "DDIMScheduler"
     name = "ddim"
-    PARAMS = {
-        "timestep_spacing": _Param("leading", choices=_SPACINGS),
-        "clip_sample": _Param(True, kind="bool"),
-        "clip_sample_range": _Param(1.0, kind="positive"),
-        "set_alpha_to_one": _Param(True, kind="bool"),
-        "thresholding": _Param(False, only=False),
-    }
+    CONFIG = DDIMConfig
 
     def __init__(self, config: Mapping[str, Any] | None = None, **overrides):
         super().__init__(config, **overrides)
-        self.final_alpha_cumprod = _F32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
+        self.final_alpha_cumprod = _F32(1.0) if self.config.set_alpha_to_one else self.alphas_cumprod[0]
 
     def set_timesteps(self, num_inference_steps: int) -> np.ndarray:
         steps = self._check_steps(num_inference_steps)
-        T = self.config["num_train_timesteps"]
-        spacing = self.config["timestep_spacing"]
-        if spacing == "linspace":
-            ts = np.linspace(0, T - 1, steps).round()[::-1].copy().astype(np.int64)
-        elif spacing == "leading":
-            ratio = T // steps
-            ts = (np.arange(0, steps) * ratio).round()[::-1].copy().astype(np.int64)
-            ts += self.config["steps_offset"]
-        else:  # trailing
-            ratio = T / steps
-            ts = np.round(np.arange(T, 0, -ratio)).astype(np.int64)
-            ts -= 1
+        ts = self._timestep_grid(steps, np.int64)
         self.num_inference_steps = steps
         self.timesteps = ts
         return ts
@@ -393,13 +469,13 @@ class DDIMScheduler(NoiseSchedule):
         mo = np.asarray(model_output, dtype=_F32)
         x = np.asarray(sample, dtype=_F32)
         t = int(self.timesteps[i])
-        prev_t = t - self.config["num_train_timesteps"] // self.num_inference_steps
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         b_t = _F32(1.0) - a_t
         sa, sb = r(_sqrt32(a_t)), r(_sqrt32(b_t))
 
-        pred = self.config["prediction_type"]
+        pred = self.config.prediction_type
         if pred == "epsilon":
             x0 = r(r(x - r(sb * mo)) / sa)
             eps = mo
@@ -410,8 +486,8 @@ class DDIMScheduler(NoiseSchedule):
             x0 = r(r(sa * x) - r(sb * mo))
             eps = r(r(sa * mo) + r(sb * x))
 
-        if self.config["clip_sample"]:
-            c = _F32(self.config["clip_sample_range"])
+        if self.config.clip_sample:
+            c = _F32(self.config.clip_sample_range)
             x0 = np.clip(x0, -c, c)
 
         # eta = 0: std_dev_t = 0, so the direction coefficient is sqrt(1 - a_prev - 0**2).
@@ -440,17 +516,7 @@ class EulerDiscreteScheduler(NoiseSchedule):
 
     diffusers_class = "EulerDiscreteScheduler"
     name = "euler"
-    PARAMS = {
-        "timestep_spacing": _Param("linspace", choices=_SPACINGS),
-        "interpolation_type": _Param("linear", only="linear"),
-        "timestep_type": _Param("discrete", only="discrete"),
-        "final_sigmas_type": _Param("zero", choices=("zero", "sigma_min")),
-        "use_karras_sigmas": _Param(False, kind="bool", allow_none=True),
-        "use_exponential_sigmas": _Param(False, only=False),
-        "use_beta_sigmas": _Param(False, only=False),
-        "sigma_min": _Param(None, kind="positive", allow_none=True),  # used only with Karras sigmas
-        "sigma_max": _Param(None, kind="positive", allow_none=True),
-    }
+    CONFIG = EulerConfig
 
     def __init__(self, config: Mapping[str, Any] | None = None, **overrides):
         super().__init__(config, **overrides)
@@ -458,29 +524,13 @@ class EulerDiscreteScheduler(NoiseSchedule):
 
     def set_timesteps(self, num_inference_steps: int) -> np.ndarray:
         steps = self._check_steps(num_inference_steps)
-        T = self.config["num_train_timesteps"]
-        spacing = self.config["timestep_spacing"]
-        if spacing == "linspace":
-            ts = np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].copy()
-        elif spacing == "leading":
-            ratio = T // steps
-            ts = (np.arange(0, steps) * ratio).round()[::-1].copy().astype(np.float32)
-            ts += self.config["steps_offset"]
-        else:  # trailing
-            ratio = T / steps
-            ts = (np.arange(T, 0, -ratio)).round().copy().astype(np.float32)
-            ts -= 1
+        ts = self._timestep_grid(steps, np.float32, round_linspace=False)
         train_sigmas = self._train_sigmas()
         sigmas = np.interp(ts, np.arange(0, len(train_sigmas)), train_sigmas)
-        if self.config["use_karras_sigmas"]:
-            sigmas = _karras_sigmas(sigmas, steps, self.config["sigma_min"], self.config["sigma_max"])
+        if self.config.use_karras_sigmas:
+            sigmas = _karras_sigmas(sigmas, steps, self.config.sigma_min, self.config.sigma_max)
             ts = np.array([_sigma_to_t(s, np.log(train_sigmas)) for s in sigmas])
-        if self.config["final_sigmas_type"] == "sigma_min":
-            a0 = self.alphas_cumprod[0]
-            sigma_last = _sqrt32((_F32(1.0) - a0) / a0)
-        else:
-            sigma_last = 0
-        self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(_F32)
+        self.sigmas = np.concatenate([sigmas, [self._final_sigma()]]).astype(_F32)
         self.timesteps = ts.astype(np.float32)
         self.num_inference_steps = steps
         return self.timesteps
@@ -490,7 +540,7 @@ class EulerDiscreteScheduler(NoiseSchedule):
         """``max(sigmas)`` for linspace / trailing spacing, ``sqrt(max**2 + 1)`` for leading."""
         self._require_timesteps()
         s = self.sigmas.max()
-        if self.config["timestep_spacing"] in ("linspace", "trailing"):
+        if self.config.timestep_spacing in ("linspace", "trailing"):
             return float(s)
         return float(_sqrt32(s * s + _F32(1.0)))
 
@@ -506,7 +556,7 @@ class EulerDiscreteScheduler(NoiseSchedule):
         x = np.asarray(sample, dtype=_F32)
         sigma = self.sigmas[i]
         sigma_hat = sigma  # sigma * (gamma + 1) with gamma = 0 (no churn)
-        pred = self.config["prediction_type"]
+        pred = self.config.prediction_type
         if pred == "sample":
             x0 = mo
         elif pred == "epsilon":
@@ -547,24 +597,7 @@ class DPMSolverMultistepScheduler(NoiseSchedule):
 
     diffusers_class = "DPMSolverMultistepScheduler"
     name = "dpm++2m"
-    PARAMS = {
-        "timestep_spacing": _Param("linspace", choices=_SPACINGS),
-        "solver_order": _Param(2, only=2),
-        "algorithm_type": _Param("dpmsolver++", only="dpmsolver++"),
-        "solver_type": _Param("midpoint", choices=("midpoint", "heun")),
-        "lower_order_final": _Param(True, kind="bool"),
-        "euler_at_final": _Param(False, kind="bool"),
-        "final_sigmas_type": _Param("zero", choices=("zero", "sigma_min")),
-        "lambda_min_clipped": _Param(-math.inf, kind="number_or_-inf"),
-        "variance_type": _Param(None, only=None, allow_none=True),
-        "thresholding": _Param(False, only=False),
-        "use_karras_sigmas": _Param(False, kind="bool", allow_none=True),
-        "use_exponential_sigmas": _Param(False, only=False),
-        "use_beta_sigmas": _Param(False, only=False),
-        "use_lu_lambdas": _Param(False, only=False),
-        "use_flow_sigmas": _Param(False, only=False),
-        "use_dynamic_shifting": _Param(False, only=False),
-    }
+    CONFIG = DPMSolverConfig
 
     def __init__(self, config: Mapping[str, Any] | None = None, **overrides):
         super().__init__(config, **overrides)
@@ -580,34 +613,17 @@ class DPMSolverMultistepScheduler(NoiseSchedule):
 
     def set_timesteps(self, num_inference_steps: int) -> np.ndarray:
         steps = self._check_steps(num_inference_steps)
-        T = self.config["num_train_timesteps"]
-        clipped_idx = int(np.searchsorted(self.lambda_t[::-1], _F32(self.config["lambda_min_clipped"])))
-        last = T - clipped_idx
-        spacing = self.config["timestep_spacing"]
-        if spacing == "linspace":
-            ts = np.linspace(0, last - 1, steps + 1).round()[::-1][:-1].copy().astype(np.int64)
-        elif spacing == "leading":
-            ratio = last // (steps + 1)
-            ts = (np.arange(0, steps + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
-            ts += self.config["steps_offset"]
-        else:  # trailing
-            ratio = T / steps
-            ts = np.arange(last, 0, -ratio).round().copy().astype(np.int64)
-            ts -= 1
+        clipped_idx = int(np.searchsorted(self.lambda_t[::-1], _F32(self.config.lambda_min_clipped)))
+        ts = self._timestep_grid(steps, np.int64, end=self.config.num_train_timesteps - clipped_idx, drop_last=True)
         train_sigmas = self._train_sigmas()
-        if self.config["use_karras_sigmas"]:
+        if self.config.use_karras_sigmas:
             sigmas = _karras_sigmas(np.flip(train_sigmas).copy(), steps)
             ts = np.array([_sigma_to_t(s, np.log(train_sigmas)) for s in sigmas])
-            if self.config["beta_schedule"] != "squaredcos_cap_v2":
+            if self.config.beta_schedule != "squaredcos_cap_v2":
                 ts = ts.round()
         else:
             sigmas = np.interp(ts, np.arange(0, len(train_sigmas)), train_sigmas)
-        if self.config["final_sigmas_type"] == "sigma_min":
-            a0 = self.alphas_cumprod[0]
-            sigma_last = _sqrt32((_F32(1.0) - a0) / a0)
-        else:
-            sigma_last = 0
-        self.sigmas = np.concatenate([sigmas, [sigma_last]]).astype(_F32)
+        self.sigmas = np.concatenate([sigmas, [self._final_sigma()]]).astype(_F32)
         self.timesteps = ts.astype(np.int64)
         self.num_inference_steps = len(ts)
         self._history = []
@@ -624,7 +640,7 @@ class DPMSolverMultistepScheduler(NoiseSchedule):
         return alpha, sigma, _log32(alpha) - _log32(sigma)
 
     def _data_prediction(self, mo: np.ndarray, i: int, x: np.ndarray) -> np.ndarray:
-        pred = self.config["prediction_type"]
+        pred = self.config.prediction_type
         if pred == "sample":
             return mo
         alpha, sigma = self._alpha_sigma(self.sigmas[i])
@@ -645,7 +661,7 @@ class DPMSolverMultistepScheduler(NoiseSchedule):
         n = len(self.timesteps)
         cfg = self.config
         lower_order_final = i == n - 1 and (
-            cfg["euler_at_final"] or (cfg["lower_order_final"] and n < 15) or cfg["final_sigmas_type"] == "zero"
+            cfg.euler_at_final or (cfg.lower_order_final and n < 15) or cfg.final_sigmas_type == "zero"
         )
         d0 = self._data_prediction(mo, i, x)
         self._history = (self._history + [d0])[-2:]
@@ -662,7 +678,7 @@ class DPMSolverMultistepScheduler(NoiseSchedule):
                 m0, m1 = self._history[-1], self._history[-2]
                 r0 = (lam_s0 - lam_s1) / h
                 d1 = (_F32(1.0) / r0) * (m0 - m1)
-                if cfg["solver_type"] == "midpoint":
+                if cfg.solver_type == "midpoint":
                     out = (sigma_t / sigma_s0) * x - (alpha_t * em1) * m0 - (_F32(0.5) * (alpha_t * em1)) * d1
                 else:  # heun
                     out = (sigma_t / sigma_s0) * x - (alpha_t * em1) * m0 + (alpha_t * (em1 / h + _F32(1.0))) * d1
@@ -671,7 +687,7 @@ class DPMSolverMultistepScheduler(NoiseSchedule):
 
 
 # --------------------------------------------------------------------------------------
-# Factory and config files
+# Factory
 # --------------------------------------------------------------------------------------
 
 SCHEDULERS: dict[str, type[NoiseSchedule]] = {
@@ -726,31 +742,3 @@ def make_scheduler(name: str | None, config: Mapping[str, Any] | None = None) ->
     if key not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}: valid names are {_valid_names()}")
     return SCHEDULERS[key](config)
-
-
-def load_scheduler_config(path: str | Path) -> dict:
-    """Read ``scheduler_config.json``.
-
-    ``path`` may be the file, a ``scheduler/`` folder, or a diffusers model folder
-    (``<path>/scheduler/scheduler_config.json``).
-    """
-    p = Path(path)
-    if p.is_dir():
-        candidates = [p / "scheduler_config.json", p / "scheduler" / "scheduler_config.json"]
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            raise FileNotFoundError(
-                f"no scheduler config in {p}: looked for " + " and ".join(str(c) for c in candidates)
-            )
-        p = found[0]
-    elif not p.is_file():
-        raise FileNotFoundError(f"scheduler config not found: {p}")
-    cfg = read_json(p)  # refsd.safe_io: UTF-8, strict JSON, one line naming the file
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{p} must hold a JSON object, got {type(cfg).__name__}")
-    return cfg
-
-
-def from_config_file(path: str | Path, name: str | None = None) -> NoiseSchedule:
-    """:func:`make_scheduler` from a ``scheduler_config.json`` (see :func:`load_scheduler_config`)."""
-    return make_scheduler(name, load_scheduler_config(path))

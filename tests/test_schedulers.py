@@ -23,6 +23,7 @@ import pytest
 
 from refsd import schedulers as S
 from refsd.schedulers import make_scheduler
+from refsd.weights import WeightsError, load_scheduler_config
 
 STEP_RTOL = 1e-6
 FREE_RUN_RTOL = 5e-6  # 50 steps measured <= ~2.5e-6: per-step ~1e-7 accumulated along the trajectory
@@ -330,27 +331,26 @@ def test_set_timesteps_and_step_errors():
 
 
 def test_from_config_file(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
     (tmp_path / "scheduler").mkdir()
     cfg_file = tmp_path / "scheduler" / "scheduler_config.json"
     cfg_file.write_text(json.dumps(SD21))
-    for p in (tmp_path, tmp_path / "scheduler", cfg_file):  # model folder, scheduler folder, file
-        s = S.from_config_file(p)
-        assert isinstance(s, S.DDIMScheduler) and s.config["prediction_type"] == "v_prediction"
-    assert isinstance(S.from_config_file(tmp_path, "euler"), S.EulerDiscreteScheduler)
-    assert S.load_scheduler_config(cfg_file) == json.loads(json.dumps(SD21))
+    for p in (tmp_path, tmp_path / "scheduler"):  # model folder, scheduler folder
+        s = make_scheduler(None, load_scheduler_config(p))
+        assert isinstance(s, S.DDIMScheduler) and s.config.prediction_type == "v_prediction"
+    assert isinstance(make_scheduler("euler", load_scheduler_config(tmp_path)), S.EulerDiscreteScheduler)
+    assert load_scheduler_config(tmp_path) == json.loads(json.dumps(SD21))
 
-    with pytest.raises(FileNotFoundError, match="scheduler config not found"):
-        S.from_config_file(tmp_path / "nope.json")
-    with pytest.raises(FileNotFoundError, match="looked for"):
-        S.from_config_file(_empty(tmp_path))
-    bad = tmp_path / "bad.json"
-    bad.write_text('{"beta_schedule": "linear",\n "steps_offset": }')
+    with pytest.raises(WeightsError, match="no such folder"):
+        load_scheduler_config(tmp_path / "nope")
+    with pytest.raises(WeightsError, match="missing scheduler_config.json"):
+        load_scheduler_config(_empty(tmp_path))
+    cfg_file.write_text('{"beta_schedule": "linear",\n "steps_offset": }')
     with pytest.raises(ValueError, match=r"not valid JSON.*line 2"):
-        S.from_config_file(bad)
-    arr = tmp_path / "list.json"
-    arr.write_text("[1, 2]")
+        load_scheduler_config(tmp_path)
+    cfg_file.write_text("[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):
-        S.load_scheduler_config(arr)
+        load_scheduler_config(tmp_path)
 
 
 def _empty(tmp_path):

@@ -1,6 +1,6 @@
 """The config idiom: a frozen dataclass per ``config.json``, built with
 :func:`config_from_dict` (the models' ``UNetConfig``, ``VaeConfig``,
-``ClipTextConfig``).
+``ClipTextConfig`` and the schedulers' configs).
 
 A config dataclass (``UNetConfig``, ``VaeConfig``, ``ClipTextConfig``) already
 says, field by field, what type a ``config.json`` value has and what its
@@ -22,7 +22,8 @@ before any model is built from it:
 
 Keys a dataclass does not have are not checked (diffusers configs carry many
 that SD does not use); the dataclass's ``__post_init__`` checks what holds
-between fields.
+between fields. A dataclass with ``SCHEMA = False`` (the schedulers' configs)
+has no JSON Schema: its ``__post_init__`` checks every field itself.
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def _field_schema(f: dataclasses.Field) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def config_schema(cls) -> dict:
-    """The JSON Schema of a config dataclass's ``config.json``."""
+    """The JSON Schema of a config dataclass's ``config.json`` (any object under ``SCHEMA = False``)."""
+    if not getattr(cls, "SCHEMA", True):
+        return {"type": "object"}
     return {"type": "object",
             "properties": {f.name: _field_schema(f) for f in dataclasses.fields(cls) if not f.name.startswith("_")}}
 
@@ -100,7 +103,8 @@ def config_from_dict(cls, d: Mapping[str, Any], *, required: tuple[str, ...] = (
     missing = [k for k in required if k not in d]
     if missing:
         raise ValueError(f"{source}: missing required key{'s' * (len(missing) != 1)} {', '.join(missing)}")
-    check_schema(d, config_schema(cls), source)
+    if getattr(cls, "SCHEMA", True):
+        check_schema(d, config_schema(cls), source)
     names = {f.name for f in dataclasses.fields(cls)}
     kw = {k: freeze(v) for k, v in d.items() if k in names}
     try:
