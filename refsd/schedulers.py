@@ -43,8 +43,8 @@ Precision notes (what "reproduces diffusers" means here, measured in
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 

@@ -19,6 +19,7 @@ import numpy as np
 from refsd.numerics import U_F16, round_f16
 from refsd.ops import mark_stored
 
+
 class WeightsError(ValueError):
     """A checkpoint that does not match the model (keys, shapes, format)."""
 

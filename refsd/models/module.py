@@ -37,12 +37,26 @@ from typing import Any
 import numpy as np
 
 from refsd.context import record, scope
-from refsd.models.loading import (ParamSpec, WeightsError, check_state, checkpoint_array, drop_mapped_pages,
-                                  read_only, store_float)
+from refsd.models.loading import (
+    ParamSpec,
+    WeightsError,
+    check_state,
+    checkpoint_array,
+    drop_mapped_pages,
+    read_only,
+    store_float,
+)
 from refsd.models.options import INT8_MIN_ELEMENTS, Int8Weight, ModelOptions
 from refsd.models.prune import prune
-from refsd.models.rewrites import (Rewrites, conv_hybrid_op, conv_op, group_norm_op, linear_hybrid_op,
-                                   linear_op, serial_conv_split)
+from refsd.models.rewrites import (
+    Rewrites,
+    conv_hybrid_op,
+    conv_op,
+    group_norm_op,
+    linear_hybrid_op,
+    linear_op,
+    serial_conv_split,
+)
 from refsd.numerics import Precision
 from refsd.numerics import precision as _precision
 
