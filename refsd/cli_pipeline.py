@@ -93,7 +93,7 @@ def add_generate(sub) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from refsd.png import write_png  # noqa: PLC0415
+    from refsd.image import write_png  # noqa: PLC0415
 
     out = Path(args.out)
     check_output_file(out, "--out")

@@ -30,6 +30,7 @@ import numpy as np
 
 from refsd import trace as trace_names
 from refsd.context import location
+from refsd.image import to_image
 from refsd.limits import check_request
 from refsd.models.module import ModelOptions
 from refsd.models.vae import VaeConfig
@@ -86,11 +87,6 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def to_image(decoded: np.ndarray) -> np.ndarray:
-    """Decoder output (about [-1, 1]) -> [0, 1], as diffusers' ``postprocess``."""
-    return np.clip(decoded / np.float32(2) + np.float32(0.5), 0.0, 1.0)
 
 
 class Pipeline:

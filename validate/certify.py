@@ -46,6 +46,7 @@ import numpy as np
 
 from refsd import __version__
 from refsd import trace as names
+from refsd.image import to_image
 from refsd.trace import parse_name
 from refsd_validate.bundle import model_sha256, sha256_file
 from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, ORIGINAL, CacheStats, Deployment, cache_bytes, \
@@ -414,8 +415,6 @@ def _judge(name: str, mode: str, ref: np.ndarray, test: np.ndarray, floor, k: fl
 
 
 def _to_image(decoded: np.ndarray) -> np.ndarray:
-    from refsd.pipeline import to_image  # noqa: PLC0415
-
     return to_image(np.asarray(decoded, np.float32))
 
 

@@ -1,9 +1,9 @@
 """What a person reads: ``report.html`` (one self-contained file: images as
-base64 PNG from ``refsd.png``, plots as inline SVG, no script, no network) and
+base64 PNG from ``refsd.image``, plots as inline SVG, no script, no network) and
 Model Explorer node data.
 
 The report shows the verdict and the first failing tensor; the reference and
-device images side by side with the amplified difference (``refsd.demo.
+device images side by side with the amplified difference (``refsd.image.
 side_by_side``: NaN/inf pixels magenta); each step's error in noise floors
 (``k_needed``, log scale, the bar at k); the worst tensors; the rule and
 provenance.
@@ -27,9 +27,7 @@ import math
 
 import numpy as np
 
-from refsd.demo import side_by_side
-from refsd.pipeline import to_image
-from refsd.png import encode_png
+from refsd.image import encode_png, side_by_side, to_image
 
 NAN_VALUE = 1e30  # Model Explorer values must be numbers: a non-finite error shows as the worst there is
 _CSS = """
