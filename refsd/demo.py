@@ -159,19 +159,3 @@ def certify_gpu(model: Path, out: Path, *, size: int, steps: int = 4) -> bool:
     verdict = "CERTIFIED" if cert.certified else "NOT CERTIFIED"
     print(f"{verdict} (GPU fp16): {len(cert.results)} tensor checks; open {out}/certificate_gpu/report.html")
     return cert.certified
-
-
-def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="the main job on the embedded tiny model: catalogue, image, fp16 report",
-                       description=__doc__.split("\n\n")[1])
-    p.add_argument("--out", default="out", help="output folder (default: out)")
-    p.add_argument("--arch", choices=("sd15", "sd21"), default="sd21")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--size", type=int, default=64, help="image height and width (default 64)")
-    p.add_argument("--precision", choices=("f32_f16", "f16"), action="append",
-                   help="fp16 mode(s) to compare with f32 (repeatable; default: f32_f16 and f16)")
-    p.add_argument("--ftz", action="store_true")
-    p.add_argument("--rewrites", default="none")
-    p.set_defaults(func=lambda a: run_demo(a.out, arch=a.arch, seed=a.seed, steps=a.steps, size=a.size,
-                                           modes=tuple(a.precision or ("f32_f16", "f16")), ftz=a.ftz, rewrites=a.rewrites))

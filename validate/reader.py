@@ -53,13 +53,12 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from refsd.limits import check_request
-from refsd.safe_io import npy_header, open_regular, parse_json
+from refsd.safe_io import MAX_TENSOR_BYTES, npy_header, open_regular, parse_json
 from refsd_validate.bundle import FLOATS, INTS, BundleError, ModelGeometry, check_document, declared_stages, \
     required_tensors
 
 MAX_CAPTURE_JSON = 4 << 20
 NPY_HEADER_ALLOWANCE = 16 << 10  # real .npy headers are 128-4096 bytes
-MAX_TENSOR_BYTES = 4 << 30  # per tensor: SD 1.5's largest attention scores at 512x512 are 1 GiB
 _STEP = re.compile(r"^(unet/step_(\d+)/noise_pred|scheduler/step_(\d+)/latents)$")
 _INTERMEDIATE = re.compile(r"^(text_encoder|unet|vae)/(?:step_(\d+)/)?([A-Za-z0-9_.]+(?:#\d+)?)$")
 
