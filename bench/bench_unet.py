@@ -28,19 +28,10 @@ import time
 from pathlib import Path
 
 
-def _threads_from_argv(argv: list[str]) -> str:
-    for i, a in enumerate(argv):
-        if a == "--threads" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--threads="):
-            return a.split("=", 1)[1]
-    return "1"
-
-
 if __name__ == "__main__":
-    # BLAS thread counts must be set before NumPy / PyTorch load their BLAS.
-    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[_var] = _threads_from_argv(sys.argv[1:])
+    from blas_threads import set_blas_threads
+
+    set_blas_threads(sys.argv[1:])
 
 import numpy as np  # noqa: E402
 

@@ -5,37 +5,60 @@
     refsd make-tiny DIR --arch sd15|sd21 --seed N
     refsd generate --model DIR --prompt TEXT --out IMAGE.png [--trace TRACE.npz] ...
     refsd fp16-check --model DIR --prompt TEXT [--json FILE] [--fail-on KINDS] ...
+    refsd export --model DIR --out DIR [--weights fp32|fp16|int8] [--rewrites ...]
+    refsd lint-gpu MODEL.tflite [--json]
+    refsd golden make|verify [--dir DIR]
 
-Exit codes: 0 success, 1 the check ran and failed, 2 bad usage or input
-(one line on stderr, ``refsd: error: ...``, never a traceback).
+Exit codes (``refsd.arguments``): 0 success, 1 the check ran and failed, 2 bad
+usage or input (one line on stderr, ``refsd: error: ...``, never a traceback).
 
-Adding a subcommand (``make-tiny``, ``generate``, ``fp16-check``): write an
-``_add_<name>(sub)`` that adds its parser with ``sub.add_parser(...)`` and sets
-``func=_cmd_<name>``, a function ``(args) -> int`` returning the exit code,
-and append ``_add_<name>`` to ``SUBCOMMANDS``. Raise ``ValueError``,
-``FileNotFoundError`` or ``OSError`` for bad input: ``main`` turns them into
-a one-line error and exit 2.
+Adding a subcommand: write ``_add_<name>(sub)``, which adds its parser with
+``sub.add_parser(...)`` and sets ``func=_cmd_<name>``, and ``_cmd_<name>(args)
+-> int`` returning the exit code; append ``_add_<name>`` to ``SUBCOMMANDS``.
+Raise ``ValueError``, ``FileNotFoundError`` or ``OSError`` for bad input.
+Modules that do the work are imported when the command runs, so ``refsd
+--help`` stays fast and works without the ``export`` extra (TensorFlow).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Callable, NoReturn, Sequence
+import time
+from pathlib import Path
+from typing import Callable, Sequence
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+from refsd.arguments import EXIT_FAIL, EXIT_OK, add_prompt_args, build_parser as _build, check_request_args, run
+
 PROG = "refsd"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line and name the help to read."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{PROG}: error: {_one_line(message)} (see '{self.prog} --help')\n")
+# ---------------------------------------------------------------- demo
 
 
-def _one_line(msg: object) -> str:
-    return " ".join(str(msg).split())
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the main job on the embedded tiny model: catalogue, image, fp16 report",
+                       description="Writes a tiny seeded SD 2.1-architecture folder, runs the float16 exception "
+                       "catalogue, generates an image with the golden reference (f32) and the same request under "
+                       "fp16 emulation with the exception monitor, and writes what a person wants to look at:")
+    p.add_argument("--out", default="out", help="output folder (default: out)")
+    p.add_argument("--arch", choices=("sd15", "sd21"), default="sd21")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--size", type=int, default=64, help="image height and width (default 64)")
+    p.add_argument("--precision", choices=("f32_f16", "f16"), action="append",
+                   help="fp16 mode(s) to compare with f32 (repeatable; default: f32_f16 and f16)")
+    p.add_argument("--ftz", action="store_true")
+    p.add_argument("--rewrites", default="none")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from refsd.demo import run_demo  # noqa: PLC0415
+
+    return run_demo(args.out, arch=args.arch, seed=args.seed, steps=args.steps, size=args.size,
+                    modes=tuple(args.precision or ("f32_f16", "f16")), ftz=args.ftz, rewrites=args.rewrites)
 
 
 # ---------------------------------------------------------------- catalogue
@@ -55,7 +78,7 @@ def _add_catalogue(sub) -> None:
 
 
 def _cmd_catalogue(args: argparse.Namespace) -> int:
-    from refsd.catalogue import run_catalogue
+    from refsd.catalogue import run_catalogue  # noqa: PLC0415
 
     # Open the JSON file first: an unwritable path is a usage error before any work is done.
     out = open(args.json, "w", encoding="utf-8") if args.json and args.json != "-" else None
@@ -73,88 +96,301 @@ def _cmd_catalogue(args: argparse.Namespace) -> int:
     return EXIT_OK if result.ok else EXIT_FAIL
 
 
-# ---------------------------------------------------------------- registry
-# One entry per subcommand, in the order `refsd --help` lists them.
+# ---------------------------------------------------------------- make-tiny
+
 
 def _add_make_tiny(sub) -> None:
-    from refsd.tiny import add_make_tiny_parser
+    from refsd.tiny import ARCHES, DTYPES  # noqa: PLC0415
 
-    add_make_tiny_parser(sub)
+    p = sub.add_parser(
+        "make-tiny", help="write a tiny seeded SD folder (diffusers format)",
+        description="Write a complete diffusers-format Stable Diffusion folder with seeded random weights "
+                    "(real module structure, small widths, real CLIP tokenizer). Deterministic byte for byte.")
+    p.add_argument("dir", help="output folder (created)")
+    p.add_argument("--arch", choices=ARCHES, default="sd15", help="sd15: CLIP ViT-L-style, epsilon; "
+                   "sd21: OpenCLIP-style gelu, linear projections, upcast attention, v-prediction")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights as stored (default float32)")
+    p.set_defaults(func=_cmd_make_tiny)
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from refsd.tiny import make_tiny  # noqa: PLC0415
+
+    path = make_tiny(args.dir, args.arch, args.seed, dtype=args.dtype)
+    print(f"wrote tiny {args.arch} (seed {args.seed}, {args.dtype}) to {path}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- generate, fp16-check
+
+
+def _add_request_args(p: argparse.ArgumentParser, *, default_precision: str) -> None:
+    from refsd.numerics import DEVICE_MODELS, MODES  # noqa: PLC0415
+
+    p.add_argument("--model", required=True, metavar="DIR", help="diffusers-format folder (e.g. from refsd make-tiny)")
+    add_prompt_args(p)
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--precision", choices=MODES, default=default_precision)
+    p.add_argument("--ftz", action="store_true", help="flush fp16 subnormals to zero")
+    p.add_argument("--block", type=int, default=32, help="f16 accumulation block (default 32)")
+    p.add_argument("--device-model", choices=tuple(DEVICE_MODELS), default=None,
+                   help="f16 only: emulate a runtime's measured fp16 kernels instead of the generic model "
+                        "(litert-gpu: LiteRT's GPU accelerator; README 'fp16 on real GPU kernels')")
+    p.add_argument("--rewrites", default="none", help="none | paper | google | comma list of rewrite names")
+    p.add_argument("--low-memory", action="store_true", help="load each model only for its stage; in f32_f16 / f16 keep weights as float16")
+    p.add_argument("--latents", metavar="FILE.npy", help="initial latents to replay instead of the seed's noise")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_pipeline(args: argparse.Namespace, monitor):
+    from refsd.numerics import Precision  # noqa: PLC0415
+    from refsd.pipeline import Pipeline, Request  # noqa: PLC0415
+
+    if args.block < 1:
+        raise ValueError(f"--block must be >= 1, got {args.block}")
+    check_request_args(args)
+    req = Request(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance, args.scheduler,
+                  args.height, args.width)
+    latents = _read_latents(args.latents) if args.latents else None
+    precision = Precision(args.precision, args.ftz, args.block, args.device_model)  # ValueError: exit 2
+    pipe = Pipeline(args.model, precision=precision, rewrites=args.rewrites, low_memory=args.low_memory)
+    t0 = time.perf_counter()
+    result = pipe(req, latents=latents, monitor=monitor, progress=not args.quiet)
+    return req, result, time.perf_counter() - t0
+
+
+def _read_latents(path: str):
+    import numpy as np  # noqa: PLC0415
+
+    from refsd.limits import max_image_pixels  # noqa: PLC0415
+    from refsd.safe_io import load_npy  # noqa: PLC0415
+
+    # 32 bytes per image pixel: float64 latents of up to 4 channels at the full image size, far above
+    # what any VAE scale needs, and still bounded by this machine's memory.
+    label = f"--latents {path}"
+    arr = load_npy(path, max_bytes=max_image_pixels() * 32, what=label)
+    if arr.dtype.kind != "f":
+        raise ValueError(f"{label}: expected a floating-point .npy array")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{label}: latents contain inf or NaN")
+    return arr.astype(np.float32)
 
 
 def _add_generate(sub) -> None:
-    from refsd.cli_pipeline import add_generate
+    p = sub.add_parser("generate", help="text -> image with the NumPy reference",
+                       description="Generate an image with the golden reference, optionally saving the trace of "
+                       "every boundary tensor (text_encoder/hidden_states, unet/step_i/noise_pred, ...).")
+    _add_request_args(p, default_precision="f32")
+    p.add_argument("--out", required=True, metavar="IMAGE.png")
+    p.add_argument("--trace", metavar="TRACE.npz", help="write every boundary tensor (plain arrays, no pickles)")
+    p.set_defaults(func=_cmd_generate)
 
-    add_generate(sub)
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np  # noqa: PLC0415
+
+    from refsd.image import write_png  # noqa: PLC0415
+    from refsd.safe_io import check_output_file  # noqa: PLC0415
+
+    out = Path(args.out)
+    check_output_file(out, "--out")
+    if args.trace:
+        check_output_file(args.trace, "--trace")
+    req, result, seconds = _run_pipeline(args, None)
+    write_png(out, result.image)
+    if args.trace:
+        np.savez(args.trace, **{k.replace("/", "__"): v for k, v in result.trace.items()})
+    print(f"wrote {out} ({result.image.shape[1]}x{result.image.shape[0]}, {req.steps} steps, {args.precision}, "
+          f"rewrites {args.rewrites}) in {seconds:.1f} s, peak RSS {result.peak_rss_mb:.0f} MiB"
+          + (f"; trace {args.trace} ({len(result.trace)} tensors)" if args.trace else ""))
+    return EXIT_OK
+
+
+def _fail_on_kinds() -> tuple[str, ...]:
+    from refsd.monitor import EVENT_KINDS  # noqa: PLC0415
+
+    return ("severe",) + EVENT_KINDS
 
 
 def _add_fp16_check(sub) -> None:
-    from refsd.cli_pipeline import add_fp16_check
+    fail_on = _fail_on_kinds()
+    p = sub.add_parser("fp16-check", help="run the pipeline under fp16 emulation and report exceptions",
+                       description="Run the pipeline with the float16 exception monitor: first offending op (with "
+                       "stage and step), counts per event, the ops closest to overflow.")
+    _add_request_args(p, default_precision="f16")
+    p.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    p.add_argument("--top", type=int, default=10, help="how many ops closest to overflow to list")
+    p.add_argument("--fail-on", default="severe", metavar="KINDS",
+                   help=f"comma list of {', '.join(fail_on)}: exit 1 if any occurs (default: severe = overflow, "
+                   "invalid NaN, constants lost to inf/zero)")
+    p.set_defaults(func=_cmd_fp16_check)
 
-    add_fp16_check(sub)
+
+def _cmd_fp16_check(args: argparse.Namespace) -> int:
+    from refsd.monitor import Monitor  # noqa: PLC0415
+    from refsd.safe_io import check_output_file  # noqa: PLC0415
+
+    fail_on = _fail_on_kinds()
+    kinds = [k.strip() for k in args.fail_on.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in fail_on]
+    if unknown:
+        raise ValueError(f"--fail-on: unknown event kind(s) {', '.join(unknown)}; expected {', '.join(fail_on)}")
+    if args.top < 0:
+        raise ValueError(f"--top must be >= 0, got {args.top}")
+    if args.json:
+        check_output_file(args.json, "--json")
+    json_out = open(args.json, "w", encoding="utf-8") if args.json else None  # fail early on a bad path
+    try:
+        req, result, seconds = _run_pipeline(args, Monitor())
+        report = result.report
+        report.closest = report.closest[: args.top]
+        print(report.table())
+        failed = [k for k in kinds if (not report.clean if k == "severe" else report.has(k))]
+        mode = args.precision + (" ftz" if args.ftz else "") + (f" {args.device_model}" if args.device_model else "")
+        print(f"\n{mode}, rewrites {args.rewrites}: {seconds:.1f} s; "
+              + (f"FAIL on {', '.join(failed)}" if failed else f"no {'/'.join(kinds) or 'fail-on'} events"))
+        if json_out is not None:
+            doc = {"request": vars(req), "precision": args.precision, "ftz": args.ftz, "block": args.block,
+                   "device_model": args.device_model, "rewrites": args.rewrites, "fail_on": kinds, "failed": failed, "report": report.to_dict()}
+            json_out.write(json.dumps(doc, indent=2) + "\n")
+    finally:
+        if json_out is not None:
+            json_out.close()
+    return EXIT_FAIL if failed else EXIT_OK
 
 
-def _add_demo(sub) -> None:
-    from refsd.demo import add_demo_parser
-
-    add_demo_parser(sub)
+# ---------------------------------------------------------------- export, lint-gpu (TensorFlow only when run)
 
 
 def _add_export(sub) -> None:
-    from refsd.export.cli import add_export_parser  # noqa: PLC0415
+    from refsd.export.build import COMPONENTS, WEIGHTS  # noqa: PLC0415 (no TensorFlow at import)
+    from refsd.models.rewrites import DEFAULT_SERIAL_CONV_LIMIT  # noqa: PLC0415
 
-    add_export_parser(sub)
+    p = sub.add_parser(
+        "export", help="export text encoder, UNet and VAE decoder to .tflite (from refsd's own model classes)",
+        description="Trace refsd's models with TensorFlow twins of its ops at fixed shapes and convert each "
+        "component with tf.lite.TFLiteConverter. Writes DIR/{text_encoder,unet,vae}.tflite and "
+        "DIR/refsd_export.json (what was built, and which tensor holds each module's output). "
+        "The UNet takes the timestep as an input (one file for every step); the VAE includes "
+        "latents / scaling_factor.")
+    p.add_argument("--model", required=True, metavar="DIR", help="diffusers-format folder")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--weights", choices=WEIGHTS, default="fp32",
+                   help="fp32; fp16 (float16 constants + DEQUANTIZE); int8 (per-channel weight-only via "
+                   "Optimize.DEFAULT: LiteRT's CPU kernels then also quantize activations)")
+    p.add_argument("--rewrites", default="none",
+                   help="none | paper | comma list of fc_as_conv, serial_conv, gn4d, gelu_clip, embedding_1d, "
+                   "prune=AMOUNT[:MIN_WEIGHTS] (structured pruning of convs with >= MIN_WEIGHTS weights, default "
+                   "4000000; recorded in refsd_export.json); int8_weights, part of 'paper', is the --weights choice here")
+    p.add_argument("--serial-conv-limit", type=int, default=DEFAULT_SERIAL_CONV_LIMIT, metavar="N",
+                   help=f"serial_conv's per-image activation limit in elements (default {DEFAULT_SERIAL_CONV_LIMIT}); "
+                   "lint-gpu --max-conv-activation uses the same measure")
+    p.add_argument("--height", type=int, default=512)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--component", action="append", choices=COMPONENTS,
+                   help="export only this component (repeatable; default all three)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from refsd.export.build import COMPONENTS, export, graph_rewrites  # noqa: PLC0415
+    from refsd.models.rewrites import Rewrites  # noqa: PLC0415
+
+    if args.serial_conv_limit < 1:
+        raise ValueError(f"--serial-conv-limit must be >= 1, got {args.serial_conv_limit}")
+    rw = graph_rewrites(args.rewrites, serial_conv_limit=args.serial_conv_limit)  # bad names: error before TF loads
+    if "int8_weights" in Rewrites.parse(args.rewrites) and args.weights != "int8":
+        print(f"refsd: note: int8_weights is a weight storage choice for export; the graph uses {rw}, "
+              f"weights {args.weights} (use --weights int8 for int8 weights)", file=sys.stderr)
+    manifest = export(args.model, args.out, weights=args.weights, rewrites=rw, height=args.height,
+                      width=args.width, components=tuple(args.component or COMPONENTS), progress=not args.quiet)
+    for name, entry in manifest["components"].items():
+        print(f"{args.out}/{entry['file']}: output {'x'.join(map(str, entry['output']))}, "
+              f"{len(entry['tensors'])} module outputs mapped")
+    return EXIT_OK
 
 
 def _add_lint_gpu(sub) -> None:
-    from refsd.export.cli import add_lint_gpu_parser  # noqa: PLC0415
+    from refsd.export.lint import DEFAULT_MAX_FC_INPUT  # noqa: PLC0415
+    from refsd.models.rewrites import DEFAULT_SERIAL_CONV_LIMIT  # noqa: PLC0415
 
-    add_lint_gpu_parser(sub)
+    p = sub.add_parser(
+        "lint-gpu", help="check a .tflite against the TFLite GPU delegate's op set and limits (exit 1 on findings)",
+        description="Per-op findings: ops without a GPU kernel (BROADCAST_TO, ...), tensors of rank > 4, "
+        "non-float runtime tensors, int8 hybrid weights, op-specific rules of the delegate, and device limits on "
+        "activation size (FULLY_CONNECTED input, CONV_2D input/output, per image). Exit 0 clean, 1 findings, "
+        "2 bad input.")
+    p.add_argument("model", metavar="MODEL.tflite")
+    p.add_argument("--max-fc-input", type=int, default=DEFAULT_MAX_FC_INPUT, metavar="N",
+                   help=f"FULLY_CONNECTED input elements per image (default {DEFAULT_MAX_FC_INPUT}: the paper's "
+                   "1x4096x320 failed)")
+    p.add_argument("--max-conv-activation", type=int, default=DEFAULT_SERIAL_CONV_LIMIT, metavar="N",
+                   help=f"CONV_2D input or output elements per image (default {DEFAULT_SERIAL_CONV_LIMIT}: the "
+                   "paper's 1x32x32x1920 -> 640 failed)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_cmd_lint_gpu)
+
+
+def _cmd_lint_gpu(args: argparse.Namespace) -> int:
+    from refsd.export.lint import Limits, lint  # noqa: PLC0415
+
+    report = lint(args.model, Limits(args.max_fc_input, args.max_conv_activation))
+    print(report.to_json() if args.json else report.table())
+    return EXIT_OK if report.clean else EXIT_FAIL
+
+
+# ---------------------------------------------------------------- golden
 
 
 def _add_golden(sub) -> None:
-    from refsd.golden import add_golden_parser  # noqa: PLC0415
+    from refsd.golden import DEFAULT_DIR  # noqa: PLC0415
 
-    add_golden_parser(sub)
+    p = sub.add_parser("golden", help="regenerate or verify the golden regression set (golden/)",
+                       description="make: regenerate op vectors (per op and precision mode) and the tiny models' "
+                       "expected traces, with a sha256 manifest. verify: fail on any changed, missing or unlisted "
+                       "byte. Exit 0 ok, 1 verification failed, 2 bad input.")
+    p.add_argument("action", choices=("make", "verify"))
+    p.add_argument("--dir", default=str(DEFAULT_DIR), help=f"golden folder (default {DEFAULT_DIR})")
+    p.set_defaults(func=_cmd_golden)
 
+
+def _cmd_golden(args: argparse.Namespace) -> int:
+    from refsd.golden import MANIFEST, make, manifest_entries, verify  # noqa: PLC0415
+
+    root = Path(args.dir)
+    if args.action == "make":
+        make(root)
+        size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        print(f"wrote {root}/ ({len(manifest_entries(root))} files, {size / 1e6:.2f} MB) and {MANIFEST}")
+        return EXIT_OK
+    problems = verify(root)
+    for line in problems:
+        print(f"FAIL {line}")
+    print(f"{root}: {'verified' if not problems else f'{len(problems)} problem(s)'} "
+          f"({len(manifest_entries(root))} files in {MANIFEST})")
+    return EXIT_FAIL if problems else EXIT_OK
+
+
+# ---------------------------------------------------------------- the table
+# One entry per subcommand, in the order `refsd --help` lists them.
 
 SUBCOMMANDS: list[Callable] = [_add_demo, _add_catalogue, _add_make_tiny, _add_generate, _add_fp16_check,
                                _add_export, _add_lint_gpu, _add_golden]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from refsd import __version__
+    from refsd import __version__  # noqa: PLC0415
 
-    parser = _Parser(
-        prog=PROG,
-        description="Numerics-grade NumPy reference of Stable Diffusion for mobile GPUs (TFLite / LiteRT).",
-    )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
-    for add in SUBCOMMANDS:
-        add(sub)
-    return parser
+    return _build(PROG, "Numerics-grade NumPy reference of Stable Diffusion for mobile GPUs (TFLite / LiteRT).",
+                  SUBCOMMANDS, version=__version__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (``python -m refsd`` exits with it)."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, --version, usage errors (already printed)
-        return e.code if isinstance(e.code, int) else EXIT_USAGE
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        if isinstance(e, BrokenPipeError):  # `refsd catalogue | head`: not an error of ours
-            return EXIT_FAIL
-        msg = e.strerror if isinstance(e, OSError) and e.strerror and e.filename else e
-        where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
-        print(f"{PROG}: error: {where}{_one_line(msg)}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

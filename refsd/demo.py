@@ -37,33 +37,12 @@ from pathlib import Path
 import numpy as np
 
 from refsd.catalogue import run_catalogue
+from refsd.image import side_by_side, write_png
 from refsd.monitor import Monitor
 from refsd.pipeline import Pipeline, Request
-from refsd.png import write_png
 from refsd.tiny import make_tiny
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
-
-
-def heatmap(err: np.ndarray) -> np.ndarray:
-    """(H, W) in [0, 1] -> RGB, black -> red -> yellow -> white."""
-    e = np.clip(err, 0.0, 1.0)[..., None]
-    return np.concatenate([np.clip(3 * e, 0, 1), np.clip(3 * e - 1, 0, 1), np.clip(3 * e - 2, 0, 1)], axis=-1)
-
-
-def side_by_side(ref: np.ndarray, test: np.ndarray, *, scale: int = 4) -> tuple[np.ndarray, float]:
-    """ref | test | amplified |ref - test| heatmap, each upscaled ``scale``x
-    (nearest) so a tiny image is visible; returns the picture and the gain."""
-    bad = ~np.isfinite(test).all(axis=-1)  # NaN / inf pixels: shown magenta
-    err = np.where(bad, 0.0, np.abs(ref - np.nan_to_num(test)).max(axis=-1))
-    peak = float(err.max())
-    gain = 1.0 / peak if peak > 0 else 1.0
-    magenta = np.array([1.0, 0.0, 1.0], np.float32)
-    test = np.where(bad[..., None], magenta, test)
-    diff = np.where(bad[..., None], magenta, heatmap(err * gain))
-    sep = np.ones((ref.shape[0], 2, 3), np.float32)
-    row = np.concatenate([ref, sep, test, sep, diff], axis=1)
-    return np.repeat(np.repeat(row, scale, axis=0), scale, axis=1), gain
 
 
 def run_demo(out: str | Path, *, arch: str = "sd21", seed: int = 0, steps: int = 20, size: int = 64,
@@ -180,19 +159,3 @@ def certify_gpu(model: Path, out: Path, *, size: int, steps: int = 4) -> bool:
     verdict = "CERTIFIED" if cert.certified else "NOT CERTIFIED"
     print(f"{verdict} (GPU fp16): {len(cert.results)} tensor checks; open {out}/certificate_gpu/report.html")
     return cert.certified
-
-
-def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="the main job on the embedded tiny model: catalogue, image, fp16 report",
-                       description=__doc__.split("\n\n")[1])
-    p.add_argument("--out", default="out", help="output folder (default: out)")
-    p.add_argument("--arch", choices=("sd15", "sd21"), default="sd21")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--size", type=int, default=64, help="image height and width (default 64)")
-    p.add_argument("--precision", choices=("f32_f16", "f16"), action="append",
-                   help="fp16 mode(s) to compare with f32 (repeatable; default: f32_f16 and f16)")
-    p.add_argument("--ftz", action="store_true")
-    p.add_argument("--rewrites", default="none")
-    p.set_defaults(func=lambda a: run_demo(a.out, arch=a.arch, seed=a.seed, steps=a.steps, size=a.size,
-                                           modes=tuple(a.precision or ("f32_f16", "f16")), ftz=a.ftz, rewrites=a.rewrites))

@@ -15,7 +15,6 @@ the manifest first.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -32,7 +31,7 @@ from refsd.numerics import precision, round_f16
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "golden"  # the repository's top-level golden/
 MANIFEST = "MANIFEST.sha256"
-MODES = {"f32": ("f32", False), "f32_f16": ("f32_f16", False), "f16": ("f16", False), "f16_ftz": ("f16", True)}
+OP_MODES = {"f32": ("f32", False), "f32_f16": ("f32_f16", False), "f16": ("f16", False), "f16_ftz": ("f16", True)}
 TRACE_REQUEST = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "seed": 0, "steps": 3,
                  "guidance": 7.5, "scheduler": "ddim", "height": 32, "width": 32}
 TRACE_MODES = ("f32", "f32_f16")
@@ -79,7 +78,7 @@ def op_vectors(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     out = {}
     for name, (fn, args, kwargs) in _inputs(np.random.default_rng(seed)).items():
         arrays = {f"in_{i}": np.asarray(a) for i, a in enumerate(args)}
-        for mode, (m, ftz) in MODES.items():
+        for mode, (m, ftz) in OP_MODES.items():
             with precision(m, ftz=ftz, block=32):
                 arrays[f"out_{mode}"] = np.asarray(fn(*args, **kwargs))
         out[name] = arrays
@@ -128,11 +127,11 @@ def make(out: str | Path = DEFAULT_DIR) -> Path:
         for key, (trace, sha) in traces(Path(tmp)).items():
             files[f"traces/{key}.npz"] = npz_bytes(trace)
             trace_models[key] = sha
-    recipe = {"generator": "refsd golden make", "refsd_version": __version__, "op_modes": MODES,
+    recipe = {"generator": "refsd golden make", "refsd_version": __version__, "op_modes": OP_MODES,
               "op_seed": 0, "trace_request": TRACE_REQUEST, "trace_models": trace_models,
               "trace_model_recipe": "refsd.tiny.make_tiny(DIR, arch, seed=0)"}
     files["recipe.json"] = (json.dumps(recipe, indent=2, sort_keys=True) + "\n").encode()
-    old = _read_manifest(out) if (out / MANIFEST).is_file() else {}
+    old = manifest_entries(out) if (out / MANIFEST).is_file() else {}
     for rel in old:
         if rel not in files and (out / rel).is_file():
             (out / rel).unlink()  # a file the new recipe no longer makes
@@ -144,7 +143,8 @@ def make(out: str | Path = DEFAULT_DIR) -> Path:
     return out
 
 
-def _read_manifest(root: Path) -> dict[str, str]:
+def manifest_entries(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file ``root``'s manifest lists."""
     path = root / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(2, "no golden manifest", str(path))
@@ -160,7 +160,7 @@ def _read_manifest(root: Path) -> dict[str, str]:
 def verify(root: str | Path = DEFAULT_DIR) -> list[str]:
     """Problems found (empty: every byte as the manifest says, no file missing or unlisted)."""
     root = Path(root)
-    entries = _read_manifest(root)
+    entries = manifest_entries(root)
     problems = []
     for rel, digest in entries.items():
         p = root / rel
@@ -178,7 +178,7 @@ def verify(root: str | Path = DEFAULT_DIR) -> list[str]:
 def load(rel: str, root: str | Path = DEFAULT_DIR) -> dict[str, np.ndarray]:
     """A golden .npz (``"ops/conv2d.npz"``), after checking its sha256 against the manifest."""
     root = Path(root)
-    digest = _read_manifest(root).get(rel)
+    digest = manifest_entries(root).get(rel)
     if digest is None:
         raise KeyError(f"{rel} is not in {root / MANIFEST}")
     data = (root / rel).read_bytes()
@@ -186,31 +186,3 @@ def load(rel: str, root: str | Path = DEFAULT_DIR) -> dict[str, np.ndarray]:
         raise ValueError(f"{root / rel}: sha256 differs from the manifest; refusing to use it")
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         return {n: z[n] for n in z.files}
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def add_golden_parser(sub) -> None:
-    p = sub.add_parser("golden", help="regenerate or verify the golden regression set (golden/)",
-                       description="make: regenerate op vectors (per op and precision mode) and the tiny models' "
-                       "expected traces, with a sha256 manifest. verify: fail on any changed, missing or unlisted "
-                       "byte. Exit 0 ok, 1 verification failed, 2 bad input.")
-    p.add_argument("action", choices=("make", "verify"))
-    p.add_argument("--dir", default=str(DEFAULT_DIR), help=f"golden folder (default {DEFAULT_DIR})")
-    p.set_defaults(func=_cmd_golden)
-
-
-def _cmd_golden(args: argparse.Namespace) -> int:
-    root = Path(args.dir)
-    if args.action == "make":
-        make(root)
-        size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-        print(f"wrote {root}/ ({len(_read_manifest(root))} files, {size / 1e6:.2f} MB) and {MANIFEST}")
-        return 0
-    problems = verify(root)
-    for line in problems:
-        print(f"FAIL {line}")
-    print(f"{root}: {'verified' if not problems else f'{len(problems)} problem(s)'} "
-          f"({len(_read_manifest(root))} files in {MANIFEST})")
-    return 1 if problems else 0

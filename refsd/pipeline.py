@@ -30,6 +30,7 @@ import numpy as np
 
 from refsd import trace as trace_names
 from refsd.context import location
+from refsd.image import to_image
 from refsd.limits import check_request
 from refsd.models.options import ModelOptions
 from refsd.models.vae import VaeConfig
@@ -88,11 +89,6 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def to_image(decoded: np.ndarray) -> np.ndarray:
-    """Decoder output (about [-1, 1]) -> [0, 1], as diffusers' ``postprocess``."""
-    return np.clip(decoded / np.float32(2) + np.float32(0.5), 0.0, 1.0)
-
-
 class Pipeline:
     """A Stable Diffusion pipeline over a diffusers folder.
 
@@ -144,7 +140,9 @@ class Pipeline:
         loader = {"text_encoder": load_text_encoder, "unet": load_unet, "vae": load_vae}[name]
         return loader(self.model_dir / name, options=self.options[name])
 
-    def _model(self, name: str):
+    def model(self, name: str):
+        """The stage's model (``text_encoder``, ``unet``, ``vae``): loaded with the pipeline, or now
+        in low-memory mode. A pipeline with other models behind the same calls overrides it."""
         if self.components is not None:
             return self.components[name]
         return self._load(name)
@@ -159,7 +157,7 @@ class Pipeline:
         return np.concatenate([self.token_ids(request.negative_prompt), self.token_ids(request.prompt)])
 
     def encode_ids(self, ids: np.ndarray) -> np.ndarray:
-        model = self._model("text_encoder")
+        model = self.model("text_encoder")
         with location("text_encoder"):
             hidden = np.array(model(ids))
         del model
@@ -204,7 +202,7 @@ class Pipeline:
         if req.height % f or req.width % f:
             raise ValueError(f"height and width must be multiples of the VAE scale factor {f}, "
                              f"got {req.height}x{req.width}")
-        unet = self._model("unet")
+        unet = self.model("unet")
         h, w = req.height // f, req.width // f
         channels = unet.config.in_channels
         if latents is None:
@@ -229,7 +227,7 @@ class Pipeline:
         del unet
         gc.collect()
 
-        vae = self._model("vae")
+        vae = self.model("vae")
         with location("vae"):
             decoded = np.array(vae.decode_latents(x))
         trace[trace_names.IMAGE] = decoded

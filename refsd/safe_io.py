@@ -41,6 +41,7 @@ import numpy as np
 MAX_JSON_BYTES = 16 << 20  # a real SD config is < 10 KiB, a tokenizer's vocab.json ~2 MiB
 MAX_JSON_DEPTH = 64  # diffusers / transformers configs nest 3 deep, capture.json 5
 MAX_TEXT_BYTES = 16 << 20  # merges.txt is ~0.5 MiB
+MAX_TENSOR_BYTES = 4 << 30  # per .npy tensor: SD 1.5's largest attention scores at 512x512 are 1 GiB
 NPY_MAGIC = b"\x93NUMPY"
 _NPY_HEADER_MAX = 1 << 16  # numpy itself refuses headers over 10 KB unless told otherwise
 
@@ -225,10 +226,12 @@ def npy_nbytes(shape: tuple, dtype: np.dtype) -> int:
     return math.prod(int(s) for s in shape) * dtype.itemsize
 
 
-def load_npy(path: str | os.PathLike, *, max_bytes: int, error: type[Exception] = ValueError,
+def load_npy(path: str | os.PathLike, *, max_bytes: int = MAX_TENSOR_BYTES, error: type[Exception] = ValueError,
              what: str = "") -> np.ndarray:
-    """One array from an .npy file: regular file, header checked, declared size
-    equal to the data the file holds, at most ``max_bytes`` of data."""
+    """One array from an .npy file: regular file, header checked (pickles and
+    object arrays refused before any allocation), declared size equal to the
+    data the file holds, at most ``max_bytes`` of data. The one .npy loader for
+    untrusted files; errors are one line naming the file (``what``)."""
     label = what or str(path)
     size = check_regular(path, error=error, max_bytes=max_bytes + _NPY_HEADER_MAX, what=label)
     with open_regular(path, error=error, what=label) as f:

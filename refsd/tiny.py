@@ -17,7 +17,6 @@ fixed metadata, JSON with sorted keys.
 
 from __future__ import annotations
 
-import argparse
 import json
 import zlib
 from pathlib import Path
@@ -229,29 +228,3 @@ def make_tiny(directory: str | Path, arch: str = "sd15", seed: int = 0, *, dtype
 
 def _json(obj) -> str:
     return json.dumps(obj, indent=2, sort_keys=True) + "\n"
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def add_make_tiny_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``make-tiny`` on an ``argparse`` subparsers object; the parsed
-    namespace's ``func`` runs it."""
-    p = subparsers.add_parser(
-        "make-tiny", help="write a tiny seeded SD folder (diffusers format)",
-        description="Write a complete diffusers-format Stable Diffusion folder with seeded random weights "
-                    "(real module structure, small widths, real CLIP tokenizer). Deterministic byte for byte.")
-    p.add_argument("dir", help="output folder (created)")
-    p.add_argument("--arch", choices=ARCHES, default="sd15", help="sd15: CLIP ViT-L-style, epsilon; "
-                   "sd21: OpenCLIP-style gelu, linear projections, upcast attention, v-prediction")
-    p.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weights as stored (default float32)")
-    p.set_defaults(func=_run)
-    return p
-
-
-def _run(args: argparse.Namespace) -> int:
-    path = make_tiny(args.dir, args.arch, args.seed, dtype=args.dtype)
-    print(f"wrote tiny {args.arch} (seed {args.seed}, {args.dtype}) to {path}")
-    return 0
-

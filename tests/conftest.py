@@ -72,7 +72,7 @@ def emulated_bundle(tiny_sd21, tmp_path_factory):
     """A good device: f32_f16 with Google's kernel rewrites and FTZ (declared, as for a GPU known to
     flush). Not a calibration variant (its attention kernel differs), but it shares Winograd and FTZ with
     one, so much of its noise is the same draw: ``litert_capture`` is the independent good device."""
-    from refsd_validate.certify_emulate import emulated_capture
+    from refsd_validate.capture_emulated import emulated_capture
 
     return emulated_capture(tiny_sd21, certify_request(), tmp_path_factory.mktemp("good") / "bundle",
                             precision="f32_f16", ftz=True, declare_ftz=True, rewrites="google",

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refsd_validate.bundle import npy_bytes, tensor_file
+from refsd_validate.bundle import ModelGeometry, npy_bytes, tensor_file
 from refsd_validate.cli import main
-from refsd_validate.reader import ModelGeometry, read_bundle
+from refsd_validate.reader import read_bundle
 
 INTERMEDIATE = "unet/step_2/unet.mid_block.attentions.0.proj_in"
 

@@ -13,7 +13,7 @@ from conftest import certify_request
 
 from refsd.pipeline import Request
 from refsd_validate.bundle import write_bundle
-from refsd_validate.certify_emulate import emulated_capture
+from refsd_validate.capture_emulated import emulated_capture
 from refsd_validate.cli import main
 from refsd_validate.reader import read_bundle
 

@@ -23,7 +23,7 @@ from refsd.pipeline import Pipeline
 from refsd.tiny import make_tiny
 from refsd_validate import certify_rerun
 from refsd_validate.bundle import model_sha256
-from refsd_validate.certify_emulate import emulated_capture
+from refsd_validate.capture_emulated import emulated_capture
 from refsd_validate.cli import main
 from refsd_validate.reader import read_bundle
 from refsd_validate.bundle import declared_stages

@@ -17,7 +17,7 @@ from bundle_helpers import certify_cli, rewrite_bundle
 from conftest import certify_request
 
 from refsd_validate.bundle import declared_stages
-from refsd_validate.certify_emulate import emulated_capture
+from refsd_validate.capture_emulated import emulated_capture
 from refsd_validate.cli import main
 from refsd_validate.reader import read_bundle
 

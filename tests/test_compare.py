@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from refsd_validate import CHECK_MODES, compare, cosine_similarity, psnr, ulp_distance_f16
-from refsd_validate.cli import load_npy, main
+from refsd.safe_io import load_npy
+from refsd_validate.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -42,9 +42,9 @@ pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from refsd_validate.bundle import write_bundle  # noqa: E402
+from refsd_validate.bundle import BundleError, ModelGeometry, write_bundle  # noqa: E402
 from refsd_validate.certify import certify  # noqa: E402
-from refsd_validate.reader import BundleError, ModelGeometry, read_bundle  # noqa: E402
+from refsd_validate.reader import read_bundle  # noqa: E402
 
 from refsd.context import recording  # noqa: E402
 from refsd.pipeline import Pipeline, Request  # noqa: E402

@@ -97,7 +97,7 @@ def test_low_memory_mode_is_bitwise_identical(tiny, precision):
     for name in a.trace:
         assert np.array_equal(np.asarray(a.trace[name]).view(np.uint32), np.asarray(b.trace[name]).view(np.uint32)), name
     assert b.peak_rss_mb > 0
-    unet = low._model("unet")
+    unet = low.model("unet")
     dtypes = {w.dtype for _, w in unet.named_parameters()}
     assert dtypes == ({np.dtype(np.float16)} if precision != "f32" else {np.dtype(np.float32)})
 

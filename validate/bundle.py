@@ -7,7 +7,7 @@ a truncated or swapped file is caught before it is compared). NumPy and the
 standard library only: the writer runs next to an interpreter on a device
 host, the reader inside CI.
 
-Tensor names (DESIGN, "Tensor names and the capture bundle")::
+Tensor names (``refsd.trace`` holds the contract; README, "Capture from your own runtime")::
 
     inputs/token_ids                  (2, 77) int64, [uncond, cond]
     scheduler/timesteps               (steps,) int64, as the scheduler ran them
@@ -28,15 +28,18 @@ import hashlib
 import io
 import json
 import os
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-from refsd.safe_io import check_schema
+from refsd import trace
+from refsd.safe_io import check_schema, read_json
 from refsd.safe_io import sha256_file  # noqa: F401 (re-exported: hashes of files named in a bundle)
 from refsd.trace import MODELS
+from refsd.weights import model_sha256  # noqa: F401 (re-exported: a bundle names its model by this hash)
 
 SCHEMA = "refsd-capture"
 SCHEMA_VERSION = 2  # what write_bundle writes
@@ -48,7 +51,69 @@ def schema_path(version: int = SCHEMA_VERSION) -> Path:
 
 
 TENSOR_DTYPES = ("float32", "float16", "int32", "int64")
+FLOATS = ("float32", "float16")
+INTS = ("int32", "int64")
 
+
+class BundleError(ValueError):
+    """A malformed bundle; the message is one line."""
+
+
+@dataclass(frozen=True)
+class ModelGeometry:
+    """What a diffusers folder's configs say the boundary tensors look like."""
+
+    text_hidden: int  # text_encoder hidden_size (D of the hidden states)
+    vocab_size: int
+    latent_channels: int  # unet in_channels
+    unet_out_channels: int
+    vae_scale: int  # image pixels per latent pixel
+    image_channels: int
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> "ModelGeometry":
+        root = Path(model_dir)
+
+        def cfg(rel: str) -> dict:
+            doc = read_json(root / rel, error=BundleError)
+            if not isinstance(doc, dict):
+                raise BundleError(f"{root / rel}: expected a JSON object")
+            return doc
+
+        def positive(doc: dict, rel: str, key: str) -> int:
+            value = doc.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BundleError(f"{root / rel}: {key} must be a positive integer, got {value!r}")
+            return value
+
+        t, u, v = "text_encoder/config.json", "unet/config.json", "vae/config.json"
+        text, unet, vae = cfg(t), cfg(u), cfg(v)
+        blocks = vae.get("block_out_channels")
+        if not isinstance(blocks, list) or not 1 <= len(blocks) <= 16:
+            raise BundleError(f"{root / v}: block_out_channels must be a list of 1 to 16 entries")
+        return cls(positive(text, t, "hidden_size"), positive(text, t, "vocab_size"), positive(unet, u, "in_channels"),
+                   positive(unet, u, "out_channels"), 2 ** (len(blocks) - 1), positive(vae, v, "out_channels"))
+
+
+def required_tensors(request: dict, geometry: ModelGeometry | None) -> dict[str, tuple[tuple | None, tuple]]:
+    """Name -> (shape, allowed dtypes) of every tensor ``request`` requires, in
+    pipeline order; shapes are None without the model's geometry."""
+    height, width, steps = request["height"], request["width"], request["steps"]
+    names = [trace.TOKEN_IDS, *trace.boundary_names(steps)]
+    dtypes = {n: INTS if n == trace.TOKEN_IDS else FLOATS for n in names}
+    if geometry is None:
+        return {n: (None, dtypes[n]) for n in names}
+    g = geometry
+    if height % g.vae_scale or width % g.vae_scale:
+        raise BundleError(f"request size {height}x{width} is not a multiple of the model's VAE scale {g.vae_scale}")
+    h, w, c = height // g.vae_scale, width // g.vae_scale, g.latent_channels
+    batch = len(trace.CFG_ORDER)
+    shapes = {trace.TOKEN_IDS: (batch, trace.TOKENS), trace.HIDDEN_STATES: (batch, trace.TOKENS, g.text_hidden),
+              trace.LATENTS_INIT: (1, h, w, c), trace.IMAGE: (1, height, width, g.image_channels)}
+    for i in range(steps):
+        shapes[trace.noise_pred(i)] = (batch, h, w, g.unet_out_channels)
+        shapes[trace.latents(i)] = (1, h, w, c)
+    return {n: (shapes[n], dtypes[n]) for n in names}
 
 
 def tensor_file(name: str) -> str:
@@ -177,9 +242,7 @@ def write_bundle(out: str | os.PathLike, capture: Mapping, tensors: Mapping[str,
 
 
 def _check_against_model(doc: Mapping, arrays: Mapping[str, np.ndarray], model_dir) -> None:
-    from refsd.weights import model_sha256  # noqa: PLC0415
     from refsd.names import is_recorded, module_paths  # noqa: PLC0415
-    from refsd_validate.reader import ModelGeometry, required_tensors  # noqa: PLC0415
 
     sha = model_sha256(model_dir)
     if doc["model"]["sha256"] != sha:
@@ -201,13 +264,3 @@ def _check_against_model(doc: Mapping, arrays: Mapping[str, np.ndarray], model_d
     if unknown:
         raise ValueError(f"tensors the reference does not record ({len(unknown)}): {', '.join(unknown[:5])} "
                          "(see 'refsd-validate names --model DIR')")
-
-
-def __getattr__(name: str):
-    # ``model_sha256`` moved next to the loader whose reads it covers (refsd.model_identity); re-exported
-    # lazily so that writing a bundle on a device host still imports NumPy and the standard library only.
-    if name == "model_sha256":
-        from refsd.weights import model_sha256  # noqa: PLC0415
-
-        return model_sha256
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

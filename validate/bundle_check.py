@@ -1,5 +1,5 @@
-"""``refsd-validate check`` and ``refsd-validate names``: what a bundle holds
-and what certify will judge, without rerunning the reference.
+"""What a bundle holds and what certify will judge, without rerunning the
+reference (``refsd-validate check`` and ``refsd-validate names``).
 
 ``check BUNDLE [--model DIR]``: the bundle is read as certify reads it
 (schema, files, sha256 of every tensor, dtypes, boundary shapes against the
@@ -14,12 +14,12 @@ and meaning (one denoising step is run for the shapes).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from refsd import trace
 from refsd_validate.bundle import model_sha256
-from refsd_validate.reader import BundleError, ModelGeometry, read_bundle
+from refsd_validate.bundle import BundleError, ModelGeometry
+from refsd_validate.reader import read_bundle
 
 
 def check_bundle(bundle_path: str | Path, model_dir: str | Path | None = None) -> list[str]:
@@ -57,49 +57,3 @@ def check_bundle(bundle_path: str | Path, model_dir: str | Path | None = None) -
     if len(unknown) > 20:
         lines.append(f"  ... and {len(unknown) - 20} more")
     return lines
-
-
-def add_parsers(sub) -> None:
-    p = sub.add_parser("check", help="check a bundle without rerunning anything",
-                       description="Read a capture bundle as certify would (schema, files, sha256, dtypes, shapes "
-                       "against the model) and say what certify will and will not compare. Exit 0 or 2.")
-    p.add_argument("bundle", metavar="BUNDLE", help="capture bundle: directory or .zip")
-    p.add_argument("--model", metavar="DIR", help="the diffusers folder it was captured from")
-    p.set_defaults(func=_cmd_check)
-
-    p = sub.add_parser("names", help="list the tensor names the reference records for a model",
-                       description="Every boundary tensor and module output the reference records, with shape, "
-                       "layout and meaning: the names a bundle from any runtime uses. Runs one denoising step.")
-    p.add_argument("--model", required=True, metavar="DIR", help="diffusers folder")
-    p.add_argument("--steps", type=int, default=1, help="steps of the request (names repeat per step; default 1)")
-    p.add_argument("--height", type=int, default=512, help="image height (default 512)")
-    p.add_argument("--width", type=int, default=512, help="image width (default 512)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_cmd_names)
-
-
-def _cmd_check(args) -> int:
-    for line in check_bundle(args.bundle, args.model):
-        print(line)
-    print("OK: certify can run on this bundle")
-    return 0
-
-
-def _cmd_names(args) -> int:
-    from refsd.names import recorded_names  # noqa: PLC0415
-
-    if not 1 <= args.steps <= 1000:
-        raise BundleError(f"--steps must be in [1, 1000], got {args.steps}")
-    for opt in ("height", "width"):
-        v = getattr(args, opt)
-        if not 8 <= v <= 4096:
-            raise BundleError(f"--{opt} must be in [8, 4096], got {v}")
-    if not (Path(args.model) / "model_index.json").is_file():
-        raise BundleError(f"--model {args.model}: not a diffusers folder (no model_index.json)")
-    infos = recorded_names(args.model, steps=args.steps, height=args.height, width=args.width)
-    if args.json:
-        print(json.dumps([i.to_dict() for i in infos], indent=1))
-        return 0
-    for i in infos:
-        print(f"{i.name}\t{'x'.join(map(str, i.shape))}\t{i.layout}\t{i.meaning}")
-    return 0

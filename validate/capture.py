@@ -23,18 +23,16 @@ it (``refsd.monitor.tensor_name``: ``unet/step_3/unet.mid_block``).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import platform
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-from refsd_validate.bundle import model_sha256, write_bundle
-from refsd_validate.capture_gpu import GPU_PRECISIONS, divert_native_stderr
 
-from refsd.cli_pipeline import add_prompt_args
 from refsd.pipeline import Pipeline
+from refsd_validate.bundle import model_sha256, write_bundle
+from refsd_validate.pipeline_capture import capture_document, pipeline_tensors
 
 PRECISIONS = ("f32", "f32_f16", "f16")
 ACCELERATORS = ("cpu", "gpu")
@@ -125,7 +123,7 @@ class _LiteRTPipeline(Pipeline):
         super().__init__(model_dir, low_memory=True)
         self.models = models
 
-    def _model(self, name: str):
+    def model(self, name: str):
         return self.models[name]
 
 
@@ -156,7 +154,7 @@ def capture(tflite_dir, model_dir, request, out, *, delegate: str | None = None,
     in ``gpu_precision`` fp16 or fp32; a component that is not fully accelerated is
     refused unless ``allow_cpu_fallback``."""
     from refsd.export.build import COMPONENTS, read_manifest  # noqa: PLC0415
-    from refsd.schedulers import default_scheduler_name, make_scheduler  # noqa: PLC0415
+    from refsd.schedulers import default_scheduler_name  # noqa: PLC0415
 
     if accelerator not in ACCELERATORS:
         raise ValueError(f"accelerator must be one of {', '.join(ACCELERATORS)}, got {accelerator!r}")
@@ -199,11 +197,7 @@ def capture(tflite_dir, model_dir, request, out, *, delegate: str | None = None,
     result = pipe(request, progress=progress)
     scheduler = request.scheduler or default_scheduler_name(pipe.scheduler_config)
 
-    tensors = dict(result.trace)
-    tensors["inputs/token_ids"] = np.concatenate([pipe.token_ids(request.negative_prompt),
-                                                  pipe.token_ids(request.prompt)])
-    tensors["scheduler/timesteps"] = np.asarray(
-        make_scheduler(scheduler, pipe.scheduler_config).set_timesteps(request.steps)).astype(np.int64)
+    tensors = pipeline_tensors(pipe, request, result, scheduler)
     for m in models.values():
         tensors.update(m.captured)
     host = {"guidance_scheduler": {"processor": "host", "precision": "f32", "ftz": None,
@@ -218,18 +212,14 @@ def capture(tflite_dir, model_dir, request, out, *, delegate: str | None = None,
                          "runtime": "LiteRT builtin kernels" if delegate is None else delegate_info["name"]}
                      for c in COMPONENTS}, **host}
         gpu_name = None
-    doc = {
-        "tool": f"refsd-validate capture (refsd {_version()})",
-        "device": {"name": "host", "manufacturer": None, "soc": None, "gpu": gpu_name,
-                   "os": platform.platform(), "cpu": platform.machine() or None},
-        "runtime": runtime,
-        "model": {"sha256": manifest["model_sha256"], "weights": manifest["weights"],
-                  "rewrites": manifest["rewrites"], "components": files},
-        "stages": stages,
-        "request": {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
-                    "steps": request.steps, "scheduler": scheduler, "guidance": float(request.guidance),
-                    "height": request.height, "width": request.width},
-    }
+    doc = capture_document(
+        tool=f"refsd-validate capture (refsd {_version()})",
+        device={"name": "host", "manufacturer": None, "soc": None, "gpu": gpu_name, "os": platform.platform(),
+                "cpu": platform.machine() or None},
+        runtime=runtime,
+        model={"sha256": manifest["model_sha256"], "weights": manifest["weights"], "rewrites": manifest["rewrites"],
+               "components": files},
+        stages=stages, request=request, scheduler=scheduler)
     if accelerator == "gpu" and intermediates:
         doc["observability"] = {
             "not_observable": sorted(n for m in models.values() for n in m.not_observable),
@@ -296,53 +286,3 @@ def _litert_version() -> str:
         return version("ai-edge-litert")
     except PackageNotFoundError:  # pragma: no cover - imported above, so installed
         return "unknown"
-
-
-# ---------------------------------------------------------------- CLI
-
-
-def add_capture_parser(sub) -> None:
-    p = sub.add_parser(
-        "capture", help="run exported .tflite files with LiteRT and write a capture bundle",
-        description="Run the text encoder, UNet (every step) and VAE exported by 'refsd export' with LiteRT's "
-        "Interpreter through refsd's pipeline loop (same tokenizer, seeded noise, scheduler, guidance) and "
-        "write a capture bundle (capture.json + .npy tensors).")
-    p.add_argument("--tflite", required=True, metavar="DIR", help="folder written by 'refsd export'")
-    p.add_argument("--model", required=True, metavar="DIR", help="the diffusers folder it was exported from")
-    add_prompt_args(p)
-    p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write")
-    p.add_argument("--delegate", metavar="LIB.so", help="external delegate library to load")
-    p.add_argument("--delegate-precision", choices=PRECISIONS, help="the delegate's precision (required with "
-                   "--delegate; recorded in the bundle)")
-    p.add_argument("--accelerator", choices=ACCELERATORS, default="cpu",
-                   help="cpu (default): LiteRT's Interpreter; gpu: LiteRT's GPU accelerator (WebGPU on the "
-                   "machine's Vulkan driver), the adapter recorded as reported")
-    p.add_argument("--gpu-precision", choices=tuple(GPU_PRECISIONS), default="fp16",
-                   help="with --accelerator gpu: fp16 (default) or fp32 kernels")
-    p.add_argument("--allow-cpu-fallback", action="store_true",
-                   help="with --accelerator gpu: capture even if some ops fall back to the CPU (recorded per "
-                   "component); without it such a component is refused")
-    p.add_argument("--intermediates", action="store_true", help="also capture every module output the export maps")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_capture)
-
-
-def _cmd_capture(args: argparse.Namespace) -> int:
-    from refsd.cli_pipeline import check_request_args  # noqa: PLC0415
-    from refsd.export.build import read_manifest  # noqa: PLC0415
-    from refsd.pipeline import Request  # noqa: PLC0415
-
-    check_request_args(args)
-    manifest = read_manifest(args.tflite)
-    req = Request(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance, args.scheduler,
-                  manifest["height"], manifest["width"])
-    if args.accelerator == "cpu" and args.allow_cpu_fallback:
-        raise ValueError("--allow-cpu-fallback applies to --accelerator gpu only")
-    if args.accelerator == "gpu":
-        divert_native_stderr()
-    out = capture(args.tflite, args.model, req, args.out, delegate=args.delegate, intermediates=args.intermediates,
-                  delegate_precision=args.delegate_precision, accelerator=args.accelerator,
-                  gpu_precision=args.gpu_precision, allow_cpu_fallback=args.allow_cpu_fallback,
-                  progress=not args.quiet)
-    print(f"wrote capture bundle {out}")
-    return 0

@@ -46,18 +46,19 @@ import numpy as np
 
 from refsd import __version__
 from refsd import trace as names
+from refsd.image import to_image
 from refsd.trace import parse_name
-from refsd_validate.bundle import model_sha256, sha256_file
+from refsd_validate.bundle import BundleError, ModelGeometry, model_sha256, sha256_file
 from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, ORIGINAL, CacheStats, Deployment, cache_bytes, \
     code_fingerprint, first_severe_event, rerun, teacher_inputs
 from refsd_validate.compare import json_safe, compare, psnr
-from refsd_validate.reader import Bundle, BundleError, ModelGeometry, read_bundle
+from refsd_validate.reader import Bundle, read_bundle
 from refsd_validate.tolerance import K, MAX_K, REFERENCE, SYSTEMATIC, SYSTEMATIC_F16, Verdict, calibration_variants, \
     error_stats, judge, minimum_floor, noise_floor, unit_roundoff
 
 CERTIFICATE = "refsd-certificate"
 CERTIFICATE_VERSION = 2
-MODES = ("free", "teacher", "both")
+RUN_MODES = ("free", "teacher", "both")  # free-running, teacher-forced, or both
 
 
 @dataclass
@@ -154,8 +155,8 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
             tflite_dir: str | Path | None = None, strict: bool = False,
             max_deployment_cost: CostGate | None = None) -> Certificate:
     """Judge a bundle (see the module docstring). Raises ``BundleError`` for bad input."""
-    if mode not in MODES:
-        raise BundleError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode not in RUN_MODES:
+        raise BundleError(f"mode must be one of {', '.join(RUN_MODES)}, got {mode!r}")
     if not (isinstance(k, (int, float)) and 0 < k <= MAX_K):
         raise BundleError(f"k must be in (0, {MAX_K:g}], got {k!r}")
     model_dir = Path(model_dir)
@@ -414,8 +415,6 @@ def _judge(name: str, mode: str, ref: np.ndarray, test: np.ndarray, floor, k: fl
 
 
 def _to_image(decoded: np.ndarray) -> np.ndarray:
-    from refsd.pipeline import to_image  # noqa: PLC0415
-
     return to_image(np.asarray(decoded, np.float32))
 
 

@@ -5,7 +5,7 @@ The run is ``refsd.pipeline.Pipeline`` itself (its loop, its teacher forcing:
 each stage fed the *device's* inputs, so a tensor's error is that step's own
 error, separated from the drift of the trajectory), with one ``ModelOptions``
 per model built from the :class:`Deployment` (weights as stored, the graph's
-rewrites, how int8 weights ran) and the calibration ``Variant`` (precision,
+rewrites, how int8 weights ran) and the ``CalibrationRun`` (precision,
 FTZ, other kernels, perturbed transcendentals per stage).
 
 The run is a pure function of (the reference's code, model sha256,
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from refsd_validate.tolerance import Variant
+from refsd_validate.tolerance import CalibrationRun
 
 import refsd
 from refsd import trace as names
@@ -101,7 +101,7 @@ class Deployment:
 ORIGINAL = Deployment()  # the checkpoint as published: fp32 weights, no rewrites
 
 
-def model_options(deployment: Deployment, variant: Variant) -> dict[str, ModelOptions]:
+def model_options(deployment: Deployment, variant: CalibrationRun) -> dict[str, ModelOptions]:
     """One ``ModelOptions`` per model: the deployment's weights and rewrites
     under the variant's precision, plus the variant's kernel rewrites where
     they do not replace an op the deployment already rewrote."""
@@ -138,7 +138,7 @@ def _int8_values(folder: str) -> dict:
     return read_int8_weights(folder)
 
 
-def _guidance_precision(variant: Variant) -> Precision:
+def _guidance_precision(variant: CalibrationRun) -> Precision:
     sv = variant.stage("guidance_scheduler")
     return Precision(sv.precision, sv.ftz)
 
@@ -164,7 +164,7 @@ def teacher_inputs(tensors: Mapping[str, np.ndarray], steps: int) -> dict[str, n
     return {n: np.asarray(tensors[n], np.float32) for n in wanted}
 
 
-def rerun(model_dir: str | Path, model_sha: str, deployment: Deployment, variant: Variant, request: Mapping,
+def rerun(model_dir: str | Path, model_sha: str, deployment: Deployment, variant: CalibrationRun, request: Mapping,
           token_ids: np.ndarray, latents_init: np.ndarray, *, teacher: Mapping[str, np.ndarray] | None = None,
           intermediates: frozenset[str] = frozenset(), cache_dir: str | Path | None = None,
           cache_budget: int = CACHE_BUDGET_BYTES, monitor=None, stats: CacheStats | None = None) -> dict[str, np.ndarray]:
@@ -240,7 +240,7 @@ def code_fingerprint() -> str:
 OVERFLOW_KEY = "meta/first_severe_event"  # in a trace: JSON bytes (uint8) of the run's first fp16 overflow, if any
 
 
-def _run(model_dir, deployment: Deployment, variant: Variant, request, ids, x0, teacher, intermediates,
+def _run(model_dir, deployment: Deployment, variant: CalibrationRun, request, ids, x0, teacher, intermediates,
          monitor) -> dict[str, np.ndarray]:
     pipe = Pipeline(model_dir, options=model_options(deployment, variant), guidance=_guidance_precision(variant))
     req = Request(prompt="", steps=int(request["steps"]), guidance=float(request["guidance"]),

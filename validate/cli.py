@@ -2,14 +2,24 @@
 
     refsd-validate compare REF.npy TEST.npy [--atol A] [--rtol R]
                    [--check-mode elemwise|max|mean|median|quantile] [--quantile Q] [--json]
+    refsd-validate certify BUNDLE --model DIR --out DIR [--mode free|teacher|both] [--tflite DIR] ...
+    refsd-validate capture --tflite DIR --model DIR --prompt TEXT --out BUNDLE [--accelerator cpu|gpu] ...
+    refsd-validate check BUNDLE [--model DIR]
+    refsd-validate names --model DIR [--steps N] [--height H] [--width W] [--json]
 
-Exit codes: 0 the comparison passed, 1 it failed, 2 bad input (missing file,
-not an .npy, pickled payload, shape mismatch, non-floating dtype, bad option),
-reported as one line on stderr, never a traceback.
+Exit codes (``refsd.arguments``): 0 pass / certified, 1 failed / not
+certified, 2 bad input (missing file, not an .npy, pickled payload, shape
+mismatch, non-floating dtype, malformed bundle, bad option), reported as one
+line on stderr, never a traceback; certify: 3 certified but the deployment
+costs more than ``--max-deployment-cost`` allows.
 
-Tensors are read with ``np.load(allow_pickle=False)`` after checking the NumPy
-magic: pickles (bare, or object arrays inside an .npy) are refused, never
-executed.
+Tensors are read with ``refsd.safe_io.load_npy`` (NumPy magic and header
+checked, ``np.load(allow_pickle=False)``): pickles (bare, or object arrays
+inside an .npy) are refused, never executed.
+
+Adding a subcommand: ``_add_<name>(sub)`` adds its parser and sets
+``func=_cmd_<name>``; append it to ``SUBCOMMANDS``. The engines (certify,
+capture) are imported when their command runs.
 """
 
 from __future__ import annotations
@@ -19,29 +29,16 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Sequence
 
-import numpy as np
+from refsd.arguments import EXIT_FAIL, EXIT_OK, add_prompt_args, build_parser as _build, check_request_args, run
+from refsd_validate.compare import CHECK_MODES, DEFAULT_ATOL, DEFAULT_QUANTILE, DEFAULT_RTOL
 
-from refsd.safe_io import load_npy as safe_load_npy
-from refsd_validate.compare import CHECK_MODES, DEFAULT_ATOL, DEFAULT_QUANTILE, DEFAULT_RTOL, compare
-from refsd_validate.reader import MAX_TENSOR_BYTES  # the same bound as a capture bundle's tensors
-
-EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 PROG = "refsd-validate"
+EXIT_COST_GATE = 3  # certify: the device certifies, the deployment fails --max-deployment-cost
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{PROG}: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
-
-
-def load_npy(path: str | Path) -> np.ndarray:
-    """Load one array from an .npy file, refusing anything that is not one
-    (``refsd.safe_io.load_npy``: header and size checked before any allocation).
-
-    Raises ``ValueError`` with a one-line message naming the file."""
-    return safe_load_npy(path, max_bytes=MAX_TENSOR_BYTES)
+# ---------------------------------------------------------------- compare
 
 
 def _add_compare(sub) -> None:
@@ -66,11 +63,14 @@ def _add_compare(sub) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from refsd.safe_io import load_npy  # noqa: PLC0415
+    from refsd_validate.compare import compare  # noqa: PLC0415
+
     for opt in ("atol", "rtol"):  # the library takes inf (Polygraphy's "ignore"); from a command line it is absurd
         value = getattr(args, opt)
         if not (value >= 0 and math.isfinite(value)):
             raise ValueError(f"--{opt} must be a finite number >= 0, got {value!r}")
-    ref, test = load_npy(args.ref), load_npy(args.test)
+    ref, test = load_npy(args.ref), load_npy(args.test)  # at most a bundle tensor's size each
     result = compare(ref, test, atol=args.atol, rtol=args.rtol, check_mode=args.check_mode,
                      quantile=args.quantile, name=Path(args.test).name)
     if args.json:
@@ -78,57 +78,233 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     else:
         print(f"ref  {args.ref}\ntest {args.test}")
         print(result.summary())
-    return EXIT_PASS if result.passed else EXIT_FAIL
+    return EXIT_OK if result.passed else EXIT_FAIL
+
+
+# ---------------------------------------------------------------- certify
 
 
 def _add_certify(sub) -> None:
-    from refsd_validate.certify_cli import add_certify_parser  # noqa: PLC0415
+    from refsd_validate.certify import RUN_MODES  # noqa: PLC0415
+    from refsd_validate.tolerance import K, MAX_K  # noqa: PLC0415
 
-    add_certify_parser(sub)
+    p = sub.add_parser(
+        "certify", help="certify a device capture bundle against the reference",
+        description="Rerun the reference on the bundle's own inputs (free-running and teacher-forced), judge every "
+        "tensor against k times its float16 noise floor (calibrated from the reference's own precision "
+        "variants), localize the first failing tensor, and write certificate.json, report.html and Model Explorer "
+        "node data. Exit 0 certified, 1 not certified, 2 bad input.")
+    p.add_argument("bundle", metavar="BUNDLE", help="capture bundle: directory or .zip")
+    p.add_argument("--model", required=True, metavar="DIR", help="the diffusers folder the capture was exported from")
+    p.add_argument("--mode", choices=RUN_MODES, default="both", help="free-running, teacher-forced, or both (default)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--cache", metavar="DIR", help="reference rerun cache (default $XDG_CACHE_HOME/refsd/certify)")
+    p.add_argument("--cache-gb", type=float, default=8.0, metavar="GB",
+                   help="keep at most this much in the cache, least recently used reruns dropped first (default 8)")
+    p.add_argument("--tflite", metavar="DIR", help="the export folder the bundle ran (refsd_export.json + .tflite, "
+                   "matched by sha256): int8 weights and scales are read from its .tflite files, and Model Explorer "
+                   "node data is keyed by its TFLite tensor names instead of module paths")
+    p.add_argument("--k", type=float, default=K, help=f"tolerance in noise floors, in (0, {MAX_K:g}] (default {K:g}; "
+                   "see the certificate)")
+    p.add_argument("--strict", action="store_true", help="refuse intermediates the reference does not record "
+                   "(default: list them in the certificate and skip them)")
+    p.add_argument("--max-deployment-cost", metavar="psnr:DB|rel:X", help="also gate what the deployment costs "
+                   "against the original fp32 model: image PSNR at least DB, or worst boundary tensor relative error "
+                   "at most X; exit 3 when the device certifies but the deployment fails the gate")
+    p.set_defaults(func=_cmd_certify)
+
+
+def _cmd_certify(args: argparse.Namespace) -> int:
+    from refsd_validate.bundle import BundleError  # noqa: PLC0415
+    from refsd_validate.certify import CostGate, certify, tflite_tensor_names, write_outputs  # noqa: PLC0415
+    from refsd_validate.tolerance import MAX_K  # noqa: PLC0415
+
+    if not (math.isfinite(args.cache_gb) and 0 < args.cache_gb <= 1024):
+        raise BundleError(f"--cache-gb must be in (0, 1024], got {args.cache_gb:g}")
+    if not (math.isfinite(args.k) and 0 < args.k <= MAX_K):
+        raise BundleError(f"--k must be in (0, {MAX_K:g}], got {args.k:g}")
+    gate = CostGate.parse(args.max_deployment_cost) if args.max_deployment_cost is not None else None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"--out {out}: exists and is not a directory")
+    names = tflite_tensor_names(args.tflite) if args.tflite else None
+    cert = certify(args.bundle, args.model, mode=args.mode, cache_dir=args.cache, k=args.k,
+                   cache_budget=int(args.cache_gb * (1 << 30)), tflite_dir=args.tflite, strict=args.strict,
+                   max_deployment_cost=gate)
+    write_outputs(cert, out, names)
+    for line in summary_lines(cert, args.k, out):
+        print(line)
+    if not cert.certified:
+        return EXIT_FAIL
+    return EXIT_COST_GATE if cert.cost_gate_failed else EXIT_OK
+
+
+def summary_lines(cert, k: float, out: Path) -> list[str]:
+    """certify's report on the terminal: the verdict first, with the cause an
+    exact check gives when one explains the failure; then what was not judged,
+    calibration runs that overflowed, and the deployment's cost."""
+    f = cert.first_failure
+    exact_bad = [c for c in cert.exact_checks if not c["passed"]]
+    if cert.certified:
+        lines = [f"CERTIFIED: every tensor within k={k:g} noise floors ({len(cert.results)} checks); {out}/"]
+    elif exact_bad:  # a wrong token id or timestep explains every numeric failure after it
+        c = exact_bad[0]
+        lines = [f"NOT CERTIFIED: {c['tensor']}: {c['detail']}; {out}/"]
+    elif cert.hint:
+        lines = [f"NOT CERTIFIED: {cert.hint}; {out}/"]
+    else:
+        where = (f"{f.name} ({f.mode}; stage {f.stage}" + (f", step {f.step}" if f.step is not None else "")
+                 + (f", module {f.module_path}" if f.module_path else "") + f"): {', '.join(f.verdict.failed)}, "
+                 f"needs k={f.verdict.k_needed:.3g}")
+        lines = [f"NOT CERTIFIED: first failing tensor {where}; {out}/"]
+    if f is not None and "calibration_overflow" in f.verdict.failed and cert.calibration_overflows:
+        o = cert.calibration_overflows[0]
+        lines.append(f"  the declared precision overflows here: calibration variant {o['variant']} first at "
+                     f"{o['op']} (stage {o['stage']}, step {o['step']}); a finite device did not compute as declared")
+    not_checked = [c for c in cert.exact_checks if not c.get("checked", True)]
+    for c in not_checked:
+        lines.append(f"  {c['tensor']}: {c['detail']}")
+    if cert.unknown_intermediates:
+        lines.append(f"  {len(cert.unknown_intermediates)} intermediates not judged (the reference does not record "
+                     "them; see certificate.json not_judged, 'refsd-validate names')")
+    if cert.not_observable:
+        lines.append(f"  {len(cert.not_observable)} intermediates not judged (not observable on this device)")
+    rc = cert.provenance.get("rerun_cache")
+    if rc:
+        lines.append(f"rerun cache: {rc['hits']} hits, {rc['misses']} reruns ({rc['hit_rate']:.0%} hit rate), "
+                     f"{rc['bytes_after'] / 2**30:.2f} of {rc['budget_bytes'] / 2**30:.0f} GiB used, {rc['evicted']} evicted")
+    cost = cert.deployment_cost
+    if cost:
+        gate = cost.get("gate")
+        verdict = "" if gate is None else (" (within" if gate["passed"] else " (FAILS") + \
+            f" --max-deployment-cost {gate['kind']}:{gate['limit']:g})"
+        lines.append(f"deployment cost ({cost['deployment']} vs {cost['original']}): image PSNR "
+                     f"{cost['image_psnr_db']:.1f} dB, worst relative error {cost['worst_rel_peak']:.3g}"
+                     f" at {cost['worst_tensor']}{verdict}")
+    return lines
+
+
+# ---------------------------------------------------------------- capture
 
 
 def _add_capture(sub) -> None:
-    from refsd_validate.capture import add_capture_parser  # noqa: PLC0415
+    from refsd_validate.capture import ACCELERATORS, PRECISIONS  # noqa: PLC0415
+    from refsd_validate.capture_gpu import GPU_PRECISIONS  # noqa: PLC0415
 
-    add_capture_parser(sub)
+    p = sub.add_parser(
+        "capture", help="run exported .tflite files with LiteRT and write a capture bundle",
+        description="Run the text encoder, UNet (every step) and VAE exported by 'refsd export' with LiteRT's "
+        "Interpreter through refsd's pipeline loop (same tokenizer, seeded noise, scheduler, guidance) and "
+        "write a capture bundle (capture.json + .npy tensors).")
+    p.add_argument("--tflite", required=True, metavar="DIR", help="folder written by 'refsd export'")
+    p.add_argument("--model", required=True, metavar="DIR", help="the diffusers folder it was exported from")
+    add_prompt_args(p)
+    p.add_argument("--out", required=True, metavar="BUNDLE", help="bundle directory to write")
+    p.add_argument("--delegate", metavar="LIB.so", help="external delegate library to load")
+    p.add_argument("--delegate-precision", choices=PRECISIONS, help="the delegate's precision (required with "
+                   "--delegate; recorded in the bundle)")
+    p.add_argument("--accelerator", choices=ACCELERATORS, default="cpu",
+                   help="cpu (default): LiteRT's Interpreter; gpu: LiteRT's GPU accelerator (WebGPU on the "
+                   "machine's Vulkan driver), the adapter recorded as reported")
+    p.add_argument("--gpu-precision", choices=tuple(GPU_PRECISIONS), default="fp16",
+                   help="with --accelerator gpu: fp16 (default) or fp32 kernels")
+    p.add_argument("--allow-cpu-fallback", action="store_true",
+                   help="with --accelerator gpu: capture even if some ops fall back to the CPU (recorded per "
+                   "component); without it such a component is refused")
+    p.add_argument("--intermediates", action="store_true", help="also capture every module output the export maps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_capture)
 
 
-def _add_check_and_names(sub) -> None:
-    from refsd_validate.bundle_check import add_parsers  # noqa: PLC0415
+def _cmd_capture(args: argparse.Namespace) -> int:
+    from refsd.export.build import read_manifest  # noqa: PLC0415
+    from refsd.pipeline import Request  # noqa: PLC0415
+    from refsd_validate.capture import capture  # noqa: PLC0415
+    from refsd_validate.capture_gpu import divert_native_stderr  # noqa: PLC0415
 
-    add_parsers(sub)
+    check_request_args(args)
+    manifest = read_manifest(args.tflite)
+    req = Request(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance, args.scheduler,
+                  manifest["height"], manifest["width"])
+    if args.accelerator == "cpu" and args.allow_cpu_fallback:
+        raise ValueError("--allow-cpu-fallback applies to --accelerator gpu only")
+    if args.accelerator == "gpu":
+        divert_native_stderr()
+    out = capture(args.tflite, args.model, req, args.out, delegate=args.delegate, intermediates=args.intermediates,
+                  delegate_precision=args.delegate_precision, accelerator=args.accelerator,
+                  gpu_precision=args.gpu_precision, allow_cpu_fallback=args.allow_cpu_fallback,
+                  progress=not args.quiet)
+    print(f"wrote capture bundle {out}")
+    return EXIT_OK
 
 
-# Further subcommands are registered here.
-SUBCOMMANDS = [_add_compare, _add_certify, _add_capture, _add_check_and_names]
+# ---------------------------------------------------------------- check, names
+
+
+def _add_check(sub) -> None:
+    p = sub.add_parser("check", help="check a bundle without rerunning anything",
+                       description="Read a capture bundle as certify would (schema, files, sha256, dtypes, shapes "
+                       "against the model) and say what certify will and will not compare. Exit 0 or 2.")
+    p.add_argument("bundle", metavar="BUNDLE", help="capture bundle: directory or .zip")
+    p.add_argument("--model", metavar="DIR", help="the diffusers folder it was captured from")
+    p.set_defaults(func=_cmd_check)
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from refsd_validate.bundle_check import check_bundle  # noqa: PLC0415
+
+    for line in check_bundle(args.bundle, args.model):
+        print(line)
+    print("OK: certify can run on this bundle")
+    return EXIT_OK
+
+
+def _add_names(sub) -> None:
+    p = sub.add_parser("names", help="list the tensor names the reference records for a model",
+                       description="Every boundary tensor and module output the reference records, with shape, "
+                       "layout and meaning: the names a bundle from any runtime uses. Runs one denoising step.")
+    p.add_argument("--model", required=True, metavar="DIR", help="diffusers folder")
+    p.add_argument("--steps", type=int, default=1, help="steps of the request (names repeat per step; default 1)")
+    p.add_argument("--height", type=int, default=512, help="image height (default 512)")
+    p.add_argument("--width", type=int, default=512, help="image width (default 512)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_names)
+
+
+def _cmd_names(args: argparse.Namespace) -> int:
+    from refsd.names import recorded_names  # noqa: PLC0415
+    from refsd_validate.bundle import BundleError  # noqa: PLC0415
+
+    if not 1 <= args.steps <= 1000:
+        raise BundleError(f"--steps must be in [1, 1000], got {args.steps}")
+    for opt in ("height", "width"):
+        v = getattr(args, opt)
+        if not 8 <= v <= 4096:
+            raise BundleError(f"--{opt} must be in [8, 4096], got {v}")
+    if not (Path(args.model) / "model_index.json").is_file():
+        raise BundleError(f"--model {args.model}: not a diffusers folder (no model_index.json)")
+    infos = recorded_names(args.model, steps=args.steps, height=args.height, width=args.width)
+    if args.json:
+        print(json.dumps([i.to_dict() for i in infos], indent=1))
+        return EXIT_OK
+    for i in infos:
+        print(f"{i.name}\t{'x'.join(map(str, i.shape))}\t{i.layout}\t{i.meaning}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- the table
+# One entry per subcommand, in the order `refsd-validate --help` lists them.
+
+SUBCOMMANDS = [_add_compare, _add_certify, _add_capture, _add_check, _add_names]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Validate tensors from a device against the refsd reference.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
-    for add in SUBCOMMANDS:
-        add(sub)
-    return parser
+    return _build(PROG, "Validate tensors from a device against the refsd reference.", SUBCOMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help or a usage error (already printed)
-        return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
-    try:
-        return args.func(args)
-    except BrokenPipeError:
-        return EXIT_FAIL
-    except (ValueError, FileNotFoundError, OSError) as e:
-        if isinstance(e, OSError) and e.filename and e.strerror:
-            msg = f"{e.filename}: {e.strerror}"
-        else:
-            msg = " ".join(str(e).split())
-        print(f"{PROG}: error: {msg}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -52,79 +52,15 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from refsd import trace
 from refsd.limits import check_request
-from refsd.safe_io import npy_header, open_regular, parse_json, read_json
-from refsd_validate.bundle import check_document, declared_stages
+from refsd.safe_io import MAX_TENSOR_BYTES, npy_header, open_regular, parse_json
+from refsd_validate.bundle import FLOATS, INTS, BundleError, ModelGeometry, check_document, declared_stages, \
+    required_tensors
 
 MAX_CAPTURE_JSON = 4 << 20
 NPY_HEADER_ALLOWANCE = 16 << 10  # real .npy headers are 128-4096 bytes
-MAX_TENSOR_BYTES = 4 << 30  # per tensor: SD 1.5's largest attention scores at 512x512 are 1 GiB
-FLOATS = ("float32", "float16")
-INTS = ("int32", "int64")
 _STEP = re.compile(r"^(unet/step_(\d+)/noise_pred|scheduler/step_(\d+)/latents)$")
 _INTERMEDIATE = re.compile(r"^(text_encoder|unet|vae)/(?:step_(\d+)/)?([A-Za-z0-9_.]+(?:#\d+)?)$")
-
-
-class BundleError(ValueError):
-    """A malformed bundle; the message is one line."""
-
-
-@dataclass(frozen=True)
-class ModelGeometry:
-    """What a diffusers folder's configs say the boundary tensors look like."""
-
-    text_hidden: int  # text_encoder hidden_size (D of the hidden states)
-    vocab_size: int
-    latent_channels: int  # unet in_channels
-    unet_out_channels: int
-    vae_scale: int  # image pixels per latent pixel
-    image_channels: int
-
-    @classmethod
-    def from_dir(cls, model_dir: str | Path) -> "ModelGeometry":
-        root = Path(model_dir)
-
-        def cfg(rel: str) -> dict:
-            doc = read_json(root / rel, error=BundleError)
-            if not isinstance(doc, dict):
-                raise BundleError(f"{root / rel}: expected a JSON object")
-            return doc
-
-        def positive(doc: dict, rel: str, key: str) -> int:
-            value = doc.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise BundleError(f"{root / rel}: {key} must be a positive integer, got {value!r}")
-            return value
-
-        t, u, v = "text_encoder/config.json", "unet/config.json", "vae/config.json"
-        text, unet, vae = cfg(t), cfg(u), cfg(v)
-        blocks = vae.get("block_out_channels")
-        if not isinstance(blocks, list) or not 1 <= len(blocks) <= 16:
-            raise BundleError(f"{root / v}: block_out_channels must be a list of 1 to 16 entries")
-        return cls(positive(text, t, "hidden_size"), positive(text, t, "vocab_size"), positive(unet, u, "in_channels"),
-                   positive(unet, u, "out_channels"), 2 ** (len(blocks) - 1), positive(vae, v, "out_channels"))
-
-
-def required_tensors(request: dict, geometry: ModelGeometry | None) -> dict[str, tuple[tuple | None, tuple]]:
-    """Name -> (shape, allowed dtypes) of every tensor ``request`` requires, in
-    pipeline order; shapes are None without the model's geometry."""
-    height, width, steps = request["height"], request["width"], request["steps"]
-    names = [trace.TOKEN_IDS, *trace.boundary_names(steps)]
-    dtypes = {n: INTS if n == trace.TOKEN_IDS else FLOATS for n in names}
-    if geometry is None:
-        return {n: (None, dtypes[n]) for n in names}
-    g = geometry
-    if height % g.vae_scale or width % g.vae_scale:
-        raise BundleError(f"request size {height}x{width} is not a multiple of the model's VAE scale {g.vae_scale}")
-    h, w, c = height // g.vae_scale, width // g.vae_scale, g.latent_channels
-    batch = len(trace.CFG_ORDER)
-    shapes = {trace.TOKEN_IDS: (batch, trace.TOKENS), trace.HIDDEN_STATES: (batch, trace.TOKENS, g.text_hidden),
-              trace.LATENTS_INIT: (1, h, w, c), trace.IMAGE: (1, height, width, g.image_channels)}
-    for i in range(steps):
-        shapes[trace.noise_pred(i)] = (batch, h, w, g.unet_out_channels)
-        shapes[trace.latents(i)] = (1, h, w, c)
-    return {n: (shapes[n], dtypes[n]) for n in names}
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """What a person reads: ``report.html`` (one self-contained file: images as
-base64 PNG from ``refsd.png``, plots as inline SVG, no script, no network) and
+base64 PNG from ``refsd.image``, plots as inline SVG, no script, no network;
+the page is ``templates/report.html``, a ``string.Template`` filled here) and
 Model Explorer node data.
 
 The report shows the verdict and the first failing tensor; the reference and
-device images side by side with the amplified difference (``refsd.demo.
+device images side by side with the amplified difference (``refsd.image.
 side_by_side``: NaN/inf pixels magenta); each step's error in noise floors
 (``k_needed``, log scale, the bar at k); the worst tensors; the rule and
 provenance.
@@ -21,27 +22,24 @@ reported as 1e30, never dropped.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import json
 import math
+import string
+from pathlib import Path
 
 import numpy as np
 
-from refsd.demo import side_by_side
-from refsd.pipeline import to_image
-from refsd.png import encode_png
+from refsd.image import encode_png, side_by_side, to_image
 
 NAN_VALUE = 1e30  # Model Explorer values must be numbers: a non-finite error shows as the worst there is
-_CSS = """
-body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;max-width:1100px;color:#222}
-h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:26px 0 8px;border-bottom:1px solid #ddd}
-.verdict{display:inline-block;padding:6px 14px;border-radius:6px;color:#fff;font-weight:600;font-size:18px}
-.ok{background:#2e7d32} .bad{background:#c62828} .muted{color:#666}
-table{border-collapse:collapse;font-size:13px} td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}
-th{background:#f4f4f4} td.l,th.l{text-align:left;font-family:ui-monospace,monospace;word-break:break-all}
-tr.fail td{background:#fdecea} code{font-size:12px}
-figure{margin:0} figcaption{font-size:12px;color:#555}
-"""
+TEMPLATE = Path(__file__).with_name("templates") / "report.html"  # string.Template: $name fields, $$ a dollar
+
+
+@functools.cache
+def _template() -> string.Template:
+    return string.Template(TEMPLATE.read_text(encoding="utf-8"))
 
 
 def render_report(cert) -> str:
@@ -59,36 +57,32 @@ def render_report(cert) -> str:
     exact_bad = [c for c in cert.exact_checks if not c["passed"]]
     where += "".join(f"<p>Exact check failed: <code>{_e(c['tensor'])}</code>: {_e(c['detail'])}</p>" for c in exact_bad)
     prov, dev = cert.provenance, cert.provenance["device"]
-    parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>refsd certificate</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>refsd device certificate</h1><p>{verdict}</p>{where}",
-        f"<p class='muted'>{_e(dev['name'])} &middot; SoC {_e(dev.get('soc'))} &middot; GPU {_e(dev.get('gpu'))} "
-        f"&middot; {_e(prov['runtime']['name'])} {_e(prov['runtime']['version'])} &middot; request: "
-        f"&ldquo;{_e(cert.request['prompt'])}&rdquo;, {cert.request['steps']} steps {_e(cert.request['scheduler'])}, "
-        f"{cert.request['width']}x{cert.request['height']}, seed {cert.request['seed']}</p>",
-        _images(cert),
-        "<h2>Where each stage ran (as declared)</h2>", _stages_table(cert.rule["stages"]),
-        "<h2>What the deployment costs</h2>", _cost(cert),
-        _not_judged(cert),
-        "<h2>Error per step, in noise floors</h2>",
-        "<p class='muted'>k_needed = max over peak, rms, offset, gain of error / noise floor; the tensor passes "
-        f"at or below the dashed line k = {cert.rule['k']:g}. Non-finite values are drawn at the top as &times;.</p>",
-        _plot(cert),
-        "<h2>Worst tensors</h2>", _table(sorted(cert.results, key=lambda r: -_finite(r.verdict.k_needed))[:15], cert),
-        "<h2>Rule</h2>", f"<p>{_e(cert.rule['statement'])}.</p>",
-        f"<p>k = {cert.rule['k']:g}; calibration variants: {_e(', '.join(cert.rule['calibration_variants']))}; "
-        f"reference {_e(cert.rule['reference'])}; unit roundoff u per stage: "
-        f"{_e(', '.join(f'{k} {v:.3g}' for k, v in cert.rule['unit_roundoff'].items()))}. "
-        f"{_e(cert.rule['localization'])}.</p>",
-        "<h2>Provenance</h2><table>",
-        *(f"<tr><th class='l'>{_e(k)}</th><td class='l'>{_e(v)}</td></tr>" for k, v in prov.items()
-          if k not in ("device", "runtime")),
-        "</table>",
-        "<h2>Boundary tensors</h2>", _table([r for r in cert.results if r.module_path is None], cert),
-        "</body></html>",
-    ]
-    return "\n".join(parts)
+    rule = cert.rule
+    fields = {
+        "verdict": verdict,
+        "where": where,
+        "device": f"{_e(dev['name'])} &middot; SoC {_e(dev.get('soc'))} &middot; GPU {_e(dev.get('gpu'))} "
+                  f"&middot; {_e(prov['runtime']['name'])} {_e(prov['runtime']['version'])} &middot; request: "
+                  f"&ldquo;{_e(cert.request['prompt'])}&rdquo;, {cert.request['steps']} steps "
+                  f"{_e(cert.request['scheduler'])}, {cert.request['width']}x{cert.request['height']}, "
+                  f"seed {cert.request['seed']}",
+        "images": _images(cert),
+        "stages": _stages_table(rule["stages"]),
+        "cost": _cost(cert),
+        "not_judged": _not_judged(cert),
+        "k": f"{rule['k']:g}",
+        "plot": _plot(cert),
+        "worst": _table(sorted(cert.results, key=lambda r: -_finite(r.verdict.k_needed))[:15], cert),
+        "statement": _e(rule["statement"]),
+        "rule": f"k = {rule['k']:g}; calibration variants: {_e(', '.join(rule['calibration_variants']))}; "
+                f"reference {_e(rule['reference'])}; unit roundoff u per stage: "
+                f"{_e(', '.join(f'{k} {v:.3g}' for k, v in rule['unit_roundoff'].items()))}. "
+                f"{_e(rule['localization'])}.",
+        "provenance": "\n".join(f"<tr><th class='l'>{_e(k)}</th><td class='l'>{_e(v)}</td></tr>"
+                                for k, v in prov.items() if k not in ("device", "runtime")),
+        "boundary": _table([r for r in cert.results if r.module_path is None], cert),
+    }
+    return _template().substitute(fields).rstrip("\n")
 
 
 def _stages_table(stages: dict) -> str:

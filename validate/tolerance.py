@@ -60,14 +60,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from refsd.numerics import U_F16, U_F32, Precision
 from refsd.trace import STAGES
 
 K = 4.0
 # The largest k a certificate may be asked for: past it a +1 % gain on the UNet output from step 1 would pass
 # (it needs k = 17.7 teacher-forced on the tiny model, tests/test_certify.py), so a larger k certifies faults.
 MAX_K = 16.0
-U_F32 = 2.0**-24  # float32 unit roundoff (24 significant bits)
-U_F16 = 2.0**-11  # float16 unit roundoff (11 significant bits)
 ALGORITHMS = "flash_attention,winograd,gelu_fused,group_norm_fused"
 STATS = ("peak", "rms", "offset", "gain")
 # A correct fp32 kernel differs from another by its summation order: ~sqrt(K) roundings of fp32 per output
@@ -117,7 +116,7 @@ PLAIN = StageVariant()
 
 
 @dataclass(frozen=True)
-class Variant:
+class CalibrationRun:
     """One reference run: a ``StageVariant`` per stage (``refsd.trace.STAGES``
     order). Its spread around the reference counts ``scale`` times (2^-13
     turns fp16 storage rounding into fp32's)."""
@@ -147,11 +146,12 @@ class Variant:
         return body + ("" if self.scale == 1.0 else f" (spread x 2^{math.log2(self.scale):g})")
 
 
-REFERENCE = Variant()
+REFERENCE = CalibrationRun()
 
 
 def unit_roundoff(precision: str) -> float:
-    return U_F32 if precision == "f32" else U_F16
+    """Unit roundoff of the storage between ops (``refsd.numerics``)."""
+    return Precision(precision).unit_roundoff
 
 
 def stage_variants(precision: str, ftz: bool | None, *, fast_math: bool = False, kernels: bool = True,
@@ -193,7 +193,7 @@ def stage_variants(precision: str, ftz: bool | None, *, fast_math: bool = False,
     return runs, []
 
 
-def calibration_variants(stages: dict[str, dict], weights: str = "fp32") -> list[Variant]:
+def calibration_variants(stages: dict[str, dict], weights: str = "fp32") -> list[CalibrationRun]:
     """The calibration runs for a deployment whose stages are declared as
     ``stages`` (``refsd_validate.bundle.declared_stages``). Each stage's own
     runs (:func:`stage_variants`) are zipped, shorter lists cycled, so every
@@ -206,14 +206,18 @@ def calibration_variants(stages: dict[str, dict], weights: str = "fp32") -> list
                           hybrid=stages[s].get("int8_kernels") == "hybrid", gpu=stages[s]["processor"] == "gpu")
            for s in STAGES]
     n = max(len(u) for u, _ in per)
-    runs = [Variant(tuple(u[j % len(u)] for u, _ in per)) for j in range(n)]
+    runs = [CalibrationRun(tuple(u[j % len(u)] for u, _ in per)) for j in range(n)]
     if any(sc for _, sc in per):
-        runs.append(Variant(tuple(sc[0] if sc else PLAIN for _, sc in per), F32_KERNEL_ROUNDINGS * U_F32 / U_F16))
+        runs.append(CalibrationRun(tuple(sc[0] if sc else PLAIN for _, sc in per), F32_KERNEL_ROUNDINGS * U_F32 / U_F16))
     return runs
 
 
 @dataclass(frozen=True)
-class ErrorStats:
+class ErrorProfile:
+    """An error's peak, rms, offset and gain (``STATS``), or a floor or
+    tolerance on each of them. (``refsd_validate.compare.ErrorStats`` is
+    another thing: Polygraphy's max / mean / median / quantile.)"""
+
     peak: float
     rms: float
     offset: float  # |intercept| of the fit e ~ offset + gain * ref
@@ -223,7 +227,7 @@ class ErrorStats:
         return getattr(self, s)
 
 
-def error_stats(ref: np.ndarray, test: np.ndarray) -> ErrorStats:
+def error_stats(ref: np.ndarray, test: np.ndarray) -> ErrorProfile:
     """Statistics of ``test - ref``; all NaN if either holds a non-finite value
     (the caller fails such a tensor: a NaN is never averaged away).
 
@@ -233,9 +237,9 @@ def error_stats(ref: np.ndarray, test: np.ndarray) -> ErrorStats:
     r = np.asarray(ref, np.float32).ravel()
     t = np.asarray(test, np.float32).ravel()
     if not (np.isfinite(r).all() and np.isfinite(t).all()):
-        return ErrorStats(math.nan, math.nan, math.nan, math.nan)
+        return ErrorProfile(math.nan, math.nan, math.nan, math.nan)
     if r.size == 0:
-        return ErrorStats(0.0, 0.0, 0.0, 0.0)
+        return ErrorProfile(0.0, 0.0, 0.0, 0.0)
     e = t - r
     n = e.size
     r_mean = float(r.sum(dtype=np.float64)) / n
@@ -243,15 +247,15 @@ def error_stats(ref: np.ndarray, test: np.ndarray) -> ErrorStats:
     var = float(np.dot(rc, rc))
     gain = float(np.dot(e, rc)) / var if var > 0 else 0.0
     offset = float(e.sum(dtype=np.float64)) / n - gain * r_mean
-    return ErrorStats(float(np.abs(e).max()), math.sqrt(float(np.dot(e, e)) / n), abs(offset), abs(gain))
+    return ErrorProfile(float(np.abs(e).max()), math.sqrt(float(np.dot(e, e)) / n), abs(offset), abs(gain))
 
 
 def math_roundoff(precision: str) -> float:
     """Unit roundoff of the arithmetic *inside* ops (f32_f16 stores fp16 but computes in fp32)."""
-    return U_F16 if precision == "f16" else U_F32
+    return U_F16 if Precision(precision).math16 else U_F32
 
 
-def minimum_floor(ref: np.ndarray, precision: str) -> ErrorStats:
+def minimum_floor(ref: np.ndarray, precision: str) -> ErrorProfile:
     """What no calibration run can show but a correct device may do: one unit
     roundoff of the storage precision at the tensor's scale (peak, rms), and
     SYSTEMATIC unit roundoffs of its arithmetic as a systematic error (offset,
@@ -263,10 +267,10 @@ def minimum_floor(ref: np.ndarray, precision: str) -> ErrorStats:
     s = (SYSTEMATIC_F16 if precision == "f16" else SYSTEMATIC) * math_roundoff(precision)
     r = np.asarray(ref, np.float64)
     rms = float(np.sqrt(np.mean(r * r))) if r.size else 0.0
-    return ErrorStats(u * float(np.abs(r).max(initial=0.0)), u * rms, s * rms, s)
+    return ErrorProfile(u * float(np.abs(r).max(initial=0.0)), u * rms, s * rms, s)
 
 
-def noise_floor(ref: np.ndarray, runs: list[tuple[np.ndarray, float]], precision: str) -> ErrorStats:
+def noise_floor(ref: np.ndarray, runs: list[tuple[np.ndarray, float]], precision: str) -> ErrorProfile:
     """Per statistic, the largest spread of the calibration runs ((tensor, scale)
     pairs: every statistic is homogeneous in the error), at least the minimum floor.
     A calibration run that is itself non-finite cannot define a floor and raises."""
@@ -287,7 +291,7 @@ def noise_floor(ref: np.ndarray, runs: list[tuple[np.ndarray, float]], precision
         floor["offset"] = max(floor["offset"], floor["rms"] / math.sqrt(n))
         if std > 0:
             floor["gain"] = max(floor["gain"], floor["rms"] / (std * math.sqrt(n)))
-    return ErrorStats(**floor)
+    return ErrorProfile(**floor)
 
 
 @dataclass(frozen=True)
@@ -295,14 +299,14 @@ class Verdict:
     passed: bool
     k_needed: float  # smallest k that passes (inf with a non-finite mismatch)
     failed: tuple[str, ...]  # statistics past k * floor, or "nonfinite"
-    stats: ErrorStats
-    floor: ErrorStats
-    tolerance: ErrorStats
+    stats: ErrorProfile
+    floor: ErrorProfile
+    tolerance: ErrorProfile
 
 
-def judge(ref: np.ndarray, test: np.ndarray, floor: ErrorStats, k: float = K) -> Verdict:
+def judge(ref: np.ndarray, test: np.ndarray, floor: ErrorProfile, k: float = K) -> Verdict:
     stats = error_stats(ref, test)
-    tol = ErrorStats(*(k * floor.get(s) for s in STATS))
+    tol = ErrorProfile(*(k * floor.get(s) for s in STATS))
     if math.isnan(stats.peak):
         return Verdict(False, math.inf, ("nonfinite",), stats, floor, tol)
     ratios = {s: (stats.get(s) / floor.get(s) if floor.get(s) > 0 else (math.inf if stats.get(s) > 0 else 0.0))

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import math
 
-from refsd.numerics import FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, U_F16, U_F32
+from refsd.numerics import FP16_MIN_NORMAL, FP16_MIN_SUBNORMAL, MODES, Precision
 
-UNIT_ROUNDOFF = {"f32": U_F32, "f32_f16": U_F16, "f16": U_F16}
+UNIT_ROUNDOFF = {mode: Precision(mode).unit_roundoff for mode in MODES}  # refsd.numerics defines u
 
 BUDGET = {
     # Reassociated float32 sums: 2 K u scale is the worst case; 256 covers K <= 128

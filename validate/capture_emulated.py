@@ -17,14 +17,12 @@ import platform
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
-from refsd_validate.bundle import model_sha256, write_bundle
-
 from refsd import __version__
 from refsd.context import recording
 from refsd.pipeline import Pipeline, Request
-from refsd.schedulers import make_scheduler
 from refsd.trace import MODELS
+from refsd_validate.bundle import model_sha256, write_bundle
+from refsd_validate.pipeline_capture import capture_document, pipeline_tensors
 
 
 def emulated_capture(model_dir: str | Path, request: Request, out: str | Path, *, precision: str = "f32_f16",
@@ -44,26 +42,19 @@ def emulated_capture(model_dir: str | Path, request: Request, out: str | Path, *
         fault(pipe)
     with recording() as rec:
         result = pipe(request, progress=False)
-    tensors = dict(result.trace)
+    tensors = pipeline_tensors(pipe, request, result, request.scheduler)
     tensors.update({n: v for n, v in rec.items() if any(n.startswith(p) for p in intermediates)})
-    tensors["inputs/token_ids"] = np.concatenate([pipe.token_ids(request.negative_prompt),
-                                                  pipe.token_ids(request.prompt)])
-    tensors["scheduler/timesteps"] = np.asarray(
-        make_scheduler(request.scheduler, pipe.scheduler_config).set_timesteps(request.steps), np.int64)
-    capture = {
-        "tool": f"refsd {__version__} emulated device (refsd_validate.certify_emulate)",
-        "device": {"name": "refsd-emulated", "soc": None, "gpu": None, "os": platform.platform()},
-        "runtime": {"name": "refsd-emulation", "version": __version__,
-                    "delegate": {"name": "emulated", "precision": precision, "ftz": declare_ftz,
-                                 "options": {"rewrites": rewrites, "ftz": ftz}}},
-        "model": {"sha256": model_sha256(model_dir), "weights": "fp32", "rewrites": rewrites,
-                  "components": {c: {"format": "refsd-emulation", "name": "refsd", "version": __version__}
-                                 for c in MODELS}},
-        "stages": {**{c: {"processor": "other", "precision": precision, "ftz": declare_ftz, "fast_math": False,
-                          "runtime": "refsd emulation"} for c in MODELS},
-                   "guidance_scheduler": {"processor": "host", "precision": "f32", "ftz": None}},
-        "request": {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "seed": request.seed,
-                    "steps": request.steps, "scheduler": request.scheduler, "guidance": request.guidance,
-                    "height": request.height, "width": request.width},
-    }
+    capture = capture_document(
+        tool=f"refsd {__version__} emulated device (refsd_validate.capture_emulated)",
+        device={"name": "refsd-emulated", "soc": None, "gpu": None, "os": platform.platform()},
+        runtime={"name": "refsd-emulation", "version": __version__,
+                 "delegate": {"name": "emulated", "precision": precision, "ftz": declare_ftz,
+                              "options": {"rewrites": rewrites, "ftz": ftz}}},
+        model={"sha256": model_sha256(model_dir), "weights": "fp32", "rewrites": rewrites,
+               "components": {c: {"format": "refsd-emulation", "name": "refsd", "version": __version__}
+                              for c in MODELS}},
+        stages={**{c: {"processor": "other", "precision": precision, "ftz": declare_ftz, "fast_math": False,
+                       "runtime": "refsd emulation"} for c in MODELS},
+                "guidance_scheduler": {"processor": "host", "precision": "f32", "ftz": None}},
+        request=request, scheduler=request.scheduler)
     return write_bundle(out, capture, tensors)
