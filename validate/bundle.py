@@ -36,8 +36,11 @@ from typing import Mapping
 import numpy as np
 
 from refsd import trace
-from refsd.safe_io import check_schema, read_json
-from refsd.safe_io import sha256_file  # noqa: F401 (re-exported: hashes of files named in a bundle)
+from refsd.safe_io import (
+    check_schema,
+    read_json,
+    sha256_file,  # noqa: F401 (re-exported: hashes of files named in a bundle)
+)
 from refsd.trace import MODELS
 from refsd.weights import model_sha256  # noqa: F401 (re-exported: a bundle names its model by this hash)
 
