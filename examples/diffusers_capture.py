@@ -126,7 +126,7 @@ class Recorder:
         self._spatial: dict[int, tuple[int, int]] = {}
 
     def name(self, path: str) -> str:
-        # refsd.monitor.tensor_name: {stage}/step_{i}/{path} in the denoising loop, else {stage}/{path}
+        # refsd.context.tensor_name: {stage}/step_{i}/{path} in the denoising loop, else {stage}/{path}
         return f"{self.stage}/step_{self.step}/{path}" if self.step is not None else f"{self.stage}/{path}"
 
     def keep(self, path: str, value: torch.Tensor) -> None:

@@ -58,7 +58,7 @@ def test_bundle_is_valid_by_the_schema(bundle):
                 "vae/image"} | {f"unet/step_{i}/noise_pred" for i in range(4)} | \
                {f"scheduler/step_{i}/latents" for i in range(4)}
     assert boundary <= names
-    # intermediates, named as refsd.monitor.recording() names the reference's
+    # intermediates, named as refsd.context.recording() names the reference's
     assert "unet/step_3/unet.mid_block" in names and "text_encoder/text_encoder.text_model.encoder" in names
     assert "vae/vae.decoder.up_blocks.0" in names
 

@@ -3,9 +3,10 @@
 A bundle is a directory (or a ``.zip`` of one) holding ``capture.json``, valid
 against ``schema/capture-2.schema.json`` (readers still accept version 1), and one ``.npy`` per tensor named in
 its ``tensors`` table (file, dtype, shape and sha256 of the file's bytes, so
-a truncated or swapped file is caught before it is compared). NumPy and the
-standard library only: the writer runs next to an interpreter on a device
-host, the reader inside CI.
+a truncated or swapped file is caught before it is compared). Light to import
+(NumPy, jsonschema and refsd's NumPy-only core, no TensorFlow, PyTorch or
+LiteRT): the writer runs next to an interpreter on a device host, the reader
+inside CI.
 
 Tensor names (``refsd.trace`` holds the contract; README, "Capture from your own runtime")::
 
@@ -16,7 +17,7 @@ Tensor names (``refsd.trace`` holds the contract; README, "Capture from your own
     unet/step_{i}/noise_pred          (2, h, w, 4), the UNet's raw output [uncond, cond]
     scheduler/step_{i}/latents        (1, h, w, 4)
     vae/image                         (1, H, W, 3), the decoder's raw output (about [-1, 1])
-    {stage}/step_{i}/{module path}    intermediates (``refsd.monitor.tensor_name``)
+    {stage}/step_{i}/{module path}    intermediates (``refsd.context.tensor_name``)
 
 The file of tensor ``a/b/c`` is ``tensors/a/b/c.npy``.
 """
@@ -36,6 +37,7 @@ from typing import Mapping
 import numpy as np
 
 from refsd import trace
+from refsd.models.vae import downscale
 from refsd.safe_io import (
     check_schema,
     read_json,
@@ -95,7 +97,7 @@ class ModelGeometry:
         if not isinstance(blocks, list) or not 1 <= len(blocks) <= 16:
             raise BundleError(f"{root / v}: block_out_channels must be a list of 1 to 16 entries")
         return cls(positive(text, t, "hidden_size"), positive(text, t, "vocab_size"), positive(unet, u, "in_channels"),
-                   positive(unet, u, "out_channels"), 2 ** (len(blocks) - 1), positive(vae, v, "out_channels"))
+                   positive(unet, u, "out_channels"), downscale(blocks), positive(vae, v, "out_channels"))
 
 
 def required_tensors(request: dict, geometry: ModelGeometry | None) -> dict[str, tuple[tuple | None, tuple]]:

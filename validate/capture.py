@@ -18,7 +18,7 @@ precision cannot be read from the library, so the caller states it.
 
 Intermediates (``intermediates=True``): every module output the export's
 ``refsd_export.json`` maps to a TFLite tensor, named as the reference names
-it (``refsd.monitor.tensor_name``: ``unet/step_3/unet.mid_block``).
+it (``refsd.context.tensor_name``: ``unet/step_3/unet.mid_block``).
 """
 
 from __future__ import annotations

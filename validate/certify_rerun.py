@@ -145,7 +145,7 @@ def _guidance_precision(variant: CalibrationRun) -> Precision:
 
 class _Keep(dict):
     """A trace that keeps only wanted names, in the order they are produced
-    (``refsd.monitor.recording`` stores every module output into it)."""
+    (``refsd.context.recording`` stores every module output into it)."""
 
     def __init__(self, wanted: frozenset[str]) -> None:
         super().__init__()

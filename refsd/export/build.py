@@ -32,7 +32,7 @@ then run *hybrid*, quantizing activations on the fly too).
 weights, rewrites, shapes, each file's sha256) and, per component, which
 TFLite tensor holds each module's output (``tensors``: module path ->
 TFLite tensor name and shape), found by tracing under
-``refsd.monitor.recording()``: the capture runner names intermediates with it.
+``refsd.context.recording()``: the capture runner names intermediates with it.
 Modules whose output the converter folded into a later op (LayerNorm's affine
 into the next FullyConnected) have no tensor and are not listed.
 """

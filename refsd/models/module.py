@@ -15,7 +15,7 @@ is the tensor ``down_blocks.1.attentions.0.proj_in.weight`` of the checkpoint.
   pruning (rewrite ``prune``), and the storage of ``ModelOptions.weights``
   (fp16 / bf16 rounding, or int8 values and per-channel scales with the kernels
   that run them, ``int8_kernels``).
-* Calling a child runs its ``forward`` under ``refsd.monitor.scope(<attribute
+* Calling a child runs its ``forward`` under ``refsd.context.scope(<attribute
   name>)``: every op reports under its module path, e.g.
   ``unet.down_blocks.1.attentions.0.transformer_blocks.0.ff.net.2``.
 * Ops are reached only through ``self.ops``, the namespace handed to the root

@@ -22,6 +22,11 @@ from refsd.models.options import ModelOptions
 _EPS = 1e-6  # diffusers' VAE resnets, attention and output norms
 
 
+def downscale(block_out_channels) -> int:
+    """The VAE scale factor: image pixels per latent pixel along each side (one 2x per block after the first)."""
+    return 2 ** (len(block_out_channels) - 1)
+
+
 @dataclass(frozen=True)
 class VaeConfig:
     """``vae/config.json`` fields used (diffusers' defaults)."""
@@ -60,8 +65,7 @@ class VaeConfig:
 
     @property
     def downscale(self) -> int:
-        """The VAE scale factor: image pixels per latent pixel along each side."""
-        return 2 ** (len(self.block_out_channels) - 1)
+        return downscale(self.block_out_channels)
 
 
 class VaeMidBlock(Module):
