@@ -4,7 +4,7 @@ converter maps to builtin kernels, in float32 (the precision modes of the
 reference are not emulated here: LiteRT computes what the graph says).
 
 Each twin builds its ops inside the TF name scope of the module path that
-calls it (``refsd.monitor.current_path()``, absolute, e.g.
+calls it (``refsd.context.current_path()``, absolute, e.g.
 ``unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2/MatMul``),
 so TFLite tensor names say which module produced them.
 
