@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from refsd_validate.tolerance import K, MAX_K
@@ -35,6 +36,7 @@ def add_certify_parser(sub) -> None:
     p.add_argument("--max-deployment-cost", metavar="psnr:DB|rel:X", help="also gate what the deployment costs "
                    "against the original fp32 model: image PSNR at least DB, or worst boundary tensor relative error "
                    "at most X; exit 3 when the device certifies but the deployment fails the gate")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
     p.set_defaults(func=_cmd_certify)
 
 
@@ -55,7 +57,8 @@ def _cmd_certify(args) -> int:
     names = tflite_tensor_names(args.tflite) if args.tflite else None
     cert = certify(args.bundle, args.model, mode=args.mode, cache_dir=args.cache, k=args.k,
                    cache_budget=int(args.cache_gb * (1 << 30)), tflite_dir=args.tflite, strict=args.strict,
-                   max_deployment_cost=gate)
+                   max_deployment_cost=gate,
+                   progress=not args.quiet and sys.stderr.isatty())
     write_outputs(cert, out, names)
     for line in summary_lines(cert, args.k, out):
         print(line)
