@@ -82,9 +82,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _add_certify(sub) -> None:
-    from refsd_validate.certify_cli import add_certify_parser  # noqa: PLC0415
+    from refsd_validate.certify_cli import add_certify_parser, add_fleet_parser  # noqa: PLC0415
 
     add_certify_parser(sub)
+    add_fleet_parser(sub)
 
 
 def _add_capture(sub) -> None:
