@@ -27,6 +27,18 @@ from refsd.schedulers import make_scheduler
 from refsd.trace import MODELS
 
 
+class _Prefixed(dict):
+    """A recording that keeps only module outputs whose names start with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def __setitem__(self, key, value) -> None:
+        if key.startswith(self.prefixes):
+            super().__setitem__(key, value)
+
+
 def emulated_capture(model_dir: str | Path, request: Request, out: str | Path, *, precision: str = "f32_f16",
                      ftz: bool = False, rewrites: str = "none", declare_ftz: bool | None = None,
                      intermediates: Sequence[str] = (), fault: Callable[[Pipeline], None] | None = None) -> Path:
@@ -42,10 +54,11 @@ def emulated_capture(model_dir: str | Path, request: Request, out: str | Path, *
     pipe = Pipeline(model_dir, precision=precision, ftz=ftz, rewrites=rewrites)
     if fault is not None:
         fault(pipe)
-    with recording() as rec:
+    rec = _Prefixed(tuple(intermediates))  # only what was asked: every layer's output of a real UNet is ~10 GB
+    with recording(into=rec):
         result = pipe(request, progress=False)
     tensors = dict(result.trace)
-    tensors.update({n: v for n, v in rec.items() if any(n.startswith(p) for p in intermediates)})
+    tensors.update(rec)
     tensors["inputs/token_ids"] = np.concatenate([pipe.token_ids(request.negative_prompt),
                                                   pipe.token_ids(request.prompt)])
     tensors["scheduler/timesteps"] = np.asarray(
