@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from refsd import trace
-from refsd_validate.bundle import model_sha256
-from refsd_validate.bundle import BundleError, ModelGeometry
+from refsd_validate.bundle import BundleError, ModelGeometry, model_sha256
 from refsd_validate.reader import read_bundle
+
+from refsd import trace
 
 
 def check_bundle(bundle_path: str | Path, model_dir: str | Path | None = None) -> list[str]:

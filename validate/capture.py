@@ -29,10 +29,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-
-from refsd.pipeline import Pipeline
 from refsd_validate.bundle import model_sha256, write_bundle
 from refsd_validate.pipeline_capture import capture_document, pipeline_tensors
+
+from refsd.pipeline import Pipeline
 
 PRECISIONS = ("f32", "f32_f16", "f16")
 ACCELERATORS = ("cpu", "gpu")

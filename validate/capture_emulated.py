@@ -17,12 +17,25 @@ import platform
 from pathlib import Path
 from typing import Callable, Sequence
 
+from refsd_validate.bundle import model_sha256, write_bundle
+from refsd_validate.pipeline_capture import capture_document, pipeline_tensors
+
 from refsd import __version__
 from refsd.context import recording
 from refsd.pipeline import Pipeline, Request
 from refsd.trace import MODELS
-from refsd_validate.bundle import model_sha256, write_bundle
-from refsd_validate.pipeline_capture import capture_document, pipeline_tensors
+
+
+class _Prefixed(dict):
+    """A recording that keeps only module outputs whose names start with one of ``prefixes``."""
+
+    def __init__(self, prefixes: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def __setitem__(self, key, value) -> None:
+        if key.startswith(self.prefixes):
+            super().__setitem__(key, value)
 
 
 def emulated_capture(model_dir: str | Path, request: Request, out: str | Path, *, precision: str = "f32_f16",
@@ -40,10 +53,11 @@ def emulated_capture(model_dir: str | Path, request: Request, out: str | Path, *
     pipe = Pipeline(model_dir, precision=precision, ftz=ftz, rewrites=rewrites)
     if fault is not None:
         fault(pipe)
-    with recording() as rec:
+    rec = _Prefixed(tuple(intermediates))  # only what was asked: every layer's output of a real UNet is ~10 GB
+    with recording(into=rec):
         result = pipe(request, progress=False)
     tensors = pipeline_tensors(pipe, request, result, request.scheduler)
-    tensors.update({n: v for n, v in rec.items() if any(n.startswith(p) for p in intermediates)})
+    tensors.update(rec)
     capture = capture_document(
         tool=f"refsd {__version__} emulated device (refsd_validate.capture_emulated)",
         device={"name": "refsd-emulated", "soc": None, "gpu": None, "os": platform.platform()},

@@ -149,7 +149,13 @@ class GpuSession:
     def __init__(self, precision: str, allow_cpu_fallback: bool) -> None:
         from ai_edge_litert import compiled_model as cm  # noqa: PLC0415
         from ai_edge_litert.compiled_model import (  # noqa: PLC0415
-            CompiledModel, Environment, EnvironmentOptions, GpuOptions, HardwareAccelerator, Options)
+            CompiledModel,
+            Environment,
+            EnvironmentOptions,
+            GpuOptions,
+            HardwareAccelerator,
+            Options,
+        )
 
         if precision not in GPU_PRECISIONS:
             raise ValueError(f"--gpu-precision must be one of {', '.join(GPU_PRECISIONS)}, got {precision!r}")

@@ -43,18 +43,40 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from refsd_validate.bundle import BundleError, ModelGeometry, model_sha256, sha256_file
+from refsd_validate.certify_rerun import (
+    CACHE_BUDGET_BYTES,
+    ORIGINAL,
+    CacheStats,
+    Deployment,
+    RerunJob,
+    cache_bytes,
+    code_fingerprint,
+    first_severe_event,
+    teacher_inputs,
+)
+from refsd_validate.compare import compare, json_safe, psnr
+from refsd_validate.reader import Bundle, read_bundle
+from refsd_validate.tolerance import (
+    MAX_K,
+    REFERENCE,
+    SYSTEMATIC,
+    SYSTEMATIC_F16,
+    K,
+    Verdict,
+    calibration_variants,
+    error_stats,
+    judge,
+    minimum_floor,
+    noise_floor,
+    unit_roundoff,
+)
+from tqdm import tqdm
 
 from refsd import __version__
 from refsd import trace as names
 from refsd.image import to_image
 from refsd.trace import parse_name
-from refsd_validate.bundle import BundleError, ModelGeometry, model_sha256, sha256_file
-from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, ORIGINAL, CacheStats, Deployment, cache_bytes, \
-    code_fingerprint, first_severe_event, rerun, teacher_inputs
-from refsd_validate.compare import json_safe, compare, psnr
-from refsd_validate.reader import Bundle, read_bundle
-from refsd_validate.tolerance import K, MAX_K, REFERENCE, SYSTEMATIC, SYSTEMATIC_F16, Verdict, calibration_variants, \
-    error_stats, judge, minimum_floor, noise_floor, unit_roundoff
 
 CERTIFICATE = "refsd-certificate"
 CERTIFICATE_VERSION = 2
@@ -150,11 +172,54 @@ class CostGate:
         return cost["worst_rel_peak"] <= self.limit
 
 
-def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both",
+@dataclass
+class Plan:
+    """A certification read and checked, before any rerun: the bundle, the
+    model, the deployment and the calibration variants, and the options."""
+
+    bundle: Bundle
+    model_dir: Path
+    model_sha: str
+    deployment: Deployment
+    variants: list
+    modes: tuple[str, ...]
+    asked: frozenset[str]  # intermediates to judge
+    not_observable: list[str]
+    k: float
+    strict: bool
+    max_deployment_cost: CostGate | None
+    cache: Path
+    cache_budget: int
+
+    def jobs(self) -> list[RerunJob]:
+        """Every rerun the certificate needs, the reference first (the
+        teacher-forced calibration runs are fed its trajectory). Calibration
+        runs depend only on the model, the deployment, the declared stages
+        and the request, not on what the device computed: bundles of one
+        request share them (same keys)."""
+        b = self.bundle
+
+        def job(role, variant=REFERENCE, index=0, teacher=None, dep=None, wanted=None, tensors=None):
+            return RerunJob(role, index, variant, dep or self.deployment, self.asked if wanted is None else wanted,
+                            teacher, str(self.model_dir), self.model_sha, dict(b.request), b.tensors[names.TOKEN_IDS],
+                            b.tensors[names.LATENTS_INIT], tensors)
+
+        out = [job("reference")]
+        if "free" in self.modes:
+            out += [job("free", v, i) for i, v in enumerate(self.variants)]
+        if "teacher" in self.modes:
+            out += [job("teacher", v, i, teacher="reference") for i, v in enumerate(self.variants)]
+            out.append(job("device_teacher", teacher="tensors",
+                           tensors=teacher_inputs(b.tensors, b.request["steps"])))
+        out.append(job("original", dep=ORIGINAL, wanted=frozenset()))
+        return out
+
+
+def prepare(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both",
             cache_dir: str | Path | None = None, k: float = K, cache_budget: int = CACHE_BUDGET_BYTES,
             tflite_dir: str | Path | None = None, strict: bool = False,
-            max_deployment_cost: CostGate | None = None) -> Certificate:
-    """Judge a bundle (see the module docstring). Raises ``BundleError`` for bad input."""
+            max_deployment_cost: CostGate | None = None) -> Plan:
+    """Read and check a bundle against the model (raises ``BundleError`` for bad input)."""
     if mode not in RUN_MODES:
         raise BundleError(f"mode must be one of {', '.join(RUN_MODES)}, got {mode!r}")
     if not (isinstance(k, (int, float)) and 0 < k <= MAX_K):
@@ -168,46 +233,68 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
     if bundle.capture["model"]["sha256"] != model_sha:
         raise BundleError(f"bundle was captured from model sha256 {bundle.capture['model']['sha256'][:16]}..., "
                           f"but {model_dir} is {model_sha[:16]}...: not the same model")
-    stages = bundle.stages
-    deployment = _deployment(bundle, stages, tflite_dir)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    req = bundle.request
-    variants = calibration_variants(stages, deployment.weights)
+    deployment = _deployment(bundle, bundle.stages, tflite_dir)
     # Captures leave fused-away tensors out of their tensors and list them here: listed, never judged.
     not_observable = sorted(set(bundle.capture.get("observability", {}).get("not_observable", [])))
-    asked = frozenset(bundle.intermediates) - set(not_observable)
+    return Plan(bundle, model_dir, model_sha, deployment, calibration_variants(bundle.stages, deployment.weights),
+                ("free", "teacher") if mode == "both" else (mode,), frozenset(bundle.intermediates) - set(not_observable),
+                not_observable, k, strict, max_deployment_cost,
+                Path(cache_dir) if cache_dir is not None else default_cache_dir(), cache_budget)
 
-    cache_stats = CacheStats()
 
-    def run(variant, teacher=None, dep=deployment, wanted=asked):
-        return rerun(model_dir, model_sha, dep, variant, req, bundle.tensors[names.TOKEN_IDS],
-                     bundle.tensors[names.LATENTS_INIT], teacher=teacher, intermediates=wanted, cache_dir=cache,
-                     cache_budget=cache_budget, stats=cache_stats)
+def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both",
+            cache_dir: str | Path | None = None, k: float = K, cache_budget: int = CACHE_BUDGET_BYTES,
+            tflite_dir: str | Path | None = None, strict: bool = False,
+            max_deployment_cost: CostGate | None = None, progress: bool = False) -> Certificate:
+    """Judge a bundle (see the module docstring). Raises ``BundleError`` for bad input."""
+    plan = prepare(bundle_path, model_dir, mode=mode, cache_dir=cache_dir, k=k, cache_budget=cache_budget,
+                   tflite_dir=tflite_dir, strict=strict, max_deployment_cost=max_deployment_cost)
+    stats = CacheStats()
+    jobs = plan.jobs()
+    traces = {}
+    with tqdm(total=len(jobs), desc="certify: reference reruns", unit="run", disable=not progress) as bar:
+        for job in jobs:
+            traces[job.role, job.index] = job.run(traces.get(("reference", 0)), cache_dir=plan.cache,
+                                                  cache_budget=plan.cache_budget, stats=stats)
+            bar.update()
+            if job.role == "reference":  # before the calibration runs: a bad request fails fast
+                check_reference(plan, traces[job.role, job.index])
+    return certificate_from(plan, traces, stats)
 
-    ref = run(REFERENCE)
-    _check_reference_finite(ref, deployment)
-    unknown = sorted(asked - set(ref))
-    if unknown and strict:
+
+def check_reference(plan: Plan, ref: dict) -> None:
+    """What the reference itself says about the bundle: finite, every asked
+    intermediate known (``strict``), every shape the reference's."""
+    _check_reference_finite(ref, plan.deployment)
+    unknown = sorted(plan.asked - set(ref))
+    if unknown and plan.strict:
         raise BundleError(f"intermediates the reference does not record ({len(unknown)}): {', '.join(unknown[:5])} "
                           "(see 'refsd-validate names'; without --strict they are listed and skipped)")
+    for n in ref:
+        if n in plan.bundle.capture["tensors"] and n != names.TIMESTEPS:
+            _check_shape(n, tuple(plan.bundle.capture["tensors"][n]["shape"]), ref[n])
+
+
+def certificate_from(plan: Plan, traces: dict[tuple[str, int], dict], cache_stats: CacheStats | None = None) -> Certificate:
+    """The certificate from the reruns of ``plan.jobs()`` (keyed (role, index))."""
+    bundle, k, deployment, variants, stages = plan.bundle, plan.k, plan.deployment, plan.variants, plan.bundle.stages
+    req, cache = bundle.request, plan.cache
+    cache_stats = cache_stats if cache_stats is not None else CacheStats()
+    ref = traces["reference", 0]
+    check_reference(plan, ref)
+    unknown = sorted(plan.asked - set(ref))
     order = [n for n in ref if n in bundle.capture["tensors"] and n != names.TIMESTEPS]
-    for n in order:
-        _check_shape(n, tuple(bundle.capture["tensors"][n]["shape"]), ref[n])
 
     def device(n):
         return np.broadcast_to(bundle.tensor(n), ref[n].shape)
 
-    modes = ("free", "teacher") if mode == "both" else (mode,)
+    modes = plan.modes
     expected_by_mode: dict[str, dict] = {}
     results: list[TensorResult] = []
     overflows: list[dict] = []
     for m in modes:
-        if m == "free":
-            calib = [run(v) for v in variants]
-            expected = ref
-        else:
-            calib = [run(v, teacher_inputs(ref, req["steps"])) for v in variants]
-            expected = run(REFERENCE, teacher_inputs(bundle.tensors, req["steps"]))
+        calib = [traces[m, i] for i in range(len(variants))]
+        expected = ref if m == "free" else traces["device_teacher", 0]
         expected_by_mode[m] = expected
         # A variant that overflowed fp16 (even into a finite result) is no calibration from that step on.
         usable_until = []
@@ -230,17 +317,17 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
             floor = noise_floor(ref[n], runs, precision)
             results.append(_judge(n, m, expected[n], device(n), floor, k))
 
-    exact = _exact_checks(bundle, ref, model_dir)
+    exact = _exact_checks(bundle, ref, plan.model_dir)
     failures = [r for r in results if not r.verdict.passed]
     # Teacher-forced failures localize better: they are the step's own error, not inherited drift.
     by_mode = {m: next((r for r in failures if r.mode == m), None) for m in modes}
     first = by_mode.get("teacher") or by_mode.get("free")
     certified = not failures and all(c["passed"] for c in exact)
     hint = _layout_hint(first, expected_by_mode[first.mode][first.name], device(first.name), k) if first else None
-    cost = _deployment_cost(ref, run(REFERENCE, dep=ORIGINAL, wanted=frozenset()), deployment)
-    if max_deployment_cost is not None:
-        cost["gate"] = {"kind": max_deployment_cost.kind, "limit": max_deployment_cost.limit,
-                        "passed": max_deployment_cost.passes(cost)}
+    cost = _deployment_cost(ref, traces["original", 0], deployment)
+    gate = plan.max_deployment_cost
+    if gate is not None:
+        cost["gate"] = {"kind": gate.kind, "limit": gate.limit, "passed": gate.passes(cost)}
     rule = {
         "k": k,
         "statement": "a tensor passes iff it is finite where the reference is and each of peak = max|e|, rms(e), "
@@ -261,22 +348,24 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
         "localization": "first failing tensor in execution order, teacher-forced mode first",
     }
     provenance = {
-        "bundle": str(bundle.source), "bundle_sha256": bundle.sha256, "model_dir": str(model_dir),
-        "model_sha256": model_sha, "refsd_version": __version__,
+        "bundle": str(bundle.source), "bundle_sha256": bundle.sha256, "model_dir": str(plan.model_dir),
+        "model_sha256": plan.model_sha, "refsd_version": __version__,
         "reference_code_sha256": code_fingerprint(), "reference_precision": REFERENCE.label,
         "modes": list(modes), "device": bundle.capture["device"], "runtime": bundle.capture["runtime"],
         "model": {k_: v for k_, v in bundle.capture["model"].items() if k_ != "sha256"},
         "schema_version": bundle.capture["schema_version"],
         "capture_created": bundle.capture["created"], "capture_tool": bundle.capture.get("tool"),
         "int8_source": None if deployment.int8_source is None else str(deployment.int8_source),
-        "rerun_cache": {"dir": str(cache), "budget_bytes": cache_budget,
+        "rerun_cache": {"dir": str(cache), "budget_bytes": plan.cache_budget,
                         **dict(cache_stats.to_dict(), bytes_after=cache_bytes(cache) if cache.is_dir() else 0)},
         "certified_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     images = {"reference": ref[names.IMAGE][0], "device": np.asarray(bundle.tensors[names.IMAGE][0], np.float32)}
     return Certificate(certified, first, results, rule, provenance, dict(req), exact, images, deployment_cost=cost,
-                       unknown_intermediates=unknown, not_observable=not_observable, calibration_overflows=overflows,
+                       unknown_intermediates=unknown, not_observable=plan.not_observable, calibration_overflows=overflows,
                        hint=hint)
+
+
 
 
 def _layout_hint(first: TensorResult, expected: np.ndarray, test: np.ndarray, k: float) -> str | None:

@@ -307,3 +307,52 @@ def _source_digest(folder: str | None) -> str | None:
     if folder is None:
         return None
     return hashlib.sha256((Path(folder) / "refsd_export.json").read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class RerunJob:
+    """One reference run a certificate needs, self-contained (it pickles: a
+    fleet ships it to a Dask worker). ``teacher``: None free-running;
+    ``"reference"`` fed the trajectory of the reference run (given to
+    :meth:`run`, so the job's identity is that run's key plus its own
+    settings); ``"tensors"`` fed ``teacher_tensors`` (a device's trajectory)."""
+
+    role: str  # reference | free | teacher | device_teacher | original (what certify uses the trace for)
+    index: int  # the calibration variant's index (0 for the others)
+    variant: CalibrationRun
+    deployment: Deployment
+    intermediates: frozenset[str]
+    teacher: str | None
+    model_dir: str
+    model_sha: str
+    request: Mapping
+    token_ids: np.ndarray
+    latents_init: np.ndarray
+    teacher_tensors: Mapping[str, np.ndarray] | None = None
+
+    def key(self, reference_key: str | None = None) -> str:
+        """The content hash of the run (its cache key). A job fed the reference's
+        trajectory is named by that reference's key and its own settings."""
+        if self.teacher == "reference":
+            if reference_key is None:
+                raise ValueError("a job fed the reference's trajectory is keyed by the reference run's key")
+            h = hashlib.sha256(b"teacher-forced on reference " + reference_key.encode())
+            h.update(json.dumps({"variant": dataclasses.asdict(self.variant),
+                                 "deployment": dataclasses.asdict(self.deployment),
+                                 "intermediates": sorted(self.intermediates)}, sort_keys=True).encode())
+            return h.hexdigest()
+        return _cache_key(self.model_sha, self.deployment, self.variant, self.request,
+                          np.ascontiguousarray(self.token_ids, dtype=np.int64),
+                          np.ascontiguousarray(self.latents_init, dtype=np.float32),
+                          self.teacher_tensors, self.intermediates)
+
+    def run(self, reference: Mapping[str, np.ndarray] | None = None, *, cache_dir: str | Path | None = None,
+            cache_budget: int = CACHE_BUDGET_BYTES, stats: CacheStats | None = None) -> dict[str, np.ndarray]:
+        teacher = self.teacher_tensors
+        if self.teacher == "reference":
+            if reference is None:
+                raise ValueError("this job is fed the reference's trajectory: pass the reference trace")
+            teacher = teacher_inputs(reference, int(self.request["steps"]))
+        return rerun(self.model_dir, self.model_sha, self.deployment, self.variant, self.request, self.token_ids,
+                     self.latents_init, teacher=teacher, intermediates=self.intermediates, cache_dir=cache_dir,
+                     cache_budget=cache_budget, stats=stats)

@@ -31,8 +31,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from refsd.arguments import EXIT_FAIL, EXIT_OK, add_prompt_args, build_parser as _build, check_request_args, run
 from refsd_validate.compare import CHECK_MODES, DEFAULT_ATOL, DEFAULT_QUANTILE, DEFAULT_RTOL
+
+from refsd.arguments import EXIT_FAIL, EXIT_OK, add_prompt_args, check_request_args, run
+from refsd.arguments import build_parser as _build
 
 PROG = "refsd-validate"
 EXIT_COST_GATE = 3  # certify: the device certifies, the deployment fails --max-deployment-cost
@@ -63,8 +65,9 @@ def _add_compare(sub) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from refsd.safe_io import load_npy  # noqa: PLC0415
     from refsd_validate.compare import compare  # noqa: PLC0415
+
+    from refsd.safe_io import load_npy  # noqa: PLC0415
 
     for opt in ("atol", "rtol"):  # the library takes inf (Polygraphy's "ignore"); from a command line it is absurd
         value = getattr(args, opt)
@@ -85,9 +88,6 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _add_certify(sub) -> None:
-    from refsd_validate.certify import RUN_MODES  # noqa: PLC0415
-    from refsd_validate.tolerance import K, MAX_K  # noqa: PLC0415
-
     p = sub.add_parser(
         "certify", help="certify a device capture bundle against the reference",
         description="Rerun the reference on the bundle's own inputs (free-running and teacher-forced), judge every "
@@ -96,8 +96,35 @@ def _add_certify(sub) -> None:
         "node data. Exit 0 certified, 1 not certified, 2 bad input.")
     p.add_argument("bundle", metavar="BUNDLE", help="capture bundle: directory or .zip")
     p.add_argument("--model", required=True, metavar="DIR", help="the diffusers folder the capture was exported from")
-    p.add_argument("--mode", choices=RUN_MODES, default="both", help="free-running, teacher-forced, or both (default)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    _add_certify_options(p)
+    p.set_defaults(func=_cmd_certify)
+
+
+def _add_certify_fleet(sub) -> None:
+    p = sub.add_parser(
+        "certify-fleet", help="certify many capture bundles of one model, reruns shared and run on Dask",
+        description="Certify each bundle as 'certify' does, the reference reruns run as Dask tasks keyed by their "
+        "content hash: identical reruns (the calibration of bundles of one request) run once, independent ones in "
+        "parallel. Writes one certificate folder per bundle, fleet.json and fleet.html (devices x requests). "
+        "Exit 0 all certified, 1 any not certified, 2 bad input (any bundle), 3 all certified but a deployment "
+        "fails --max-deployment-cost.")
+    p.add_argument("bundles", nargs="+", metavar="BUNDLE", help="capture bundles: directories or .zip")
+    p.add_argument("--model", required=True, metavar="DIR", help="the diffusers folder the captures were exported from")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--dask", metavar="ADDRESS", help="a running Dask scheduler (tcp://host:8786) whose workers see "
+                   "--model and --cache (default: a local cluster of --workers processes)")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="local cluster size, 1 to 64 (default 2)")
+    _add_certify_options(p)
+    p.set_defaults(func=_cmd_certify_fleet)
+
+
+def _add_certify_options(p) -> None:
+    """The options 'certify' and 'certify-fleet' share."""
+    from refsd_validate.certify import RUN_MODES  # noqa: PLC0415
+    from refsd_validate.tolerance import MAX_K, K  # noqa: PLC0415
+
+    p.add_argument("--mode", choices=RUN_MODES, default="both", help="free-running, teacher-forced, or both (default)")
     p.add_argument("--cache", metavar="DIR", help="reference rerun cache (default $XDG_CACHE_HOME/refsd/certify)")
     p.add_argument("--cache-gb", type=float, default=8.0, metavar="GB",
                    help="keep at most this much in the cache, least recently used reruns dropped first (default 8)")
@@ -111,32 +138,61 @@ def _add_certify(sub) -> None:
     p.add_argument("--max-deployment-cost", metavar="psnr:DB|rel:X", help="also gate what the deployment costs "
                    "against the original fp32 model: image PSNR at least DB, or worst boundary tensor relative error "
                    "at most X; exit 3 when the device certifies but the deployment fails the gate")
-    p.set_defaults(func=_cmd_certify)
+    p.add_argument("--quiet", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
 
 
-def _cmd_certify(args: argparse.Namespace) -> int:
+def _certify_options(args: argparse.Namespace) -> dict:
+    """The shared options, checked, as ``certify`` / ``certify_fleet`` keywords."""
     from refsd_validate.bundle import BundleError  # noqa: PLC0415
-    from refsd_validate.certify import CostGate, certify, tflite_tensor_names, write_outputs  # noqa: PLC0415
+    from refsd_validate.certify import CostGate  # noqa: PLC0415
     from refsd_validate.tolerance import MAX_K  # noqa: PLC0415
 
     if not (math.isfinite(args.cache_gb) and 0 < args.cache_gb <= 1024):
         raise BundleError(f"--cache-gb must be in (0, 1024], got {args.cache_gb:g}")
     if not (math.isfinite(args.k) and 0 < args.k <= MAX_K):
         raise BundleError(f"--k must be in (0, {MAX_K:g}], got {args.k:g}")
-    gate = CostGate.parse(args.max_deployment_cost) if args.max_deployment_cost is not None else None
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise BundleError(f"--out {out}: exists and is not a directory")
+    gate = CostGate.parse(args.max_deployment_cost) if args.max_deployment_cost is not None else None
+    return {"mode": args.mode, "cache_dir": args.cache, "k": args.k, "cache_budget": int(args.cache_gb * (1 << 30)),
+            "tflite_dir": args.tflite, "strict": args.strict, "max_deployment_cost": gate,
+            "progress": not args.quiet and sys.stderr.isatty()}
+
+
+def _cmd_certify(args: argparse.Namespace) -> int:
+    from refsd_validate.certify import certify, tflite_tensor_names, write_outputs  # noqa: PLC0415
+
+    options = _certify_options(args)
     names = tflite_tensor_names(args.tflite) if args.tflite else None
-    cert = certify(args.bundle, args.model, mode=args.mode, cache_dir=args.cache, k=args.k,
-                   cache_budget=int(args.cache_gb * (1 << 30)), tflite_dir=args.tflite, strict=args.strict,
-                   max_deployment_cost=gate)
+    cert = certify(args.bundle, args.model, **options)
+    out = Path(args.out)
     write_outputs(cert, out, names)
     for line in summary_lines(cert, args.k, out):
         print(line)
     if not cert.certified:
         return EXIT_FAIL
     return EXIT_COST_GATE if cert.cost_gate_failed else EXIT_OK
+
+
+def _cmd_certify_fleet(args: argparse.Namespace) -> int:
+    from refsd_validate.bundle import BundleError  # noqa: PLC0415
+    from refsd_validate.fleet import certify_fleet  # noqa: PLC0415
+
+    if not 1 <= args.workers <= 64:
+        raise BundleError(f"--workers must be in 1..64, got {args.workers}")
+    options = _certify_options(args)
+    entries, counts = certify_fleet(args.bundles, args.model, args.out, dask=args.dask, workers=args.workers,
+                                    **options)
+    for e in entries:
+        first = e.certificate.first_failure
+        print(f"{'CERTIFIED' if e.certificate.certified else 'NOT CERTIFIED'}: {e.bundle} [{e.device}; {e.request}]"
+              + (f": first failing tensor {first.name} ({first.mode})" if first else ""))
+    print(f"{sum(e.certificate.certified for e in entries)} of {len(entries)} certified; {counts['reruns_run']} "
+          f"distinct reruns for {counts['reruns_needed']} needed; {args.out}/fleet.html")
+    if not all(e.certificate.certified for e in entries):
+        return EXIT_FAIL
+    return EXIT_COST_GATE if any(e.certificate.cost_gate_failed for e in entries) else EXIT_OK
 
 
 def summary_lines(cert, k: float, out: Path) -> list[str]:
@@ -217,10 +273,11 @@ def _add_capture(sub) -> None:
 
 
 def _cmd_capture(args: argparse.Namespace) -> int:
-    from refsd.export.build import read_manifest  # noqa: PLC0415
-    from refsd.pipeline import Request  # noqa: PLC0415
     from refsd_validate.capture import capture  # noqa: PLC0415
     from refsd_validate.capture_gpu import divert_native_stderr  # noqa: PLC0415
+
+    from refsd.export.build import read_manifest  # noqa: PLC0415
+    from refsd.pipeline import Request  # noqa: PLC0415
 
     check_request_args(args)
     manifest = read_manifest(args.tflite)
@@ -272,8 +329,9 @@ def _add_names(sub) -> None:
 
 
 def _cmd_names(args: argparse.Namespace) -> int:
-    from refsd.names import recorded_names  # noqa: PLC0415
     from refsd_validate.bundle import BundleError  # noqa: PLC0415
+
+    from refsd.names import recorded_names  # noqa: PLC0415
 
     if not 1 <= args.steps <= 1000:
         raise BundleError(f"--steps must be in [1, 1000], got {args.steps}")
@@ -295,7 +353,7 @@ def _cmd_names(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- the table
 # One entry per subcommand, in the order `refsd-validate --help` lists them.
 
-SUBCOMMANDS = [_add_compare, _add_certify, _add_capture, _add_check, _add_names]
+SUBCOMMANDS = [_add_compare, _add_certify, _add_certify_fleet, _add_capture, _add_check, _add_names]
 
 
 def build_parser() -> argparse.ArgumentParser:

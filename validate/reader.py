@@ -51,11 +51,18 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+from refsd_validate.bundle import (
+    FLOATS,
+    INTS,
+    BundleError,
+    ModelGeometry,
+    check_document,
+    declared_stages,
+    required_tensors,
+)
 
 from refsd.limits import check_request
 from refsd.safe_io import MAX_TENSOR_BYTES, npy_header, open_regular, parse_json
-from refsd_validate.bundle import FLOATS, INTS, BundleError, ModelGeometry, check_document, declared_stages, \
-    required_tensors
 
 MAX_CAPTURE_JSON = 4 << 20
 NPY_HEADER_ALLOWANCE = 16 << 10  # real .npy headers are 128-4096 bytes

@@ -1,0 +1,150 @@
+"""What a certificate costs on the real SD 2.1-base architecture, as a ratio
+against one diffusers fp32 pipeline run of the same request, in one run.
+
+    python bench/bench_certify.py [--image 256] [--steps 10] [--threads 1] [--precisions f32_f16 f16]
+                                  [--bundles 3] [--cache DIR]
+
+The model is bench_pipeline's random SD 2.1-base folder (diffusers' own
+initialization, seed 0). Each declared precision gets an emulated device
+bundle (``emulated_capture``, FTZ not declared: unknown, as most delegates
+report it). Then, each in a fresh subprocess (so its peak RSS is its own):
+
+- diffusers fp32, the whole pipeline of the same request (the unit);
+- ``certify`` with a cold rerun cache, then the same bundle again (warm);
+- for ``--bundles`` N > 1, N - 1 more devices of the same request (the same
+  emulation with FTZ on, and with Winograd kernels) certified one by one after
+  the first: each costs its own teacher-forced run only, the calibration
+  runs come from the cache;
+- ``certify-fleet`` of those N bundles on a 2-worker Dask LocalCluster, cold.
+
+Prints a Markdown table; bench/README.md ("certification cost") records it.
+Not run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __name__ == "__main__":
+    from blas_threads import set_blas_threads
+
+    set_blas_threads(sys.argv[1:])
+
+from bench_pipeline import ensure_folder  # noqa: E402
+
+PROMPT = "a lighthouse at dusk, oil painting"
+
+
+def _child(args) -> dict:
+    """One timed job in this (fresh) process; returns seconds and peak RSS."""
+    from refsd.pipeline import peak_rss_mb
+
+    kind, rest = args._child[0], args._child[1:]
+    t0 = time.perf_counter()
+    extra = {}
+    if kind == "diffusers":
+        from bench_pipeline import run_diffusers
+
+        run_diffusers(args.cache, args.steps, args.image, args.threads)
+    elif kind == "certify":
+        from refsd_validate.certify import certify
+
+        cert = certify(rest[0], args.cache, cache_dir=rest[1], progress=True)
+        extra = {"certified": cert.certified, "reruns": cert.provenance["rerun_cache"]["misses"],
+                 "hits": cert.provenance["rerun_cache"]["hits"],
+                 "worst_k": max(r.verdict.k_needed for r in cert.results)}
+    elif kind == "fleet":
+        from refsd_validate.fleet import certify_fleet
+
+        entries, counts = certify_fleet(rest[2:], args.cache, rest[0], cache_dir=rest[1], progress=True)
+        extra = {"certified": all(e.certificate.certified for e in entries), **counts}
+    return {"seconds": time.perf_counter() - t0, "peak_rss_gb": peak_rss_mb() / 1024, **extra}
+
+
+def _run(args, *spec) -> dict:
+    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--cache", str(args.cache), "--image",
+           str(args.image), "--steps", str(args.steps), "--_child", *map(str, spec)]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _bundle(folder: Path, out: Path, precision: str, args, *, ftz: bool = False, rewrites: str = "none") -> Path:
+    from refsd_validate.capture_emulated import emulated_capture
+
+    from refsd.pipeline import Request
+
+    req = Request(PROMPT, seed=0, steps=args.steps, guidance=7.5, scheduler="ddim", height=args.image,
+                  width=args.image)
+    return emulated_capture(folder, req, out, precision=precision, ftz=ftz, rewrites=rewrites, declare_ftz=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--image", type=int, default=256, help="image size (default 256)")
+    p.add_argument("--steps", type=int, default=10, help="DDIM steps (default 10)")
+    p.add_argument("--threads", type=int, default=1, help="BLAS and PyTorch threads (default 1)")
+    p.add_argument("--precisions", nargs="+", choices=("f32", "f32_f16", "f16"), default=["f32_f16", "f16"])
+    p.add_argument("--bundles", type=int, default=3, help="devices of one request for the sharing rows (default 3)")
+    default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "refsd" / "bench-sd21-base"
+    p.add_argument("--cache", type=Path, default=default_cache, help=f"model folder (default {default_cache})")
+    p.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._child:
+        print(json.dumps(_child(args)))
+        return 0
+
+    folder = ensure_folder(args.cache)
+    work = Path(tempfile.mkdtemp(prefix="refsd-bench-certify-"))
+    rows = []
+    try:
+        print(f"diffusers fp32 pipeline, {args.image}x{args.image}, {args.steps} steps ...", flush=True)
+        unit = _run(args, "diffusers")
+        rows.append(("diffusers fp32 pipeline (the unit)", unit))
+        for precision in args.precisions:
+            print(f"bundles declared {precision} ...", flush=True)
+            devices = [_bundle(folder, work / f"{precision}-0", precision, args)]
+            if args.bundles > 1:
+                devices.append(_bundle(folder, work / f"{precision}-1", precision, args, ftz=True))
+            for i in range(2, args.bundles):
+                devices.append(_bundle(folder, work / f"{precision}-{i}", precision, args, rewrites="winograd",
+                                       ftz=i % 2 == 1))
+            cache = work / f"cache-{precision}"
+            rows.append((f"certify {precision}, cold cache", _run(args, "certify", devices[0], cache)))
+            rows.append((f"certify {precision}, same bundle, warm cache", _run(args, "certify", devices[0], cache)))
+            for i, d in enumerate(devices[1:], 1):
+                rows.append((f"certify {precision}, device {i + 1} of one request (calibration cached)",
+                             _run(args, "certify", d, cache)))
+            if len(devices) > 1:
+                fleet_cache = work / f"fleet-cache-{precision}"
+                rows.append((f"certify-fleet {precision}, {len(devices)} bundles, 2 workers, cold",
+                             _run(args, "fleet", work / f"fleet-{precision}", fleet_cache, *devices)))
+            for r in rows[-(len(devices) + 2 + (len(devices) > 1)):]:
+                print(r[0], json.dumps(r[1]), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base = unit["seconds"]
+    print(f"\nCertification cost, SD 2.1-base architecture, {args.image}x{args.image}, {args.steps} DDIM steps, "
+          f"{args.threads} thread(s), FTZ not declared\n")
+    print("| run | seconds | / diffusers pipeline | reruns (cache hits) | peak RSS GB | verdict, worst k |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, r in rows:
+        reruns = f"{r['reruns']} ({r['hits']})" if "reruns" in r else (
+            f"{r['reruns_run']} of {r['reruns_needed']}" if "reruns_run" in r else "")
+        verdict = "" if "certified" not in r else ("certified" if r["certified"] else "NOT certified") + (
+            f", {r['worst_k']:.2f}" if "worst_k" in r else "")
+        print(f"| {name} | {r['seconds']:.1f} | {r['seconds'] / base:.2f} | {reruns} | {r['peak_rss_gb']:.2f} | "
+              f"{verdict} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,95 @@
+"""``refsd-validate certify-fleet`` on a 2-worker Dask ``LocalCluster``.
+
+Three devices of one request on the tiny SD 2.1 model (the good emulated
+device, one with a +1 % UNet bias from step 1, one with a NaN at step 2): the
+fleet gives each bundle the verdict and localization that certifying it alone
+gives, runs the shared calibration once (one set of calibration runs plus one
+teacher-forced run per bundle), and writes fleet.json and an offline fleet.html.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from refsd_validate.certify import certify, prepare
+from refsd_validate.cli import main
+from test_certify import _device, _unet_output_fault
+
+
+@pytest.fixture(scope="module")
+def fleet_bundles(tiny_sd21, emulated_bundle, tmp_path_factory):
+    def nan(out):
+        out = out.copy()
+        out[1, 5, 7, 2] = np.nan
+        return out
+
+    bias = _device(tiny_sd21, tmp_path_factory.mktemp("bias"), _unet_output_fault(1, lambda o: o * np.float32(1.01)))
+    bad = _device(tiny_sd21, tmp_path_factory.mktemp("nan"), _unet_output_fault(2, nan, last_step=2))
+    return [emulated_bundle, bias, bad]
+
+
+@pytest.fixture(scope="module")
+def fleet_run(fleet_bundles, tiny_sd21, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fleet") / "out"
+    cache = tmp_path_factory.mktemp("fleet-cache")
+    rc = main(["certify-fleet", *map(str, fleet_bundles), "--model", str(tiny_sd21), "--out", str(out),
+               "--cache", str(cache), "--workers", "2"])
+    return rc, out, json.loads((out / "fleet.json").read_text())
+
+
+def test_fleet_gives_the_verdicts_of_one_by_one(fleet_run, fleet_bundles, tiny_sd21, certify_cache):
+    rc, out, doc = fleet_run
+    assert rc == 1  # one bundle (at least) is not certified
+    assert [b["verdict"] for b in doc["bundles"]] == ["certified", "not certified", "not certified"]
+    for entry, bundle in zip(doc["bundles"], fleet_bundles):
+        alone = certify(bundle, tiny_sd21, cache_dir=certify_cache)
+        first = alone.first_failure
+        assert entry["verdict"] == ("certified" if alone.certified else "not certified")
+        assert entry["first_failure"] == (None if first is None else f"{first.name} ({first.mode})")
+        fleet_first = json.loads((out / entry["certificate"]).read_text())["first_failure"]
+        alone_first = alone.to_dict()["first_failure"]
+        # k_needed may differ in its last digits: the workers' BLAS runs one thread (refsd.blas)
+        drop_k = {"k_needed"}
+        assert (fleet_first and {a: b for a, b in fleet_first.items() if a not in drop_k}) == \
+            (alone_first and {a: b for a, b in alone_first.items() if a not in drop_k})
+    assert doc["bundles"][1]["first_failure"] == "unet/step_1/noise_pred (teacher)"
+    assert doc["bundles"][2]["first_failure"] == "unet/step_2/noise_pred (teacher)"
+
+
+def test_fleet_runs_shared_calibration_once(fleet_run, fleet_bundles, tiny_sd21):
+    _, _, doc = fleet_run
+    plans = [prepare(b, tiny_sd21) for b in fleet_bundles]
+    v = len(plans[0].variants)
+    per_bundle = len(plans[0].jobs())
+    assert per_bundle == 2 * v + 3  # reference, V free, V teacher-forced, the device's teacher-forced, original
+    assert doc["counts"] == {"bundles": 3, "reruns_needed": 3 * per_bundle,
+                             # one reference, its calibration and the original model's run shared; one per device
+                             "reruns_run": 2 * v + 2 + 3}
+
+
+def test_fleet_html_is_a_devices_by_requests_table_offline(fleet_run):
+    _, out, doc = fleet_run
+    page = (out / "fleet.html").read_text()
+    assert "1 of 3 bundles certified" in page
+    assert not re.search(r"(src|href)=\"(https?:)?//", page)  # offline: nothing fetched
+    for entry in doc["bundles"]:
+        assert entry["device"] in page and entry["request"].replace("'", "&#x27;") in page
+        assert (out / entry["certificate"]).is_file()
+
+
+def test_fleet_bad_bundle_is_one_line_exit_2(fleet_bundles, tiny_sd21, tmp_path, capsys):
+    missing = tmp_path / "nope"
+    rc = main(["certify-fleet", str(fleet_bundles[0]), str(missing), "--model", str(tiny_sd21),
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(missing) in err and len(err.strip().splitlines()) == 1
+    rc = main(["certify-fleet", str(fleet_bundles[0]), str(fleet_bundles[0]), "--model", str(tiny_sd21),
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "twice" in err
+    rc = main(["certify-fleet", str(fleet_bundles[0]), "--model", str(tiny_sd21), "--out", str(tmp_path / "o"),
+               "--workers", "0"])
+    assert rc == 2 and "--workers" in capsys.readouterr().err

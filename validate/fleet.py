@@ -1,0 +1,210 @@
+"""``refsd-validate certify-fleet``: certify many bundles of one model, the
+reference reruns as Dask tasks keyed by their content hash.
+
+A device lab captures R requests on D devices. Each certificate needs the
+reference, V calibration runs free-running and V fed the reference's own
+trajectory, the original model's run and one run fed the device's trajectory
+(``certify.Plan.jobs``). All but the last depend only on the model, the
+deployment, the declared stages and the request, so bundles of one request and
+deployment share them: their ``RerunJob.key`` is the same, and a Dask graph
+runs a key once. N bundles of one request cost one set of calibration runs plus
+N teacher-forced runs, and independent runs go in parallel on the workers.
+
+Each certificate is then judged in this process exactly as ``certify`` judges a
+single bundle (``certify.certificate_from``), so a fleet gives the same
+verdicts as certifying its bundles one by one.
+
+Workers compute with one BLAS thread each (Dask's nanny sets
+``OPENBLAS_NUM_THREADS=1``); a trace depends on the BLAS thread count
+(``refsd.blas``), and the rerun cache keys on it, so a fleet's cached reruns
+serve later fleets, and single-bundle certifications on one thread.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from string import Template
+
+from refsd_validate.certify import Certificate, Plan, certificate_from, prepare, tflite_tensor_names, write_outputs
+from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, CacheStats, RerunJob
+from refsd_validate.reader import BundleError
+from refsd_validate.tolerance import K
+from tqdm import tqdm
+
+FLEET = "refsd-fleet"
+
+
+@dataclass
+class FleetEntry:
+    bundle: str
+    device: str
+    request: str
+    certificate: Certificate
+    out: Path
+
+    def to_dict(self) -> dict:
+        cert, first = self.certificate, self.certificate.first_failure
+        worst = max((r.verdict.k_needed for r in cert.results), default=0.0)
+        return {"bundle": self.bundle, "device": self.device, "request": self.request,
+                "verdict": "certified" if cert.certified else "not certified",
+                "worst_k": worst if worst != float("inf") else "inf",
+                "first_failure": None if first is None else f"{first.name} ({first.mode})",
+                "certificate": f"{self.out.name}/certificate.json"}  # relative to the fleet folder
+
+
+def device_label(plan: Plan) -> str:
+    d, r = plan.bundle.capture["device"], plan.bundle.capture["runtime"]
+    delegate = (r.get("delegate") or {}).get("name")
+    return f"{d['name']} ({r['name']}{', ' + delegate if delegate else ''})"
+
+
+def request_label(plan: Plan) -> str:
+    q = plan.bundle.request
+    return f"{q['prompt'][:40]!r} seed {q.get('seed')}, {q['width']}x{q['height']}, {q['steps']} {q['scheduler']} steps"
+
+
+def schedule(plans: list[Plan], client) -> dict[int, dict[tuple[str, int], object]]:
+    """Submit every plan's reruns to ``client``, one task per distinct content
+    key (a job fed the reference's trajectory depends on that reference's
+    task). Returns, per plan, its futures keyed (role, index)."""
+    futures: dict[str, object] = {}
+    per_plan = {}
+    for p, plan in enumerate(plans):
+        jobs = plan.jobs()
+        ref_job = jobs[0]
+        ref_key = ref_job.key()
+        mine = {}
+        for job in jobs:
+            key = job.key(ref_key)
+            if key not in futures:
+                ref = futures[f"rerun-{ref_key}"] if job.teacher == "reference" else None
+                futures[f"rerun-{key}"] = client.submit(_run, job, ref, str(plan.cache), plan.cache_budget,
+                                                        key=f"rerun-{key}", pure=False)
+            mine[job.role, job.index] = futures[f"rerun-{key}"]
+        per_plan[p] = mine
+    return per_plan
+
+
+def _run(job: RerunJob, reference, cache_dir: str, cache_budget: int) -> dict:
+    return job.run(reference, cache_dir=cache_dir, cache_budget=cache_budget, stats=CacheStats())
+
+
+def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | Path, *, dask: str | None = None,
+                  workers: int = 2, mode: str = "both", cache_dir: str | Path | None = None, k: float = K,
+                  cache_budget: int = CACHE_BUDGET_BYTES, tflite_dir: str | Path | None = None, strict: bool = False,
+                  max_deployment_cost=None, progress: bool = False) -> tuple[list[FleetEntry], dict]:
+    """Certify ``bundles`` against ``model_dir``; write one certificate folder
+    per bundle under ``out`` plus ``fleet.json`` and ``fleet.html``. ``dask``:
+    a scheduler address (``tcp://host:8786``) whose workers see ``model_dir``
+    and the cache; default a ``LocalCluster`` of ``workers`` processes.
+    Returns the entries and the run's task counts. Raises ``BundleError`` for
+    bad input (any bundle: nothing is certified then)."""
+    from distributed import Client, LocalCluster, as_completed  # noqa: PLC0415 (only this command needs Dask)
+
+    if not bundles:
+        raise BundleError("certify-fleet: no bundles given")
+    if len({str(Path(b).resolve()) for b in bundles}) != len(bundles):
+        raise BundleError("certify-fleet: a bundle is given twice")
+    plans = []
+    for b in bundles:
+        try:
+            plans.append(prepare(b, model_dir, mode=mode, cache_dir=cache_dir, k=k, cache_budget=cache_budget,
+                                 tflite_dir=tflite_dir, strict=strict, max_deployment_cost=max_deployment_cost))
+        except BundleError as e:
+            raise BundleError(f"{b}: {e}") from None
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"--out {out}: exists and is not a directory")
+    tflite_names = tflite_tensor_names(tflite_dir) if tflite_dir else None
+    cluster = None
+    if dask is None:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    try:
+        try:
+            client = Client(cluster if cluster is not None else dask, timeout="30s")
+        except (OSError, TimeoutError, ValueError) as e:
+            raise BundleError(f"--dask {dask}: cannot reach the scheduler ({' '.join(str(e).split())})") from None
+        with client:
+            per_plan = schedule(plans, client)
+            distinct = {f.key: f for fs in per_plan.values() for f in fs.values()}
+            with tqdm(total=len(distinct), desc="certify-fleet: reference reruns", unit="run",
+                      disable=not progress) as bar:
+                for _ in as_completed(list(distinct.values())):
+                    bar.update()
+            entries = []
+            for p, plan in enumerate(plans):
+                traces = {role: f.result() for role, f in per_plan[p].items()}
+                cert = certificate_from(plan, traces)
+                where = out / _folder(p, plan)
+                write_outputs(cert, where, tflite_names)
+                entries.append(FleetEntry(str(plan.bundle.source), device_label(plan), request_label(plan), cert,
+                                          where))
+    finally:
+        if cluster is not None:
+            cluster.close()
+    counts = {"bundles": len(plans), "reruns_needed": sum(len(fs) for fs in per_plan.values()),
+              "reruns_run": len(distinct)}
+    write_fleet(entries, counts, out)
+    return entries, counts
+
+
+def _folder(p: int, plan: Plan) -> str:
+    stem = Path(str(plan.bundle.source)).name.removesuffix(".zip")
+    return f"{p:03d}_{''.join(c if c.isalnum() or c in '-_.' else '_' for c in stem)[:60]}"
+
+
+def write_fleet(entries: list[FleetEntry], counts: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"fleet": FLEET, "version": 1, "counts": counts, "bundles": [e.to_dict() for e in entries]}
+    (out / "fleet.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    (out / "fleet.html").write_text(render_fleet(entries, counts), encoding="utf-8")
+
+
+_PAGE = Template("""<!doctype html>
+<html><head><meta charset="utf-8"><title>refsd fleet: $certified of $total certified</title>
+<style>
+body { font: 14px system-ui, sans-serif; margin: 2em; }
+table { border-collapse: collapse; } td, th { border: 1px solid #ccc; padding: 4px 8px; vertical-align: top; }
+.ok { background: #e3f6e3; } .bad { background: #fbe1e1; } .none { color: #999; }
+</style></head><body>
+<h1>refsd fleet: $certified of $total bundles certified</h1>
+<p>Devices (rows) by requests (columns): the verdict, the worst k needed (the tolerance is k = $k noise floors),
+and the first failing tensor. $reruns distinct reference reruns for $needed the certificates needed (the rest
+shared between bundles of one request).</p>
+<table><tr><th>device</th>$head</tr>
+$rows
+</table>
+</body></html>
+""")
+
+
+def render_fleet(entries: list[FleetEntry], counts: dict) -> str:
+    devices = list(dict.fromkeys(e.device for e in entries))
+    requests = list(dict.fromkeys(e.request for e in entries))
+    cells = {}
+    for e in entries:
+        cells.setdefault((e.device, e.request), []).append(e)
+    rows = []
+    for d in devices:
+        tds = []
+        for r in requests:
+            parts = []
+            for e in cells.get((d, r), []):
+                x = e.to_dict()
+                link = html.escape(f"{e.out.name}/report.html")
+                k_text = x["worst_k"] if isinstance(x["worst_k"], str) else f"{x['worst_k']:.2f}"
+                parts.append(f'<a href="{link}">{html.escape(x["verdict"])}</a>, worst k {k_text}'
+                             + (f"<br>{html.escape(x['first_failure'])}" if x["first_failure"] else ""))
+            cls = "none" if not parts else ("ok" if all(e.certificate.certified for e in cells[d, r]) else "bad")
+            tds.append(f'<td class="{cls}">' + ("<hr>".join(parts) or "no bundle") + "</td>")
+        rows.append(f"<tr><th>{html.escape(d)}</th>{''.join(tds)}</tr>")
+    k = entries[0].certificate.rule["k"] if entries else K
+    return _PAGE.substitute(certified=sum(e.certificate.certified for e in entries), total=len(entries), k=k,
+                            reruns=counts["reruns_run"], needed=counts["reruns_needed"],
+                            head="".join(f"<th>{html.escape(r)}</th>" for r in requests), rows="\n".join(rows))
+
+
+__all__ = ["FLEET", "FleetEntry", "certify_fleet", "render_fleet", "schedule", "write_fleet"]
