@@ -339,21 +339,33 @@ def round_sum_f16(x: np.ndarray, ftz: bool, stats: bool) -> tuple:
     subnormal, so below 2**-14 it already lies on fp16's subnormal grid and
     rounding to 11 significant bits is exact everywhere below 65520: five
     integer passes (round-to-nearest-even on the bit pattern, sign untouched)
-    instead of the general path. Anything else (inf, NaN, a magnitude that
-    overflows, ``ftz``, statistics) takes ``round_into``."""
-    if ftz or stats or x.size == 0:
+    instead of the general path; its statistics need only the count of small
+    non-zero sums. Anything else (inf, NaN, a magnitude that overflows,
+    ``ftz``) takes ``round_into``."""
+    if ftz or x.size == 0:
         return round_into(x, x, ftz, stats)
     hi, lo = x.max(), x.min()
     if not (hi < _HALF_SUM_LIMIT and lo > -_HALF_SUM_LIMIT):  # NaN fails both
         return round_into(x, x, ftz, stats)
     u = x.view(_U32)
-    t = _scratch(x.size).a[: x.size]
+    sc = _scratch(x.size)
+    t = sc.a[: x.size]
+    res = (0, 0, 0, 0, 0, False)
+    if stats:
+        # Nothing overflows or goes to zero (a non-zero sum is at least 2**-24);
+        # the non-zero sums below 2**-14 are the "subnormal" ones.
+        f = sc.b[: x.size].view(np.float32)
+        np.abs(x, out=f)
+        n_small = int(np.count_nonzero(np.less(f, _F32_NORMAL16, out=sc.c[: x.size].view(np.bool_)[: x.size])))
+        n_zero = x.size - int(np.count_nonzero(x))
+        top = int(np.float32(max(hi, -lo)).view(_U32))
+        res = (top, top, 0, 0, n_small - n_zero, False)
     np.right_shift(u, _U32(13), out=t)
     np.bitwise_and(t, _U32(1), out=t)
     np.add(t, u, out=t)
     np.add(t, _U32(0x0FFF), out=t)
     np.bitwise_and(t, _U32(0xFFFFE000), out=u)
-    return 0, 0, 0, 0, 0, False
+    return res
 
 
 # float32 exponent field, sign bit; 2**15 (past it a value may round to fp16 inf)

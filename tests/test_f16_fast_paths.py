@@ -125,6 +125,10 @@ def test_round_sum_f16_on_sums_of_fp16_values(scale):
     buf = t.copy()
     round_sum_f16(buf, False, False)
     np.testing.assert_array_equal(_bits(buf), _bits(want))
+    for part in (t, t[112:]):  # with and without inf / NaN
+        buf, ref = part.copy(), part.copy()
+        assert round_sum_f16(buf, False, True) == round_into(ref, ref, False, True)
+        np.testing.assert_array_equal(_bits(buf), _bits(ref))
 
 
 def _slow_matmul(a, b, block, ftz):
