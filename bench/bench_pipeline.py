@@ -3,6 +3,7 @@ with diffusers (PyTorch fp32, CPU) on identical random weights, in one run.
 
     python bench/bench_pipeline.py [--size 64] [--steps 20] [--image 512] [--threads 1] [--cache DIR]
                                    [--parts unet pipeline] [--modes f32 f32_f16 f32_f16-w16 f16]
+                                   [--repeats 2] [--rewrites none]
 
 Weights: diffusers' / transformers' own initialization (seed 0) of the
 stabilityai/stable-diffusion-2-1-base architecture (UNet 866M, OpenCLIP ViT-H
@@ -102,7 +103,8 @@ def ensure_folder(cache: Path) -> Path:
 # ---------------------------------------------------------------- unet step
 
 
-def bench_unet(folder: Path, size: int, modes: list[str], threads: int, repeats: int) -> list[dict]:
+def bench_unet(folder: Path, size: int, modes: list[str], threads: int, repeats: int,
+               rewrites: str = "none") -> list[dict]:
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -138,7 +140,7 @@ def bench_unet(folder: Path, size: int, modes: list[str], threads: int, repeats:
     print(f"diffusers fp32: {rows[0]['seconds']:.1f} s", flush=True)
     for mode in modes:  # "-w16": weights kept as float16 arrays (what --low-memory does)
         ours = weights.load_unet(folder / "unet", precision=mode.removesuffix("-w16"),
-                                 weights_f16=mode.endswith("-w16"))
+                                 weights_f16=mode.endswith("-w16"), rewrites=rewrites)
         ours(warm, 981, ctx)
         for monitored in (False, True):
             if monitored:
@@ -150,7 +152,8 @@ def bench_unet(folder: Path, size: int, modes: list[str], threads: int, repeats:
                     return ours(x, 981, ctx), None
             dt, (y, events) = timed(run)
             err = float(np.abs(y.astype(np.float64) - ref).max() / np.abs(ref).max())
-            rows.append({"who": f"refsd {mode}" + (" + monitor" if monitored else ""), "seconds": dt,
+            tag = mode if rewrites == "none" else f"{mode} [{rewrites}]"
+            rows.append({"who": f"refsd {tag}" + (" + monitor" if monitored else ""), "seconds": dt,
                          "error": err, "events": events})
             print(f"refsd {mode}{' + monitor' if monitored else ''}: {dt:.1f} s, max rel error vs diffusers "
                   f"{err:.2e}, peak RSS {peak_rss_mb() / 1024:.1f} GB", flush=True)
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", type=int, default=512, help="pipeline: image size (default 512)")
     p.add_argument("--threads", type=int, default=1, help="threads for both BLAS and PyTorch (default 1)")
     p.add_argument("--repeats", type=int, default=2, help="UNet step: timed forwards per contender, fastest kept")
+    p.add_argument("--rewrites", default="none", help="UNet step: refsd's graph rewrites (e.g. google; default none)")
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "refsd" / "bench-sd21-base"
     p.add_argument("--cache", type=Path, default=default_cache, help=f"model folder (default {default_cache})")
     p.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
@@ -234,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = ensure_folder(args.cache)
     if "unet" in args.parts:
-        rows = bench_unet(folder, args.size, args.modes, args.threads, args.repeats)
+        rows = bench_unet(folder, args.size, args.modes, args.threads, args.repeats, args.rewrites)
         base = rows[0]["seconds"]
         print(f"\nUNet step, {args.size}x{args.size} latents, batch 2, {args.threads} thread(s)\n")
         print("| contender | seconds | / diffusers fp32 | monitor overhead | max rel diff vs diffusers | events |")

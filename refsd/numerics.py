@@ -264,22 +264,18 @@ _CHUNK = 1 << 15
 
 def _round_f16(x: np.ndarray, ftz: bool, stats: bool) -> tuple[np.ndarray, RoundingStats | None]:
     shape = x.shape
-    u_all = np.ascontiguousarray(x).reshape(-1).view(_U32)
-    out = np.empty(u_all.size, np.float32)
-    r_all = out.view(_U32)
-    a_buf = np.empty(min(u_all.size, _CHUNK), _U32)
-    hi = top = 0
-    overflow = to_zero = to_subnormal = 0
-    had_inf = False
-    for s0 in range(0, u_all.size, _CHUNK):
-        u, r = u_all[s0 : s0 + _CHUNK], r_all[s0 : s0 + _CHUNK]
-        c = _round_chunk(u, r, a_buf[: u.size], ftz, stats)
-        hi, top = max(hi, c[0]), max(top, c[1])
-        overflow, to_zero, to_subnormal = overflow + c[2], to_zero + c[3], to_subnormal + c[4]
-        had_inf |= c[5]
+    flat = np.ascontiguousarray(x).reshape(-1)
+    out = np.empty(flat.size, np.float32)
+    c = round_into(flat, out, ftz, stats)
     out = out.reshape(shape)
     if not stats:
         return out, None
+    return out, _stats(c, ftz)
+
+
+def _stats(c: tuple, ftz: bool) -> RoundingStats:
+    """``RoundingStats`` from ``round_into``'s counters."""
+    hi, top, overflow, to_zero, to_subnormal, had_inf = c
     had_nan = hi > int(_INF)
     # Rounding is monotonic in |x|, so the largest rounded magnitude is the
     # rounding of the largest input magnitude (NaN bit patterns excluded).
@@ -288,7 +284,150 @@ def _round_f16(x: np.ndarray, ftz: bool, stats: bool) -> tuple[np.ndarray, Round
     else:  # one scalar: NumPy's own conversion (bit-exact with ours) is cheaper than a second pass here
         with np.errstate(over="ignore"):
             max_abs = float(_U32(top).view(np.float32).astype(np.float16))
-    return out, RoundingStats(overflow, to_zero, to_subnormal, had_nan, had_inf, max_abs)
+    return RoundingStats(overflow, to_zero, to_subnormal, had_nan, had_inf, max_abs)
+
+
+class _Scratch:
+    """Three chunk-sized uint32 buffers, reused by ``round_into`` calls."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.a, self.b, self.c = (np.empty(n, _U32) for _ in range(3))
+
+
+_SCRATCH = contextvars.ContextVar("refsd_round_scratch", default=None)
+
+
+def _scratch(n: int) -> _Scratch:
+    s = _SCRATCH.get()
+    if s is None or s.n < n:
+        s = _Scratch(max(n, _CHUNK))
+        _SCRATCH.set(s)
+    return s
+
+
+def round_into(x: np.ndarray, out: np.ndarray, ftz: bool, stats: bool) -> tuple:
+    """Round the contiguous 1-D float32 ``x`` onto fp16 into ``out`` (float32,
+    same size; may be ``x`` itself), chunk by chunk. Returns counters for
+    ``_stats`` (with ``stats``; zeros otherwise): (max |bits|, max non-NaN
+    |bits|, overflow, to_zero, to_subnormal, had_inf)."""
+    hi = top = 0
+    overflow = to_zero = to_subnormal = 0
+    had_inf = False
+    n = x.size
+    if n == 0:
+        return 0, 0, 0, 0, 0, False
+    sc = _scratch(min(n, _CHUNK))
+    for s0 in range(0, n, _CHUNK):
+        xc, rc = x[s0 : s0 + _CHUNK], out[s0 : s0 + _CHUNK]
+        c = _round_piece(xc, rc, sc, ftz, stats)
+        if stats:
+            hi, top = max(hi, c[0]), max(top, c[1])
+            overflow, to_zero, to_subnormal = overflow + c[2], to_zero + c[3], to_subnormal + c[4]
+            had_inf |= c[5]
+    return hi, top, overflow, to_zero, to_subnormal, had_inf
+
+
+_HALF_SUM_LIMIT = np.float32(65520.0)  # sums below this in magnitude round to a finite fp16
+
+
+def round_sum_f16(x: np.ndarray, ftz: bool, stats: bool) -> tuple:
+    """``round_into(x, x, ...)`` for ``x`` whose elements are each the float32
+    sum of two fp16 values (a running sum plus a rounded partial sum).
+
+    Such a sum is a multiple of 2**-24 and, if finite, never a float32
+    subnormal, so below 2**-14 it already lies on fp16's subnormal grid and
+    rounding to 11 significant bits is exact everywhere below 65520: five
+    integer passes (round-to-nearest-even on the bit pattern, sign untouched)
+    instead of the general path; its statistics need only the count of small
+    non-zero sums. Anything else (inf, NaN, a magnitude that overflows,
+    ``ftz``) takes ``round_into``."""
+    if ftz or x.size == 0:
+        return round_into(x, x, ftz, stats)
+    hi, lo = x.max(), x.min()
+    if not (hi < _HALF_SUM_LIMIT and lo > -_HALF_SUM_LIMIT):  # NaN fails both
+        return round_into(x, x, ftz, stats)
+    u = x.view(_U32)
+    sc = _scratch(x.size)
+    t = sc.a[: x.size]
+    res = (0, 0, 0, 0, 0, False)
+    if stats:
+        # Nothing overflows or goes to zero (a non-zero sum is at least 2**-24);
+        # the non-zero sums below 2**-14 are the "subnormal" ones.
+        f = sc.b[: x.size].view(np.float32)
+        np.abs(x, out=f)
+        n_small = int(np.count_nonzero(np.less(f, _F32_NORMAL16, out=sc.c[: x.size].view(np.bool_)[: x.size])))
+        n_zero = x.size - int(np.count_nonzero(x))
+        top = int(np.float32(max(hi, -lo)).view(_U32))
+        res = (top, top, 0, 0, n_small - n_zero, False)
+    np.right_shift(u, _U32(13), out=t)
+    np.bitwise_and(t, _U32(1), out=t)
+    np.add(t, u, out=t)
+    np.add(t, _U32(0x0FFF), out=t)
+    np.bitwise_and(t, _U32(0xFFFFE000), out=u)
+    return res
+
+
+# float32 exponent field, sign bit; 2**15 (past it a value may round to fp16 inf)
+_EXP = _U32(0x7F800000)
+_FAST_BELOW = _U32(0x47000000)
+# Added to a power of two 2**e (as bits): 1.5 * 2**(e + 13), whose float32 ulp is fp16's ulp at 2**e.
+_MAGIC = _U32(0x06C00000)
+_F32_NORMAL16 = np.float32(FP16_MIN_NORMAL)
+
+
+def _round_piece(x: np.ndarray, r: np.ndarray, sc: _Scratch, ftz: bool, stats: bool):
+    """One chunk of ``round_into``: the fast path below, or ``_round_chunk``
+    (the bit-level reference) for a chunk with a magnitude >= 2**15, inf or NaN,
+    or, under ``ftz``, a non-zero magnitude below 2**-14.
+
+    Fast path: with ``c = 1.5 * 2**(max(e, -14) + 13)`` for ``|x|`` in binade
+    ``2**e``, ``x + c`` lies in ``c``'s binade whatever the sign of ``x``, so
+    the float32 addition rounds ``x`` to a multiple of ``2**(max(e, -14) - 10)``
+    (fp16's ulp there; subnormals: 2**-24), to nearest, ties to even, exactly as
+    fp16 does; ``- c`` is exact. An exact-zero result loses its sign to IEEE's
+    ``c - c = +0``, so the sign bit is OR-ed back."""
+    n = x.size
+    u = x.view(_U32)
+    e, sg = sc.a[:n], sc.b[:n]
+    np.bitwise_and(u, _EXP, out=e)
+    hi_e = e.max()
+    slow = hi_e >= _FAST_BELOW
+    if ftz and not slow:
+        # Zeros and float32 subnormals (exponent field 0) round to signed zero either way.
+        np.subtract(e, _U32(1), out=sg)
+        slow = sg.min() < _NORMAL_FROM - _U32(1)
+    if slow:
+        if np.may_share_memory(x, r):  # _round_chunk reads u after writing r
+            np.copyto(sc.c[:n], u)
+            u = sc.c[:n]
+        return _round_chunk(u, r.view(_U32), e, ftz, stats)
+    res = (0, 0, 0, 0, 0, False)
+    if stats:
+        a = sc.c[:n]
+        np.bitwise_and(u, _ABS, out=a)
+        hi = int(a.max())
+        lo = int(a.min())
+        to_zero = to_subnormal = 0
+        if lo < int(_NORMAL_FROM):
+            n_small = int(np.count_nonzero(a < _NORMAL_FROM))
+            n_exact = n - int(np.count_nonzero(a)) if lo == 0 else 0
+            if ftz:
+                to_zero = n_small - n_exact
+            else:
+                n_tiny = int(np.count_nonzero(a <= _ZERO_UPTO)) if lo <= int(_ZERO_UPTO) else 0
+                to_zero = n_tiny - n_exact
+                to_subnormal = n_small - n_tiny
+        res = (hi, hi, 0, to_zero, to_subnormal, False)
+    np.bitwise_and(u, _SIGN, out=sg)
+    ef = e.view(np.float32)
+    np.maximum(ef, _F32_NORMAL16, out=ef)
+    np.add(e, _MAGIC, out=e)
+    np.add(x, ef, out=r)
+    np.subtract(r, ef, out=r)
+    rv = r.view(_U32)
+    np.bitwise_or(rv, sg, out=rv)
+    return res
 
 
 def _round_chunk(u: np.ndarray, r: np.ndarray, a: np.ndarray, ftz: bool, stats: bool):

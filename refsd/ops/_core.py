@@ -22,8 +22,8 @@ import numpy as np
 
 from refsd import monitor as _mon
 from refsd.ops.transcendental import perturb
-from refsd.numerics import (FP16_MIN_NORMAL, RoundingStats, current_precision, round_f16, round_f16_stats,
-                            truncate_f16)
+from refsd.numerics import (FP16_MIN_NORMAL, RoundingStats, _stats, current_precision, round_f16, round_f16_stats,
+                            round_into, round_sum_f16, truncate_f16)
 
 # ---------------------------------------------------------------- op frames
 
@@ -273,12 +273,119 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if not p.math16:
         return np.matmul(a, b)
     block = p.device.matmul_block if p.device else p.block
+    if (a.dtype != np.float32 or b.dtype != np.float32 or a.ndim < 2 or a.shape[-1] <= block
+            or a.shape[:-2] != b.shape[:-2]):  # batched items only as the loop's own BLAS calls
+        return _matmul_loop(a, b, block)
+    return _matmul_blocked(a, b, block, p.ftz)
+
+
+def _matmul_loop(a: np.ndarray, b: np.ndarray, block: int) -> np.ndarray:
+    """The blocked model as written: per block of K one GEMM, the rounding
+    of its partial product and of the running sum, each over the whole output
+    (the reference ``_matmul_blocked`` is tested against)."""
     k = a.shape[-1]
     s = None
     for k0 in range(0, k, block):
         part = prim(np.matmul(a[..., k0 : k0 + block], b[..., k0 : k0 + block, :]), "matmul.partial")
         s = part if s is None else prim(s + part, "matmul.accumulate")
     return s
+
+
+# Output elements per piece of ``_matmul_blocked``'s accumulation: the running
+# sum, one partial product and the rounding's scratch stay in L2 cache.
+ACC_PIECE = 1 << 15
+# Bytes of partial products computed per group of blocks (one batched GEMM call).
+GROUP_BYTES = 32 << 20
+
+
+def _block_views(a: np.ndarray, b: np.ndarray, block: int, count: int):
+    """``a[..., j*block:(j+1)*block]`` and ``b[..., j*block:(j+1)*block, :]``
+    for ``j < count`` stacked on a new leading axis (views): each item has the
+    strides of the slice, so a batched ``np.matmul`` makes for every block
+    the same BLAS call as slicing it."""
+    av = np.lib.stride_tricks.as_strided(a, (count,) + a.shape[:-1] + (block,),
+                                         (block * a.strides[-1],) + a.strides, writeable=False)
+    bv = np.lib.stride_tricks.as_strided(b, (count,) + b.shape[:-2] + (block, b.shape[-1]),
+                                         (block * b.strides[-2],) + b.strides, writeable=False)
+    return av, bv
+
+
+def _matmul_blocked(a: np.ndarray, b: np.ndarray, block: int, ftz: bool) -> np.ndarray:
+    """``_matmul_loop``, bit for bit, faster.
+
+    The partial products of a group of blocks come from one batched
+    ``np.matmul`` whose items are exactly the loop's BLAS calls (same shapes
+    and strides: a GEMM's result may depend on its shape, so the rows are never
+    split). The roundings and the running sum then run piece by piece over the
+    output, each piece in cache through all the group's blocks, rounding in
+    place. The running sum's additions ``s + r16(P)`` add two fp16 values, so
+    the rounding that follows takes a shorter path (``round_sum_f16``).
+    Under the monitor each rounding's statistics are summed over the pieces
+    and reported afterwards, block by block in the loop's order (partial,
+    then accumulate), so the events are those of ``_matmul_loop``."""
+    mon = _mon.active_monitor()
+    stats = mon is not None
+    k = a.shape[-1]
+    out_shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
+    total = int(np.prod(out_shape))
+    if total == 0:
+        return _matmul_loop(a, b, block)
+    starts = list(range(0, k, block))
+    nfull = k // block
+    group = max(1, min(len(starts), GROUP_BYTES // (4 * total)))
+    pbuf = np.empty((group,) + out_shape, np.float32)
+    pflat = pbuf.reshape(group, total)
+    s = np.empty(total, np.float32)
+    counters = [[None, None] for _ in starts] if stats else None
+    for g0 in range(0, len(starts), group):
+        g1 = min(g0 + group, len(starts))
+        f1 = min(g1, nfull)
+        if f1 > g0:
+            av, bv = _block_views(a[..., g0 * block :], b[..., g0 * block :, :], block, f1 - g0)
+            np.matmul(av, bv, out=pbuf[: f1 - g0])
+        if g1 > f1:  # the last, shorter block
+            np.matmul(a[..., nfull * block :], b[..., nfull * block :, :], out=pbuf[f1 - g0])
+        if not stats and total <= ACC_PIECE and g1 - g0 > 1:
+            # Small outputs: round all the group's partials in one call (fewer Python calls).
+            flat = pflat[: g1 - g0].reshape(-1)
+            round_into(flat, flat, ftz, False)
+            rounded = True
+        else:
+            rounded = False
+        for q0 in range(0, total, ACC_PIECE):
+            sp = s[q0 : q0 + ACC_PIECE]
+            for j in range(g0, g1):
+                pp = pflat[j - g0, q0 : q0 + ACC_PIECE]
+                if j == 0:
+                    if rounded:
+                        np.copyto(sp, pp)
+                    else:
+                        c = round_into(pp, sp, ftz, stats)
+                        if stats:
+                            counters[0][0] = _add_counts(counters[0][0], c)
+                    continue
+                if not rounded:
+                    c = round_into(pp, pp, ftz, stats)
+                    if stats:
+                        counters[j][0] = _add_counts(counters[j][0], c)
+                np.add(sp, pp, out=sp)
+                c = round_sum_f16(sp, ftz, stats)
+                if stats:
+                    counters[j][1] = _add_counts(counters[j][1], c)
+    if stats:
+        for part, acc in counters:
+            _report(_stats(part, ftz), "matmul.partial")
+            if acc is not None:
+                _report(_stats(acc, ftz), "matmul.accumulate")
+    return s.reshape(out_shape)
+
+
+def _add_counts(total: tuple | None, c: tuple) -> tuple:
+    """Sum two ``round_into`` counter tuples (one rounding split in pieces)."""
+    if total is None:
+        return c
+    return (max(total[0], c[0]), max(total[1], c[1]), total[2] + c[2], total[3] + c[3], total[4] + c[4],
+            total[5] or c[5])
 
 
 def reduce_sum(x: np.ndarray, axis, *, keepdims: bool = False) -> np.ndarray:
@@ -292,15 +399,80 @@ def reduce_sum(x: np.ndarray, axis, *, keepdims: bool = False) -> np.ndarray:
     keep = [i for i in range(x.ndim) if i not in axes]
     flat = np.transpose(x, keep + list(axes)).reshape([x.shape[i] for i in keep] + [-1])
     k = flat.shape[-1]
-    s = None
-    for k0 in range(0, k, p.block):
-        part = prim(np.sum(flat[..., k0 : k0 + p.block], axis=-1, dtype=np.float32), "sum.partial")
-        s = part if s is None else prim(s + part, "sum.accumulate")
-    if s is None:
-        s = np.zeros(flat.shape[:-1], np.float32)
+    if flat.dtype == np.float32 and k > p.block and flat.size:
+        s = _reduce_sum_blocked(flat, p.block, p.ftz)
+    else:
+        s = _reduce_sum_loop(flat, p.block)
     if keepdims:
         s = s.reshape([1 if i in axes else n for i, n in enumerate(x.shape)])
     return s
+
+
+def _reduce_sum_loop(flat: np.ndarray, block: int) -> np.ndarray:
+    """The blocked model over the last axis as written (the reference
+    ``_reduce_sum_blocked`` is tested against)."""
+    s = None
+    for k0 in range(0, flat.shape[-1], block):
+        part = prim(np.sum(flat[..., k0 : k0 + block], axis=-1, dtype=np.float32), "sum.partial")
+        s = part if s is None else prim(s + part, "sum.accumulate")
+    if s is None:
+        s = np.zeros(flat.shape[:-1], np.float32)
+    return s
+
+
+# Running sums at most this wide run as float16 additions (one call per block).
+_F16_SUM_WIDTH = 1 << 12
+
+
+def _reduce_sum_blocked(flat: np.ndarray, block: int, ftz: bool) -> np.ndarray:
+    """``_reduce_sum_loop``, bit for bit, with far fewer Python-level calls.
+
+    All partial sums come from one ``np.sum`` over a (rows, blocks, block)
+    view: each is the same reduction of the same ``block`` contiguous float32
+    values as the loop's slice. Unmonitored they are rounded in one call, and
+    the running sum ``r16(s + p)``, an fp16 addition (the float32 sum of two
+    fp16 values rounded once more is the correctly rounded fp16 sum, as
+    float32 has at least 2 * 11 + 2 bits), runs as NumPy float16 additions
+    when narrow, else in place with ``round_sum_f16``. Results holding a NaN
+    (whose payload float16 would not keep) and ``ftz`` take the float32 path.
+    Monitored, the roundings run block by block in the loop's order."""
+    outer = flat.shape[:-1]
+    k = flat.shape[-1]
+    f2 = flat.reshape(-1, k)
+    m = f2.shape[0]
+    nfull = k // block
+    nb = -(-k // block)
+    parts = np.empty((nb, m), np.float32)
+    sums = np.sum(f2[:, : nfull * block].reshape(m, nfull, block), axis=-1, dtype=np.float32)
+    parts[:nfull] = sums.T
+    if nb > nfull:
+        parts[nfull] = np.sum(f2[:, nfull * block :], axis=-1, dtype=np.float32)
+    if _mon.active_monitor() is not None:
+        s = None
+        for j in range(nb):
+            pj = parts[j]
+            _report(_stats(round_into(pj, pj, ftz, True), ftz), "sum.partial")
+            if s is None:
+                s = pj.copy()
+                continue
+            np.add(s, pj, out=s)
+            _report(_stats(round_into(s, s, ftz, True), ftz), "sum.accumulate")
+        return s.reshape(outer)
+    pf = parts.reshape(-1)
+    round_into(pf, pf, ftz, False)
+    if not ftz and m <= _F16_SUM_WIDTH:
+        h = parts.astype(np.float16)  # exact: already fp16 values
+        acc = h[0].copy()
+        for j in range(1, nb):
+            np.add(acc, h[j], out=acc)
+        s = acc.astype(np.float32)
+        if not np.isnan(s).any():
+            return s.reshape(outer)
+    s = parts[0].copy()
+    for j in range(1, nb):
+        np.add(s, parts[j], out=s)
+        round_sum_f16(s, ftz, False)
+    return s.reshape(outer)
 
 
 def reduce_mean(x: np.ndarray, axes, primitive: str = "mean") -> np.ndarray:

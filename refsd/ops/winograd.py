@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
+import weakref
+
+from refsd import monitor as _mon
+from refsd.numerics import current_precision, round_f16_stats
+from refsd.ops import _core
 from refsd.ops._core import load, matmul, op, param, prim, store, stored
 from refsd.ops.conv import _check_conv
 from refsd.ops.conv import padding_pairs as _padding
@@ -38,9 +43,16 @@ def _matrices(tile: int):
     return TILES[tile]
 
 
-def _winograd(x: np.ndarray, w: np.ndarray, padding, tile: int, bt, g, at, rnd_stored, rnd_prim, acc):
+def _weight_transform(w: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """``U = G w G^T`` per (cin, cout): (a*a, cin, cout)."""
+    a = g.shape[0]
+    return np.einsum("ij,jkco,lk->ilco", g, w, g).reshape(a * a, w.shape[2], w.shape[3])
+
+
+def _winograd(x: np.ndarray, w: np.ndarray, padding, tile: int, bt, g, at, rnd_stored, rnd_prim, acc, u=None):
     """The algorithm, parameterized by matrices and rounding so that the
-    error-scale computation runs the same code on absolute values."""
+    error-scale computation runs the same code on absolute values. ``u``: the
+    weight transform of ``w``, if already computed."""
     (pt, pb), (pl, pr) = _padding(padding)
     n, h, wd, cin = x.shape
     cout = w.shape[3]
@@ -54,7 +66,8 @@ def _winograd(x: np.ndarray, w: np.ndarray, padding, tile: int, bt, g, at, rnd_s
     v = rnd_prim(np.einsum("ij,jkp->ikp", bt, d), "input_transform")
     v = rnd_stored(rnd_prim(np.einsum("ikp,lk->ilp", v, bt), "input_transform"), "transformed_input")
     v = v.reshape(a * a, n * th * tw, cin)
-    u = np.einsum("ij,jkco,lk->ilco", g, w, g).reshape(a * a, cin, cout)
+    if u is None:
+        u = _weight_transform(w, g)
     mm = rnd_stored(acc(v, u), "transformed_output")  # (a*a, P, cout)
     mm = mm.reshape(a, a, -1)
     y = rnd_prim(np.einsum("ij,jkp->ikp", at, mm), "output_transform")
@@ -69,17 +82,65 @@ def conv2d_winograd(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *
     """3x3 stride-1 convolution by Winograd F(tile x tile, 3x3), tile 2 or 4;
     the same contract as ``conv2d(x, w, b, stride=1, padding=padding)``.
     In ``f16`` the transforms round per stage and the channel sums accumulate
-    under the blocked model."""
+    under the blocked model. The weight transform ``U`` (and its fp16
+    rounding) of a read-only weight array is computed once and reused while
+    that array lives (a model's weights: every call, step and run)."""
+    w_in = w
     x, w = load(x), param(w, "weight")
     _check_conv(x, w, b)
     if w.shape[:2] != (3, 3):
         raise ValueError(f"winograd needs a 3x3 kernel, got {w.shape[:2]}")
     bt, g, at = _matrices(tile)
-    y, _ = _winograd(x, w, padding, tile, bt, g, at, stored, prim,
-                     lambda v, u: matmul(v, stored(u, "transformed_weight")))
+    entry = _cache_entry(w_in, tile)
+    hit = None if entry is None else entry.get("stored")
+    u_ready = None if hit is None else np.asarray(hit[0], np.float32)  # widens the float16 copy
+
+    def acc(v, u):
+        if entry is None:
+            return matmul(v, stored(u, "transformed_weight"))
+        if hit is None:  # first use: U just computed by _winograd; round and keep it
+            r, stats = round_f16_stats(u, ftz=current_precision().ftz)
+            # float16 holds fp16 values exactly (a NaN's float32 payload excepted: kept as float32)
+            entry["stored"] = (_readonly(r if stats.had_nan else r.astype(np.float16)), stats)
+        else:
+            r, stats = u, hit[1]
+        if _mon.active_monitor() is not None:
+            _core._report(stats, "transformed_weight")
+        return matmul(v, r)
+
+    y, _ = _winograd(x, w, padding, tile, bt, g, at, stored, prim, acc, u=u_ready)
     if b is not None:
         y = prim(y + param(b, "bias"), "bias_add")
     return store(y)
+
+
+# id(weight) -> (weakref to it, {(tile, ftz): {"stored": (U rounded to fp16 as float16, its RoundingStats)}})
+_U_CACHE: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+def _cache_entry(w, tile: int) -> dict | None:
+    """Where the stored (fp16) weight transform of ``w`` for ``tile`` under the
+    current ftz is kept, or None: ``w`` may change (writeable), cannot be weakly
+    referenced, or the mode stores float32 (``f32``: not cached, U would take
+    4x the weights' memory in float32; fp16 modes keep it as float16, 2x)."""
+    p = current_precision()
+    if not p.storage16 or not isinstance(w, np.ndarray) or w.flags.writeable:
+        return None
+    key = id(w)
+    hit = _U_CACHE.get(key)
+    if hit is None or hit[0]() is not w:
+        try:
+            ref = weakref.ref(w)
+        except TypeError:
+            return None
+        hit = _U_CACHE[key] = (ref, {})
+        weakref.finalize(w, _U_CACHE.pop, key, None)
+    return hit[1].setdefault((tile, p.ftz), {})
 
 
 def winograd_error_scale(x: np.ndarray, w: np.ndarray, *, padding=1, tile: int = 4, tiny: float = 0.0) -> np.ndarray:
