@@ -168,7 +168,7 @@ def _serial_check(x, w, b, attrs, block, ftz):
     ``factor - 1`` sums besides the original's output: ``2 factor`` roundings. In
     f16 every rounding the budget counts (block partials, running sums) can flush.
     """
-    factor, axis = attrs["factor"], attrs["axis"]
+    factor = attrs["factor"]
     conv = _without(attrs, "factor", "axis")
     k = w.shape[0] * w.shape[1] * w.shape[2]
 
