@@ -410,14 +410,7 @@ def _round_piece(x: np.ndarray, r: np.ndarray, sc: _Scratch, ftz: bool, stats: b
         lo = int(a.min())
         to_zero = to_subnormal = 0
         if lo < int(_NORMAL_FROM):
-            n_small = int(np.count_nonzero(a < _NORMAL_FROM))
-            n_exact = n - int(np.count_nonzero(a)) if lo == 0 else 0
-            if ftz:
-                to_zero = n_small - n_exact
-            else:
-                n_tiny = int(np.count_nonzero(a <= _ZERO_UPTO)) if lo <= int(_ZERO_UPTO) else 0
-                to_zero = n_tiny - n_exact
-                to_subnormal = n_small - n_tiny
+            to_zero, to_subnormal = _underflows(a, lo, int(np.count_nonzero(a < _NORMAL_FROM)), ftz)
         res = (hi, hi, 0, to_zero, to_subnormal, False)
     np.bitwise_and(u, _SIGN, out=sg)
     ef = e.view(np.float32)
@@ -428,6 +421,19 @@ def _round_piece(x: np.ndarray, r: np.ndarray, sc: _Scratch, ftz: bool, stats: b
     rv = r.view(_U32)
     np.bitwise_or(rv, sg, out=rv)
     return res
+
+
+def _underflows(a: np.ndarray, lo: int, n_small: int, ftz: bool) -> tuple[int, int]:
+    """(to zero, to subnormal) counts of rounding ``a`` (|x| bits, min ``lo``;
+    ``n_small`` of them below fp16's smallest normal). Counted on the input,
+    not the result (cheaper): |x| <= 2**-25 rounds to zero (a tie goes to
+    even, 0), 2**-25 < |x| < 2**-14 to a subnormal; with ftz every non-zero
+    small value goes to zero. Zeros stay zero and are not counted."""
+    n_exact = a.size - int(np.count_nonzero(a)) if lo == 0 else 0
+    if ftz:
+        return n_small - n_exact, 0
+    n_tiny = int(np.count_nonzero(a <= _ZERO_UPTO)) if lo <= int(_ZERO_UPTO) else 0
+    return n_tiny - n_exact, n_small - n_tiny
 
 
 def _round_chunk(u: np.ndarray, r: np.ndarray, a: np.ndarray, ftz: bool, stats: bool):
@@ -483,16 +489,7 @@ def _round_chunk(u: np.ndarray, r: np.ndarray, a: np.ndarray, ftz: bool, stats: 
                 d &= m
                 r ^= d
         if stats:
-            # Counted on the input, not the result (cheaper): |x| <= 2**-25
-            # rounds to zero (a tie goes to even, 0), 2**-25 < |x| < 2**-14 to a
-            # subnormal; with ftz every non-zero small value goes to zero.
-            n_exact = a.size - int(np.count_nonzero(a)) if lo == 0 else 0  # zeros stay zero
-            if ftz:
-                to_zero = n_small - n_exact
-            else:
-                n_tiny = int(np.count_nonzero(a <= _ZERO_UPTO)) if lo <= int(_ZERO_UPTO) else 0
-                to_zero = n_tiny - n_exact
-                to_subnormal = n_small - n_tiny
+            to_zero, to_subnormal = _underflows(a, lo, n_small, ftz)
     top = hi if hi <= int(_INF) else int(a[a <= _INF].max(initial=0))
     np.bitwise_and(u, _SIGN, out=a)
     r |= a

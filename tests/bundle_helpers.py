@@ -5,6 +5,8 @@ broken capture tool, a faulty device, a wrong declaration)."""
 from __future__ import annotations
 
 import json
+import zipfile
+from pathlib import Path
 
 from refsd_validate.bundle import write_bundle
 from refsd_validate.cli import main
@@ -36,3 +38,14 @@ def rewrite_bundle(bundle, out, *, tensors=None, doc=None):
     if doc is not None:
         doc(d)
     return write_bundle(out, d, t)
+
+
+def zip_bundle(root: Path, out: Path, *, method: int = zipfile.ZIP_DEFLATED, extra=()) -> Path:
+    """A .zip of a bundle folder (members compressed with ``method``), plus ``extra`` (name or ZipInfo, bytes) members."""
+    with zipfile.ZipFile(out, "w", method) as zf:
+        for p in sorted(root.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(root).as_posix())
+        for name, data in extra:
+            zf.writestr(name, data)
+    return out

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
+from bundle_helpers import zip_bundle
 from refsd_validate.bundle import ModelGeometry, npy_bytes, tensor_file
 from refsd_validate.cli import main
 from refsd_validate.reader import read_bundle
@@ -45,16 +45,6 @@ def _retensor(root: Path, name: str, data: bytes, *, dtype=None, shape=None) -> 
     if shape is not None:
         entry["shape"] = list(shape)
     _save_doc(root, doc)
-
-
-def _zip(root: Path, out: Path, *, extra=()) -> Path:
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as zf:
-        for p in sorted(root.rglob("*")):
-            if p.is_file():
-                zf.write(p, p.relative_to(root).as_posix())
-        for info, data in extra:
-            zf.writestr(info, data)
-    return out
 
 
 # Each case: (id, mutate(bundle_dir, tmp) -> path to give the validator, fragment of the one-line error)
@@ -220,21 +210,21 @@ def zip_bomb_member(b, tmp):
     (b / tensor_file("vae/image")).unlink()
     info = zipfile.ZipInfo(tensor_file("vae/image"))
     info.compress_type = zipfile.ZIP_DEFLATED
-    return _zip(b, tmp / "bomb.zip", extra=[(info, b"\0" * (64 << 20))])
+    return zip_bundle(b, tmp / "bomb.zip", extra=[(info, b"\0" * (64 << 20))])
 
 
 def zip_duplicate_members(b, tmp):
-    return _zip(b, tmp / "dupes.zip", extra=[("capture.json", (b / "capture.json").read_bytes())])
+    return zip_bundle(b, tmp / "dupes.zip", extra=[("capture.json", (b / "capture.json").read_bytes())])
 
 
 def zip_escaping_member(b, tmp):
-    return _zip(b, tmp / "escape.zip", extra=[("../evil.txt", b"x")])
+    return zip_bundle(b, tmp / "escape.zip", extra=[("../evil.txt", b"x")])
 
 
 def zip_symlink_member(b, tmp):
     info = zipfile.ZipInfo("tensors/link.npy")
     info.external_attr = (stat.S_IFLNK | 0o777) << 16
-    return _zip(b, tmp / "link.zip", extra=[(info, "/etc/passwd")])
+    return zip_bundle(b, tmp / "link.zip", extra=[(info, "/etc/passwd")])
 
 
 CASES = [
@@ -300,7 +290,7 @@ def test_zip_of_the_folder_reads_like_the_folder(emulated_bundle, tiny_sd21, tmp
     """A .zip with the bundle at its root or inside one top folder, as `zip -r` makes it."""
     geometry = ModelGeometry.from_dir(tiny_sd21)
     plain = read_bundle(emulated_bundle, geometry)
-    flat = read_bundle(_zip(emulated_bundle, tmp_path / "flat.zip"), geometry)
+    flat = read_bundle(zip_bundle(emulated_bundle, tmp_path / "flat.zip"), geometry)
     nested = tmp_path / "nested.zip"
     shutil.make_archive(str(nested.with_suffix("")), "zip", emulated_bundle.parent, emulated_bundle.name)
     folder = read_bundle(nested, geometry)

@@ -31,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from refsd.cli import main as refsd_main
+from bundle_helpers import zip_bundle
 from refsd_validate.bundle import tensor_file
 from refsd_validate.cli import main as validate_main
+
+from refsd.cli import main as refsd_main
 
 LIMIT_S = 10.0
 LIMIT_RSS_MB = 500.0
@@ -151,11 +152,11 @@ def _imports_done():
     """Import what the commands import lazily, once, so a case's time is the case's, not the
     interpreter's first import of transformers (seconds on a loaded machine)."""
     import jsonschema  # noqa: F401
+    import refsd_validate.certify  # noqa: F401
     import safetensors  # noqa: F401
     from transformers import CLIPTokenizer  # noqa: F401
 
     import refsd.pipeline  # noqa: F401
-    import refsd_validate.certify  # noqa: F401
 
 
 @pytest.fixture(scope="session")
@@ -454,20 +455,10 @@ def _raw_capture(text: str | bytes):
     return mutate
 
 
-def _zip_of(b: Path, out: Path, *, method=zipfile.ZIP_DEFLATED, extra=()) -> Path:
-    with zipfile.ZipFile(out, "w", method) as zf:
-        for p in sorted(b.rglob("*")):
-            if p.is_file():
-                zf.write(p, p.relative_to(b).as_posix())
-        for name, data in extra:
-            zf.writestr(name, data)
-    return out
-
-
 def _zip_patch(method, patch):
     """A zip of the bundle (members compressed with ``method``), its bytes then passed through ``patch``."""
     def mutate(b: Path, tmp: Path) -> Path:
-        out = _zip_of(b, tmp / "bundle.zip", method=method)
+        out = zip_bundle(b, tmp / "bundle.zip", method=method)
         out.write_bytes(patch(bytearray(out.read_bytes())))
         return out
     return mutate
@@ -634,7 +625,7 @@ def _bz2_bomb(tmp: Path, b: Path) -> Path:
     declared-size check passes) and inflating to 64 MiB, 16 times the budget: only a bounded
     decompressor refuses it (64 MiB keeps the case fast; the bound does not depend on the size)."""
     (b / "capture.json").unlink()
-    out = _zip_of(b, tmp / "bomb.zip", method=zipfile.ZIP_BZIP2, extra=[("capture.json", b"\0" * (64 << 20))])
+    out = zip_bundle(b, tmp / "bomb.zip", method=zipfile.ZIP_BZIP2, extra=[("capture.json", b"\0" * (64 << 20))])
     raw = bytearray(out.read_bytes())
     for sig, at in ((b"PK\x01\x02", 24), (b"PK\x03\x04", 22)):  # the last member's headers (capture.json)
         pos = raw.rfind(sig)
