@@ -215,6 +215,13 @@ class Plan:
         return out
 
 
+def check_model_dir(model_dir: str | Path) -> Path:
+    model_dir = Path(model_dir)
+    if not os.path.lexists(model_dir / "model_index.json"):  # a FIFO or directory there is refused when read
+        raise BundleError(f"{model_dir}: not a diffusers model folder (no model_index.json)")
+    return model_dir
+
+
 def prepare(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both",
             cache_dir: str | Path | None = None, k: float = K, cache_budget: int = CACHE_BUDGET_BYTES,
             tflite_dir: str | Path | None = None, strict: bool = False,
@@ -224,9 +231,7 @@ def prepare(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
         raise BundleError(f"mode must be one of {', '.join(RUN_MODES)}, got {mode!r}")
     if not (isinstance(k, (int, float)) and 0 < k <= MAX_K):
         raise BundleError(f"k must be in (0, {MAX_K:g}], got {k!r}")
-    model_dir = Path(model_dir)
-    if not os.path.lexists(model_dir / "model_index.json"):  # a FIFO or directory there is refused when read
-        raise BundleError(f"{model_dir}: not a diffusers model folder (no model_index.json)")
+    model_dir = check_model_dir(model_dir)
     geometry = ModelGeometry.from_dir(model_dir)
     bundle = read_bundle(bundle_path, geometry)
     model_sha = model_sha256(model_dir)

@@ -28,7 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from refsd_validate.certify import Certificate, Plan, certificate_from, prepare, tflite_tensor_names, write_outputs
+from refsd_validate.certify import (
+    Certificate,
+    Plan,
+    certificate_from,
+    check_model_dir,
+    prepare,
+    tflite_tensor_names,
+    write_outputs,
+)
 from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, CacheStats, RerunJob
 from refsd_validate.reader import BundleError
 from refsd_validate.tolerance import K
@@ -108,6 +116,7 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
         raise BundleError("certify-fleet: no bundles given")
     if len({str(Path(b).resolve()) for b in bundles}) != len(bundles):
         raise BundleError("certify-fleet: a bundle is given twice")
+    check_model_dir(model_dir)  # once, not blamed on a bundle
     plans = []
     for b in bundles:
         try:
