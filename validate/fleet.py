@@ -86,12 +86,11 @@ def schedule(plans: list[Plan], client) -> dict[int, dict[tuple[str, int], objec
         ref_key = ref_job.key()
         mine = {}
         for job in jobs:
-            key = job.key(ref_key)
+            key = f"rerun-{job.key(ref_key)}"
             if key not in futures:
                 ref = futures[f"rerun-{ref_key}"] if job.teacher == "reference" else None
-                futures[f"rerun-{key}"] = client.submit(_run, job, ref, str(plan.cache), plan.cache_budget,
-                                                        key=f"rerun-{key}", pure=False)
-            mine[job.role, job.index] = futures[f"rerun-{key}"]
+                futures[key] = client.submit(_run, job, ref, str(plan.cache), plan.cache_budget, key=key, pure=False)
+            mine[job.role, job.index] = futures[key]
         per_plan[p] = mine
     return per_plan
 
