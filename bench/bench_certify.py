@@ -11,10 +11,11 @@ report it). Then, each in a fresh subprocess (so its peak RSS is its own):
 
 - diffusers fp32, the whole pipeline of the same request (the unit);
 - ``certify`` with a cold rerun cache, then the same bundle again (warm);
-- for ``--bundles`` N > 1, N - 1 more devices of the same request (the same
-  emulation with FTZ on, and with Winograd kernels) certified one by one after
-  the first: each costs its own teacher-forced run only, the calibration
-  runs come from the cache;
+- for ``--bundles`` N > 1, N - 1 more devices of the same request and
+  deployment (the same emulation with FTZ on; then devices with a +1 % UNet
+  bias from step 1, which must be rejected) certified one by one after the
+  first: each costs its own teacher-forced run only, the calibration runs
+  come from the cache;
 - ``certify-fleet`` of those N bundles on a 2-worker Dask LocalCluster, cold.
 
 Prints a Markdown table; bench/README.md ("certification cost") records it.
@@ -77,14 +78,29 @@ def _run(args, *spec) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _bundle(folder: Path, out: Path, precision: str, args, *, ftz: bool = False, rewrites: str = "none") -> Path:
+def _biased_unet(pipe) -> None:
+    """A faulty device: the UNet's output x 1.01 from step 1 on."""
+    import numpy as np
+
+    unet = pipe.components["unet"]
+    forward, calls = unet.forward, []
+
+    def biased(*a, **kw):
+        calls.append(None)
+        out = forward(*a, **kw)
+        return out * np.float32(1.01) if len(calls) > 1 else out
+
+    unet.forward = biased
+
+
+def _bundle(folder: Path, out: Path, precision: str, args, *, ftz: bool = False, fault=None) -> Path:
     from refsd_validate.capture_emulated import emulated_capture
 
     from refsd.pipeline import Request
 
     req = Request(PROMPT, seed=0, steps=args.steps, guidance=7.5, scheduler="ddim", height=args.image,
                   width=args.image)
-    return emulated_capture(folder, req, out, precision=precision, ftz=ftz, rewrites=rewrites, declare_ftz=None)
+    return emulated_capture(folder, req, out, precision=precision, ftz=ftz, declare_ftz=None, fault=fault)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,20 +131,21 @@ def main(argv: list[str] | None = None) -> int:
             if args.bundles > 1:
                 devices.append(_bundle(folder, work / f"{precision}-1", precision, args, ftz=True))
             for i in range(2, args.bundles):
-                devices.append(_bundle(folder, work / f"{precision}-{i}", precision, args, rewrites="winograd",
-                                       ftz=i % 2 == 1))
+                devices.append(_bundle(folder, work / f"{precision}-{i}", precision, args, fault=_biased_unet))
+
+            def row(name, *spec):
+                rows.append((name, _run(args, *spec)))
+                print(name, json.dumps(rows[-1][1]), flush=True)
+
             cache = work / f"cache-{precision}"
-            rows.append((f"certify {precision}, cold cache", _run(args, "certify", devices[0], cache)))
-            rows.append((f"certify {precision}, same bundle, warm cache", _run(args, "certify", devices[0], cache)))
+            row(f"certify {precision}, cold cache", "certify", devices[0], cache)
+            row(f"certify {precision}, same bundle, warm cache", "certify", devices[0], cache)
             for i, d in enumerate(devices[1:], 1):
-                rows.append((f"certify {precision}, device {i + 1} of one request (calibration cached)",
-                             _run(args, "certify", d, cache)))
+                row(f"certify {precision}, device {i + 1} of one request ({'FTZ' if i == 1 else '+1 % bias'}; "
+                    "calibration cached)", "certify", d, cache)
             if len(devices) > 1:
-                fleet_cache = work / f"fleet-cache-{precision}"
-                rows.append((f"certify-fleet {precision}, {len(devices)} bundles, 2 workers, cold",
-                             _run(args, "fleet", work / f"fleet-{precision}", fleet_cache, *devices)))
-            for r in rows[-(len(devices) + 2 + (len(devices) > 1)):]:
-                print(r[0], json.dumps(r[1]), flush=True)
+                row(f"certify-fleet {precision}, {len(devices)} bundles, 2 workers, cold", "fleet",
+                    work / f"fleet-{precision}", work / f"fleet-cache-{precision}", *devices)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     base = unit["seconds"]
