@@ -129,7 +129,11 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
     tflite_names = tflite_tensor_names(tflite_dir) if tflite_dir else None
     cluster = None
     if dask is None:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        # No per-worker memory limit: Dask's default (the machine's memory / workers) restarts a worker that holds
+        # a real SD 2.1 rerun (~10 GB with a Winograd calibration run's transforms) and recomputes its tasks.
+        # Choose --workers so that that many reruns fit in memory.
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                               memory_limit=0)
     try:
         try:
             client = Client(cluster if cluster is not None else dask, timeout="30s")
