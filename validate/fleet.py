@@ -37,7 +37,7 @@ from refsd_validate.certify import (
     tflite_tensor_names,
     write_outputs,
 )
-from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, CacheStats, RerunJob
+from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES
 from refsd_validate.reader import BundleError
 from refsd_validate.tolerance import K
 from tqdm import tqdm
@@ -89,14 +89,11 @@ def schedule(plans: list[Plan], client) -> dict[int, dict[tuple[str, int], objec
             key = f"rerun-{job.key(ref_key)}"
             if key not in futures:
                 ref = futures[f"rerun-{ref_key}"] if job.teacher == "reference" else None
-                futures[key] = client.submit(_run, job, ref, str(plan.cache), plan.cache_budget, key=key, pure=False)
+                futures[key] = client.submit(job.run, ref, cache_dir=str(plan.cache), cache_budget=plan.cache_budget,
+                                             key=key, pure=False)
             mine[job.role, job.index] = futures[key]
         per_plan[p] = mine
     return per_plan
-
-
-def _run(job: RerunJob, reference, cache_dir: str, cache_budget: int) -> dict:
-    return job.run(reference, cache_dir=cache_dir, cache_budget=cache_budget, stats=CacheStats())
 
 
 def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | Path, *, dask: str | None = None,
@@ -124,8 +121,6 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
         except BundleError as e:
             raise BundleError(f"{b}: {e}") from None
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise BundleError(f"--out {out}: exists and is not a directory")
     tflite_names = tflite_tensor_names(tflite_dir) if tflite_dir else None
     cluster = None
     if dask is None:
