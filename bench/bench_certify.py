@@ -19,6 +19,8 @@ report it). Then, each in a fresh subprocess (so its peak RSS is its own):
 - ``certify-fleet`` of those N bundles on a 2-worker Dask LocalCluster, cold.
 
 Prints a Markdown table; bench/README.md ("certification cost") records it.
+"resolution": the smallest gain error on the UNet output the certificate
+rejects at every step (``Certificate.resolution``).
 Not run in CI.
 """
 
@@ -62,7 +64,8 @@ def _child(args) -> dict:
         cert = certify(rest[0], args.cache, cache_dir=rest[1], progress=True)
         extra = {"certified": cert.certified, "reruns": cert.provenance["rerun_cache"]["misses"],
                  "hits": cert.provenance["rerun_cache"]["hits"],
-                 "worst_k": max(r.verdict.k_needed for r in cert.results)}
+                 "worst_k": max(r.verdict.k_needed for r in cert.results),
+                 "resolution": cert.resolution["gain_every_step"]}
     elif kind == "fleet":
         from refsd_validate.fleet import certify_fleet
 
@@ -151,15 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     base = unit["seconds"]
     print(f"\nCertification cost, SD 2.1-base architecture, {args.image}x{args.image}, {args.steps} DDIM steps, "
           f"{args.threads} thread(s), FTZ not declared\n")
-    print("| run | seconds | / diffusers pipeline | reruns (cache hits) | peak RSS GB | verdict, worst k |")
-    print("|---|---:|---:|---:|---:|---|")
+    print("| run | seconds | / diffusers pipeline | reruns (cache hits) | peak RSS GB | verdict, worst k | "
+          "resolution |")
+    print("|---|---:|---:|---:|---:|---|---:|")
     for name, r in rows:
         reruns = f"{r['reruns']} ({r['hits']})" if "reruns" in r else (
             f"{r['reruns_run']} of {r['reruns_needed']}" if "reruns_run" in r else "")
         verdict = "" if "certified" not in r else ("certified" if r["certified"] else "NOT certified") + (
             f", {r['worst_k']:.2f}" if "worst_k" in r else "")
+        res = f"{r['resolution']:.2%}" if "resolution" in r else ""
         print(f"| {name} | {r['seconds']:.1f} | {r['seconds'] / base:.2f} | {reruns} | {r['peak_rss_gb']:.2f} | "
-              f"{verdict} |")
+              f"{verdict} | {res} |")
     return 0
 
 

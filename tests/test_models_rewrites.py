@@ -12,8 +12,8 @@ chain ~30 such ops with residual adds, so the accumulated error is tens of
 ``u`` (measured: 0 for fc_as_conv / gn4d / gelu_clip / gelu_fused /
 softmax_partial_fused, 7-20 u for flash_attention, serial_conv and
 group_norm_fused). Winograd F(4x4, 3x3) is the exception in kind: its
-transforms multiply rounding errors by their coefficients (up to 5 in B^T,
-fractions down to 1/24 in G), so the op-level bound is stated against
+transforms multiply rounding errors by their coefficients (up to 2.5 in B^T
+and 2.8 in A^T with LiteRT's interpolation points), so the op-level bound is stated against
 ``winograd_error_scale``, several times ``|y|`` (tolerance.winograd_budget);
 at model level that is ``WINOGRAD_BUDGET = 2 * BUDGET`` (measured 40-60 u on
 these inputs, up to ~100 u on others).

@@ -492,7 +492,7 @@ def _winograd_tiny(mode: str, ftz: bool) -> float:
 
 @pytest.mark.parametrize("tile", [2, 4])
 @given(args=rst.winograd_inputs(), ftz=st.booleans())
-# Shrunk: every value 2**-14. U = G w G^T is subnormal (coefficients down to 1/576),
+# Shrunk: every value 2**-14. U = G w G^T is subnormal (coefficients down to 1/4),
 # so Winograd's fp16 intermediates round absolutely; fixed by winograd_error_scale(tiny=).
 @example(args=(np.full((1, 1, 1, 6), 2.0**-14, np.float32), np.full((3, 3, 6, 1), 2.0**-14, np.float32), None,
                {"padding": 1}), ftz=False)

@@ -125,6 +125,22 @@ class Certificate:
     def cost_gate_failed(self) -> bool:
         return not self.deployment_cost.get("gate", {}).get("passed", True)
 
+    @property
+    def resolution(self) -> dict | None:
+        """The smallest systematic gain error on the UNet's noise prediction
+        this certificate rejects (its gain tolerance, teacher-forced where
+        judged so): at every step, and at the best-resolved step. Floors that
+        legal calibration runs widen make a certificate weak; this says how
+        weak, as a fraction of the output."""
+        unet = [r for r in self.results if r.stage == "unet" and r.module_path is None]
+        modes = {r.mode for r in unet}
+        unet = [r for r in unet if r.mode == ("teacher" if "teacher" in modes else "free")]
+        if not unet:
+            return None
+        gains = [r.verdict.tolerance.gain for r in unet]
+        return {"tensor": "unet noise prediction", "mode": unet[0].mode, "gain_every_step": max(gains),
+                "gain_best_step": min(gains)}
+
     def to_dict(self) -> dict:
         first = self.first_failure
         return {
@@ -140,6 +156,7 @@ class Certificate:
                            "not_observable": self.not_observable},
             "calibration_overflows": self.calibration_overflows,
             "hint": self.hint,
+            "resolution": json_safe(self.resolution),
             "rule": self.rule, "provenance": self.provenance, "request": self.request,
             "tensors": [r.to_dict() for r in self.results],
         }
@@ -344,7 +361,8 @@ def certificate_from(plan: Plan, traces: dict[tuple[str, int], dict], cache_stat
                      "stage's declared storage precision at the tensor's scale (peak: u max|ref|, rms: u rms(ref)), "
                      f"{SYSTEMATIC} unit roundoffs of its arithmetic precision for offset and gain ({SYSTEMATIC_F16} "
                      "in fp16 arithmetic), and one standard "
-                     "error of the fit under noise of the rms floor",
+                     "error of the fit under noise of the rms floor (times the calibration runs' design effect: "
+                     "errors correlated across elements)",
         "stages": stages, "deployment": deployment.label,
         "unit_roundoff": {s: unit_roundoff(d["precision"]) for s, d in stages.items()},
         "calibration_variants": [v.label for v in variants],

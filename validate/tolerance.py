@@ -21,11 +21,13 @@ Calibration variants (:func:`calibration_variants`): reference runs that a
 correct delegate of the declared precision could equally be.
 
 * f32_f16 / f16: the mode with FTZ off and on (only the declared setting when
-  the capture states it), each with and without :data:`ALGORITHMS` (the same
+  the capture states it), with and without :data:`ALGORITHMS` (the same
   function with other summation orders and fused kernels, as GPU delegates run
   it: Winograd, flash attention, fused GELU and GroupNorm). Measured on the
   tiny model: other kernels move f32_f16 outputs 1.5-4x further than rounding
-  placement alone, FTZ another 2-3x. f16 adds the f32_f16 variants.
+  placement alone, FTZ another 2-3x. f16 adds the f32_f16 variants. Of these
+  factors' combinations a half fraction runs (:func:`half_fraction`): FTZ
+  unknown in f32_f16 is (FTZ off, plain) and (FTZ on, other kernels).
 * f32: the ALGORITHMS variant, and the f32_f16 spread scaled to fp32 by
   ``F32_KERNEL_ROUNDINGS * 2^-24 / 2^-11``. Scaling fp16 storage noise by
   2^-13 alone models one fp32 rounding per op output; another fp32 kernel
@@ -183,14 +185,35 @@ def stage_variants(precision: str, ftz: bool | None, *, fast_math: bool = False,
     # precision it declares (PyTorch's CPU fp16 kernels compute in fp32 and round each op): both orders.
     modes = ["f32_f16"] if precision == "f32_f16" and kernels else ["f32_f16", "f16"]
     flush = [False, True] if ftz is None else [bool(ftz)]
-    runs = [StageVariant(m, z, "none") for m in modes for z in flush]
-    if kernels:
-        runs += [StageVariant(m, z, other, ulps, jitter) for m in modes for z in flush]
+    levels = [(m, z, k) for k in ([False, True] if kernels else [False]) for m in modes for z in flush]
+    runs = [StageVariant(m, z, other, ulps, jitter) if k else StageVariant(m, z, "none")
+            for m, z, k in half_fraction(levels, (modes, flush, [False, True] if kernels else [False]))]
     if gpu and kernels and precision == "f16":
         # What real fp16 GPU kernels store and round that generic f16 does not (the timestep embedding's t * freq
         # as an fp16 tensor: time_proj 18-33 % off; MEAN in fp32): LiteRT's GPU kernels, measured (README).
         runs += [StageVariant("f16", z, "none", ulps, jitter, device_model="litert-gpu") for z in flush]
     return runs, []
+
+
+def half_fraction(levels: list[tuple], factors: tuple[list, ...]) -> list[tuple]:
+    """The half of a two-level factorial design that keeps every factor's
+    both levels and, with three factors, every pair's four combinations
+    (resolution III: the runs whose two-level factors' level indices sum to
+    an even number). With fewer than two two-level factors, all of ``levels``.
+
+    Why a fraction: a certificate costs 2V + 2 pipeline runs for V calibration
+    runs, and the floor is the largest spread of any run, so the run that
+    moves a tensor most sets it. Other kernels, FTZ and the f16 mode each move
+    the outputs; a run that combines two of them moves them at least as far
+    as either alone did on the tiny models, SD 2.1 and LiteRT's captures
+    (tests/test_certify.py), and every run kept is a run of the full design,
+    so floors can only shrink: no device that the full design rejects is
+    certified. f32_f16 with FTZ unknown: (FTZ off, plain) and (FTZ on, other
+    kernels), 2 runs instead of 4; f16: 4 instead of 8."""
+    varying = [i for i, f in enumerate(factors) if len(f) == 2]
+    if len(varying) < 2:
+        return list(levels)
+    return [lv for lv in levels if sum(factors[i].index(lv[i]) for i in varying) % 2 == 0]
 
 
 def calibration_variants(stages: dict[str, dict], weights: str = "fp32") -> list[CalibrationRun]:
@@ -275,6 +298,9 @@ def noise_floor(ref: np.ndarray, runs: list[tuple[np.ndarray, float]], precision
     pairs: every statistic is homogeneous in the error), at least the minimum floor.
     A calibration run that is itself non-finite cannot define a floor and raises."""
     floor = asdict(minimum_floor(ref, precision))
+    r = np.asarray(ref, np.float64).ravel()
+    rc = r - r.mean() if r.size else r
+    deff = [1.0, 1.0]
     for run, scale in runs:
         s = error_stats(ref, run)
         if math.isnan(s.peak):
@@ -282,16 +308,41 @@ def noise_floor(ref: np.ndarray, runs: list[tuple[np.ndarray, float]], precision
                              "precision on this request; no noise floor can be measured")
         for k in STATS:
             floor[k] = max(floor[k], scale * s.get(k))
+        deff = [max(a, b) for a, b in zip(deff, design_effects(np.asarray(run, np.float64).ravel() - r, rc))]
     # A few calibration runs estimate the systematic statistics poorly (their |gain| can be small by
-    # chance): at least one standard error of the least-squares fit under noise of the floor's rms,
-    # counting elements as independent (spatially correlated noise only makes the true error larger).
-    r = np.asarray(ref, np.float64).ravel()
+    # chance): at least one standard error of the least-squares fit under noise of the floor's rms. Errors
+    # are correlated (a layer mixes every channel's rounding into each output, a Winograd tile shares its
+    # transforms' errors), which makes that error larger than for independent elements, by the design effect
+    # the calibration runs show (measured on the tiny SD 2.1 UNet's mid-block attention: 4.5x).
     if r.size:
         n, std = r.size, float(r.std())
-        floor["offset"] = max(floor["offset"], floor["rms"] / math.sqrt(n))
+        floor["offset"] = max(floor["offset"], deff[0] * floor["rms"] / math.sqrt(n))
         if std > 0:
-            floor["gain"] = max(floor["gain"], floor["rms"] / (std * math.sqrt(n)))
+            floor["gain"] = max(floor["gain"], deff[1] * floor["rms"] / (std * math.sqrt(n)))
     return ErrorProfile(**floor)
+
+
+def design_effects(e: np.ndarray, rc: np.ndarray, min_batches: int = 32) -> tuple[float, float]:
+    """How much larger the standard errors of the fit's offset and gain are
+    for the error ``e`` (flat, float64) than for independent elements, by the
+    batch-means method: the largest ratio over contiguous batches of 4^j
+    elements (channels, then rows of a tensor in NHWC order), at least
+    ``min_batches`` of them; at least 1. ``rc``: the reference, centred."""
+    n = e.size
+    z = e * rc
+    base = (float(e.std()), float(z.std()))
+    if n < 2 * min_batches or not (base[0] > 0 and base[1] > 0):
+        return 1.0, 1.0
+    out = [1.0, 1.0]
+    b = 4
+    while n // b >= min_batches:
+        m = (n // b) * b
+        for i, x in enumerate((e, z)):
+            sums = x[:m].reshape(-1, b).sum(axis=1)
+            # batch sums of b elements: variance b * var(x) if independent
+            out[i] = max(out[i], float(sums.std()) / (base[i] * math.sqrt(b)))
+        b *= 4
+    return out[0], out[1]
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,17 @@
 As on the GPU, the transformed input ``V``, the element-wise products summed
 over channels ``M`` and the output are tensors in memory (fp16 in fp16-storage
 modes); the transformed weights ``U`` are stored fp16 like any weight. The
-transforms' coefficients (up to 5 in B^T, 1/24 in G) amplify rounding error:
-``winograd_error_scale`` gives the magnitude that bounds it.
+transforms' coefficients (up to 2.5 in B^T, 2 in G, 2.8 in A^T for 4x4 tiles)
+amplify rounding error: ``winograd_error_scale`` gives the magnitude that
+bounds it.
+
+F(4x4, 3x3) uses the matrices of LiteRT's GPU delegate (``winograd_util.cc``
+in TensorFlow Lite's GPU delegate): interpolation points 0, +-sqrt(2)/2,
++-sqrt(2) and infinity, not Lavin's 0, +-1, +-2. Lavin's G has coefficients
+down to 1/24, so ``U`` of small weights (7e-3 in a random-init SD 2.1 UNet)
+falls below fp16's normal range; flushed (FTZ), those values carry the
+terms that A^T's coefficient 8 scales up, and a UNet forward moved 38 %
+(measured). With these points G's coefficients are >= 1/2.
 """
 
 from __future__ import annotations
@@ -27,13 +36,28 @@ _F2 = (
     np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float32),  # G
     np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float32),  # A^T
 )
-_F4 = (
-    np.array([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
-              [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]], np.float32),
-    np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
-              [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float32),
-    np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]], np.float32),
-)
+
+
+def _interpolation_matrices(points: list[float], m: int, r: int = 3):
+    """(B^T, G, A^T) of F(m x m, r x r) from ``m + r - 2`` finite interpolation
+    points and the point at infinity: the rows of A^T and G are powers of the
+    points (Vandermonde), B^T the inverse of the square one. Built as LiteRT's
+    GPU delegate builds them (``GetTransposedMatrixForWinograd``), in float64."""
+    a = m + r - 1
+    px = np.array([*points, 1.0])
+    py = np.array([1.0] * (a - 1) + [0.0])
+
+    def vandermonde(rows: int) -> np.ndarray:  # (rows, a): [x, y] = px[y]^x * py[y]^(rows - 1 - x)
+        x = np.arange(rows)[:, None]
+        return px[None, :] ** x * py[None, :] ** (rows - 1 - x)
+
+    bt = np.linalg.inv(vandermonde(a))
+    bt[np.abs(bt) < 1e-12] = 0.0  # exact zeros, not the inversion's 1e-17 residue
+    return bt.astype(np.float32), vandermonde(r).T.astype(np.float32), vandermonde(m).astype(np.float32)
+
+
+_H = np.sqrt(2.0) / 2
+_F4 = _interpolation_matrices([0.0, _H, -_H, 2 * _H, -2 * _H], 4)
 TILES = {2: _F2, 4: _F4}
 
 
@@ -45,8 +69,11 @@ def _matrices(tile: int):
 
 def _weight_transform(w: np.ndarray, g: np.ndarray) -> np.ndarray:
     """``U = G w G^T`` per (cin, cout): (a*a, cin, cout)."""
-    a = g.shape[0]
-    return np.einsum("ij,jkco,lk->ilco", g, w, g).reshape(a * a, w.shape[2], w.shape[3])
+    # Two small-K matmuls: einsum evaluates a three-operand contraction as one
+    # unoptimized loop, ~25 s for the SD 2.1 UNet's weights against ~1 s.
+    a, r = g.shape
+    t = np.matmul(g, w.reshape(r, -1)).reshape(a, r, -1)  # (i, k, cin*cout)
+    return np.matmul(g, t).reshape(a * a, w.shape[2], w.shape[3])  # [i, l] = sum_k g[l, k] t[i, k]
 
 
 def _winograd(x: np.ndarray, w: np.ndarray, padding, tile: int, bt, g, at, rnd_stored, rnd_prim, acc, u=None):
@@ -154,7 +181,7 @@ def winograd_error_scale(x: np.ndarray, w: np.ndarray, *, padding=1, tile: int =
     2**-14), i.e. at most ``u * max(|v|, tiny)`` with ``tiny = 2**-14``
     (``2**-3`` under FTZ), and the transforms amplify it: pass ``tiny`` to raise
     every intermediate of this computation by it (tiny weights make ``U``, whose
-    coefficients go down to 1/576 for F(4x4, 3x3), subnormal)."""
+    coefficients go down to 1/4 for F(2x2, 3x3), subnormal)."""
     bt, g, at = (np.abs(mat) for mat in _matrices(tile))
     tiny = np.float32(tiny)
     lift = lambda t, _name: t + tiny if tiny else t  # noqa: E731
