@@ -88,7 +88,7 @@ def test_emulated_device_certifies(good, emulated_bundle, tiny_sd21):
         res = _results(cert, mode)
         assert len(res) == len(names) and all(t["passed"] for t in res)
         worst = max(t["k_needed"] for t in res)
-        # Within the bar, and not trivially at zero error (measured: k <= 2.2).
+        # Within the bar, and not trivially at zero error (measured: k <= 3.27, a mid-block attention offset).
         assert 0.5 < worst < K
     # What the certificate can resolve: well under the 1 % gain error the fault tests inject (tiny model).
     res = cert["resolution"]
