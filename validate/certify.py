@@ -361,8 +361,9 @@ def certificate_from(plan: Plan, traces: dict[tuple[str, int], dict], cache_stat
                      "stage's declared storage precision at the tensor's scale (peak: u max|ref|, rms: u rms(ref)), "
                      f"{SYSTEMATIC} unit roundoffs of its arithmetic precision for offset and gain ({SYSTEMATIC_F16} "
                      "in fp16 arithmetic), and one standard "
-                     "error of the fit under noise of the rms floor (times the calibration runs' design effect: "
-                     "errors correlated across elements)",
+                     "error of the fit under noise of the rms floor, and for the gain also its heteroscedasticity-"
+                     "consistent standard error from the calibration runs' errors (each times the calibration runs' "
+                     "design effect: errors correlated across elements)",
         "stages": stages, "deployment": deployment.label,
         "unit_roundoff": {s: unit_roundoff(d["precision"]) for s, d in stages.items()},
         "calibration_variants": [v.label for v in variants],
