@@ -54,11 +54,11 @@ request): LiteRT's CPU kernels (declared f32, an independent implementation)
 need k <= 1.49 over 1364 tensors, every intermediate included; an emulated
 f32_f16 device with Google's fused kernels and FTZ needs k <= 2.01 (a
 mid-block attention key; 3.27 before the channel-major design effect, see
-``design_effects``); 32 correct devices on held-out tiny SD 2.1 models
-(seeds 1-4, two requests, four device configurations each) all certify, at
-k <= 3.75 (seed 1's eight at k <= 3.07; before the heteroscedastic gain floor
-and the channel-major design effect, three of them were rejected at k 4.17 to
-6.42). A +1 % gain on the UNet output from step 1 needs k = 152
+``design_effects``); 48 correct devices on held-out tiny models (SD 2.1
+seeds 1-4, SD 1.5 seeds 1-2; two requests, four f32_f16 device
+configurations each) all certify, at k <= 3.48 (before the heteroscedastic
+gain floor and the channel-major design effect, five of them were rejected
+at k 4.17 to 11.6). A +1 % gain on the UNet output from step 1 needs k = 152
 teacher-forced at ``unet/step_1/noise_pred`` (7.9 free-running, where the
 drift of earlier steps is in the floor). The weakest such rejection in the
 capture matrix: LiteRT CPU's int8 hybrid kernels, whose biased capture first
