@@ -24,6 +24,7 @@ from refsd.tiny import make_tiny
 from refsd_validate import certify_rerun
 from refsd_validate.bundle import model_sha256
 from refsd_validate.capture_emulated import emulated_capture
+from refsd_validate.certify import certify
 from refsd_validate.cli import main
 from refsd_validate.reader import read_bundle
 from refsd_validate.bundle import declared_stages
@@ -105,6 +106,34 @@ def test_emulated_device_certifies(good, emulated_bundle, tiny_sd21):
     assert cert["rule"]["calibration_variants"] == [
         "text_encoder+unet+vae: f32_f16 ftz; guidance_scheduler: f32 libm±4ulp",
         f"text_encoder+unet+vae: f32_f16 ftz +{ALGORITHMS} libm±4ulp; guidance_scheduler: f32 libm±4ulp"]
+
+
+@pytest.mark.parametrize("arch,seed,request_seed,prompt", [
+    ("sd21", 1, 29, "portrait of an old fisherman, dramatic light"),  # a GEGLU output's gain: was k 6.42
+    ("sd21", 1, 11, "a red bicycle leaning on a wall"),  # a cross-attention query's offset: was k 4.17
+    ("sd15", 2, 11, "a red bicycle leaning on a wall"),  # was k 11.6
+])
+def test_correct_devices_certify_on_other_models(arch, seed, request_seed, prompt, tmp_path):
+    """Tiny models and requests the fixtures do not use, where correct devices (FTZ declared, Google's
+    kernels, the deployment's own graph) were falsely rejected before the gain's heteroscedastic standard
+    error and the channel-major design effect; a +0.3 % UNet output from step 1 is still rejected there."""
+    from refsd.pipeline import Request
+
+    model = make_tiny(tmp_path / "model", arch, seed=seed)
+    req = Request(prompt, negative_prompt="", seed=request_seed, steps=4, guidance=7.5, scheduler="ddim",
+                  height=64, width=64)
+
+    def device(name, fault=None):
+        return emulated_capture(model, req, tmp_path / name, precision="f32_f16", ftz=True, declare_ftz=True,
+                                rewrites="google", intermediates=CERTIFY_INTERMEDIATES, fault=fault)
+
+    cache = tmp_path / "cache"
+    cert = certify(device("good"), model, cache_dir=cache)
+    assert cert.certified, cert.first_failure and (cert.first_failure.name, cert.first_failure.verdict.k_needed)
+    assert max(r.verdict.k_needed for r in cert.results) < K
+    bad = certify(device("bias", _unet_output_fault(1, lambda y: y * np.float32(1.003))), model, cache_dir=cache)
+    f = bad.first_failure
+    assert not bad.certified and (f.name, f.mode) == ("unet/step_1/noise_pred", "teacher") and "gain" in f.verdict.failed
 
 
 def test_report_is_offline_and_complete(good):
