@@ -328,7 +328,8 @@ def noise_floor(ref: np.ndarray, runs: list[tuple[np.ndarray, float]], precision
         e = np.asarray(run, np.float64).ravel() - r
         deff = [max(a, b) for a, b in zip(deff, design_effects(e, rc, channels=channels))]
         if r.size:
-            score = max(score, scale * math.sqrt(float(np.dot(e * rc, e * rc)) / r.size))
+            x = e * rc
+            score = max(score, scale * math.sqrt(float(np.dot(x, x)) / r.size))
     # A few calibration runs estimate the systematic statistics poorly (their |gain| can be small by
     # chance): at least one standard error of the least-squares fit under noise of the floor's rms. Errors
     # are correlated (a layer mixes every channel's rounding into each output, a Winograd tile shares its
@@ -374,13 +375,14 @@ def design_effects(e: np.ndarray, rc: np.ndarray, min_batches: tuple[int, int] =
     (measured: a correct device's cross-attention query offset on a tiny SD 2.1,
     seed 1, was 4.9 standard errors; design effect 1.1-1.4 as stored, 4.8-6.2
     channel-major)."""
-    orders = [(e, rc)]
+    stored = (e, e * rc)  # the offset's and the gain's summands
+    orders = [stored]
     if channels > 1 and e.size % channels == 0 and e.size > channels:
-        orders.append((e.reshape(-1, channels).T.ravel(), rc.reshape(-1, channels).T.ravel()))
+        orders.append(tuple(x.reshape(-1, channels).T.ravel() for x in stored))
     n = e.size
     out = [1.0, 1.0]
-    for ee, rr in orders:
-        for i, x in enumerate((ee, ee * rr)):
+    for summands in orders:
+        for i, x in enumerate(summands):
             base = float(x.std())
             b = 4
             while base > 0 and n // b >= min_batches[i]:
