@@ -10,6 +10,7 @@ teacher-forced run per bundle), and writes fleet.json and an offline fleet.html.
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -35,13 +36,21 @@ def fleet_bundles(tiny_sd21, emulated_bundle, tmp_path_factory):
 def fleet_run(fleet_bundles, tiny_sd21, tmp_path_factory):
     out = tmp_path_factory.mktemp("fleet") / "out"
     cache = tmp_path_factory.mktemp("fleet-cache")
+    environ = dict(os.environ)
     rc = main(["certify-fleet", *map(str, fleet_bundles), "--model", str(tiny_sd21), "--out", str(out),
                "--cache", str(cache), "--workers", "2"])
-    return rc, out, json.loads((out / "fleet.json").read_text())
+    return rc, out, json.loads((out / "fleet.json").read_text()), (environ, dict(os.environ))
+
+
+def test_fleet_leaves_the_environment_as_it_found_it(fleet_run):
+    """Dask's nanny sets OMP/MKL/OPENBLAS_NUM_THREADS=1 in its parent's environment; processes started after
+    a fleet must not inherit that (a diffusers device run in a subprocess computed other bits)."""
+    before, after = fleet_run[3]
+    assert after == before
 
 
 def test_fleet_gives_the_verdicts_of_one_by_one(fleet_run, fleet_bundles, tiny_sd21, certify_cache):
-    rc, out, doc = fleet_run
+    rc, out, doc, _ = fleet_run
     assert rc == 1  # one bundle (at least) is not certified
     assert [b["verdict"] for b in doc["bundles"]] == ["certified", "not certified", "not certified"]
     for entry, bundle in zip(doc["bundles"], fleet_bundles):
@@ -60,7 +69,7 @@ def test_fleet_gives_the_verdicts_of_one_by_one(fleet_run, fleet_bundles, tiny_s
 
 
 def test_fleet_runs_shared_calibration_once(fleet_run, fleet_bundles, tiny_sd21):
-    _, _, doc = fleet_run
+    _, _, doc, _ = fleet_run
     plans = [prepare(b, tiny_sd21) for b in fleet_bundles]
     v = len(plans[0].variants)
     per_bundle = len(plans[0].jobs())
@@ -71,7 +80,7 @@ def test_fleet_runs_shared_calibration_once(fleet_run, fleet_bundles, tiny_sd21)
 
 
 def test_fleet_html_is_a_devices_by_requests_table_offline(fleet_run):
-    _, out, doc = fleet_run
+    _, out, doc, _ = fleet_run
     page = (out / "fleet.html").read_text()
     assert "1 of 3 bundles certified" in page
     assert not re.search(r"(src|href)=\"(https?:)?//", page)  # offline: nothing fetched

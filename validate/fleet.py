@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -123,6 +124,10 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
     out = Path(out)
     tflite_names = tflite_tensor_names(tflite_dir) if tflite_dir else None
     cluster = None
+    # A LocalCluster's nanny sets OMP/MKL/OPENBLAS_NUM_THREADS=1 (and more) in this process's environment for
+    # its workers and leaves them there: every process the caller starts afterwards would run single-threaded
+    # BLAS and PyTorch, and compute other bits (refsd.blas). Put the environment back when done.
+    environ = dict(os.environ)
     if dask is None:
         # No per-worker memory limit: Dask's default (the machine's memory / workers) restarts a worker that holds
         # a real SD 2.1 rerun (~10 GB with a Winograd calibration run's transforms) and recomputes its tasks.
@@ -152,6 +157,8 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
     finally:
         if cluster is not None:
             cluster.close()
+        os.environ.clear()
+        os.environ.update(environ)
     counts = {"bundles": len(plans), "reruns_needed": sum(len(fs) for fs in per_plan.values()),
               "reruns_run": len(distinct)}
     write_fleet(entries, counts, out)
