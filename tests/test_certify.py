@@ -396,6 +396,25 @@ def test_calibration_variants_follow_the_declared_precision():
     assert f32[1].scale == 16 * U_F32 / U_F16
 
 
+def test_the_complement_completes_the_factorial_design():
+    """The half fraction and its complement together are every (mode, FTZ, kernels) combination of the
+    declaration, each once; a declaration with nothing halved has no complement (certify then never reruns)."""
+    def levels(runs):
+        return [(u.precision, u.ftz, u.kernels) for u in (r.stage("unet") for r in runs if r.scale == 1.0)]
+
+    for precision, ftz, full in (("f16", None, 8), ("f16", False, 4), ("f16", True, 4), ("f32_f16", None, 4)):
+        half = calibration_variants(_stages(precision, ftz))
+        rest = calibration_variants(_stages(precision, ftz), complement=True)
+        both = levels(half) + levels(rest)
+        assert len(both) == len(set(both)) == full, (precision, ftz, both)
+        assert len(levels(rest)) == full // 2
+    # f16 with FTZ declared off: the half held no plain f16 run, the kernels a device most likely runs
+    assert ("f16", False, "none") not in levels(calibration_variants(_stages("f16", False)))
+    assert ("f16", False, "none") in levels(calibration_variants(_stages("f16", False), complement=True))
+    for precision, ftz in (("f32", None), ("f32_f16", True), ("f32_f16", False)):
+        assert calibration_variants(_stages(precision, ftz), complement=True) == []
+
+
 def test_calibration_variants_follow_each_stage():
     """Text encoder on the CPU in f32, UNet and VAE on a GPU in f16, guidance in f16: every run varies every
     stage as declared; the scaled fp32 run varies only the f32 stage, the rest running as the reference."""

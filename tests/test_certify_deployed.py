@@ -114,6 +114,26 @@ def test_f16_declared_where_the_f16_emulation_overflows_gets_a_verdict(tiny_sd21
     assert "it defines no floor from <code>unet/step_0/noise_pred</code> on" in html
 
 
+def test_a_device_that_overflows_as_declared_is_told_so(tiny_sd21, certify_cache, tmp_path, capsys):
+    """f16 with FTZ declared off and plain kernels, computed exactly so: the GroupNorm's fp16 sum of squares
+    overflows at step 0, and the device's image is NaN. Not certified (its output is not the model's), but the
+    certificate must say the deployment overflows there. The half-fraction design holds no (f16, plain) run
+    with FTZ off, so it judged the device against runs that do not overflow and named no overflow; a rejection
+    now runs the rest of the design, which holds the device's own configuration."""
+    device = emulated_capture(tiny_sd21, certify_request(), tmp_path / "device", precision="f16", ftz=False,
+                              declare_ftz=False, rewrites="none")
+    rc, cert, out = certify_cli(device, tiny_sd21, tmp_path / "out", certify_cache, capsys)
+    assert rc == 1
+    assert cert["rule"]["calibration_design"].startswith("full factorial design: the half fraction rejected")
+    assert "text_encoder+unet+vae: f16; guidance_scheduler: f32 libm±4ulp" in cert["rule"]["calibration_variants"]
+    o = cert["overflow_before_failure"]
+    assert o is not None and o["mode"] == cert["first_failure"]["mode"]
+    assert (o["stage"], o["step"]) == ("unet", 0) and "group_norm" in o["op"]
+    assert o["variant"].startswith("text_encoder+unet+vae: f16;")  # the device's own configuration
+    assert "the deployment overflows fp16 before this tensor" in out and o["op"] in out
+    assert "The deployment overflows fp16 before this tensor" in (tmp_path / "out" / "report.html").read_text()
+
+
 def test_one_percent_error_in_the_time_embedding_is_caught(tiny_sd21, certify_cache, tmp_path, capsys):
     """The floor covers a correct runtime's libm (perturbed exp / sin / cos), and no more: a 1 % gain on the
     time embedding, on an otherwise exact f32 device, is rejected there."""

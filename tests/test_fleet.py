@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from refsd_validate.certify import certify, prepare
 from refsd_validate.cli import main
+from bundle_helpers import rewrite_bundle
 from test_certify import _device, _unet_output_fault
 
 
@@ -71,12 +72,39 @@ def test_fleet_gives_the_verdicts_of_one_by_one(fleet_run, fleet_bundles, tiny_s
 def test_fleet_runs_shared_calibration_once(fleet_run, fleet_bundles, tiny_sd21):
     _, _, doc, _ = fleet_run
     plans = [prepare(b, tiny_sd21) for b in fleet_bundles]
-    v = len(plans[0].variants)
+    v, c = len(plans[0].variants), len(plans[0].complement)
     per_bundle = len(plans[0].jobs())
     assert per_bundle == 2 * v + 3  # reference, V free, V teacher-forced, the device's teacher-forced, original
+    assert c == 0  # FTZ declared: nothing halved (test_fleet_completes_a_half_design_it_rejects has the other case)
     assert doc["counts"] == {"bundles": 3, "reruns_needed": 3 * per_bundle,
                              # one reference, its calibration and the original model's run shared; one per device
                              "reruns_run": 2 * v + 2 + 3}
+
+
+def test_fleet_completes_a_half_design_it_rejects(fleet_bundles, tiny_sd21, certify_cache, tmp_path, capsys):
+    """The biased device with FTZ undeclared: its half-fraction calibration rejects it, so the fleet runs the
+    rest of the design, as certify does, and gives the verdict, first failure and design of certifying it alone."""
+    def unknown_ftz(doc):
+        for s in ("text_encoder", "unet", "vae"):
+            doc["stages"][s]["ftz"] = None
+
+    bundle = rewrite_bundle(fleet_bundles[1], tmp_path / "bias", doc=unknown_ftz)
+    plan = prepare(bundle, tiny_sd21)
+    assert plan.complement
+    out = tmp_path / "fleet"
+    rc = main(["certify-fleet", str(bundle), "--model", str(tiny_sd21), "--out", str(out), "--cache",
+               str(certify_cache), "--workers", "1", "--mode", "teacher"])
+    capsys.readouterr()
+    doc = json.loads((out / "fleet.json").read_text())
+    fleet_cert = json.loads((out / doc["bundles"][0]["certificate"]).read_text())
+    alone = certify(bundle, tiny_sd21, mode="teacher", cache_dir=certify_cache)
+    assert rc == 1 and not alone.certified
+    assert fleet_cert["rule"]["calibration_design"] == alone.rule["calibration_design"]
+    assert alone.rule["calibration_design"].startswith("full factorial design")
+    assert fleet_cert["rule"]["calibration_variants"] == [v.label for v in plan.variants + plan.complement]
+    assert fleet_cert["first_failure"]["tensor"] == alone.first_failure.name == "unet/step_1/noise_pred"
+    # reference, V + C teacher-forced calibration runs, the device's teacher-forced run, the original model
+    assert doc["counts"]["reruns_run"] == len(plan.variants) + len(plan.complement) + 3
 
 
 def test_fleet_html_is_a_devices_by_requests_table_offline(fleet_run):

@@ -17,7 +17,10 @@
    the floor is one step's error, as the device's is). A variant that
    overflows fp16 (f16 emulation on a request that exceeds it) defines no
    floor from that stage and step on, even where its tensors stay finite; the
-   certificate names it, with the op and step.
+   certificate names it, with the op and step, and says when it comes at or
+   before the first failure. Where the variants are half of a factorial
+   design (``tolerance.half_fraction``) and it rejects, the other half runs
+   too and the bundle is judged on the full design (``needs_full_design``).
 4. Judge every boundary tensor, and every intermediate the bundle has that
    the reference also records, in execution order; the first failing tensor
    (teacher-forced first: it is the step's own error) is the localization:
@@ -38,7 +41,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -120,6 +123,9 @@ class Certificate:
     not_observable: list[str] = field(default_factory=list)
     calibration_overflows: list[dict] = field(default_factory=list)
     hint: str | None = None  # an explanation of the first failure that an exact check found
+    # The calibration overflow at or before the first failure (same mode): a device computing as declared can
+    # fail there too, so the failure may be the deployment's fp16 headroom rather than the device.
+    overflow_before_failure: dict | None = None
 
     @property
     def cost_gate_failed(self) -> bool:
@@ -155,6 +161,7 @@ class Certificate:
             "not_judged": {"unknown_intermediates": self.unknown_intermediates,
                            "not_observable": self.not_observable},
             "calibration_overflows": self.calibration_overflows,
+            "overflow_before_failure": self.overflow_before_failure,
             "hint": self.hint,
             "resolution": json_safe(self.resolution),
             "rule": self.rule, "provenance": self.provenance, "request": self.request,
@@ -207,6 +214,22 @@ class Plan:
     max_deployment_cost: CostGate | None
     cache: Path
     cache_budget: int
+    complement: list = field(default_factory=list)  # the rest of the factorial design (tolerance.half_fraction)
+    completed_after_rejection: bool = False
+
+    def completed(self) -> "Plan":
+        """This plan with the full calibration design: its variants first, in
+        the same order, so its jobs' (role, index) keep naming the same runs."""
+        return replace(self, variants=self.variants + self.complement, complement=[], completed_after_rejection=True)
+
+    @property
+    def design(self) -> str:
+        if self.complement:
+            return ("half fraction of the factorial design (tolerance.half_fraction); the other half runs only "
+                    "when this one rejects, and the full design's floors are no narrower")
+        if self.completed_after_rejection:
+            return "full factorial design: the half fraction rejected, so the other half ran too"
+        return "full design"
 
     def jobs(self) -> list[RerunJob]:
         """Every rerun the certificate needs, the reference first (the
@@ -261,7 +284,8 @@ def prepare(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
     return Plan(bundle, model_dir, model_sha, deployment, calibration_variants(bundle.stages, deployment.weights),
                 ("free", "teacher") if mode == "both" else (mode,), frozenset(bundle.intermediates) - set(not_observable),
                 not_observable, k, strict, max_deployment_cost,
-                Path(cache_dir) if cache_dir is not None else default_cache_dir(), cache_budget)
+                Path(cache_dir) if cache_dir is not None else default_cache_dir(), cache_budget,
+                calibration_variants(bundle.stages, deployment.weights, complement=True))
 
 
 def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both",
@@ -272,16 +296,35 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
     plan = prepare(bundle_path, model_dir, mode=mode, cache_dir=cache_dir, k=k, cache_budget=cache_budget,
                    tflite_dir=tflite_dir, strict=strict, max_deployment_cost=max_deployment_cost)
     stats = CacheStats()
-    jobs = plan.jobs()
     traces = {}
-    with tqdm(total=len(jobs), desc="certify: reference reruns", unit="run", disable=not progress) as bar:
-        for job in jobs:
-            traces[job.role, job.index] = job.run(traces.get(("reference", 0)), cache_dir=plan.cache,
-                                                  cache_budget=plan.cache_budget, stats=stats)
-            bar.update()
-            if job.role == "reference":  # before the calibration runs: a bad request fails fast
-                check_reference(plan, traces[job.role, job.index])
-    return certificate_from(plan, traces, stats)
+    with tqdm(total=len(plan.jobs()), desc="certify: reference reruns", unit="run", disable=not progress) as bar:
+        def run(jobs):
+            for job in jobs:
+                traces[job.role, job.index] = job.run(traces.get(("reference", 0)), cache_dir=plan.cache,
+                                                      cache_budget=plan.cache_budget, stats=stats)
+                bar.update()
+                if job.role == "reference":  # before the calibration runs: a bad request fails fast
+                    check_reference(plan, traces[job.role, job.index])
+
+        run(plan.jobs())
+        cert = certificate_from(plan, traces, stats)
+        if needs_full_design(plan, cert):
+            plan = plan.completed()
+            rest = [j for j in plan.jobs() if (j.role, j.index) not in traces]
+            bar.total += len(rest)
+            bar.set_description("certify: rejected by the half design, running the rest")
+            run(rest)
+            cert = certificate_from(plan, traces, stats)
+    return cert
+
+
+def needs_full_design(plan: Plan, cert: Certificate) -> bool:
+    """A half-fraction design rejected a tensor: the rest of the design may
+    widen its floor, or overflow where the device did (``tolerance.half_fraction``),
+    so judge again with the full design. Not when an exact check (token ids,
+    timesteps) already fails: no floor changes that."""
+    return (bool(plan.complement) and any(not r.verdict.passed for r in cert.results)
+            and all(c["passed"] for c in cert.exact_checks))
 
 
 def check_reference(plan: Plan, ref: dict) -> None:
@@ -344,6 +387,9 @@ def certificate_from(plan: Plan, traces: dict[tuple[str, int], dict], cache_stat
     # Teacher-forced failures localize better: they are the step's own error, not inherited drift.
     by_mode = {m: next((r for r in failures if r.mode == m), None) for m in modes}
     first = by_mode.get("teacher") or by_mode.get("free")
+    before_first = None if first is None else next(
+        (o for o in overflows if o["mode"] == first.mode
+         and order.index(o["first_affected_tensor"]) <= order.index(first.name)), None)
     certified = not failures and all(c["passed"] for c in exact)
     hint = _layout_hint(first, expected_by_mode[first.mode][first.name], device(first.name), k) if first else None
     cost = _deployment_cost(ref, traces["original", 0], deployment)
@@ -367,6 +413,7 @@ def certificate_from(plan: Plan, traces: dict[tuple[str, int], dict], cache_stat
         "stages": stages, "deployment": deployment.label,
         "unit_roundoff": {s: unit_roundoff(d["precision"]) for s, d in stages.items()},
         "calibration_variants": [v.label for v in variants],
+        "calibration_design": plan.design,
         "reference": f"{REFERENCE.label}, {deployment.label}",
         "teacher_forced_floor": "calibration variants fed the reference's own trajectory (one step's error)",
         "localization": "first failing tensor in execution order, teacher-forced mode first",
@@ -387,7 +434,7 @@ def certificate_from(plan: Plan, traces: dict[tuple[str, int], dict], cache_stat
     images = {"reference": ref[names.IMAGE][0], "device": np.asarray(bundle.tensors[names.IMAGE][0], np.float32)}
     return Certificate(certified, first, results, rule, provenance, dict(req), exact, images, deployment_cost=cost,
                        unknown_intermediates=unknown, not_observable=plan.not_observable, calibration_overflows=overflows,
-                       hint=hint)
+                       hint=hint, overflow_before_failure=before_first)
 
 
 

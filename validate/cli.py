@@ -213,10 +213,16 @@ def summary_lines(cert, k: float, out: Path) -> list[str]:
                  + (f", module {f.module_path}" if f.module_path else "") + f"): {', '.join(f.verdict.failed)}, "
                  f"needs k={f.verdict.k_needed:.3g}")
         lines = [f"NOT CERTIFIED: first failing tensor {where}; {out}/"]
-    if f is not None and "calibration_overflow" in f.verdict.failed and cert.calibration_overflows:
-        o = cert.calibration_overflows[0]
-        lines.append(f"  the declared precision overflows here: calibration variant {o['variant']} first at "
-                     f"{o['op']} (stage {o['stage']}, step {o['step']}); a finite device did not compute as declared")
+    o = cert.overflow_before_failure
+    if o is not None:
+        where = f"{o['op']} (stage {o['stage']}, step {o['step']})" if o["op"] else o["detail"]
+        if "calibration_overflow" in f.verdict.failed:
+            lines.append(f"  the declared precision overflows here: calibration variant {o['variant']} first at "
+                         f"{where}; a finite device did not compute as declared")
+        else:
+            lines.append(f"  the deployment overflows fp16 before this tensor in calibration variant {o['variant']}, "
+                         f"first at {where}: a device computing as declared can fail here too, so this may be the "
+                         "model's fp16 headroom, not the device ('refsd fp16-check' shows the op)")
     not_checked = [c for c in cert.exact_checks if not c.get("checked", True)]
     for c in not_checked:
         lines.append(f"  {c['tensor']}: {c['detail']}")

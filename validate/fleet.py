@@ -34,6 +34,7 @@ from refsd_validate.certify import (
     Plan,
     certificate_from,
     check_model_dir,
+    needs_full_design,
     prepare,
     tflite_tensor_names,
     write_outputs,
@@ -75,13 +76,13 @@ def request_label(plan: Plan) -> str:
     return f"{q['prompt'][:40]!r} seed {q.get('seed')}, {q['width']}x{q['height']}, {q['steps']} {q['scheduler']} steps"
 
 
-def schedule(plans: list[Plan], client) -> dict[int, dict[tuple[str, int], object]]:
+def schedule(plans: dict[int, Plan], client, futures: dict[str, object]) -> dict[int, dict[tuple[str, int], object]]:
     """Submit every plan's reruns to ``client``, one task per distinct content
     key (a job fed the reference's trajectory depends on that reference's
-    task). Returns, per plan, its futures keyed (role, index)."""
-    futures: dict[str, object] = {}
+    task); ``futures`` (by key) holds those already submitted, and gains the
+    new ones. Returns, per plan, its futures keyed (role, index)."""
     per_plan = {}
-    for p, plan in enumerate(plans):
+    for p, plan in plans.items():
         jobs = plan.jobs()
         ref_job = jobs[0]
         ref_key = ref_job.key()
@@ -140,16 +141,26 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
         except (OSError, TimeoutError, ValueError) as e:
             raise BundleError(f"--dask {dask}: cannot reach the scheduler ({' '.join(str(e).split())})") from None
         with client:
-            per_plan = schedule(plans, client)
-            distinct = {f.key: f for fs in per_plan.values() for f in fs.values()}
-            with tqdm(total=len(distinct), desc="certify-fleet: reference reruns", unit="run",
-                      disable=not progress) as bar:
-                for _ in as_completed(list(distinct.values())):
-                    bar.update()
+            futures: dict[str, object] = {}
+            certs: dict[int, Certificate] = {}
+            todo = dict(enumerate(plans))
+            with tqdm(total=0, desc="certify-fleet: reference reruns", unit="run", disable=not progress) as bar:
+                # A certificate its half-fraction design rejects is judged again with the full design, as
+                # certify does (certify.needs_full_design): a second round with only those plans' new reruns.
+                while todo:
+                    before = len(futures)
+                    per_plan = schedule(todo, client, futures)
+                    bar.total += len(futures) - before
+                    bar.refresh()
+                    for _ in as_completed([f for f in list(futures.values())[before:]]):
+                        bar.update()
+                    for p, plan in todo.items():
+                        plans[p] = plan
+                        certs[p] = certificate_from(plan, {role: f.result() for role, f in per_plan[p].items()})
+                    todo = {p: plan.completed() for p, plan in todo.items() if needs_full_design(plan, certs[p])}
             entries = []
             for p, plan in enumerate(plans):
-                traces = {role: f.result() for role, f in per_plan[p].items()}
-                cert = certificate_from(plan, traces)
+                cert = certs[p]
                 where = out / _folder(p, plan)
                 write_outputs(cert, where, tflite_names)
                 entries.append(FleetEntry(str(plan.bundle.source), device_label(plan), request_label(plan), cert,
@@ -159,8 +170,8 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
             cluster.close()
         os.environ.clear()
         os.environ.update(environ)
-    counts = {"bundles": len(plans), "reruns_needed": sum(len(fs) for fs in per_plan.values()),
-              "reruns_run": len(distinct)}
+    counts = {"bundles": len(plans), "reruns_needed": sum(len(plan.jobs()) for plan in plans),
+              "reruns_run": len(futures)}
     write_fleet(entries, counts, out)
     return entries, counts
 

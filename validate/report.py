@@ -54,6 +54,12 @@ def render_report(cert) -> str:
         where += (f"; stage <b>{_e(f['stage'])}</b>" + (f", step <b>{f['step']}</b>" if f["step"] is not None else "")
                   + (f", module <code>{_e(f['module_path'])}</code>" if f["module_path"] else "")
                   + f"): {_e(', '.join(f['failed']))}, needs k = {_num(f['k_needed'])} (bar: k = {cert.rule['k']:g})</p>")
+    o = doc["overflow_before_failure"]
+    if o is not None:
+        where += (f"<p>The deployment overflows fp16 before this tensor: calibration variant <code>{_e(o['variant'])}"
+                  f"</code> first at <code>{_e(o['op'] or o['detail'])}</code> (stage {_e(o['stage'])}, step "
+                  f"{_e(o['step'])}). A device computing as declared can fail here too: this may be the model's fp16 "
+                  "headroom on this request, not the device (<code>refsd fp16-check</code> shows the op).</p>")
     exact_bad = [c for c in cert.exact_checks if not c["passed"]]
     where += "".join(f"<p>Exact check failed: <code>{_e(c['tensor'])}</code>: {_e(c['detail'])}</p>" for c in exact_bad)
     prov, dev = cert.provenance, cert.provenance["device"]
@@ -74,7 +80,8 @@ def render_report(cert) -> str:
         "plot": _plot(cert),
         "worst": _table(sorted(cert.results, key=lambda r: -_finite(r.verdict.k_needed))[:15], cert),
         "statement": _e(rule["statement"]),
-        "rule": f"k = {rule['k']:g}; calibration variants: {_e(', '.join(rule['calibration_variants']))}; "
+        "rule": f"k = {rule['k']:g}; calibration variants ({_e(rule['calibration_design'])}): "
+                f"{_e(', '.join(rule['calibration_variants']))}; "
                 f"reference {_e(rule['reference'])}; unit roundoff u per stage: "
                 f"{_e(', '.join(f'{k} {v:.3g}' for k, v in rule['unit_roundoff'].items()))}. "
                 f"{_e(rule['localization'])}.",

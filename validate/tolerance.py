@@ -27,7 +27,8 @@ correct delegate of the declared precision could equally be.
   tiny model: other kernels move f32_f16 outputs 1.5-4x further than rounding
   placement alone, FTZ another 2-3x. f16 adds the f32_f16 variants. Of these
   factors' combinations a half fraction runs (:func:`half_fraction`): FTZ
-  unknown in f32_f16 is (FTZ off, plain) and (FTZ on, other kernels).
+  unknown in f32_f16 is (FTZ off, plain) and (FTZ on, other kernels). A
+  certificate the half rejects is judged again on the full design.
 * f32: the ALGORITHMS variant, and the f32_f16 spread scaled to fp32 by
   ``F32_KERNEL_ROUNDINGS * 2^-24 / 2^-11``. Scaling fp16 storage noise by
   2^-13 alone models one fp32 rounding per op output; another fp32 kernel
@@ -169,8 +170,8 @@ def unit_roundoff(precision: str) -> float:
 
 
 def stage_variants(precision: str, ftz: bool | None, *, fast_math: bool = False, kernels: bool = True,
-                   half_weights: bool = False, hybrid: bool = False,
-                   gpu: bool = False) -> tuple[list[StageVariant], list[StageVariant]]:
+                   half_weights: bool = False, hybrid: bool = False, gpu: bool = False,
+                   complement: bool = False) -> tuple[list[StageVariant], list[StageVariant]]:
     """(unscaled, scaled) runs of one stage whose spread around the f32
     reference is the noise floor of a stage declared ``precision`` (``ftz``
     None: unknown, so both). ``kernels``: the stage has ops whose kernels a
@@ -183,11 +184,14 @@ def stage_variants(precision: str, ftz: bool | None, *, fast_math: bool = False,
     compound through the layers (1-5e-2 end to end on the tiny UNet and VAE,
     measured, from op-by-op agreement), so one run rounds activations either
     way (``refsd.ops.hybrid.either_rounding``) and another takes the plain
-    float path's flips."""
+    float path's flips. ``complement``: the other half of the factorial design
+    instead (:func:`half_fraction`; nothing where the design is not halved)."""
     ulps = LIBM_ULPS_FAST if fast_math else LIBM_ULPS
     other = ALGORITHMS if kernels else "none"
     jitter = half_weights and kernels
     if precision == "f32":
+        if complement:
+            return [], []
         runs = [StageVariant("f32", False, other, ulps, jitter)]
         if hybrid and kernels:
             runs += [StageVariant("f32", False, "none", ulps, either_rounding=True)]
@@ -200,19 +204,20 @@ def stage_variants(precision: str, ftz: bool | None, *, fast_math: bool = False,
     swaps = [False, True] if kernels else [False]
     levels = [(m, z, k) for k in swaps for m in modes for z in flush]
     runs = [StageVariant(m, z, other, ulps, jitter) if k else StageVariant(m, z, "none")
-            for m, z, k in half_fraction(levels, (modes, flush, swaps))]
-    if gpu and kernels and precision == "f16":
+            for m, z, k in half_fraction(levels, (modes, flush, swaps), complement=complement)]
+    if gpu and kernels and precision == "f16" and not complement:
         # What real fp16 GPU kernels store and round that generic f16 does not (the timestep embedding's t * freq
         # as an fp16 tensor: time_proj 18-33 % off; MEAN in fp32): LiteRT's GPU kernels, measured (README).
         runs += [StageVariant("f16", z, "none", ulps, jitter, device_model="litert-gpu") for z in flush]
     return runs, []
 
 
-def half_fraction(levels: list[tuple], factors: tuple[list, ...]) -> list[tuple]:
+def half_fraction(levels: list[tuple], factors: tuple[list, ...], *, complement: bool = False) -> list[tuple]:
     """The half of a two-level factorial design that keeps every factor's
     both levels and, with three factors, every pair's four combinations
     (resolution III: the runs whose two-level factors' level indices sum to
     an even number). With fewer than two two-level factors, all of ``levels``.
+    ``complement``: the other half (the odd sums; nothing when not halved).
 
     Why a fraction: a certificate costs 2V + 2 pipeline runs for V calibration
     runs, and the floor is the largest spread of any run, so the run that
@@ -224,25 +229,49 @@ def half_fraction(levels: list[tuple], factors: tuple[list, ...]) -> list[tuple]
     no device that the full design rejects is certified; the correct devices
     of the test suite (LiteRT CPU and GPU captures, diffusers, emulated
     devices) still certify. f32_f16 with FTZ unknown: (FTZ off, plain) and
-    (FTZ on, other kernels), 2 runs instead of 4; f16: 4 instead of 8."""
+    (FTZ on, other kernels), 2 runs instead of 4; f16: 4 instead of 8.
+
+    But the factors interact where fp16 overflows: on a tiny SD 2.1 (seed 1),
+    f16 with plain kernels overflows a GroupNorm's fp16 sum of squares, which
+    f32_f16 and Google's kernels do not. With FTZ declared off, the half
+    fraction kept neither (f16, plain) run, so a device computing exactly that
+    was judged against runs that do not overflow and its failure named no
+    overflow. So a certificate that the half rejects runs the complement too
+    (``certify``): its verdict is always the full design's, and only
+    rejections pay for it."""
     varying = [i for i, f in enumerate(factors) if len(f) == 2]
     if len(varying) < 2:
-        return list(levels)
-    return [lv for lv in levels if sum(factors[i].index(lv[i]) for i in varying) % 2 == 0]
+        return [] if complement else list(levels)
+    parity = 1 if complement else 0
+    return [lv for lv in levels if sum(factors[i].index(lv[i]) for i in varying) % 2 == parity]
 
 
-def calibration_variants(stages: dict[str, dict], weights: str = "fp32") -> list[CalibrationRun]:
+def calibration_variants(stages: dict[str, dict], weights: str = "fp32", *,
+                         complement: bool = False) -> list[CalibrationRun]:
     """The calibration runs for a deployment whose stages are declared as
     ``stages`` (``refsd_validate.bundle.declared_stages``). Each stage's own
     runs (:func:`stage_variants`) are zipped, shorter lists cycled, so every
     run varies every stage at once and the run count is the longest list's,
     not the product. fp32 storage noise (fp16's scaled by 2^-13) is one more
     run that varies only the fp32-declared stages, the rest running as the
-    reference, so its scale applies to nothing else."""
-    per = [stage_variants(stages[s]["precision"], stages[s]["ftz"], fast_math=bool(stages[s]["fast_math"]),
-                          kernels=s != "guidance_scheduler", half_weights=weights in ("fp16", "bf16"),
-                          hybrid=stages[s].get("int8_kernels") == "hybrid", gpu=stages[s]["processor"] == "gpu")
-           for s in STAGES]
+    reference, so its scale applies to nothing else. ``complement``: the runs
+    of the other half of each stage's design (:func:`half_fraction`), the
+    stages not halved cycling their own runs; none when no stage is halved.
+    Both lists together are the full design."""
+    def per_stage(complement):
+        return [stage_variants(stages[s]["precision"], stages[s]["ftz"], fast_math=bool(stages[s]["fast_math"]),
+                               kernels=s != "guidance_scheduler", half_weights=weights in ("fp16", "bf16"),
+                               hybrid=stages[s].get("int8_kernels") == "hybrid", gpu=stages[s]["processor"] == "gpu",
+                               complement=complement)
+                for s in STAGES]
+
+    per = per_stage(False)
+    if complement:
+        other = [u for u, _ in per_stage(True)]
+        if not any(other):
+            return []
+        lists = [o or u for o, (u, _) in zip(other, per)]
+        return [CalibrationRun(tuple(u[j % len(u)] for u in lists)) for j in range(max(map(len, other)))]
     n = max(len(u) for u, _ in per)
     runs = [CalibrationRun(tuple(u[j % len(u)] for u, _ in per)) for j in range(n)]
     if any(sc for _, sc in per):
