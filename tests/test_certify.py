@@ -29,8 +29,9 @@ from refsd_validate.cli import main
 from refsd_validate.reader import read_bundle
 from refsd_validate.bundle import declared_stages
 from refsd_validate.certify_rerun import Deployment
-from refsd_validate.tolerance import (ALGORITHMS, K, LIBM_ULPS, REFERENCE, SYSTEMATIC, U_F16, U_F32, StageVariant,
-                                      calibration_variants, design_effects, error_stats, judge, noise_floor)
+from refsd_validate.tolerance import (ALGORITHMS, FAMILY_ALPHA, K, LIBM_ULPS, REFERENCE, SYSTEMATIC, U_F16, U_F32,
+                                      StageVariant, calibration_variants, design_effects, error_stats, judge,
+                                      noise_floor, standard_error_scale)
 
 ATTN1 = "unet.mid_block.attentions.0.transformer_blocks.0.attn1"
 
@@ -394,6 +395,29 @@ def test_calibration_variants_follow_the_declared_precision():
     f32 = calibration_variants(_stages("f32", None))
     assert [(v.stage("vae").precision, v.stage("vae").kernels) for v in f32] == [("f32", ALGORITHMS), ("f32_f16", "none")]
     assert f32[1].scale == 16 * U_F32 / U_F16
+
+
+def test_standard_errors_are_scaled_for_the_number_of_checks():
+    """K times the scaled standard error is the Bonferroni normal quantile of the certificate's offset and gain
+    checks, so a correct device fails one of n of them with probability FAMILY_ALPHA; it never narrows a floor,
+    and it only scales the standard-error terms (a spread-bound floor stays as measured)."""
+    from statistics import NormalDist
+
+    for n in (160, 800, 2800):
+        s = standard_error_scale(n)
+        assert K * s == pytest.approx(NormalDist().inv_cdf(1 - FAMILY_ALPHA / (2 * n)))
+    assert standard_error_scale(1) == 1.0  # 3.29 standard errors < K: not narrowed
+    assert 1.12 < standard_error_scale(160) < standard_error_scale(2800) < 1.28
+    rng = np.random.default_rng(4)
+    ref = rng.standard_normal((2, 8, 8, 16)).astype(np.float32)
+    # an error with no offset or gain of its own (projected out), so the standard-error terms set those floors
+    e = 1e-3 * rng.standard_normal(ref.size)
+    design = np.stack([np.ones(ref.size), ref.ravel() - ref.mean()], axis=1)
+    e -= design @ np.linalg.lstsq(design, e, rcond=None)[0]
+    run = ref + e.reshape(ref.shape).astype(np.float32)
+    one, scaled = noise_floor(ref, [(run, 1.0)], "f32_f16"), noise_floor(ref, [(run, 1.0)], "f32_f16", 1.25)
+    assert (scaled.peak, scaled.rms) == (one.peak, one.rms)
+    assert scaled.gain == pytest.approx(1.25 * one.gain) and scaled.offset == pytest.approx(1.25 * one.offset)
 
 
 def test_the_complement_completes_the_factorial_design():

@@ -65,6 +65,7 @@ from refsd_validate.tolerance import (
     REFERENCE,
     SYSTEMATIC,
     SYSTEMATIC_F16,
+    FAMILY_ALPHA,
     K,
     Verdict,
     calibration_variants,
@@ -72,6 +73,7 @@ from refsd_validate.tolerance import (
     judge,
     minimum_floor,
     noise_floor,
+    standard_error_scale,
     unit_roundoff,
 )
 from tqdm import tqdm
@@ -354,6 +356,7 @@ def certificate_from(plan: Plan, traces: dict[tuple[str, int], dict], cache_stat
         return np.broadcast_to(bundle.tensor(n), ref[n].shape)
 
     modes = plan.modes
+    se_scale = standard_error_scale(2 * len(order) * len(modes))  # offset and gain of every judged tensor
     expected_by_mode: dict[str, dict] = {}
     results: list[TensorResult] = []
     overflows: list[dict] = []
@@ -379,7 +382,7 @@ def certificate_from(plan: Plan, traces: dict[tuple[str, int], dict], cache_stat
             if not runs:
                 results.append(_no_floor(n, m, expected[n], device(n), precision, k))
                 continue
-            floor = noise_floor(ref[n], runs, precision)
+            floor = noise_floor(ref[n], runs, precision, se_scale)
             results.append(_judge(n, m, expected[n], device(n), floor, k))
 
     exact = _exact_checks(bundle, ref, plan.model_dir)
@@ -406,10 +409,12 @@ def certificate_from(plan: Plan, traces: dict[tuple[str, int], dict], cache_stat
                      "scale; a variant non-finite at the tensor is left out), at least one unit roundoff u of the "
                      "stage's declared storage precision at the tensor's scale (peak: u max|ref|, rms: u rms(ref)), "
                      f"{SYSTEMATIC} unit roundoffs of its arithmetic precision for offset and gain ({SYSTEMATIC_F16} "
-                     "in fp16 arithmetic), and one standard "
-                     "error of the fit under noise of the rms floor, and for the gain also its heteroscedasticity-"
+                     "in fp16 arithmetic), and s standard "
+                     "errors of the fit under noise of the rms floor, and for the gain also its heteroscedasticity-"
                      "consistent standard error from the calibration runs' errors (each times the calibration runs' "
-                     "design effect: errors correlated across elements)",
+                     f"design effect: errors correlated across elements); s = {se_scale:.3f} makes {K:g} times it the "
+                     f"two-sided normal quantile at {FAMILY_ALPHA:g} / {2 * len(order) * len(modes)} (the "
+                     "certificate's offset and gain checks: Bonferroni)",
         "stages": stages, "deployment": deployment.label,
         "unit_roundoff": {s: unit_roundoff(d["precision"]) for s, d in stages.items()},
         "calibration_variants": [v.label for v in variants],
