@@ -24,14 +24,14 @@ from refsd.tiny import make_tiny
 from refsd_validate import certify_rerun
 from refsd_validate.bundle import model_sha256
 from refsd_validate.capture_emulated import emulated_capture
-from refsd_validate.certify import certify
+from refsd_validate.certify import certificate_from, certify, prepare
 from refsd_validate.cli import main
 from refsd_validate.reader import read_bundle
 from refsd_validate.bundle import declared_stages
 from refsd_validate.certify_rerun import Deployment
-from refsd_validate.tolerance import (ALGORITHMS, FAMILY_ALPHA, K, LIBM_ULPS, REFERENCE, SYSTEMATIC, U_F16, U_F32,
-                                      StageVariant, calibration_variants, design_effects, error_stats, judge,
-                                      noise_floor, standard_error_scale)
+from refsd_validate.tolerance import (ALGORITHMS, FAMILY_ALPHA, FULL_DESIGN_WIDENING, K, LIBM_ULPS, REFERENCE,
+                                      SYSTEMATIC, U_F16, U_F32, StageVariant, calibration_variants, design_effects,
+                                      error_stats, judge, noise_floor, standard_error_scale)
 
 ATTN1 = "unet.mid_block.attentions.0.transformer_blocks.0.attn1"
 
@@ -395,6 +395,30 @@ def test_calibration_variants_follow_the_declared_precision():
     f32 = calibration_variants(_stages("f32", None))
     assert [(v.stage("vae").precision, v.stage("vae").kernels) for v in f32] == [("f32", ALGORITHMS), ("f32_f16", "none")]
     assert f32[1].scale == 16 * U_F32 / U_F16
+
+
+def test_a_clear_rejection_by_the_half_design_is_the_full_designs(tiny_sd21, certify_cache, tmp_path):
+    """A +1 % UNet bias, f32_f16 with FTZ undeclared: the half-fraction design's first failure needs far more than
+    the other half could widen a floor (FULL_DESIGN_WIDENING), so certify does not run the other half, and the
+    full design gives the same verdict and first failure."""
+    def unknown_ftz(doc):
+        for s in ("text_encoder", "unet", "vae"):
+            doc["stages"][s]["ftz"] = None
+
+    biased = _device(tiny_sd21, tmp_path / "bias", _unet_output_fault(1, lambda o: o * np.float32(1.01)))
+    bundle = rewrite_bundle(biased, tmp_path / "bundle", doc=unknown_ftz)
+    half = certify(bundle, tiny_sd21, mode="teacher", cache_dir=certify_cache)
+    assert not half.certified and half.rule["calibration_design"].startswith("half fraction")
+    assert half.first_failure.verdict.k_needed > K * FULL_DESIGN_WIDENING
+    plan = prepare(bundle, tiny_sd21, mode="teacher", cache_dir=certify_cache).completed()
+    traces = {}
+    for job in plan.jobs():
+        traces[job.role, job.index] = job.run(traces.get(("reference", 0)), cache_dir=plan.cache)
+    full = certificate_from(plan, traces)
+    assert not full.certified and len(full.rule["calibration_variants"]) > len(half.rule["calibration_variants"])
+    assert (full.first_failure.name, full.first_failure.mode) == (half.first_failure.name, half.first_failure.mode)
+    # the rest of the design widened this failure's floor by no more than FULL_DESIGN_WIDENING
+    assert half.first_failure.verdict.k_needed / full.first_failure.verdict.k_needed <= FULL_DESIGN_WIDENING
 
 
 def test_standard_errors_are_scaled_for_the_number_of_checks():

@@ -82,13 +82,14 @@ def test_fleet_runs_shared_calibration_once(fleet_run, fleet_bundles, tiny_sd21)
 
 
 def test_fleet_completes_a_half_design_it_rejects(fleet_bundles, tiny_sd21, certify_cache, tmp_path, capsys):
-    """The biased device with FTZ undeclared: its half-fraction calibration rejects it, so the fleet runs the
-    rest of the design, as certify does, and gives the verdict, first failure and design of certifying it alone."""
+    """The device with a NaN at step 2, FTZ undeclared: its half-fraction calibration rejects it with a
+    non-finite tensor (which a run of the other half might share), so the fleet runs the rest of the design, as
+    certify does, and gives the verdict, first failure and design of certifying it alone."""
     def unknown_ftz(doc):
         for s in ("text_encoder", "unet", "vae"):
             doc["stages"][s]["ftz"] = None
 
-    bundle = rewrite_bundle(fleet_bundles[1], tmp_path / "bias", doc=unknown_ftz)
+    bundle = rewrite_bundle(fleet_bundles[2], tmp_path / "nan", doc=unknown_ftz)
     plan = prepare(bundle, tiny_sd21)
     assert plan.complement
     out = tmp_path / "fleet"
@@ -102,7 +103,7 @@ def test_fleet_completes_a_half_design_it_rejects(fleet_bundles, tiny_sd21, cert
     assert fleet_cert["rule"]["calibration_design"] == alone.rule["calibration_design"]
     assert alone.rule["calibration_design"].startswith("full factorial design")
     assert fleet_cert["rule"]["calibration_variants"] == [v.label for v in plan.variants + plan.complement]
-    assert fleet_cert["first_failure"]["tensor"] == alone.first_failure.name == "unet/step_1/noise_pred"
+    assert fleet_cert["first_failure"]["tensor"] == alone.first_failure.name == "unet/step_2/noise_pred"
     # reference, V + C teacher-forced calibration runs, the device's teacher-forced run, the original model
     assert doc["counts"]["reruns_run"] == len(plan.variants) + len(plan.complement) + 3
 

@@ -20,7 +20,9 @@
    certificate names it, with the op and step, and says when it comes at or
    before the first failure. Where the variants are half of a factorial
    design (``tolerance.half_fraction``) and it rejects, the other half runs
-   too and the bundle is judged on the full design (``needs_full_design``).
+   too and the bundle is judged on the full design, unless no floor the other
+   half can widen would change the verdict or the first failure
+   (``needs_full_design``).
 4. Judge every boundary tensor, and every intermediate the bundle has that
    the reference also records, in execution order; the first failing tensor
    (teacher-forced first: it is the step's own error) is the localization:
@@ -66,6 +68,7 @@ from refsd_validate.tolerance import (
     SYSTEMATIC,
     SYSTEMATIC_F16,
     FAMILY_ALPHA,
+    FULL_DESIGN_WIDENING,
     K,
     Verdict,
     calibration_variants,
@@ -227,8 +230,8 @@ class Plan:
     @property
     def design(self) -> str:
         if self.complement:
-            return ("half fraction of the factorial design (tolerance.half_fraction); the other half runs only "
-                    "when this one rejects, and the full design's floors are no narrower")
+            return ("half fraction of the factorial design (tolerance.half_fraction); the other half runs when it "
+                    "could change a rejection (certify.needs_full_design), and the full design's floors are no narrower")
         if self.completed_after_rejection:
             return "full factorial design: the half fraction rejected, so the other half ran too"
         return "full design"
@@ -321,12 +324,27 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
 
 
 def needs_full_design(plan: Plan, cert: Certificate) -> bool:
-    """A half-fraction design rejected a tensor: the rest of the design may
-    widen its floor, or overflow where the device did (``tolerance.half_fraction``),
-    so judge again with the full design. Not when an exact check (token ids,
-    timesteps) already fails: no floor changes that."""
-    return (bool(plan.complement) and any(not r.verdict.passed for r in cert.results)
-            and all(c["passed"] for c in cert.exact_checks))
+    """Whether the rest of a half-fraction design (``tolerance.half_fraction``)
+    could change this rejection's verdict, first failure or its explanation, so
+    that the bundle must be judged again on the full design:
+
+    * a stage declared f16: there the kernels and the f16 mode interact where
+      fp16 overflows (the half may hold no run that overflows as the device
+      did, and the certificate names such an overflow);
+    * the device went non-finite: likewise;
+    * the first failure needs k <= k * FULL_DESIGN_WIDENING: the rest may
+      widen its floor that far.
+
+    Otherwise the first failing tensor fails on the full design too (floors
+    only widen, by at most FULL_DESIGN_WIDENING): the same verdict and first
+    failure; later tensors are judged on the half's floors. Never when an
+    exact check (token ids, timesteps) fails: no floor changes that."""
+    first = cert.first_failure
+    if not plan.complement or first is None or not all(c["passed"] for c in cert.exact_checks):
+        return False
+    f16 = any(d["precision"] == "f16" for d in plan.bundle.stages.values())
+    nonfinite = any({"nonfinite", "calibration_overflow"} & set(r.verdict.failed) for r in cert.results)
+    return f16 or nonfinite or first.verdict.k_needed <= plan.k * FULL_DESIGN_WIDENING
 
 
 def check_reference(plan: Plan, ref: dict) -> None:
