@@ -328,9 +328,10 @@ def needs_full_design(plan: Plan, cert: Certificate) -> bool:
     could change this rejection's verdict, first failure or its explanation, so
     that the bundle must be judged again on the full design:
 
-    * a stage declared f16: there the kernels and the f16 mode interact where
-      fp16 overflows (the half may hold no run that overflows as the device
-      did, and the certificate names such an overflow);
+    * the rest holds an f16 run with plain kernels and the half none (f16 with
+      FTZ declared): there the kernels and the f16 mode interact where fp16
+      overflows (a plain f16 GroupNorm's sum of squares; Google's kernels and
+      f32_f16 do not), and the certificate names such an overflow;
     * the device went non-finite: likewise;
     * the first failure needs k <= k * FULL_DESIGN_WIDENING: the rest may
       widen its floor that far.
@@ -342,9 +343,13 @@ def needs_full_design(plan: Plan, cert: Certificate) -> bool:
     first = cert.first_failure
     if not plan.complement or first is None or not all(c["passed"] for c in cert.exact_checks):
         return False
-    f16 = any(d["precision"] == "f16" for d in plan.bundle.stages.values())
+    f16 = _plain_f16(plan.complement) and not _plain_f16(plan.variants)
     nonfinite = any({"nonfinite", "calibration_overflow"} & set(r.verdict.failed) for r in cert.results)
     return f16 or nonfinite or first.verdict.k_needed <= plan.k * FULL_DESIGN_WIDENING
+
+
+def _plain_f16(variants) -> bool:
+    return any(sv.precision == "f16" and sv.kernels == "none" for v in variants for sv in v.stages)
 
 
 def check_reference(plan: Plan, ref: dict) -> None:
