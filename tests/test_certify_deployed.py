@@ -122,7 +122,7 @@ def test_a_device_that_overflows_as_declared_is_told_so(tiny_sd21, certify_cache
     now runs the rest of the design, which holds the device's own configuration."""
     device = emulated_capture(tiny_sd21, certify_request(), tmp_path / "device", precision="f16", ftz=False,
                               declare_ftz=False, rewrites="none")
-    rc, cert, out = certify_cli(device, tiny_sd21, tmp_path / "out", certify_cache, capsys)
+    rc, cert, out = certify_cli(device, tiny_sd21, tmp_path / "out", certify_cache, capsys, "--mode", "teacher")
     assert rc == 1
     assert cert["rule"]["calibration_design"].startswith("full factorial design: the half fraction rejected")
     assert "text_encoder+unet+vae: f16; guidance_scheduler: f32 libm±4ulp" in cert["rule"]["calibration_variants"]
