@@ -302,7 +302,8 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
                    tflite_dir=tflite_dir, strict=strict, max_deployment_cost=max_deployment_cost)
     stats = CacheStats()
     traces = {}
-    with tqdm(total=len(plan.jobs()), desc="certify: reference reruns", unit="run", disable=not progress) as bar:
+    jobs = plan.jobs()
+    with tqdm(total=len(jobs), desc="certify: reference reruns", unit="run", disable=not progress) as bar:
         def run(jobs):
             for job in jobs:
                 traces[job.role, job.index] = job.run(traces.get(("reference", 0)), cache_dir=plan.cache,
@@ -311,7 +312,7 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
                 if job.role == "reference":  # before the calibration runs: a bad request fails fast
                     check_reference(plan, traces[job.role, job.index])
 
-        run(plan.jobs())
+        run(jobs)
         cert = certificate_from(plan, traces, stats)
         if needs_full_design(plan, cert):
             plan = plan.completed()
@@ -379,7 +380,8 @@ def certificate_from(plan: Plan, traces: dict[tuple[str, int], dict], cache_stat
         return np.broadcast_to(bundle.tensor(n), ref[n].shape)
 
     modes = plan.modes
-    se_scale = standard_error_scale(2 * len(order) * len(modes))  # offset and gain of every judged tensor
+    checks = 2 * len(order) * len(modes)  # an offset and a gain per judged tensor
+    se_scale = standard_error_scale(checks)
     expected_by_mode: dict[str, dict] = {}
     results: list[TensorResult] = []
     overflows: list[dict] = []
@@ -436,7 +438,7 @@ def certificate_from(plan: Plan, traces: dict[tuple[str, int], dict], cache_stat
                      "errors of the fit under noise of the rms floor, and for the gain also its heteroscedasticity-"
                      "consistent standard error from the calibration runs' errors (each times the calibration runs' "
                      f"design effect: errors correlated across elements); s = {se_scale:.3f} makes {K:g} times it the "
-                     f"two-sided normal quantile at {FAMILY_ALPHA:g} / {2 * len(order) * len(modes)} (the "
+                     f"two-sided normal quantile at {FAMILY_ALPHA:g} / {checks} (the "
                      "certificate's offset and gain checks: Bonferroni)",
         "stages": stages, "deployment": deployment.label,
         "unit_roundoff": {s: unit_roundoff(d["precision"]) for s, d in stages.items()},

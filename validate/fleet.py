@@ -152,7 +152,7 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
                     per_plan = schedule(todo, client, futures)
                     bar.total += len(futures) - before
                     bar.refresh()
-                    for _ in as_completed([f for f in list(futures.values())[before:]]):
+                    for _ in as_completed(list(futures.values())[before:]):
                         bar.update()
                     for p, plan in todo.items():
                         plans[p] = plan
