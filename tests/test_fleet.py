@@ -9,13 +9,16 @@ teacher-forced run per bundle), and writes fleet.json and an offline fleet.html.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import types
 
 import numpy as np
 import pytest
 from refsd_validate.certify import certify, prepare
+from refsd_validate import fleet
 from refsd_validate.cli import main
 from bundle_helpers import rewrite_bundle
 from test_certify import _device, _unet_output_fault
@@ -61,7 +64,7 @@ def test_fleet_gives_the_verdicts_of_one_by_one(fleet_run, fleet_bundles, tiny_s
         assert entry["first_failure"] == (None if first is None else f"{first.name} ({first.mode})")
         fleet_first = json.loads((out / entry["certificate"]).read_text())["first_failure"]
         alone_first = alone.to_dict()["first_failure"]
-        # k_needed may differ in its last digits: the workers' BLAS runs one thread (refsd.blas)
+        # k_needed may differ in its last digits: each worker's BLAS runs cores / workers threads (refsd.blas)
         drop_k = {"k_needed"}
         assert (fleet_first and {a: b for a, b in fleet_first.items() if a not in drop_k}) == \
             (alone_first and {a: b for a, b in alone_first.items() if a not in drop_k})
@@ -78,7 +81,7 @@ def test_fleet_runs_shared_calibration_once(fleet_run, fleet_bundles, tiny_sd21)
     assert c == 0  # FTZ declared: nothing halved (test_fleet_completes_a_half_design_it_rejects has the other case)
     assert doc["counts"] == {"bundles": 3, "reruns_needed": 3 * per_bundle,
                              # one reference, its calibration and the original model's run shared; one per device
-                             "reruns_run": 2 * v + 2 + 3}
+                             "reruns_run": 2 * v + 2 + 3, "local_workers": 2}
 
 
 def test_fleet_completes_a_half_design_it_rejects(fleet_bundles, tiny_sd21, certify_cache, tmp_path, capsys):
@@ -131,3 +134,65 @@ def test_fleet_bad_bundle_is_one_line_exit_2(fleet_bundles, tiny_sd21, tmp_path,
     rc = main(["certify-fleet", str(fleet_bundles[0]), "--model", str(tiny_sd21), "--out", str(tmp_path / "o"),
                "--workers", "0"])
     assert rc == 2 and "--workers" in capsys.readouterr().err
+
+
+def test_a_local_cluster_gets_the_workers_the_memory_holds(fleet_bundles, tiny_sd21, monkeypatch):
+    """Two SD 2.1 calibration runs with Winograd do not fit in 24 GB: the kernel killed a worker. The local
+    cluster is sized to the memory available, says so, and gives the spare cores to the workers' BLAS."""
+    import psutil
+
+    plans = [prepare(b, tiny_sd21) for b in fleet_bundles]
+    need = fleet.largest_rerun(plans)
+
+    def available(bytes_):
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=bytes_))
+
+    available(int(1.5 * need / fleet.MEMORY_SHARE))
+    workers, threads, notice = fleet.local_workers(plans, 2)
+    assert (workers, threads) == (1, os.cpu_count()) and notice.startswith("certify-fleet: 1 worker instead of 2")
+    available(int(2.5 * need / fleet.MEMORY_SHARE))
+    assert fleet.local_workers(plans, 2) == (2, max(1, os.cpu_count() // 2), None)
+    assert fleet.local_workers(plans, 4)[0] == 2
+    available(0)
+    assert fleet.local_workers(plans, 2)[0] == 1  # never none: one rerun at a time is what certify does
+
+
+def test_the_memory_estimate_holds_the_winograd_transforms_a_run_caches(fleet_bundles, tiny_sd21, monkeypatch):
+    """rerun_memory_bytes counts 8 bytes per 3x3 kernel value for the fp16 Winograd transforms a run keeps
+    (refsd.ops.winograd); what a run with Winograd actually keeps is within that and not far below it."""
+    from refsd.ops import winograd
+
+    kept = []
+    readonly = winograd._readonly
+    monkeypatch.setattr(winograd, "_readonly", lambda a: kept.append(a.nbytes) or readonly(a))
+    plan = prepare(fleet_bundles[0], tiny_sd21)  # deployed with Google's kernels, Winograd among them
+    job = next(j for j in plan.jobs() if j.role == "free")
+    plain = dataclasses.replace(job, deployment=dataclasses.replace(job.deployment, rewrites="none"),
+                                variant=plan.variants[0])
+    assert "winograd" not in plan.variants[0].label
+    job.run()
+    values, conv3, _ = fleet._model_sizes(str(tiny_sd21))
+    assert fleet.rerun_memory_bytes(job) - fleet.rerun_memory_bytes(plain) == 8 * conv3
+    # the VAE encoder's and the downsamplers' 3x3 kernels are counted but never transformed
+    assert 0.5 * 8 * conv3 <= sum(kept) <= 8 * conv3
+
+
+def test_workers_that_die_end_the_fleet_in_one_line(fleet_bundles, tiny_sd21, tmp_path, monkeypatch, capsys):
+    """A worker the out-of-memory killer ends is restarted and its task retried; when the workers running a
+    rerun keep dying, the fleet ends with one line naming it, exit 2, not Dask's KilledWorker traceback."""
+    import dask
+
+    def dying(plans, client, futures):
+        per_plan = {}
+        for p in plans:
+            futures[f"dies-{p}"] = client.submit(os._exit, 1, key=f"dies-{p}", pure=False)
+            per_plan[p] = {("reference", 0): futures[f"dies-{p}"]}
+        return per_plan
+
+    monkeypatch.setattr(fleet, "schedule", dying)
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        rc = main(["certify-fleet", str(fleet_bundles[0]), "--model", str(tiny_sd21), "--out", str(tmp_path / "o"),
+                   "--workers", "1", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "dies-0" in err[0] and "died 1 time " in err[0] and "--workers" in err[0]

@@ -14,17 +14,23 @@ Each certificate is then judged in this process exactly as ``certify`` judges a
 single bundle (``certify.certificate_from``), so a fleet gives the same
 verdicts as certifying its bundles one by one.
 
-Workers compute with one BLAS thread each (Dask's nanny sets
-``OPENBLAS_NUM_THREADS=1``); a trace depends on the BLAS thread count
-(``refsd.blas``), and the rerun cache keys on it, so a fleet's cached reruns
-serve later fleets, and single-bundle certifications on one thread.
+A local cluster gets no more workers than that many reruns fit in the memory
+available (:func:`rerun_memory_bytes`; an SD 2.1 calibration run with Winograd
+holds ~10-12 GB, so two of them do not fit on a 24 GB machine and the kernel
+kills one), and the cores are shared out as BLAS threads among its workers
+(Dask's nanny would set ``OPENBLAS_NUM_THREADS=1``). A trace depends on the
+BLAS thread count (``refsd.blas``) and the rerun cache keys on it, so a
+fleet's cached reruns serve later fleets and single-bundle certifications
+that ran with as many threads.
 """
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -39,10 +45,13 @@ from refsd_validate.certify import (
     tflite_tensor_names,
     write_outputs,
 )
-from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES
+from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, RerunJob, model_options
 from refsd_validate.reader import BundleError
 from refsd_validate.tolerance import K
 from tqdm import tqdm
+
+from refsd.trace import MODELS
+from refsd.weights import load_component_state, read_config
 
 FLEET = "refsd-fleet"
 
@@ -74,6 +83,68 @@ def device_label(plan: Plan) -> str:
 def request_label(plan: Plan) -> str:
     q = plan.bundle.request
     return f"{q['prompt'][:40]!r} seed {q.get('seed')}, {q['width']}x{q['height']}, {q['steps']} {q['scheduler']} steps"
+
+
+# The share of the memory available when the fleet starts that its local workers' reruns may take together: the
+# rest is for the client (it holds every rerun's trace until the certificates are judged), Dask and the machine.
+MEMORY_SHARE = 0.8
+PROCESS_BYTES = 1 << 29
+
+
+@functools.lru_cache(maxsize=8)
+def _model_sizes(model_dir: str) -> tuple[int, int, int]:
+    """(values in the checkpoint, of them in 3x3 convolution kernels, the VAE's
+    channels at full resolution), from the safetensors headers (memory-mapped,
+    nothing read)."""
+    values = conv3 = 0
+    for model in MODELS:
+        for w in load_component_state(Path(model_dir) / model).values():
+            values += w.size
+            conv3 += w.size if w.ndim == 4 and w.shape[2:] == (3, 3) else 0
+    vae = read_config(Path(model_dir) / "vae" / "config.json")
+    return values, conv3, int(vae.get("block_out_channels", [128])[0])
+
+
+def rerun_memory_bytes(job: RerunJob) -> int:
+    """About the peak memory of one rerun, on the high side: the process
+    itself (Python, NumPy, the tokenizer, a Dask worker: ``PROCESS_BYTES``);
+    the model in float32 (4 bytes a value); in fp16-storage runs with
+    Winograd, the cached fp16 weight transforms (a 3x3 kernel's 6x6 tile: 4x
+    its values, 2 bytes each, ``refsd.ops.winograd``); and the VAE decoder's
+    full-resolution convolutions (im2col patches of 9 x its channels in
+    float32, three such buffers live). Against the peak RSS measured on the
+    SD 2.1-base architecture (bench/README, certification cost): 10.2 GiB for
+    9.5 measured (128x128, Winograd), 13.3 for 12.4 (512x512, Winograd), 5.5
+    for 5.0 (128x128, plain)."""
+    values, conv3, channels = _model_sizes(job.model_dir)
+    winograd = any("winograd" in o.rewrites and o.precision.storage16
+                   for o in model_options(job.deployment, job.variant).values())
+    pixels = int(job.request["width"]) * int(job.request["height"])
+    return PROCESS_BYTES + 4 * values + (8 * conv3 if winograd else 0) + 3 * 9 * 4 * channels * pixels
+
+
+def largest_rerun(plans: list[Plan]) -> int:
+    """:func:`rerun_memory_bytes` of the largest rerun the plans (or their full designs) may need."""
+    return max(rerun_memory_bytes(job) for plan in plans for p in (plan, plan.completed()) for job in p.jobs())
+
+
+def local_workers(plans: list[Plan], asked: int) -> tuple[int, int, str | None]:
+    """(workers, BLAS threads each, a notice or None) for a local cluster:
+    at most ``asked``, no more than the largest rerun fits into
+    ``MEMORY_SHARE`` of the memory available that many times, and the
+    machine's cores shared out among them."""
+    import psutil  # noqa: PLC0415 (a dependency of Dask's)
+
+    need = largest_rerun(plans)
+    available = psutil.virtual_memory().available
+    fit = max(1, int(MEMORY_SHARE * available // need))
+    workers = min(asked, fit)
+    notice = None
+    if workers < asked:
+        notice = (f"certify-fleet: {workers} worker{'s' * (workers > 1)} instead of {asked}: a rerun of this model "
+                  f"at {plans[0].bundle.request['width']}x{plans[0].bundle.request['height']} needs about "
+                  f"{need / 2**30:.1f} GiB and {available / 2**30:.1f} GiB is available")
+    return workers, max(1, (os.cpu_count() or 1) // workers), notice
 
 
 def schedule(plans: dict[int, Plan], client, futures: dict[str, object]) -> dict[int, dict[tuple[str, int], object]]:
@@ -108,7 +179,8 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
     and the cache; default a ``LocalCluster`` of ``workers`` processes.
     Returns the entries and the run's task counts. Raises ``BundleError`` for
     bad input (any bundle: nothing is certified then)."""
-    from distributed import Client, LocalCluster, as_completed  # noqa: PLC0415 (only this command needs Dask)
+    from dask import config as dask_config  # noqa: PLC0415 (only this command needs Dask)
+    from distributed import Client, KilledWorker, LocalCluster, as_completed  # noqa: PLC0415
 
     if not bundles:
         raise BundleError("certify-fleet: no bundles given")
@@ -130,17 +202,30 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
     # BLAS and PyTorch, and compute other bits (refsd.blas). Put the environment back when done.
     environ = dict(os.environ)
     if dask is None:
+        workers, threads, notice = local_workers(plans, workers)
+        if notice:
+            print(notice, file=sys.stderr)
         # No per-worker memory limit: Dask's default (the machine's memory / workers) restarts a worker that holds
-        # a real SD 2.1 rerun (~10 GB with a Winograd calibration run's transforms) and recomputes its tasks.
-        # Choose --workers so that that many reruns fit in memory.
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                               memory_limit=0)
+        # a real SD 2.1 rerun and recomputes its tasks; local_workers sized the cluster to the memory instead.
+        blas = {f"distributed.nanny.pre-spawn-environ.{v}": threads
+                for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        with dask_config.set(blas):
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                                   memory_limit=0)
     try:
         try:
             client = Client(cluster if cluster is not None else dask, timeout="30s")
         except (OSError, TimeoutError, ValueError) as e:
             raise BundleError(f"--dask {dask}: cannot reach the scheduler ({' '.join(str(e).split())})") from None
         with client:
+            if cluster is None:
+                need = largest_rerun(plans)
+                small = sorted(w for w, info in client.scheduler_info()["workers"].items()
+                               if 0 < (info.get("memory_limit") or 0) < need)
+                if small:
+                    print(f"certify-fleet: {len(small)} of the cluster's workers ({small[0]}, ...) have a memory limit "
+                          f"below the about {need / 2**30:.1f} GiB a rerun of this model may need: Dask restarts a "
+                          "worker that reaches its limit", file=sys.stderr)
             futures: dict[str, object] = {}
             certs: dict[int, Certificate] = {}
             todo = dict(enumerate(plans))
@@ -156,7 +241,16 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
                         bar.update()
                     for p, plan in todo.items():
                         plans[p] = plan
-                        certs[p] = certificate_from(plan, {role: f.result() for role, f in per_plan[p].items()})
+                        try:
+                            traces = {role: f.result() for role, f in per_plan[p].items()}
+                        except KilledWorker as e:
+                            raise BundleError(
+                                f"certify-fleet: the workers running {e.task} died "
+                                f"{e.allowed_failures + 1} time{'s' * (e.allowed_failures > 0)} "
+                                f"(out of memory? a rerun of this model needs up to about "
+                                f"{largest_rerun([plan]) / 2**30:.1f} GiB): use fewer "
+                                "--workers, or workers with more memory") from None
+                        certs[p] = certificate_from(plan, traces)
                     todo = {p: plan.completed() for p, plan in todo.items() if needs_full_design(plan, certs[p])}
             entries = []
             for p, plan in enumerate(plans):
@@ -171,7 +265,7 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
         os.environ.clear()
         os.environ.update(environ)
     counts = {"bundles": len(plans), "reruns_needed": sum(len(plan.jobs()) for plan in plans),
-              "reruns_run": len(futures)}
+              "reruns_run": len(futures), "local_workers": None if dask is not None else workers}
     write_fleet(entries, counts, out)
     return entries, counts
 
