@@ -50,6 +50,7 @@ from refsd_validate.reader import BundleError
 from refsd_validate.tolerance import K
 from tqdm import tqdm
 
+from refsd.models.vae import VaeConfig
 from refsd.trace import MODELS
 from refsd.weights import load_component_state, read_config
 
@@ -101,8 +102,8 @@ def _model_sizes(model_dir: str) -> tuple[int, int, int]:
         for w in load_component_state(Path(model_dir) / model).values():
             values += w.size
             conv3 += w.size if w.ndim == 4 and w.shape[2:] == (3, 3) else 0
-    vae = read_config(Path(model_dir) / "vae" / "config.json")
-    return values, conv3, int(vae.get("block_out_channels", [128])[0])
+    path = Path(model_dir) / "vae" / "config.json"
+    return values, conv3, VaeConfig.from_dict(read_config(path), str(path)).block_out_channels[0]
 
 
 def rerun_memory_bytes(job: RerunJob) -> int:
