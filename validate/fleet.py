@@ -21,7 +21,8 @@ kills one), and the cores are shared out as BLAS threads among its workers
 (Dask's nanny would set ``OPENBLAS_NUM_THREADS=1``). A trace depends on the
 BLAS thread count (``refsd.blas``) and the rerun cache keys on it, so a
 fleet's cached reruns serve later fleets and single-bundle certifications
-that ran with as many threads.
+that ran with as many threads. Workers of a ``--dask`` cluster should run
+without Dask's ``MALLOC_TRIM_THRESHOLD_`` (:func:`local_cluster` says why).
 """
 
 from __future__ import annotations
@@ -148,6 +149,45 @@ def local_workers(plans: list[Plan], asked: int) -> tuple[int, int, str | None]:
     return workers, max(1, (os.cpu_count() or 1) // workers), notice
 
 
+def local_cluster(workers: int, threads: int):
+    """A Dask ``LocalCluster`` of ``workers`` processes for reruns, each with
+    ``threads`` BLAS threads. No per-worker memory limit: Dask's default (the
+    machine's memory / workers) restarts a worker that holds a real SD 2.1
+    rerun and recomputes its tasks (``local_workers`` sizes the cluster to the
+    memory instead). And no ``MALLOC_TRIM_THRESHOLD_``, which Dask's nanny
+    sets to 65536 by default: it turns off glibc's adaptive mmap threshold, so
+    every large temporary array is fresh pages, faulted in again (an SD 2.1
+    f32_f16 UNet forward: 40x the page faults, 1.3x the time)."""
+    from dask import config as dask_config  # noqa: PLC0415 (only certify-fleet needs Dask)
+    from distributed import LocalCluster  # noqa: PLC0415
+
+    spawn = {f"distributed.nanny.pre-spawn-environ.{v}": threads
+             for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    spawn["distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"] = None
+    with dask_config.set(spawn):
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                            memory_limit=0)
+
+
+def cluster_warnings(client, need: int) -> list[str]:
+    """What may go wrong on a running cluster's workers (``--dask``): a memory
+    limit below ``need`` bytes (Dask restarts a worker that reaches it), and
+    Dask's ``MALLOC_TRIM_THRESHOLD_`` (see :func:`local_cluster`)."""
+    out = []
+    small = sorted(w for w, info in client.scheduler_info()["workers"].items()
+                   if 0 < (info.get("memory_limit") or 0) < need)
+    if small:
+        out.append(f"certify-fleet: {len(small)} of the cluster's workers ({small[0]}, ...) have a memory limit below "
+                   f"the about {need / 2**30:.1f} GiB a rerun of this model may need: Dask restarts a worker that "
+                   "reaches its limit")
+    trimmed = sorted(w for w, v in client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_").items() if v)
+    if trimmed:
+        out.append(f"certify-fleet: {len(trimmed)} of the cluster's workers ({trimmed[0]}, ...) run with "
+                   "MALLOC_TRIM_THRESHOLD_ set (Dask's nanny sets 65536): refsd's reruns take about 1.3x longer there; "
+                   "start them with the Dask config distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null")
+    return out
+
+
 def schedule(plans: dict[int, Plan], client, futures: dict[str, object]) -> dict[int, dict[tuple[str, int], object]]:
     """Submit every plan's reruns to ``client``, one task per distinct content
     key (a job fed the reference's trajectory depends on that reference's
@@ -180,8 +220,7 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
     and the cache; default a ``LocalCluster`` of ``workers`` processes.
     Returns the entries and the run's task counts. Raises ``BundleError`` for
     bad input (any bundle: nothing is certified then)."""
-    from dask import config as dask_config  # noqa: PLC0415 (only this command needs Dask)
-    from distributed import Client, KilledWorker, LocalCluster, as_completed  # noqa: PLC0415
+    from distributed import Client, KilledWorker, as_completed  # noqa: PLC0415 (only this command needs Dask)
 
     if not bundles:
         raise BundleError("certify-fleet: no bundles given")
@@ -206,13 +245,7 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
         workers, threads, notice = local_workers(plans, workers)
         if notice:
             print(notice, file=sys.stderr)
-        # No per-worker memory limit: Dask's default (the machine's memory / workers) restarts a worker that holds
-        # a real SD 2.1 rerun and recomputes its tasks; local_workers sized the cluster to the memory instead.
-        blas = {f"distributed.nanny.pre-spawn-environ.{v}": threads
-                for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-        with dask_config.set(blas):
-            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                                   memory_limit=0)
+        cluster = local_cluster(workers, threads)
     try:
         try:
             client = Client(cluster if cluster is not None else dask, timeout="30s")
@@ -220,13 +253,8 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
             raise BundleError(f"--dask {dask}: cannot reach the scheduler ({' '.join(str(e).split())})") from None
         with client:
             if cluster is None:
-                need = largest_rerun(plans)
-                small = sorted(w for w, info in client.scheduler_info()["workers"].items()
-                               if 0 < (info.get("memory_limit") or 0) < need)
-                if small:
-                    print(f"certify-fleet: {len(small)} of the cluster's workers ({small[0]}, ...) have a memory limit "
-                          f"below the about {need / 2**30:.1f} GiB a rerun of this model may need: Dask restarts a "
-                          "worker that reaches its limit", file=sys.stderr)
+                for line in cluster_warnings(client, largest_rerun(plans)):
+                    print(line, file=sys.stderr)
             futures: dict[str, object] = {}
             certs: dict[int, Certificate] = {}
             todo = dict(enumerate(plans))
