@@ -149,9 +149,9 @@ def test_a_local_cluster_gets_the_workers_the_memory_holds(fleet_bundles, tiny_s
 
     available(int(1.5 * need / fleet.MEMORY_SHARE))
     workers, threads, notice = fleet.local_workers(plans, 2)
-    assert (workers, threads) == (1, os.cpu_count()) and notice.startswith("certify-fleet: 1 worker instead of 2")
+    assert (workers, threads) == (1, fleet.cores()) and notice.startswith("certify-fleet: 1 worker instead of 2")
     available(int(2.5 * need / fleet.MEMORY_SHARE))
-    assert fleet.local_workers(plans, 2) == (2, max(1, os.cpu_count() // 2), None)
+    assert fleet.local_workers(plans, 2) == (2, max(1, fleet.cores() // 2), None)
     assert fleet.local_workers(plans, 4)[0] == 2
     available(0)
     assert fleet.local_workers(plans, 2)[0] == 1  # never none: one rerun at a time is what certify does

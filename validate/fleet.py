@@ -116,8 +116,8 @@ def rerun_memory_bytes(job: RerunJob) -> int:
     full-resolution convolutions (im2col patches of 9 x its channels in
     float32, three such buffers live). Against the peak RSS measured on the
     SD 2.1-base architecture (bench/README, certification cost): 10.2 GiB for
-    9.5 measured (128x128, Winograd), 13.3 for 12.4 (512x512, Winograd), 5.5
-    for 5.0 (128x128, plain)."""
+    9.5 measured (128x128, Winograd), 10.8 for 10.1 (256x256), 13.3 for 12.4
+    (512x512), 5.5 for 5.0 (128x128, plain)."""
     values, conv3, channels = _model_sizes(job.model_dir)
     winograd = any("winograd" in o.rewrites and o.precision.storage16
                    for o in model_options(job.deployment, job.variant).values())
@@ -146,7 +146,12 @@ def local_workers(plans: list[Plan], asked: int) -> tuple[int, int, str | None]:
         notice = (f"certify-fleet: {workers} worker{'s' * (workers > 1)} instead of {asked}: a rerun of this model "
                   f"at {plans[0].bundle.request['width']}x{plans[0].bundle.request['height']} needs about "
                   f"{need / 2**30:.1f} GiB and {available / 2**30:.1f} GiB is available")
-    return workers, max(1, (os.cpu_count() or 1) // workers), notice
+    return workers, max(1, cores() // workers), notice
+
+
+def cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def local_cluster(workers: int, threads: int):
