@@ -224,7 +224,9 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
     a scheduler address (``tcp://host:8786``) whose workers see ``model_dir``
     and the cache; default a ``LocalCluster`` of ``workers`` processes.
     Returns the entries and the run's task counts. Raises ``BundleError`` for
-    bad input (any bundle: nothing is certified then)."""
+    bad input (any bundle: nothing is certified then). A script calling it
+    needs the ``if __name__ == "__main__":`` guard: the local cluster's
+    workers are spawned processes, which import the script again."""
     from distributed import Client, KilledWorker, as_completed  # noqa: PLC0415 (only this command needs Dask)
 
     if not bundles:
