@@ -421,6 +421,44 @@ def test_a_clear_rejection_by_the_half_design_is_the_full_designs(tiny_sd21, cer
     assert half.first_failure.verdict.k_needed / full.first_failure.verdict.k_needed <= FULL_DESIGN_WIDENING
 
 
+def test_the_rest_of_the_design_runs_only_where_it_could_change_the_rejection(tiny_sd21, certify_cache, tmp_path):
+    """A device with a NaN at step 2, FTZ undeclared, judged on the half-fraction design: its first failure is a
+    non-finite tensor (it fails on any floors). With no overflow named, the rest of the design runs (it may hold
+    the run that explains the NaN); had the half named an overflow before it, the rest could only name more runs
+    and does not. A first failure where every calibration run of the half was non-finite (no floor) could pass
+    on the full design: the rest runs, named or not."""
+    import dataclasses
+
+    from refsd_validate.certify import needs_full_design
+    from refsd_validate.tolerance import Verdict
+
+    def nan(out):
+        out = out.copy()
+        out[1, 5, 7, 2] = np.nan
+        return out
+
+    def unknown_ftz(doc):
+        for s in ("text_encoder", "unet", "vae"):
+            doc["stages"][s]["ftz"] = None
+
+    bad = _device(tiny_sd21, tmp_path / "nan", _unet_output_fault(2, nan, last_step=2))
+    bundle = rewrite_bundle(bad, tmp_path / "bundle", doc=unknown_ftz)
+    plan = prepare(bundle, tiny_sd21, mode="teacher", cache_dir=certify_cache)
+    traces = {}
+    for job in plan.jobs():
+        traces[job.role, job.index] = job.run(traces.get(("reference", 0)), cache_dir=plan.cache)
+    half = certificate_from(plan, traces)
+    first = half.first_failure
+    assert plan.complement and first.verdict.failed == ("nonfinite",) and half.overflow_before_failure is None
+    assert needs_full_design(plan, half)
+    named = {"mode": first.mode, "variant": "(a half-design run)", "first_affected_tensor": first.name}
+    assert not needs_full_design(plan, dataclasses.replace(half, overflow_before_failure=named))
+    no_floor = dataclasses.replace(first, verdict=Verdict(False, math.inf, ("calibration_overflow",),
+                                                          first.verdict.stats, first.verdict.floor,
+                                                          first.verdict.tolerance))
+    assert needs_full_design(plan, dataclasses.replace(half, first_failure=no_floor, overflow_before_failure=named))
+
+
 def test_standard_errors_are_scaled_for_the_number_of_checks():
     """K times the scaled standard error is the Bonferroni normal quantile of the certificate's offset and gain
     checks, so a correct device fails one of n of them with probability FAMILY_ALPHA; it never narrows a floor,

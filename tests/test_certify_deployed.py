@@ -114,6 +114,34 @@ def test_f16_declared_where_the_f16_emulation_overflows_gets_a_verdict(tiny_sd21
     assert "it defines no floor from <code>unet/step_0/noise_pred</code> on" in html
 
 
+def test_an_overflow_the_half_design_names_does_not_run_the_rest(tiny_sd21, certify_cache, tmp_path):
+    """The same plain f16 device with FTZ unknown: the half-fraction design holds a plain f16 run (FTZ on) that
+    overflows where the device does, so the rejection already names the deployment's overflow, and its first
+    failure needs far more than the rest could widen a floor. certify stops at the half; the full design,
+    computed anyway, gives the same verdict, first failure and explanation."""
+    from refsd_validate.certify import certificate_from, certify, needs_full_design, prepare
+    from refsd_validate.tolerance import FULL_DESIGN_WIDENING, K
+
+    device = emulated_capture(tiny_sd21, certify_request(), tmp_path / "device", precision="f16", ftz=False,
+                              declare_ftz=None, rewrites="none")
+    half = certify(device, tiny_sd21, mode="teacher", cache_dir=certify_cache)
+    assert not half.certified and half.rule["calibration_design"].startswith("half fraction")
+    assert half.overflow_before_failure is not None
+    assert half.first_failure.verdict.k_needed > K * FULL_DESIGN_WIDENING
+    plan = prepare(device, tiny_sd21, mode="teacher", cache_dir=certify_cache)
+    assert plan.complement and not needs_full_design(plan, half)
+    plan = plan.completed()
+    traces = {}
+    for job in plan.jobs():
+        traces[job.role, job.index] = job.run(traces.get(("reference", 0)), cache_dir=plan.cache)
+    full = certificate_from(plan, traces)
+    assert not full.certified and len(full.rule["calibration_variants"]) > len(half.rule["calibration_variants"])
+    assert (full.first_failure.name, full.first_failure.mode) == (half.first_failure.name, half.first_failure.mode)
+    assert full.overflow_before_failure is not None
+    assert (full.overflow_before_failure["stage"], full.overflow_before_failure["step"]) == \
+        (half.overflow_before_failure["stage"], half.overflow_before_failure["step"])
+
+
 def test_a_device_that_overflows_as_declared_is_told_so(tiny_sd21, certify_cache, tmp_path, capsys):
     """f16 with FTZ declared off and plain kernels, computed exactly so: the GroupNorm's fp16 sum of squares
     overflows at step 0, and the device's image is NaN. Not certified (its output is not the model's), but the
