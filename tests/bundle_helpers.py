@@ -1,6 +1,7 @@
-"""Helpers the validator's tests share: run ``certify`` through its CLI, and
-derive a bundle from another by editing its tensors or its capture.json (a
-broken capture tool, a faulty device, a wrong declaration)."""
+"""Helpers the validator's tests share: run ``certify`` through its CLI, judge
+a plan on its own calibration design, and derive a bundle from another by
+editing its tensors or its capture.json (a broken capture tool, a faulty
+device, a wrong declaration)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,17 @@ def certify_cli(bundle, model, out, cache, capsys, *extra) -> tuple[int, dict, s
     captured = capsys.readouterr()
     assert not captured.err, captured.err
     return rc, json.loads((out / "certificate.json").read_text()), captured.out
+
+
+def judge_plan(plan):
+    """The certificate of ``plan`` on exactly its own calibration design (``certify`` may run the rest of a
+    half-fraction design; this never does): every rerun run in order, then judged."""
+    from refsd_validate.certify import certificate_from  # noqa: PLC0415
+
+    traces = {}
+    for job in plan.jobs():
+        traces[job.role, job.index] = job.run(traces.get(("reference", 0)), cache_dir=plan.cache)
+    return certificate_from(plan, traces)
 
 
 def bundle_parts(bundle) -> tuple[dict, dict]:

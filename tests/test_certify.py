@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 import pytest
-from bundle_helpers import certify_cli, rewrite_bundle
+from bundle_helpers import certify_cli, judge_plan, rewrite_bundle
 from conftest import CERTIFY_INTERMEDIATES, certify_request
 
 from refsd.pipeline import Pipeline
@@ -24,7 +24,7 @@ from refsd.tiny import make_tiny
 from refsd_validate import certify_rerun
 from refsd_validate.bundle import model_sha256
 from refsd_validate.capture_emulated import emulated_capture
-from refsd_validate.certify import certificate_from, certify, prepare
+from refsd_validate.certify import certify, prepare
 from refsd_validate.cli import main
 from refsd_validate.reader import read_bundle
 from refsd_validate.bundle import declared_stages
@@ -411,10 +411,7 @@ def test_a_clear_rejection_by_the_half_design_is_the_full_designs(tiny_sd21, cer
     assert not half.certified and half.rule["calibration_design"].startswith("half fraction")
     assert half.first_failure.verdict.k_needed > K * FULL_DESIGN_WIDENING
     plan = prepare(bundle, tiny_sd21, mode="teacher", cache_dir=certify_cache).completed()
-    traces = {}
-    for job in plan.jobs():
-        traces[job.role, job.index] = job.run(traces.get(("reference", 0)), cache_dir=plan.cache)
-    full = certificate_from(plan, traces)
+    full = judge_plan(plan)
     assert not full.certified and len(full.rule["calibration_variants"]) > len(half.rule["calibration_variants"])
     assert (full.first_failure.name, full.first_failure.mode) == (half.first_failure.name, half.first_failure.mode)
     # the rest of the design widened this failure's floor by no more than FULL_DESIGN_WIDENING
@@ -444,10 +441,7 @@ def test_the_rest_of_the_design_runs_only_where_it_could_change_the_rejection(ti
     bad = _device(tiny_sd21, tmp_path / "nan", _unet_output_fault(2, nan, last_step=2))
     bundle = rewrite_bundle(bad, tmp_path / "bundle", doc=unknown_ftz)
     plan = prepare(bundle, tiny_sd21, mode="teacher", cache_dir=certify_cache)
-    traces = {}
-    for job in plan.jobs():
-        traces[job.role, job.index] = job.run(traces.get(("reference", 0)), cache_dir=plan.cache)
-    half = certificate_from(plan, traces)
+    half = judge_plan(plan)
     first = half.first_failure
     assert plan.complement and first.verdict.failed == ("nonfinite",) and half.overflow_before_failure is None
     assert needs_full_design(plan, half)

@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 import pytest
-from bundle_helpers import certify_cli, rewrite_bundle
+from bundle_helpers import certify_cli, judge_plan, rewrite_bundle
 from conftest import certify_request
 
 from refsd_validate.bundle import declared_stages
@@ -119,7 +119,7 @@ def test_an_overflow_the_half_design_names_does_not_run_the_rest(tiny_sd21, cert
     overflows where the device does, so the rejection already names the deployment's overflow, and its first
     failure needs far more than the rest could widen a floor. certify stops at the half; the full design,
     computed anyway, gives the same verdict, first failure and explanation."""
-    from refsd_validate.certify import certificate_from, certify, needs_full_design, prepare
+    from refsd_validate.certify import certify, needs_full_design, prepare
     from refsd_validate.tolerance import FULL_DESIGN_WIDENING, K
 
     device = emulated_capture(tiny_sd21, certify_request(), tmp_path / "device", precision="f16", ftz=False,
@@ -131,10 +131,7 @@ def test_an_overflow_the_half_design_names_does_not_run_the_rest(tiny_sd21, cert
     plan = prepare(device, tiny_sd21, mode="teacher", cache_dir=certify_cache)
     assert plan.complement and not needs_full_design(plan, half)
     plan = plan.completed()
-    traces = {}
-    for job in plan.jobs():
-        traces[job.role, job.index] = job.run(traces.get(("reference", 0)), cache_dir=plan.cache)
-    full = certificate_from(plan, traces)
+    full = judge_plan(plan)
     assert not full.certified and len(full.rule["calibration_variants"]) > len(half.rule["calibration_variants"])
     assert (full.first_failure.name, full.first_failure.mode) == (half.first_failure.name, half.first_failure.mode)
     assert full.overflow_before_failure is not None
