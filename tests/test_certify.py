@@ -444,13 +444,15 @@ def test_the_rest_of_the_design_runs_only_where_it_could_change_the_rejection(ti
     half = judge_plan(plan)
     first = half.first_failure
     assert plan.complement and first.verdict.failed == ("nonfinite",) and half.overflow_before_failure is None
-    assert needs_full_design(plan, half)
+    assert needs_full_design(plan, half) == "non-finite tensors, and no run of the half overflows at or before " \
+        "the first failure"
     named = {"mode": first.mode, "variant": "(a half-design run)", "first_affected_tensor": first.name}
     assert not needs_full_design(plan, dataclasses.replace(half, overflow_before_failure=named))
     no_floor = dataclasses.replace(first, verdict=Verdict(False, math.inf, ("calibration_overflow",),
                                                           first.verdict.stats, first.verdict.floor,
                                                           first.verdict.tolerance))
-    assert needs_full_design(plan, dataclasses.replace(half, first_failure=no_floor, overflow_before_failure=named))
+    assert needs_full_design(plan, dataclasses.replace(half, first_failure=no_floor, overflow_before_failure=named)) \
+        == f"no run of the half gives {first.name} a floor"
 
 
 def test_standard_errors_are_scaled_for_the_number_of_checks():

@@ -220,20 +220,21 @@ class Plan:
     cache: Path
     cache_budget: int
     complement: list = field(default_factory=list)  # the rest of the factorial design (tolerance.half_fraction)
-    completed_after_rejection: bool = False
+    completed_because: str | None = None  # why the rest ran (needs_full_design), once it has
 
-    def completed(self) -> "Plan":
+    def completed(self, because: str = "") -> "Plan":
         """This plan with the full calibration design: its variants first, in
         the same order, so its jobs' (role, index) keep naming the same runs."""
-        return replace(self, variants=self.variants + self.complement, complement=[], completed_after_rejection=True)
+        return replace(self, variants=self.variants + self.complement, complement=[], completed_because=because)
 
     @property
     def design(self) -> str:
         if self.complement:
             return ("half fraction of the factorial design (tolerance.half_fraction); the other half runs when it "
                     "could change a rejection (certify.needs_full_design), and the full design's floors are no narrower")
-        if self.completed_after_rejection:
-            return "full factorial design: the half fraction rejected, so the other half ran too"
+        if self.completed_because is not None:
+            return ("full factorial design: the half fraction rejected, so the other half ran too"
+                    + (f" ({self.completed_because})" if self.completed_because else ""))
         return "full design"
 
     def jobs(self) -> list[RerunJob]:
@@ -314,8 +315,9 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
 
         run(jobs)
         cert = certificate_from(plan, traces, stats)
-        if needs_full_design(plan, cert):
-            plan = plan.completed()
+        because = needs_full_design(plan, cert)
+        if because:
+            plan = plan.completed(because)
             rest = [j for j in plan.jobs() if (j.role, j.index) not in traces]
             bar.total += len(rest)
             bar.set_description("certify: rejected by the half design, running the rest")
@@ -324,10 +326,11 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
     return cert
 
 
-def needs_full_design(plan: Plan, cert: Certificate) -> bool:
-    """Whether the rest of a half-fraction design (``tolerance.half_fraction``)
+def needs_full_design(plan: Plan, cert: Certificate) -> str | None:
+    """Why the rest of a half-fraction design (``tolerance.half_fraction``)
     could change this rejection's verdict, first failure or its explanation, so
-    that the bundle must be judged again on the full design:
+    that the bundle must be judged again on the full design (None: it could
+    not). The reasons:
 
     * the rest holds an f16 run with plain kernels and the half none (f16 with
       FTZ declared): there the kernels and the f16 mode interact where fp16
@@ -351,13 +354,18 @@ def needs_full_design(plan: Plan, cert: Certificate) -> bool:
     fails: no floor changes that."""
     first = cert.first_failure
     if not plan.complement or first is None or not all(c["passed"] for c in cert.exact_checks):
-        return False
-    f16 = _plain_f16(plan.complement) and not _plain_f16(plan.variants)
-    first_may_pass = "calibration_overflow" in first.verdict.failed or \
-        first.verdict.k_needed <= plan.k * FULL_DESIGN_WIDENING
-    unexplained = cert.overflow_before_failure is None and any(
-        {"nonfinite", "calibration_overflow"} & set(r.verdict.failed) for r in cert.results)
-    return f16 or first_may_pass or unexplained
+        return None
+    if _plain_f16(plan.complement) and not _plain_f16(plan.variants):
+        return "f16 declared with FTZ: the half holds no f16 run with plain kernels"
+    if "calibration_overflow" in first.verdict.failed:
+        return f"no run of the half gives {first.name} a floor"
+    if first.verdict.k_needed <= plan.k * FULL_DESIGN_WIDENING:
+        return (f"{first.name} needs k {first.verdict.k_needed:.3g}, within the {FULL_DESIGN_WIDENING:g}x the rest "
+                "may widen a floor")
+    if cert.overflow_before_failure is None and any(
+            {"nonfinite", "calibration_overflow"} & set(r.verdict.failed) for r in cert.results):
+        return "non-finite tensors, and no run of the half overflows at or before the first failure"
+    return None
 
 
 def _plain_f16(variants) -> bool:

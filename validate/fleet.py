@@ -287,7 +287,8 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
                                 f"{largest_rerun([plan]) / 2**30:.1f} GiB): use fewer "
                                 "--workers, or workers with more memory") from None
                         certs[p] = certificate_from(plan, traces)
-                    todo = {p: plan.completed() for p, plan in todo.items() if needs_full_design(plan, certs[p])}
+                    todo = {p: plan.completed(because) for p, plan in todo.items()
+                            if (because := needs_full_design(plan, certs[p]))}
             entries = []
             for p, plan in enumerate(plans):
                 cert = certs[p]
