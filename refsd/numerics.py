@@ -43,6 +43,8 @@ from typing import Iterator
 
 import numpy as np
 
+from refsd import kernels
+
 MODES = ("f32", "f32_f16", "f16")
 FP16_MAX = 65504.0
 FP16_MIN_NORMAL = 2.0**-14
@@ -215,6 +217,12 @@ def truncate_f16(x: np.ndarray, *, ftz: bool = False) -> np.ndarray:
     (so a too-large sum is silently wrong, never inf); inf and NaN are kept;
     subnormals are truncated onto fp16's 2**-24 grid, or flushed with ``ftz``."""
     x = _as_float32(x)
+    k = kernels.compiled()
+    if k is not None:
+        flat = np.ascontiguousarray(x).reshape(-1)
+        out = np.empty(flat.size, np.float32)
+        k.truncate_into(flat, out, ftz)
+        return out.reshape(x.shape)
     u = np.ascontiguousarray(x).view(_U32)
     a = u & _ABS
     r = a & _U32(0xFFFFE000)  # normal range: drop the 13 extra mantissa bits
@@ -311,6 +319,9 @@ def round_into(x: np.ndarray, out: np.ndarray, ftz: bool, stats: bool) -> tuple:
     same size; may be ``x`` itself), chunk by chunk. Returns counters for
     ``_stats`` (with ``stats``; zeros otherwise): (max |bits|, max non-NaN
     |bits|, overflow, to_zero, to_subnormal, had_inf)."""
+    k = kernels.compiled()
+    if k is not None:
+        return k.round_into(x, out, ftz, stats)
     hi = top = 0
     overflow = to_zero = to_subnormal = 0
     had_inf = False
@@ -341,8 +352,9 @@ def round_sum_f16(x: np.ndarray, ftz: bool, stats: bool) -> tuple:
     integer passes (round-to-nearest-even on the bit pattern, sign untouched)
     instead of the general path; its statistics need only the count of small
     non-zero sums. Anything else (inf, NaN, a magnitude that overflows,
-    ``ftz``) takes ``round_into``."""
-    if ftz or x.size == 0:
+    ``ftz``) takes ``round_into``. (The compiled ``round_into`` is one pass
+    either way: it takes every sum.)"""
+    if ftz or x.size == 0 or kernels.compiled() is not None:
         return round_into(x, x, ftz, stats)
     hi, lo = x.max(), x.min()
     if not (hi < _HALF_SUM_LIMIT and lo > -_HALF_SUM_LIMIT):  # NaN fails both

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from refsd import kernels
 from refsd import monitor as _mon
 from refsd.ops.transcendental import perturb
 from refsd.numerics import (FP16_MIN_NORMAL, RoundingStats, _stats, current_precision, round_f16, round_f16_stats,
@@ -273,10 +274,36 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if not p.math16:
         return np.matmul(a, b)
     block = p.device.matmul_block if p.device else p.block
+    k = kernels.compiled()
+    if (k is not None and block == 1 and a.dtype == np.float32 and b.dtype == np.float32 and a.ndim >= 2
+            and a.shape[-1] > 1 and b.ndim == a.ndim and a.shape[:-2] == b.shape[:-2] and _is_finite(a) and _is_finite(b)):
+        return _matmul_sequential(k, a, b, p.ftz)
     if (a.dtype != np.float32 or b.dtype != np.float32 or a.ndim < 2 or a.shape[-1] <= block
             or a.shape[:-2] != b.shape[:-2]):  # batched items only as the loop's own BLAS calls
         return _matmul_loop(a, b, block)
     return _matmul_blocked(a, b, block, p.ftz)
+
+
+def _matmul_sequential(k, a: np.ndarray, b: np.ndarray, ftz: bool) -> np.ndarray:
+    """``_matmul_blocked`` with ``block=1`` as one compiled kernel
+    (``kernels.fp16.matmul_sequential``), monitor events in the same order."""
+    batch = a.shape[:-2]
+    a3 = np.ascontiguousarray(a).reshape((-1,) + a.shape[-2:])
+    b3 = np.ascontiguousarray(b).reshape((-1,) + b.shape[-2:])
+    stats = _mon.active_monitor() is not None
+    out, counters = k.matmul_sequential(a3, b3, ftz, stats)
+    if stats:
+        _report_blocks(counters, ftz, "matmul")
+    return out.reshape(batch + out.shape[-2:])
+
+
+def _report_blocks(counters, ftz: bool, what: str) -> None:
+    """Report the blocked model's roundings block by block, in the loop's
+    order (partial, then accumulate)."""
+    for part, acc in counters:
+        _report(_stats(part, ftz), f"{what}.partial")
+        if acc is not None:
+            _report(_stats(acc, ftz), f"{what}.accumulate")
 
 
 def _matmul_loop(a: np.ndarray, b: np.ndarray, block: int) -> np.ndarray:
@@ -325,6 +352,7 @@ def _matmul_blocked(a: np.ndarray, b: np.ndarray, block: int, ftz: bool) -> np.n
     then accumulate), so the events are those of ``_matmul_loop``."""
     mon = _mon.active_monitor()
     stats = mon is not None
+    kern = kernels.compiled()
     k = a.shape[-1]
     out_shape = np.broadcast_shapes(a.shape[:-2], b.shape[:-2]) + (a.shape[-2], b.shape[-1])
     total = int(np.prod(out_shape))
@@ -345,6 +373,14 @@ def _matmul_blocked(a: np.ndarray, b: np.ndarray, block: int, ftz: bool) -> np.n
             np.matmul(av, bv, out=pbuf[: f1 - g0])
         if g1 > f1:  # the last, shorter block
             np.matmul(a[..., nfull * block :], b[..., nfull * block :, :], out=pbuf[f1 - g0])
+        if kern is not None:
+            c = kern.accumulate(pflat[: g1 - g0], s, g0 == 0, ftz, stats)
+            if stats:
+                for j, (part, acc) in enumerate(c, start=g0):
+                    counters[j][0] = _add_counts(counters[j][0], part)
+                    if acc is not None:
+                        counters[j][1] = _add_counts(counters[j][1], acc)
+            continue
         if not stats and total <= ACC_PIECE and g1 - g0 > 1:
             # Small outputs: round all the group's partials in one call (fewer Python calls).
             flat = pflat[: g1 - g0].reshape(-1)
@@ -373,10 +409,7 @@ def _matmul_blocked(a: np.ndarray, b: np.ndarray, block: int, ftz: bool) -> np.n
                 if stats:
                     counters[j][1] = _add_counts(counters[j][1], c)
     if stats:
-        for part, acc in counters:
-            _report(_stats(part, ftz), "matmul.partial")
-            if acc is not None:
-                _report(_stats(acc, ftz), "matmul.accumulate")
+        _report_blocks(counters, ftz, "matmul")
     return s.reshape(out_shape)
 
 
@@ -447,7 +480,15 @@ def _reduce_sum_blocked(flat: np.ndarray, block: int, ftz: bool) -> np.ndarray:
     parts[:nfull] = sums.T
     if nb > nfull:
         parts[nfull] = np.sum(f2[:, nfull * block :], axis=-1, dtype=np.float32)
-    if _mon.active_monitor() is not None:
+    stats = _mon.active_monitor() is not None
+    kern = kernels.compiled()
+    if kern is not None:
+        s = np.empty(m, np.float32)
+        counters = kern.accumulate(parts, s, True, ftz, stats)
+        if stats:
+            _report_blocks(counters, ftz, "sum")
+        return s.reshape(outer)
+    if stats:
         s = None
         for j in range(nb):
             pj = parts[j]

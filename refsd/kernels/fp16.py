@@ -1,0 +1,356 @@
+"""Compiled fp16 kernels: the same bits as the NumPy definitions in
+``refsd.numerics`` and ``refsd.ops._core``, in one pass per element.
+
+Each kernel names the definition it stands for; ``tests/test_kernels.py``
+proves the two agree bit for bit (NaN payloads, infinities, subnormals,
+values next to 65504, FTZ) and the monitor's counters with them.
+
+Written for what the CPU does, not for what LLVM may assume:
+- integer steps are cast back to ``uint32`` one by one (numba widens
+  ``uint32`` arithmetic to 64-bit lanes otherwise, which halves the SIMD width);
+- the float32 <-> uint32 reinterpretation is an LLVM ``bitcast`` (``_bits``,
+  ``_float``), so a NaN's payload passes through untouched;
+- an addition that may meet a NaN picks the NaN's payload explicitly as x86's
+  ``addss a, b`` does (the first operand's, quieted), because LLVM may swap
+  the operands of a commutative ``fadd`` and IEEE leaves the payload open;
+- no fast-math: ``(x + 0.5) - 0.5`` must round twice, as NumPy does.
+
+Parallel kernels split their element range into fixed chunks; each element's
+result depends on that element alone, and the counters are integer sums and
+maxima, so the result is the same at any thread count.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+# Elements per parallel chunk: below this a kernel runs on one thread (a
+# parallel launch costs more than rounding 64K elements).
+CHUNK = 1 << 16
+# Counter layout returned by the rounding kernels (``numerics.round_into``'s tuple).
+HI, TOP, OVERFLOW, TO_ZERO, TO_SUBNORMAL, HAD_INF = range(6)
+NCOUNT = 6
+
+
+@intrinsic
+def _bits(typingctx, x):
+    """float32 -> its uint32 bit pattern (an LLVM bitcast)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def _float(typingctx, u):
+    """uint32 bit pattern -> float32 (an LLVM bitcast)."""
+    if u != types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.uint32), codegen
+
+
+_SIGN = np.uint32(0x80000000)
+_ABS = np.uint32(0x7FFFFFFF)
+_INF = np.uint32(0x7F800000)
+_OVERFLOW_FROM = np.uint32(0x477FF000)
+_NORMAL_FROM = np.uint32(0x38800000)
+_ZERO_UPTO = np.uint32(0x33000000)
+_F16_MAX_BITS = np.uint32(0x477FE000)
+_KEEP = np.uint32(0xFFFFE000)
+_HALF_ULP = np.uint32(0x0FFF)
+_ONE = np.uint32(1)
+_ZERO = np.uint32(0)
+_QUIET = np.uint32(0x00400000)
+_DEFAULT_NAN = np.uint32(0xFFC00000)
+_HALF = np.float32(0.5)
+_FZERO = np.float32(0.0)
+_GRID = np.float32(2.0**24)
+
+
+@njit(inline="always")
+def _r16(u, ftz):
+    """``numerics._round_chunk`` on one float32 bit pattern: round to nearest
+    even onto fp16, overflow to inf, NaN kept with its payload, subnormals on
+    fp16's 2**-24 grid (or flushed to signed zero under ``ftz``)."""
+    a = np.uint32(u & _ABS)
+    r = np.uint32(np.uint32(np.uint32(a + _HALF_ULP) + np.uint32(np.uint32(a >> np.uint32(13)) & _ONE)) & _KEEP)
+    if a >= _OVERFLOW_FROM:
+        r = _INF
+    if a >= _INF:
+        r = a
+    if a < _NORMAL_FROM:
+        if ftz:
+            r = _ZERO
+        else:
+            r = _bits((_float(a) + _HALF) - _HALF)
+    return np.uint32(r | np.uint32(u & _SIGN))
+
+
+@njit(inline="always")
+def _t16(u, ftz):
+    """``numerics.truncate_f16`` on one bit pattern: toward zero onto fp16,
+    finite values past 65504 saturate, inf and NaN kept."""
+    a = np.uint32(u & _ABS)
+    r = np.uint32(a & _KEEP)
+    if r > _F16_MAX_BITS:
+        r = _F16_MAX_BITS
+    if a >= _INF:
+        r = a
+    if a < _NORMAL_FROM:
+        if ftz:
+            r = _ZERO
+        else:
+            r = _bits(np.float32(np.floor(_float(a) * _GRID)) / _GRID)
+    return np.uint32(r | np.uint32(u & _SIGN))
+
+
+@njit(inline="always")
+def _add(x, y):
+    """``x + y`` in float32 with x86's NaN rule (``np.add``'s bits): a NaN
+    operand's payload, the first one's if both, quieted; the default NaN for
+    an invalid sum (inf - inf)."""
+    t = x + y
+    if t != t:
+        ux = _bits(x)
+        uy = _bits(y)
+        if np.uint32(ux & _ABS) > _INF:
+            t = _float(np.uint32(ux | _QUIET))
+        elif np.uint32(uy & _ABS) > _INF:
+            t = _float(np.uint32(uy | _QUIET))
+        else:
+            t = _float(_DEFAULT_NAN)
+    return t
+
+
+@njit(cache=True, nogil=True)
+def _tally(u, ftz, c):
+    """Add the bit patterns ``u``'s rounding to the counters ``c`` (length 6),
+    as ``numerics._round_chunk`` and ``_underflows`` count them."""
+    hi = top = _ZERO
+    overflow = to_zero = to_subnormal = had_inf = 0
+    for i in range(u.size):
+        a = np.uint32(u[i] & _ABS)
+        hi = max(hi, a)
+        top = max(top, a if a <= _INF else _ZERO)
+        had_inf |= a == _INF
+        overflow += (a >= _OVERFLOW_FROM) & (a < _INF)
+        small = (a < _NORMAL_FROM) & (a != _ZERO)
+        if ftz:
+            to_zero += small
+        else:
+            to_zero += small & (a <= _ZERO_UPTO)
+            to_subnormal += small & (a > _ZERO_UPTO)
+    c[HI] = max(c[HI], hi)
+    c[TOP] = max(c[TOP], top)
+    c[OVERFLOW] += overflow
+    c[TO_ZERO] += to_zero
+    c[TO_SUBNORMAL] += to_subnormal
+    c[HAD_INF] |= had_inf
+
+
+@njit(cache=True, nogil=True)
+def _merge(cs, c):
+    """Counters of pieces (rows of ``cs``) into ``c``: maxima and sums."""
+    for k in range(cs.shape[0]):
+        c[HI] = max(c[HI], cs[k, HI])
+        c[TOP] = max(c[TOP], cs[k, TOP])
+        c[OVERFLOW] += cs[k, OVERFLOW]
+        c[TO_ZERO] += cs[k, TO_ZERO]
+        c[TO_SUBNORMAL] += cs[k, TO_SUBNORMAL]
+        c[HAD_INF] |= cs[k, HAD_INF]
+
+
+# Elements rounded before their statistics are taken, while still in L1.
+_PIECE = 1 << 12
+
+
+@njit(cache=True, nogil=True)
+def _round_serial(u, out, ftz, stats, c):
+    # Tallying and rounding as separate loops over a cache-resident piece:
+    # each vectorizes, and memory is read once. Tally first: ``out`` may be ``u``.
+    n = u.size
+    for lo in range(0, n, _PIECE):
+        hi = min(lo + _PIECE, n)
+        if stats:
+            _tally(u[lo:hi], ftz, c)
+        for i in range(lo, hi):
+            out[i] = _r16(u[i], ftz)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _round_parallel(u, out, ftz, stats, c):
+    n = u.size
+    nchunk = (n + CHUNK - 1) // CHUNK
+    cs = np.zeros((nchunk, NCOUNT), np.int64)
+    for k in prange(nchunk):
+        lo = k * CHUNK
+        hi = min(lo + CHUNK, n)
+        _round_serial(u[lo:hi], out[lo:hi], ftz, stats, cs[k])
+    if stats:
+        _merge(cs, c)
+
+
+def round_into(x: np.ndarray, out: np.ndarray, ftz: bool, stats: bool) -> tuple:
+    """``numerics.round_into``: same arguments, same bits, same counters."""
+    c = np.zeros(NCOUNT, np.int64)
+    u, o = x.view(np.uint32), out.view(np.uint32)
+    if x.size <= CHUNK:
+        _round_serial(u, o, ftz, stats, c)
+    else:
+        _round_parallel(u, o, ftz, stats, c)
+    return _counters(c)
+
+
+def _counters(c) -> tuple:
+    return int(c[HI]), int(c[TOP]), int(c[OVERFLOW]), int(c[TO_ZERO]), int(c[TO_SUBNORMAL]), bool(c[HAD_INF])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _truncate(u, out, ftz):
+    n = u.size
+    nchunk = (n + CHUNK - 1) // CHUNK
+    for k in prange(nchunk):
+        for i in range(k * CHUNK, min(k * CHUNK + CHUNK, n)):
+            out[i] = _t16(u[i], ftz)
+
+
+def truncate_into(x: np.ndarray, out: np.ndarray, ftz: bool) -> None:
+    """``numerics.truncate_f16`` of the contiguous 1-D float32 ``x`` into ``out``."""
+    _truncate(x.view(np.uint32), out.view(np.uint32), ftz)
+
+
+# ---------------------------------------------------------------- blocked accumulation
+
+
+@njit(cache=True, nogil=True)
+def _step(pu, s, first, ftz, stats, cp, ca, w):
+    """One block of the running sum over a piece: ``s = r16(P)`` (``first``)
+    or ``s = r16(s + r16(P))``, ``pu`` the partials' bits; ``w`` is scratch
+    for the sums' bits when counting."""
+    n = pu.size
+    if first:
+        for i in range(n):
+            s[i] = _float(_r16(pu[i], ftz))
+    elif stats:
+        for i in range(n):
+            t = _bits(_add(s[i], _float(_r16(pu[i], ftz))))
+            w[i] = t
+            s[i] = _float(_r16(t, ftz))
+    else:
+        for i in range(n):
+            s[i] = _float(_r16(_bits(_add(s[i], _float(_r16(pu[i], ftz)))), ftz))
+    if stats:
+        _tally(pu, ftz, cp)
+        if not first:
+            _tally(w[:n], ftz, ca)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _accumulate(pu, s, first, ftz, stats, c):
+    nb, n = pu.shape
+    nchunk = (n + _PIECE - 1) // _PIECE
+    cs = np.zeros((nchunk, nb, 2, NCOUNT), np.int64)
+    for k in prange(nchunk):
+        lo = k * _PIECE
+        hi = min(lo + _PIECE, n)
+        w = np.empty(hi - lo, np.uint32)
+        for j in range(nb):
+            _step(pu[j, lo:hi], s[lo:hi], first and j == 0, ftz, stats, cs[k, j, 0], cs[k, j, 1], w)
+    if stats:
+        for j in range(nb):
+            _merge(cs[:, j, 0], c[j, 0])
+            _merge(cs[:, j, 1], c[j, 1])
+
+
+def accumulate(parts: np.ndarray, s: np.ndarray, first: bool, ftz: bool, stats: bool):
+    """The blocked model's running sum over ``parts`` (blocks x n, float32
+    partial sums in block order, C-contiguous) into ``s`` (n): ``s = r16(P_0)``
+    if ``first``, then ``s = r16(s + r16(P_j))`` for each block. Stands for the
+    rounding and addition loops of ``_core._matmul_blocked`` and
+    ``_core._reduce_sum_blocked``. Returns, with ``stats``, per block its
+    (partial, accumulate) counter tuples (accumulate None for a first block)."""
+    nb = parts.shape[0]
+    c = np.zeros((nb, 2, NCOUNT), np.int64)
+    _accumulate(parts.view(np.uint32), s, first, ftz, stats, c)
+    if not stats:
+        return None
+    return [(_counters(c[j, 0]), None if j == 0 and first else _counters(c[j, 1])) for j in range(nb)]
+
+
+# Groups of output rows of ``matmul_sequential``, each with its own counters
+# (integers: the totals do not depend on the split).
+_ROW_GROUPS = 64
+
+
+@njit(cache=True, nogil=True)
+def _matmul_rows(a, b, out, r0, r1, ftz, stats, cg):
+    m = a.shape[1]
+    n = b.shape[2]
+    pu = np.empty(n, np.uint32)
+    w = np.empty(n, np.uint32)
+    for r in range(r0, r1):
+        bi = r // m
+        i = r - bi * m
+        o = out[bi, i]
+        for j in range(a.shape[2]):
+            aj = a[bi, i, j]
+            bj = b[bi, j]
+            for q in range(n):
+                # ``+ 0``: a GEMM sums onto a zeroed accumulator, so a -0
+                # product comes out +0 (measured on NumPy's K=1 matmul).
+                pu[q] = _bits(aj * bj[q] + _FZERO)
+            _step(pu, o, j == 0, ftz, stats, cg[j, 0], cg[j, 1], w)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _matmul_sequential(a, b, out, ftz, stats, c):
+    rows = a.shape[0] * a.shape[1]
+    ng = max(1, min(rows, _ROW_GROUPS))
+    cs = np.zeros((ng, a.shape[2], 2, NCOUNT), np.int64)
+    for g in prange(ng):
+        _matmul_rows(a, b, out, rows * g // ng, rows * (g + 1) // ng, ftz, stats, cs[g])
+    if stats:
+        for j in range(a.shape[2]):
+            _merge(cs[:, j, 0], c[j, 0])
+            _merge(cs[:, j, 1], c[j, 1])
+
+
+def matmul_sequential(a: np.ndarray, b: np.ndarray, ftz: bool, stats: bool):
+    """The blocked model with ``block=1`` (a sequential fp16 dot product) for
+    ``a`` (batch, m, k) @ ``b`` (batch, k, n), float32, C-contiguous, finite:
+    a product of two fp16 values is exact in float32, so each partial equals
+    the K=1 GEMM's (a NaN's payload through BLAS is BLAS's own, so the caller
+    keeps non-finite inputs on the definition). Returns the (batch, m, n)
+    result and, with ``stats``, per K the (partial, accumulate) counters."""
+    nbatch, m, k = a.shape
+    out = np.empty((nbatch, m, b.shape[2]), np.float32)
+    c = np.zeros((k, 2, NCOUNT), np.int64)
+    _matmul_sequential(a, b, out, ftz, stats, c)
+    if not stats:
+        return out, None
+    return out, [(_counters(c[j, 0]), None if j == 0 else _counters(c[j, 1])) for j in range(k)]
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) every kernel for the types refsd
+    calls it with, so a failure shows at the switch, not mid-run."""
+    x = np.linspace(-70000, 70000, 2 * CHUNK + 3, dtype=np.float32)
+    out = np.empty_like(x)
+    for ftz in (False, True):
+        for stats in (False, True):
+            round_into(x, out, ftz, stats)
+            round_into(x[:5], out[:5], ftz, stats)
+            accumulate(x[:12].reshape(3, 4), np.zeros(4, np.float32), True, ftz, stats)
+            accumulate(x[:12].reshape(3, 4), np.zeros(4, np.float32), False, ftz, stats)
+            matmul_sequential(x[:6].reshape(1, 2, 3), x[:12].reshape(1, 3, 4), ftz, stats)
+        truncate_into(x, out, ftz)
