@@ -104,12 +104,13 @@ def ensure_folder(cache: Path) -> Path:
 
 
 def bench_unet(folder: Path, size: int, modes: list[str], threads: int, repeats: int,
-               rewrites: str = "none") -> list[dict]:
+               rewrites: str = "none", backends: tuple[str, ...] = ("numba",)) -> list[dict]:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from refsd import weights
+    from refsd import kernels, weights
     from refsd.monitor import monitoring
+    from refsd.numerics import Precision
 
     torch.set_num_threads(threads)
     theirs = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval()
@@ -138,24 +139,29 @@ def bench_unet(folder: Path, size: int, modes: list[str], threads: int, repeats:
     dt, ref = timed(lambda: run_theirs(x))
     rows = [{"who": "diffusers fp32", "seconds": dt, "error": 0.0}]
     print(f"diffusers fp32: {rows[0]['seconds']:.1f} s", flush=True)
-    for mode in modes:  # "-w16": weights kept as float16 arrays (what --low-memory does)
-        ours = weights.load_unet(folder / "unet", precision=mode.removesuffix("-w16"),
-                                 weights_f16=mode.endswith("-w16"), rewrites=rewrites)
-        ours(warm, 981, ctx)
+    for mode, backend in [(m, b) for m in modes for b in backends]:
+        # "-w16": weights kept as float16 arrays (what --low-memory does); "f16-gpu": the litert-gpu device model
+        base = mode.removesuffix("-w16").removesuffix("-gpu")
+        prec = Precision(base, device_model="litert-gpu" if mode.endswith("-gpu") else None)
+        with kernels.using(backend):
+            ours = weights.load_unet(folder / "unet", precision=prec, weights_f16=mode.endswith("-w16"),
+                                     rewrites=rewrites)
+            ours(warm, 981, ctx)
         for monitored in (False, True):
             if monitored:
                 def run():
-                    with monitoring() as mon:
+                    with kernels.using(backend), monitoring() as mon:
                         return ours(x, 981, ctx), sum(mon.report().counts.values())
             else:
                 def run():
-                    return ours(x, 981, ctx), None
+                    with kernels.using(backend):
+                        return ours(x, 981, ctx), None
             dt, (y, events) = timed(run)
             err = float(np.abs(y.astype(np.float64) - ref).max() / np.abs(ref).max())
-            tag = mode if rewrites == "none" else f"{mode} [{rewrites}]"
+            tag = (mode if rewrites == "none" else f"{mode} [{rewrites}]") + f" ({backend})"
             rows.append({"who": f"refsd {tag}" + (" + monitor" if monitored else ""), "seconds": dt,
                          "error": err, "events": events})
-            print(f"refsd {mode}{' + monitor' if monitored else ''}: {dt:.1f} s, max rel error vs diffusers "
+            print(f"refsd {tag}{' + monitor' if monitored else ''}: {dt:.1f} s, max rel error vs diffusers "
                   f"{err:.2e}, peak RSS {peak_rss_mb() / 1024:.1f} GB", flush=True)
         ours = None  # drop the weights before the next mode loads its own
     return rows
@@ -215,8 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--parts", nargs="+", choices=("unet", "pipeline"), default=["unet", "pipeline"])
     p.add_argument("--size", type=int, default=64, help="UNet step: latent size (default 64 = 512x512 images)")
-    p.add_argument("--modes", nargs="+", choices=("f32", "f32_f16", "f32_f16-w16", "f16"),
-                   default=["f32", "f32_f16", "f32_f16-w16", "f16"])
+    p.add_argument("--modes", nargs="+", choices=("f32", "f32_f16", "f32_f16-w16", "f16", "f16-gpu"),
+                   default=["f32", "f32_f16", "f32_f16-w16", "f16", "f16-gpu"])
+    p.add_argument("--kernels", nargs="+", choices=("numba", "numpy"), default=["numba"],
+                   help="UNet step: kernel backends, each mode run under each (default numba)")
     p.add_argument("--steps", type=int, default=20, help="pipeline: denoising steps (default 20)")
     p.add_argument("--image", type=int, default=512, help="pipeline: image size (default 512)")
     p.add_argument("--threads", type=int, default=1, help="threads for both BLAS and PyTorch (default 1)")
@@ -238,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = ensure_folder(args.cache)
     if "unet" in args.parts:
-        rows = bench_unet(folder, args.size, args.modes, args.threads, args.repeats, args.rewrites)
+        rows = bench_unet(folder, args.size, args.modes, args.threads, args.repeats, args.rewrites,
+                          tuple(args.kernels))
         base = rows[0]["seconds"]
         print(f"\nUNet step, {args.size}x{args.size} latents, batch 2, {args.threads} thread(s)\n")
         print("| contender | seconds | / diffusers fp32 | monitor overhead | max rel diff vs diffusers | events |")

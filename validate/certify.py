@@ -81,7 +81,7 @@ from refsd_validate.tolerance import (
 )
 from tqdm import tqdm
 
-from refsd import __version__
+from refsd import __version__, kernels
 from refsd import trace as names
 from refsd.image import to_image
 from refsd.trace import parse_name
@@ -471,6 +471,8 @@ def certificate_from(plan: Plan, traces: dict[tuple[str, int], dict], cache_stat
         "bundle": str(bundle.source), "bundle_sha256": bundle.sha256, "model_dir": str(plan.model_dir),
         "model_sha256": plan.model_sha, "refsd_version": __version__,
         "reference_code_sha256": code_fingerprint(), "reference_precision": REFERENCE.label,
+        # Not in the rerun cache key: both backends give the same bits (tests/test_kernels.py).
+        "kernels": kernels.backend(),
         "modes": list(modes), "device": bundle.capture["device"], "runtime": bundle.capture["runtime"],
         "model": {k_: v for k_, v in bundle.capture["model"].items() if k_ != "sha256"},
         "schema_version": bundle.capture["schema_version"],

@@ -78,7 +78,7 @@ def _load(forced: bool):
     if not forced and requested() == "numpy":
         return None
     try:
-        _set_cache_dir()
+        _configure_numba()
         from refsd.kernels import fp16
 
         fp16.warm_up()
@@ -98,10 +98,16 @@ def threads() -> int:
     return max(1, n)
 
 
-def _set_cache_dir() -> None:
-    if "numba" in sys.modules or os.environ.get("NUMBA_CACHE_DIR"):
-        return  # numba reads it once, at import; a caller's choice stands
-    os.environ["NUMBA_CACHE_DIR"] = str(cache_dir())
+def _configure_numba() -> None:
+    """Cache directory and thread count, which numba reads once, at import
+    (the thread count also for threads started later, such as a Dask
+    worker's); a caller's own settings stand."""
+    if "numba" in sys.modules:
+        return
+    if not os.environ.get("NUMBA_CACHE_DIR"):
+        os.environ["NUMBA_CACHE_DIR"] = str(cache_dir())
+    if not os.environ.get("NUMBA_NUM_THREADS"):
+        os.environ["NUMBA_NUM_THREADS"] = str(threads())
 
 
 def cache_dir() -> Path:

@@ -235,20 +235,24 @@ def truncate_into(x: np.ndarray, out: np.ndarray, ftz: bool) -> None:
 @njit(cache=True, nogil=True)
 def _step(pu, s, first, ftz, stats, cp, ca, w):
     """One block of the running sum over a piece: ``s = r16(P)`` (``first``)
-    or ``s = r16(s + r16(P))``, ``pu`` the partials' bits; ``w`` is scratch
-    for the sums' bits when counting."""
+    or ``s = r16(s + r16(P))``, ``pu`` the partials' bits; ``w`` (scratch)
+    takes the sums' bits. The plain float32 sums run first, vectorized; only a
+    piece where one came out NaN is summed again with ``_add``'s payload rule."""
     n = pu.size
     if first:
         for i in range(n):
             s[i] = _float(_r16(pu[i], ftz))
-    elif stats:
-        for i in range(n):
-            t = _bits(_add(s[i], _float(_r16(pu[i], ftz))))
-            w[i] = t
-            s[i] = _float(_r16(t, ftz))
     else:
+        nan = False
         for i in range(n):
-            s[i] = _float(_r16(_bits(_add(s[i], _float(_r16(pu[i], ftz)))), ftz))
+            t = s[i] + _float(_r16(pu[i], ftz))
+            nan |= t != t
+            w[i] = _bits(t)
+        if nan:
+            for i in range(n):
+                w[i] = _bits(_add(s[i], _float(_r16(pu[i], ftz))))
+        for i in range(n):
+            s[i] = _float(_r16(w[i], ftz))
     if stats:
         _tally(pu, ftz, cp)
         if not first:
@@ -305,11 +309,19 @@ def _matmul_rows(a, b, out, r0, r1, ftz, stats, cg):
         for j in range(a.shape[2]):
             aj = a[bi, i, j]
             bj = b[bi, j]
-            for q in range(n):
-                # ``+ 0``: a GEMM sums onto a zeroed accumulator, so a -0
-                # product comes out +0 (measured on NumPy's K=1 matmul).
-                pu[q] = _bits(aj * bj[q] + _FZERO)
-            _step(pu, o, j == 0, ftz, stats, cg[j, 0], cg[j, 1], w)
+            if stats or j == 0:
+                for q in range(n):
+                    # ``+ 0``: a GEMM sums onto a zeroed accumulator, so a -0
+                    # product comes out +0 (measured on NumPy's K=1 matmul).
+                    pu[q] = _bits(aj * bj[q] + _FZERO)
+                _step(pu, o, j == 0, ftz, stats, cg[j, 0], cg[j, 1], w)
+            else:
+                # One fused loop. Inputs are finite, so the only NaN a sum can
+                # make is inf - inf, x86's default NaN whatever the operand
+                # order, and a NaN sum then propagates alone: no payload choice.
+                for q in range(n):
+                    p = _float(_r16(_bits(aj * bj[q] + _FZERO), ftz))
+                    o[q] = _float(_r16(_bits(o[q] + p), ftz))
 
 
 @njit(cache=True, nogil=True, parallel=True)
