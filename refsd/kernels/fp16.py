@@ -6,6 +6,9 @@ proves the two agree bit for bit (NaN payloads, infinities, subnormals,
 values next to 65504, FTZ) and the monitor's counters with them.
 
 Written for what the CPU does, not for what LLVM may assume:
+- fp16 rounding is the hardware conversion (LLVM's ``fptrunc`` to half), the
+  same IEEE operation as the definition's integer steps, with NaN and FTZ
+  handled as the definition does;
 - integer steps are cast back to ``uint32`` one by one (numba widens
   ``uint32`` arithmetic to 64-bit lanes otherwise, which halves the SIMD width);
 - the float32 <-> uint32 reinterpretation is an LLVM ``bitcast`` (``_bits``,
@@ -67,33 +70,41 @@ _NORMAL_FROM = np.uint32(0x38800000)
 _ZERO_UPTO = np.uint32(0x33000000)
 _F16_MAX_BITS = np.uint32(0x477FE000)
 _KEEP = np.uint32(0xFFFFE000)
-_HALF_ULP = np.uint32(0x0FFF)
-_ONE = np.uint32(1)
 _ZERO = np.uint32(0)
 _QUIET = np.uint32(0x00400000)
 _DEFAULT_NAN = np.uint32(0xFFC00000)
-_HALF = np.float32(0.5)
 _FZERO = np.float32(0.0)
 _GRID = np.float32(2.0**24)
+
+
+@intrinsic
+def _via_half(typingctx, x):
+    """float32 -> fp16 -> float32 as LLVM's ``fptrunc`` / ``fpext``: IEEE
+    round-to-nearest-even with overflow to inf and fp16 subnormals (one
+    ``vcvtps2ph`` / ``vcvtph2ps`` pair where the CPU has F16C, compiler-rt's
+    conversion elsewhere: the same bits)."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.fptrunc(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.float32), codegen
 
 
 @njit(inline="always")
 def _r16(u, ftz):
     """``numerics._round_chunk`` on one float32 bit pattern: round to nearest
-    even onto fp16, overflow to inf, NaN kept with its payload, subnormals on
-    fp16's 2**-24 grid (or flushed to signed zero under ``ftz``)."""
+    even onto fp16, overflow to inf, NaN kept with its whole payload (the
+    conversion would keep only 10 bits of it), and under ``ftz`` an input
+    below 2**-14 in magnitude flushed to signed zero."""
     a = np.uint32(u & _ABS)
-    r = np.uint32(np.uint32(np.uint32(a + _HALF_ULP) + np.uint32(np.uint32(a >> np.uint32(13)) & _ONE)) & _KEEP)
-    if a >= _OVERFLOW_FROM:
-        r = _INF
-    if a >= _INF:
-        r = a
-    if a < _NORMAL_FROM:
-        if ftz:
-            r = _ZERO
-        else:
-            r = _bits((_float(a) + _HALF) - _HALF)
-    return np.uint32(r | np.uint32(u & _SIGN))
+    r = _bits(_via_half(_float(u)))
+    if a > _INF:
+        r = u
+    if ftz and a < _NORMAL_FROM:
+        r = np.uint32(u & _SIGN)
+    return r
 
 
 @njit(inline="always")
