@@ -16,7 +16,8 @@ Written for what the CPU does, not for what LLVM may assume:
 - an addition that may meet a NaN picks the NaN's payload explicitly as x86's
   ``addss a, b`` does (the first operand's, quieted), because LLVM may swap
   the operands of a commutative ``fadd`` and IEEE leaves the payload open;
-- no fast-math: ``(x + 0.5) - 0.5`` must round twice, as NumPy does.
+- no fast-math: every float operation keeps IEEE semantics (signed zeros,
+  infinities, NaN), as NumPy's do.
 
 Parallel kernels split their element range into fixed chunks; each element's
 result depends on that element alone, and the counters are integer sums and
