@@ -370,7 +370,7 @@ def round_sum_f16(x: np.ndarray, ftz: bool, stats: bool) -> tuple:
         np.abs(x, out=f)
         n_small = int(np.count_nonzero(np.less(f, _F32_NORMAL16, out=sc.c[: x.size].view(np.bool_)[: x.size])))
         n_zero = x.size - int(np.count_nonzero(x))
-        top = int(np.float32(max(hi, -lo)).view(_U32))
+        top = int(np.abs(np.float32([hi, lo])).max().view(_U32))  # abs: a -0 extreme is not a NaN pattern
         res = (top, top, 0, 0, n_small - n_zero, False)
     np.right_shift(u, _U32(13), out=t)
     np.bitwise_and(t, _U32(1), out=t)

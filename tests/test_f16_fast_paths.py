@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 import pytest
 
-from refsd import ops
+from refsd import kernels, ops
 from refsd.monitor import monitoring
 from refsd.numerics import precision, round_f16, round_f16_stats, round_into, round_sum_f16
 from refsd.ops import _core
@@ -245,3 +245,15 @@ def test_winograd_weight_transform_cache(mode):
                 got = ops.conv2d_winograd(x, w_ro, None, padding=1, tile=4)
             np.testing.assert_array_equal(_bits(got), _bits(want))
             assert _events(m) == _events(m_ref)
+
+
+def test_round_sum_f16_stats_of_negative_zeros_are_not_a_nan():
+    """Sums that are all -0 (products of opposite signs rounded to zero): the largest magnitude is 0, not the
+    bit pattern 0x80000000, which the monitor would read as a NaN ('invalid' from NaN-free inputs)."""
+    from refsd.numerics import _stats
+
+    buf = np.float32([-0.0, -0.0])
+    with kernels.using("numpy"):
+        c = round_sum_f16(buf, False, True)
+    st = _stats(c, False)
+    assert not st.had_nan and st.max_abs == 0.0

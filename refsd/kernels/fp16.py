@@ -75,6 +75,7 @@ _ZERO = np.uint32(0)
 _QUIET = np.uint32(0x00400000)
 _DEFAULT_NAN = np.uint32(0xFFC00000)
 _FZERO = np.float32(0.0)
+_F16_MIN_NORMAL = np.float32(2.0**-14)
 _GRID = np.float32(2.0**24)
 
 
@@ -105,6 +106,16 @@ def _r16(u, ftz):
         r = u
     if ftz and a < _NORMAL_FROM:
         r = np.uint32(u & _SIGN)
+    return r
+
+
+@njit(inline="always")
+def _r16_nan_free(x, ftz):
+    """``_r16`` on a float32 that is not NaN, or is x86's default NaN (whose
+    bits survive the conversion): no payload to keep."""
+    r = _via_half(x)
+    if ftz and abs(x) < _F16_MIN_NORMAL:
+        r = _float(np.uint32(_bits(x) & _SIGN))
     return r
 
 
@@ -330,10 +341,11 @@ def _matmul_rows(a, b, out, r0, r1, ftz, stats, cg):
             else:
                 # One fused loop. Inputs are finite, so the only NaN a sum can
                 # make is inf - inf, x86's default NaN whatever the operand
-                # order, and a NaN sum then propagates alone: no payload choice.
+                # order, which then propagates alone: no payload choice, and
+                # the conversion keeps the default NaN's bits.
                 for q in range(n):
-                    p = _float(_r16(_bits(aj * bj[q] + _FZERO), ftz))
-                    o[q] = _float(_r16(_bits(o[q] + p), ftz))
+                    p = _r16_nan_free(aj * bj[q] + _FZERO, ftz)
+                    o[q] = _r16_nan_free(o[q] + p, ftz)
 
 
 @njit(cache=True, nogil=True, parallel=True)
