@@ -1,0 +1,201 @@
+"""``refsd fp16-fix`` on tiny models broken in independent ways.
+
+Each break is made in the weights (or, for the mask, in the deployment's declared
+rewrites) so that it holds for any prompt and seed, not tuned to one run:
+
+* ``scores``: a CLIP self-attention whose q and k projections are a constant
+  bias ``b`` (weights zero), so every score is ``sqrt(d) b**2`` whatever the
+  tokens: ``b`` sets it past 65504 (``SCORE_FP32``: even scaled, fp32 needed) or
+  only its unscaled product past 65504 (``SCORE_SCALED``: ``scale_qk`` fixes it).
+* ``gelu``: a GEGLU gate with the outliers SD's FF layers show (gate biases of
+  41..80, the catalogue's values), under an unclipped tanh-GELU: ``x**3`` overflows.
+* ``mask``: the text encoder's causal mask declared as a converter's -1e9
+  (``mask@text_encoder=-1e9``): -inf in fp16.
+* ``ftz``: ``conv_in``'s first group of output channels constant (weights 0, bias
+  0.25), so the first resnet's GroupNorm sees a constant group; on FTZ hardware
+  its eps flushes to zero and rsqrt(0) * 0 is NaN.
+
+The expected fix sizes follow from the break: one fix per broken module, plus
+(for FTZ) one eps per norm whose eps the monitor reports flushed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from refsd.fp16fix.recipe import make_recipe, read_recipe
+from refsd.fp16fix.search import Search, ddmin
+from refsd.models.fixes import Fix
+from refsd.monitor import Monitor
+from refsd.numerics import FP16_MAX, Precision
+from refsd.pipeline import Pipeline, Request
+from refsd.tiny import make_tiny
+from refsd.weights import read_safetensors, write_safetensors
+
+REQUEST = Request("a red cube", steps=1, height=32, width=32, scheduler="ddim")
+F32_F16 = Precision("f32_f16")
+ATTN = "text_model.encoder.layers.{}.self_attn"
+FF = "mid_block.attentions.0.transformer_blocks.0.ff.net.0"
+D = 8  # the tiny CLIP's head dim (32 / 4 heads)
+SCORE_FP32 = 2 * FP16_MAX  # the stored score itself overflows
+SCORE_SCALED = 0.6 * FP16_MAX  # only Q K^T before the 1/sqrt(d) scale overflows (sqrt(8) * 0.6 > 1)
+
+
+def _edit(src, dst, component: str, fn) -> None:
+    if not dst.exists():
+        shutil.copytree(src, dst)
+    path = dst / component / ("model.safetensors" if component == "text_encoder" else
+                              "diffusion_pytorch_model.safetensors")
+    state = {k: np.array(v) for k, v in read_safetensors(path).items()}
+    fn(state)
+    write_safetensors(path, state)
+
+
+def _scores(layer: int, score: float):
+    b = np.float32(np.sqrt(score / np.sqrt(D)))  # sqrt(d) b**2 = score
+
+    def fn(state):
+        for p in ("q_proj", "k_proj"):
+            key = f"{ATTN.format(layer)}.{p}"
+            state[f"{key}.weight"][:] = 0
+            state[f"{key}.bias"][:] = b
+    return fn
+
+
+def _gelu(state):
+    bias = state[f"{FF}.proj.bias"]
+    gate = bias.shape[0] // 2
+    bias[gate:gate + 6] = [41.0, -41.0, 45.5, -52.0, 64.0, -80.0]
+
+
+def _constant_group(state):
+    c = state["conv_in.bias"].shape[0] // 8  # the tiny UNet's norm_num_groups: one group's channels
+    state["conv_in.weight"][:c] = 0
+    state["conv_in.bias"][:c] = 0.25
+
+
+@pytest.fixture(scope="module")
+def tiny_seed(tmp_path_factory):
+    made = {}
+
+    def get(seed: int):
+        if seed not in made:
+            made[seed] = make_tiny(tmp_path_factory.mktemp(f"fix_tiny{seed}_") / "m", "sd21", seed)
+        return made[seed]
+    return get
+
+
+@pytest.fixture(params=[0, 1], ids=["seed0", "seed1"])
+def tiny(request, tiny_seed):
+    return tiny_seed(request.param)
+
+
+def _search(model, precision=F32_F16, **kw) -> Search:
+    return Search(model, REQUEST, precision, **kw)
+
+
+def _run(model, precision=F32_F16, **kw):
+    s = _search(model, precision, **kw)
+    return s, s.run()
+
+
+def test_ddmin_finds_a_one_minimal_set_not_a_prefix():
+    calls = []
+
+    def test(sub):
+        calls.append(tuple(sub))
+        return {3, 11} <= set(sub)
+
+    assert ddmin(list(range(16)), test) == [3, 11]
+    assert ddmin([5], lambda sub: 5 in sub) == [5]
+
+
+def test_fix_tokens_round_trip_and_hostile_values():
+    from refsd.models.rewrites import Rewrites
+
+    rw = Rewrites.parse("gn4d,eps@unet.mid_block.resnets.0.norm1=0.0001,fp32@unet.mid_block,mask@text_encoder=-1e9")
+    assert Rewrites.parse(str(rw)) == rw
+    assert rw.fix("fp32", "unet.mid_block.attentions.0").path == "unet.mid_block"  # applies below its path
+    assert rw.fix("eps", "unet.mid_block.resnets.0.norm2") is None
+    for bad in ("eps@x.y=1e-9", "eps@x.y", "gelu_clip@x=100", "fp32@a.b=1", "mask@t=nan", "nope@a", "eps@=1",
+                "eps@a..b=0.001"):
+        with pytest.raises(ValueError):
+            Rewrites.parse(bad)
+    with pytest.raises(ValueError, match="two eps fixes"):
+        Rewrites.parse("eps@a.b=0.001,eps@a.b=0.01")
+
+
+def test_healthy_model_gets_an_empty_recipe(tiny, tmp_path):
+    s, r = _run(tiny)
+    assert r.status == "clean" and r.chosen == [] and r.after is None
+    doc = make_recipe(s, r)
+    assert doc["fixes"] == [] and doc["rewrites"] == "none"
+    (tmp_path / "r.json").write_text(json.dumps(doc))
+    assert read_recipe(tmp_path / "r.json")["status"] == "clean"
+
+
+def test_scores_past_fp16_need_that_attention_in_fp32(tiny, tmp_path):
+    model = tmp_path / "m"
+    _edit(tiny, model, "text_encoder", _scores(1, SCORE_FP32))
+    _, r = _run(model)
+    assert r.before.severe and r.status == "fixed", r.log
+    assert r.fixes == [Fix("fp32", f"text_encoder.{ATTN.format(1)}")]
+    assert r.after.psnr_db >= 30 and not r.after.severe
+
+
+# f16 (the blocked model): the tiny VAE's plain GroupNorm sums of squares overflow there at 32x32 on
+# its own (a separate, known break), so these deployments declare the fused GroupNorm kernel, and the
+# fix found must be exactly the break's. f16 reruns cost 3x f32_f16's: one seed each, seed 0 and seed 1
+# (~15 s each).
+
+
+@pytest.mark.slow
+def test_product_past_fp16_is_moved_by_scaling_q_first(tiny_seed, tmp_path):
+    """In f16 the blocked Q K^T overflows before its scale: scale_qk (a rewrite) is enough."""
+    model = tmp_path / "m"
+    _edit(tiny_seed(0), model, "text_encoder", _scores(0, SCORE_SCALED))
+    _, r = _run(model, Precision("f16"), rewrites="group_norm_fused")
+    assert r.status == "fixed", r.log
+    assert r.fixes == [Fix("scale_qk", f"text_encoder.{ATTN.format(0)}")]
+
+
+@pytest.mark.slow
+def test_gelu_outliers_get_gelu_clip_where_they_are(tiny_seed, tmp_path):
+    model = tmp_path / "m"
+    _edit(tiny_seed(1), model, "unet", _gelu)
+    _, r = _run(model, Precision("f16"), gelu_approximate="tanh", rewrites="group_norm_fused")
+    assert r.status == "fixed", r.log
+    assert r.fixes == [Fix("gelu_clip", f"unet.{FF}", 10.0)]
+
+
+def test_minus_1e9_mask_gets_minus_1e4_in_each_layer(tiny):
+    _, r = _run(tiny, rewrites="mask@text_encoder=-1e9")
+    assert r.status == "fixed", r.log
+    assert set(r.fixes) == {Fix("mask", f"text_encoder.{ATTN.format(i)}", -1e4) for i in (0, 1)}
+
+
+def test_constant_group_under_ftz_gets_eps_where_it_flushes(tiny, tmp_path):
+    model = tmp_path / "m"
+    _edit(tiny, model, "unet", _constant_group)
+    ftz = Precision("f32_f16", ftz=True)
+    s, r = _run(model, ftz)
+    norm = "unet.down_blocks.0.resnets.0.norm1"
+    assert any(e.kind == "invalid" and e.path == norm for e in r.before.severe) or not np.isfinite(r.before.psnr_db)
+    assert r.status == "fixed", r.log
+    flushed = {e.path for e in s.teacher_events(frozenset()) if e.kind == "constant" and e.primitive == "eps"}
+    assert {f.kind for f in r.fixes} == {"eps"} and {f.path for f in r.fixes} == flushed and norm in flushed
+
+
+def test_two_independent_breaks_get_both_fixes_not_blanket_fp32(tiny, tmp_path):
+    model = tmp_path / "m"
+    _edit(tiny, model, "text_encoder", _scores(1, SCORE_FP32))
+    _, r = _run(model, rewrites="mask@text_encoder=-1e9")
+    assert r.status == "fixed", r.log
+    assert set(r.fixes) == {Fix("fp32", f"text_encoder.{ATTN.format(1)}"),
+                            *(Fix("mask", f"text_encoder.{ATTN.format(i)}", -1e4) for i in (0, 1))}
