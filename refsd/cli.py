@@ -5,7 +5,7 @@
     refsd make-tiny DIR --arch sd15|sd21 --seed N
     refsd generate --model DIR --prompt TEXT --out IMAGE.png [--trace TRACE.npz] ...
     refsd fp16-check --model DIR --prompt TEXT [--json FILE] [--fail-on KINDS] [--recipe FILE] ...
-    refsd fp16-fix --model DIR --prompt TEXT --out DIR [--min-psnr DB] [--max-reruns N] ...
+    refsd fp16-fix --model DIR --prompt TEXT --out DIR [--min-psnr DB] [--max-reruns N] [--verify-gpu] ...
     refsd export --model DIR --out DIR [--weights fp32|fp16|int8] [--rewrites ...]
     refsd lint-gpu MODEL.tflite [--json]
     refsd golden make|verify [--dir DIR]
@@ -313,6 +313,9 @@ def _add_fp16_fix(sub) -> None:
                    f"(default {DEFAULT_MAX_RERUNS})")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created): recipe.json, "
                    "reference.png, before.png, after.png")
+    p.add_argument("--verify-gpu", action="store_true",
+                   help="then export the fixed model with fp16 weights, capture it through LiteRT's GPU accelerator "
+                   "in fp16, certify it, and write DIR/fp16_fix.html (needs the export extra and a GPU adapter)")
     p.set_defaults(func=_cmd_fp16_fix)
 
 
@@ -351,7 +354,24 @@ def _cmd_fp16_fix(args: argparse.Namespace) -> int:
     print(f"{lines[result.status]}: {out / 'recipe.json'} ({result.reruns} reruns, {result.seconds:.1f} s)")
     for c in result.chosen:
         print(f"  {c.level:<9} {c.fix}   removes {c.event.kind} {c.event.op}/{c.event.primitive} at {c.event.where()}")
-    return EXIT_OK if result.status in ("clean", "fixed") else EXIT_FAIL
+    if result.status not in ("clean", "fixed"):
+        return EXIT_FAIL
+    if not args.verify_gpu:
+        return EXIT_OK
+    from refsd_validate.fix_report import verify_on_gpu  # noqa: PLC0415
+
+    fp32 = [f["token"] for f in doc["fixes"] if f["kind"] == "fp32"]
+    if fp32:
+        print(f"not verified on the GPU: {', '.join(fp32)} keep modules in fp32, which one .tflite on LiteRT's GPU "
+              "accelerator cannot express (no per-op precision): run those modules on a CPU fallback")
+        return EXIT_FAIL
+    after = result.after.image if result.after is not None else result.before.image
+    run = verify_on_gpu(Path(args.model), out, doc, {"reference": result.reference_image,
+                                                     "before": result.before.image, "after": after})
+    print(run.line if run.certificate is not None else
+          f"GPU capture {'skipped' if run.skipped else 'failed'}: {run.line}")
+    print(f"wrote {out / 'fp16_fix.html'}")
+    return EXIT_OK if run.certificate is not None and run.certificate.certified else EXIT_FAIL
 
 
 # ---------------------------------------------------------------- export, lint-gpu (TensorFlow only when run)

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -32,9 +30,8 @@ import pytest
 from refsd.fp16fix.recipe import make_recipe, read_recipe
 from refsd.fp16fix.search import Search, ddmin
 from refsd.models.fixes import Fix
-from refsd.monitor import Monitor
 from refsd.numerics import FP16_MAX, Precision
-from refsd.pipeline import Pipeline, Request
+from refsd.pipeline import Request
 from refsd.tiny import make_tiny
 from refsd.weights import read_safetensors, write_safetensors
 
