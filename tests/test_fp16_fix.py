@@ -32,6 +32,7 @@ from refsd.fp16fix.search import Search, ddmin
 from refsd.models.fixes import Fix
 from refsd.numerics import FP16_MAX, Precision
 from refsd.pipeline import Request
+from refsd.cli import main
 from refsd.tiny import make_tiny
 from refsd.weights import read_safetensors, write_safetensors
 
@@ -196,3 +197,77 @@ def test_two_independent_breaks_get_both_fixes_not_blanket_fp32(tiny, tmp_path):
     assert r.status == "fixed", r.log
     assert set(r.fixes) == {Fix("fp32", f"text_encoder.{ATTN.format(1)}"),
                             *(Fix("mask", f"text_encoder.{ATTN.format(i)}", -1e4) for i in (0, 1))}
+
+
+# ---------------------------------------------------------------- the command line and the recipe file
+
+
+@pytest.fixture(scope="module")
+def mask_fix(tiny_seed, tmp_path_factory):
+    """``refsd fp16-fix`` on the -1e9 mask deployment: (model, its out folder, exit code)."""
+    out = tmp_path_factory.mktemp("mask_fix")
+    model = tiny_seed(0)
+    rc = main(["fp16-fix", "--model", str(model), *REQUEST_ARGS, "--precision", "f32_f16",
+               "--rewrites", "mask@text_encoder=-1e9", "--out", str(out)])
+    return model, out, rc
+
+
+REQUEST_ARGS = ["--prompt", REQUEST.prompt, "--steps", "1", "--height", "32", "--width", "32", "--scheduler", "ddim",
+                "--quiet"]
+
+
+def test_cli_writes_a_recipe_that_fp16_check_applies(mask_fix, capsys):
+    model, out, rc = mask_fix
+    assert rc == 0
+    doc = read_recipe(out / "recipe.json")
+    assert doc["status"] == "fixed" and len(doc["fixes"]) == 2
+    assert all(f["why"]["kind"] == "constant" and f["why"]["primitive"] == "mask" for f in doc["fixes"])
+    assert {p.name for p in out.iterdir()} >= {"recipe.json", "reference.png", "before.png", "after.png"}
+    check = ["fp16-check", "--model", str(model), *REQUEST_ARGS, "--precision", "f32_f16"]
+    assert main([*check, "--rewrites", "mask@text_encoder=-1e9"]) == 1
+    assert main([*check, "--recipe", str(out / "recipe.json")]) == 0  # the recipe carries its deployment
+    assert "no severe events" in capsys.readouterr().out.splitlines()[-1]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: "{not json", "--recipe"),
+    (lambda d: {**d, "fixes": [{**d["fixes"][0], "kind": "blanket"}]}, "schema violation at fixes/0/kind"),
+    (lambda d: {**d, "fixes": [{**d["fixes"][0], "value": -1e4 / 2}]}, "fixes/0: token"),
+    (lambda d: {**d, "rewrites": "none"}, "is not deployment/rewrites plus the fixes"),
+    (lambda d: {**d, "fixes": [{**d["fixes"][0], "kind": "eps", "token": "eps@" + d["fixes"][0]["path"] + "=1e-9",
+                                "value": 1e-9}]}, "normal fp16"),
+])
+def test_a_bad_recipe_is_one_line_and_exit_2(mask_fix, tmp_path, capsys, edit, message):
+    model, out, _ = mask_fix
+    doc = json.loads((out / "recipe.json").read_text())
+    bad = edit(doc)
+    path = tmp_path / "bad.json"
+    path.write_text(bad if isinstance(bad, str) else json.dumps(bad))
+    assert main(["fp16-check", "--model", str(model), *REQUEST_ARGS, "--recipe", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and message in err[0], err
+
+
+def test_export_refuses_fp32_fixes_and_keeps_the_others():
+    from refsd.export.build import graph_rewrites
+
+    with pytest.raises(ValueError, match="no per-op precision"):
+        graph_rewrites("fp32@unet.mid_block")
+    rw = graph_rewrites("gn4d,gn_fused@vae.decoder.conv_norm_out,scale_qk@unet.mid_block.attentions.0."
+                        "transformer_blocks.0.attn1")
+    assert [f.kind for f in rw.fixes] == ["scale_qk"]
+
+
+@pytest.mark.slow
+def test_certify_reads_the_fixes_from_the_bundles_rewrites(mask_fix, tmp_path):
+    """A device running the fixed model declares the recipe's rewrites; the rerun applies them (~20 s)."""
+    from refsd_validate.capture_emulated import emulated_capture
+    from refsd_validate.certify import certify
+
+    model, out, _ = mask_fix
+    rewrites = read_recipe(out / "recipe.json")["rewrites"]
+    bundle = emulated_capture(model, REQUEST, tmp_path / "b", precision="f32_f16", rewrites=rewrites,
+                              declare_ftz=False)
+    assert json.loads((bundle / "capture.json").read_text())["model"]["rewrites"] == rewrites
+    cert = certify(bundle, model, mode="teacher", cache_dir=tmp_path / "cache")
+    assert cert.certified, cert.first_failure
