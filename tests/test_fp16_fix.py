@@ -271,3 +271,43 @@ def test_certify_reads_the_fixes_from_the_bundles_rewrites(mask_fix, tmp_path):
     assert json.loads((bundle / "capture.json").read_text())["model"]["rewrites"] == rewrites
     cert = certify(bundle, model, mode="teacher", cache_dir=tmp_path / "cache")
     assert cert.certified, cert.first_failure
+
+
+# ---------------------------------------------------------------- on real kernels
+
+
+@pytest.mark.slow
+def test_the_fix_runs_clean_on_litert_gpu_kernels(tiny_seed, tmp_path):
+    """The scaled-scores break on LiteRT's GPU accelerator in fp16 (lavapipe in CI): its BATCH_MATMUL
+    accumulates Q K^T in fp16 before the scale, so the deployment as declared goes non-finite there;
+    the recipe's scale_qk runs finite and within the GPU capture's 30 dB of f32 (tests/test_gpu_capture.py:
+    a correct fp16 GPU run measured 37.8 dB). Skips without a GPU adapter (~60 s with one)."""
+    import ctypes.util
+
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("ai_edge_litert")
+    if ctypes.util.find_library("vulkan") is None:
+        pytest.skip("no Vulkan loader (libvulkan1): see README 'GPU capture'")
+    from refsd.image import psnr, to_image
+    from refsd.pipeline import Pipeline
+    from refsd.trace import HIDDEN_STATES, IMAGE
+    from refsd_validate.fix_report import GPU_GRAPH
+    from refsd_validate.gpu_certify import NO_ADAPTER, export_and_capture
+    from refsd_validate.reader import read_bundle
+
+    model = tmp_path / "m"
+    _edit(tiny_seed(0), model, "text_encoder", _scores(0, SCORE_SCALED))
+    declared = ",".join(GPU_GRAPH)
+    fixed = f"{declared},scale_qk@text_encoder.{ATTN.format(0)}"
+    ref = to_image(Pipeline(model).__call__(REQUEST, progress=False).trace[IMAGE][0])
+    tensors = {}
+    for name, rw in (("declared", declared), ("fixed", fixed)):
+        ok, line = export_and_capture(model, tmp_path / f"t_{name}", tmp_path / f"b_{name}", REQUEST, rewrites=rw,
+                                      intermediates=False)
+        if not ok and NO_ADAPTER in line:
+            pytest.skip(line)
+        assert ok, line
+        tensors[name] = read_bundle(tmp_path / f"b_{name}").tensors
+    assert not np.isfinite(tensors["declared"][HIDDEN_STATES]).all()
+    assert np.isfinite(tensors["fixed"][HIDDEN_STATES]).all()
+    assert psnr(ref, to_image(tensors["fixed"][IMAGE][0])) >= 30
