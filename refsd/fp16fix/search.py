@@ -167,11 +167,14 @@ def ddmin(items: list, test: Callable[[list], bool]) -> list:
 
 
 class Search:
-    """One request on one deployment: the reruns and their caches (see the module doc)."""
+    """One request on one deployment: the reruns and their caches (see the module doc).
+    ``measure_cost``: also run the fixed model in f32 against the original (what the fixes
+    alone change: ``FixResult.fixes_cost_psnr_db``), one free-running run more."""
 
     def __init__(self, model_dir, request: Request, precision: Precision, *, rewrites="none",
                  gelu_approximate: str = "none", min_psnr: float = DEFAULT_MIN_PSNR,
-                 max_reruns: int = DEFAULT_MAX_RERUNS, progress: Callable[[str], None] | None = None) -> None:
+                 max_reruns: int = DEFAULT_MAX_RERUNS, progress: Callable[[str], None] | None = None,
+                 measure_cost: bool = True) -> None:
         if not precision.storage16:
             raise ValueError(f"fp16-fix needs an fp16 precision (f32_f16 or f16), not {precision.mode}")
         if not (isinstance(max_reruns, int) and max_reruns >= 2 * FREE_RUN_COST):
@@ -182,6 +185,7 @@ class Search:
         self.base = Rewrites.parse(rewrites)
         self.gelu_approximate = gelu_approximate
         self.max_reruns, self.reruns = max_reruns, 0
+        self.measure_cost = measure_cost
         self._progress = progress or (lambda line: None)
         self.log: list[str] = []
         f32 = {m: self._options(m, (), Precision("f32")) for m in MODELS}
@@ -286,7 +290,7 @@ class Search:
 
     def _result(self, status, chosen, before, after, t0) -> FixResult:
         cost = None
-        if chosen and status != "budget":
+        if chosen and status != "budget" and self.measure_cost:
             try:
                 cost = self.free(frozenset(c.fix for c in chosen), Precision("f32")).psnr_db
             except BudgetExhausted:
