@@ -274,6 +274,10 @@ class Search:
         if before.clean(self.min_psnr):
             self.say("clean: no fix needed")
             return self._result("clean", [], before, None, t0)
+        if not before.severe:
+            self.say("no severe event locates the error: fp16 rounding alone is below the bound, and fixes "
+                     "are searched where events are (no fix)")
+            return self._result("unfixed", [], before, None, t0)
         chosen: dict[Fix, Chosen] = {}
         status = "unfixed"
         try:
