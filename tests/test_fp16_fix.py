@@ -315,3 +315,23 @@ def test_the_fix_runs_clean_on_litert_gpu_kernels(tiny_seed, tmp_path):
     assert not np.isfinite(tensors["declared"][HIDDEN_STATES]).all()
     assert np.isfinite(tensors["fixed"][HIDDEN_STATES]).all()
     assert psnr(ref, to_image(tensors["fixed"][IMAGE][0])) >= 30
+
+
+def test_a_fix_applies_at_its_path_and_below_only(tiny_seed):
+    from refsd.monitor import monitoring
+    from refsd.weights import load_text_encoder
+
+    te = load_text_encoder(tiny_seed(0) / "text_encoder", precision="f32_f16",
+                           rewrites=f"mask@text_encoder=-1e9,mask@text_encoder.{ATTN.format(0)}=-1e4")
+    with monitoring() as mon:
+        te(np.arange(77)[None] % 100)
+    lost = {e.path for e in mon.report().events if e.severe}
+    assert lost == {f"text_encoder.{ATTN.format(1)}"}  # the declared -1e9 everywhere but where the fix is
+
+
+def test_the_budget_stops_the_search(tiny_seed, tmp_path):
+    model = tmp_path / "m"
+    _edit(tiny_seed(0), model, "text_encoder", _scores(1, SCORE_FP32))
+    _, r = _run(model, max_reruns=7)  # as declared (3), teacher-forced (3), scale_qk's text encoder (1): out
+    assert r.status == "budget" and r.reruns == 7 and r.after is None
+    assert r.fixes == [Fix("scale_qk", f"text_encoder.{ATTN.format(1)}")]  # the rewrite tried: the best so far

@@ -190,12 +190,15 @@ class Search:
         self.log: list[str] = []
         f32 = {m: self._options(m, (), Precision("f32")) for m in MODELS}
         self.pipe = Pipeline(model_dir, options=f32)
+        t0 = time.perf_counter()
         self.reference = self.pipe(request, progress=False)
+        self.say(f"f32 reference: {time.perf_counter() - t0:.1f} s")
         self.reference_image = to_image(self.reference.trace[names.IMAGE][0])
         self.ids = self.pipe.request_ids(request)
         self._models: dict[tuple, object] = {}
         self._stage_cache: dict[tuple, list[Event]] = {}
         self._free_cache: dict[frozenset, Outcome] = {}
+        self._so_far: dict[Fix, Chosen] = {}  # the fixes chosen so far: what a search out of budget returns
 
     # -- runs
 
@@ -288,8 +291,8 @@ class Search:
             self.say(f"fixed model free-running: {len(after.severe)} severe events, PSNR {after.psnr_db:.1f} dB"
                      + ("" if status == "fixed" else ": not within the bound"))
         except BudgetExhausted:
-            status, after = "budget", None
-            self.say(f"budget of {self.max_reruns} reruns spent: stopped")
+            status, after, chosen = "budget", None, self._so_far
+            self.say(f"budget of {self.max_reruns} reruns spent: stopped with {len(chosen)} fix(es) so far")
         return self._result(status, list(chosen.values()), before, after, t0)
 
     def _result(self, status, chosen, before, after, t0) -> FixResult:
@@ -326,10 +329,14 @@ class Search:
                         new[f] = Chosen(f, level, e)
                         break
             if not new:
+                if chosen:
+                    self.say(f"{'/'.join(levels)}: {len(events)} severe event(s) left teacher-forced, "
+                             f"{self.reruns} reruns so far")
                 return chosen
-            chosen = {**chosen, **new}
-            self.say(f"{'/'.join(levels)}: +{len(new)} fix(es) ({', '.join(sorted(str(f) for f in new))}); "
-                     f"{len(chosen)} in all")
+            chosen = self._so_far = {**chosen, **new}
+            shown = sorted(str(f) for f in new)
+            listed = ", ".join(shown[:4]) + (f", and {len(shown) - 4} more" if len(shown) > 4 else "")
+            self.say(f"{'/'.join(levels)}: +{len(new)} fix(es) ({listed}); {len(chosen)} in all")
             free = None
 
     def _search(self, before: Outcome) -> dict:
@@ -383,7 +390,7 @@ class Search:
             rest = frozenset(f for f in chosen if f != fix)
             if not self.teacher_events(rest):
                 self.say(f"prune: {fix} not needed")
-                chosen = {f: c for f, c in chosen.items() if f != fix}
+                chosen = self._so_far = {f: c for f, c in chosen.items() if f != fix}
         return chosen
 
 
