@@ -281,11 +281,14 @@ def test_certify_reads_the_fixes_from_the_bundles_rewrites(mask_fix, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_fix_runs_clean_on_litert_gpu_kernels(tiny_seed, tmp_path):
-    """The scaled-scores break on LiteRT's GPU accelerator in fp16 (lavapipe in CI): its BATCH_MATMUL
-    accumulates Q K^T in fp16 before the scale, so the deployment as declared goes non-finite there;
-    the recipe's scale_qk runs finite and within the GPU capture's 30 dB of f32 (tests/test_gpu_capture.py:
-    a correct fp16 GPU run measured 37.8 dB). Skips without a GPU adapter (~60 s with one)."""
+def test_the_fixes_run_clean_on_litert_gpu_kernels(tiny_seed, tmp_path):
+    """Every break at once on LiteRT's GPU accelerator in fp16 (lavapipe in CI), exported as declared and
+    with the fixes the searches above find for each (every exportable kind: scale_qk, mask, gelu_clip,
+    eps). The GPU's BATCH_MATMUL accumulates Q K^T in fp16 before the scale, so the declared deployment
+    goes non-finite there; the fixed one runs finite and within the GPU capture's 30 dB of f32
+    (tests/test_gpu_capture.py: a correct fp16 GPU run measured 37.8 dB). The other breaks do not break
+    these kernels (Case.litert_gpu): their fixes must simply run clean. Skips without a GPU adapter
+    (~90 s with lavapipe: two exports and two captures)."""
     import ctypes.util
 
     pytest.importorskip("tensorflow")
@@ -293,27 +296,34 @@ def test_the_fix_runs_clean_on_litert_gpu_kernels(tiny_seed, tmp_path):
     if ctypes.util.find_library("vulkan") is None:
         pytest.skip("no Vulkan loader (libvulkan1): see README 'GPU capture'")
     from refsd.image import psnr, to_image
+    from refsd.models.options import ModelOptions
     from refsd.pipeline import Pipeline
-    from refsd.trace import HIDDEN_STATES, IMAGE
+    from refsd.trace import HIDDEN_STATES, IMAGE, MODELS
     from refsd_validate.fix_report import GPU_GRAPH
     from refsd_validate.gpu_certify import NO_ADAPTER, export_and_capture
     from refsd_validate.reader import read_bundle
 
     model = tmp_path / "m"
     _edit(tiny_seed(0), model, "text_encoder", _scores(0, SCORE_SCALED))
-    declared = ",".join(GPU_GRAPH)
-    fixed = f"{declared},scale_qk@text_encoder.{ATTN.format(0)}"
-    ref = to_image(Pipeline(model).__call__(REQUEST, progress=False).trace[IMAGE][0])
+    _edit(tiny_seed(0), model, "unet", _gelu)
+    _edit(tiny_seed(0), model, "unet", _constant_group)
+    declared = ",".join(GPU_GRAPH) + ",mask@text_encoder=-1e9"
+    fixes = [Fix("scale_qk", f"text_encoder.{ATTN.format(0)}"), Fix("gelu_clip", f"unet.{FF}", 10.0),
+             Fix("eps", "unet.down_blocks.0.resnets.0.norm1", 1e-4),
+             *(Fix("mask", f"text_encoder.{ATTN.format(i)}", -1e4) for i in (0, 1))]
+    fixed = ",".join([declared, *map(str, fixes)])
+    f32 = ModelOptions.make(rewrites=declared, gelu_approximate="tanh")
+    ref = to_image(Pipeline(model, options={m: f32 for m in MODELS})(REQUEST, progress=False).trace[IMAGE][0])
     tensors = {}
     for name, rw in (("declared", declared), ("fixed", fixed)):
         ok, line = export_and_capture(model, tmp_path / f"t_{name}", tmp_path / f"b_{name}", REQUEST, rewrites=rw,
-                                      intermediates=False)
+                                      gelu_approximate="tanh", intermediates=False)
         if not ok and NO_ADAPTER in line:
             pytest.skip(line)
         assert ok, line
         tensors[name] = read_bundle(tmp_path / f"b_{name}").tensors
     assert not np.isfinite(tensors["declared"][HIDDEN_STATES]).all()
-    assert np.isfinite(tensors["fixed"][HIDDEN_STATES]).all()
+    assert np.isfinite(tensors["fixed"][HIDDEN_STATES]).all() and np.isfinite(tensors["fixed"][IMAGE]).all()
     assert psnr(ref, to_image(tensors["fixed"][IMAGE][0])) >= 30
 
 
