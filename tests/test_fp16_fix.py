@@ -345,3 +345,18 @@ def test_the_budget_stops_the_search(tiny_seed, tmp_path):
     _, r = _run(model, max_reruns=7)  # as declared (3), teacher-forced (3), scale_qk's text encoder (1): out
     assert r.status == "budget" and r.reruns == 7 and r.after is None
     assert r.fixes == [Fix("scale_qk", f"text_encoder.{ATTN.format(1)}")]  # the rewrite tried: the best so far
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--min-psnr", "nan"], "--min-psnr"),
+    (["--max-reruns", "2"], "--max-reruns"),
+    (["--precision", "f32"], "fp16 precision"),
+    (["--rewrites", "eps@unet.conv_norm_out=1e-9"], "normal fp16"),
+    (["--latents", "x.npy"], "--latents"),
+])
+def test_fp16_fix_bad_options_are_one_line_and_exit_2(tiny_seed, tmp_path, capsys, extra, needle):
+    argv = ["fp16-fix", "--model", str(tiny_seed(0)), *REQUEST_ARGS, "--out", str(tmp_path / "o"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "o").exists()
