@@ -360,3 +360,17 @@ def test_fp16_fix_bad_options_are_one_line_and_exit_2(tiny_seed, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_fix_page_is_offline_and_names_each_fix(mask_fix, tmp_path):
+    """fp16_fix.html as --verify-gpu writes it, here for a machine without a GPU adapter."""
+    from refsd_validate.fix_report import render
+    from refsd_validate.gpu_certify import GpuRun
+
+    _, out, _ = mask_fix
+    doc = read_recipe(out / "recipe.json")
+    img = np.full((16, 16, 3), 0.5, np.float32)
+    run = GpuRun(None, "LiteRT's GPU accelerator found no GPU adapter", True, tmp_path, tmp_path, tmp_path)
+    page = render(doc, {"reference": img, "before": img, "after": img}, run)
+    assert page.count('<img src="data:image/png;base64,') == 3 and "src=\"http" not in page
+    assert all(f["token"] in page for f in doc["fixes"]) and "GPU capture skipped" in page
