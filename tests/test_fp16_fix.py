@@ -288,7 +288,7 @@ def test_the_fixes_run_clean_on_litert_gpu_kernels(tiny_seed, tmp_path):
     goes non-finite there; the fixed one runs finite and within the GPU capture's 30 dB of f32
     (tests/test_gpu_capture.py: a correct fp16 GPU run measured 37.8 dB). The other breaks do not break
     these kernels (Case.litert_gpu): their fixes must simply run clean. Skips without a GPU adapter
-    (~90 s with lavapipe: two exports and two captures)."""
+    (45-60 s with lavapipe: two exports and two captures)."""
     import ctypes.util
 
     pytest.importorskip("tensorflow")
@@ -374,3 +374,15 @@ def test_the_fix_page_is_offline_and_names_each_fix(mask_fix, tmp_path):
     page = render(doc, {"reference": img, "before": img, "after": img}, run)
     assert page.count('<img src="data:image/png;base64,') == 3 and "src=\"http" not in page
     assert all(f["token"] in page for f in doc["fixes"]) and "GPU capture skipped" in page
+
+
+@pytest.mark.slow
+def test_the_search_under_the_gpu_device_model_finds_scale_qk(tiny_seed, tmp_path):
+    """--device-model litert-gpu: the GPU's BATCH_MATMUL accumulates in fp16 like the blocked model
+    (README, 'fp16 on real GPU kernels'), so the same rewrite fixes it; its GroupNorm, GELU and
+    subnormals do not break there (the declared deployment is otherwise clean). ~15 s."""
+    model = tmp_path / "m"
+    _edit(tiny_seed(1), model, "text_encoder", _scores(0, SCORE_SCALED))
+    _, r = _run(model, Precision("f16", device_model="litert-gpu"))
+    assert r.status == "fixed", r.log
+    assert r.fixes == [Fix("scale_qk", f"text_encoder.{ATTN.format(0)}")]
