@@ -8,23 +8,24 @@ fp16-fix`` searches for them). Fixes travel as rewrite tokens
 rewrite. The path is the module's full path as the monitor reports it
 (``unet.mid_block.attentions.0.transformer_blocks.0.ff.net.0``).
 
-==============  =========================  ===================================================
-kind            module                     what it does (value)
-==============  =========================  ===================================================
-``gelu_clip``   GELU / GEGLU (``ff.net.0``) tanh-GELU with its input clipped to [-M, M] (M)
-``eps``         GroupNorm / LayerNorm      the normalization's eps (eps)
-``mask``        CLIP self-attention        the causal mask's constant (its new value)
-``gn_fused``    GroupNorm                  one kernel with float32 sums (``group_norm_fused``):
-                                            the fp16 sum of squares cannot overflow; the
-                                            exported graph is unchanged (LiteRT's GPU MEAN
-                                            keeps float32 sums already) (no value)
-``scale_qk``    an attention module        ``q`` scaled by ``1/sqrt(d)`` before ``Q K^T``
-                                            (score scale 1): the product stays within fp16
-                                            where the unscaled one overflows (no value)
-``fp32``        any module                 the module and everything under it in float32
-                                            (a separate fp32 sub-model or a CPU fallback
-                                            on a GPU without per-op precision; no value)
-==============  =========================  ===================================================
+==============  ==============================  ==============================================
+kind            module                          what it does (value)
+==============  ==============================  ==============================================
+``gelu_clip``   GELU / GEGLU (``ff.net.0``)     tanh-GELU with its input clipped to [-M, M] (M)
+``eps``         GroupNorm / LayerNorm           the normalization's eps (eps)
+``mask``        attention with an additive      the mask's negative entries (its new value)
+                mask (CLIP's causal mask)
+``gn_fused``    GroupNorm                       one kernel with float32 sums
+                                                (``group_norm_fused``): the fp16 sum of squares
+                                                cannot overflow; the exported graph is unchanged
+                                                (LiteRT's GPU MEAN keeps float32 sums) (no value)
+``scale_qk``    attention                       ``q`` scaled by ``1/sqrt(d)`` before ``Q K^T``
+                                                (score scale 1): the product stays within fp16
+                                                where the unscaled one overflows (no value)
+``fp32``        any module                      the module and everything under it in float32
+                                                (a separate fp32 sub-model or a CPU fallback on
+                                                a GPU without per-op precision; no value)
+==============  ==============================  ==============================================
 
 A fix applies to the module at its path and to every module under it; where
 two apply, the one with the longer path wins. So a deployment can declare its
@@ -37,10 +38,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from refsd.numerics import FP16_MIN_NORMAL
+
 # kind -> whether it takes a value
 KINDS = {"gelu_clip": True, "eps": True, "mask": True, "gn_fused": False, "scale_qk": False, "fp32": False}
-FP16_MAX = 65504.0
-FP16_MIN_NORMAL = 2.0**-14
 
 
 @dataclass(frozen=True, order=True)

@@ -54,8 +54,8 @@ from refsd.models.rewrites import (
     conv_op,
     group_norm_op,
     linear_hybrid_op,
-    norm_eps,
     linear_op,
+    norm_eps,
     serial_conv_split,
 )
 from refsd.numerics import Precision

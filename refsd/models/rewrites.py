@@ -275,8 +275,8 @@ def attention_op(module):
         fn = ops.softmax_partial_fused
     else:
         fn = ops.attention
-    mask, scale_qk = rw.fix("mask"), rw.fix("scale_qk")
-    if mask is None and scale_qk is None:
+    mask_fix, scale_qk = rw.fix("mask"), rw.fix("scale_qk")
+    if mask_fix is None and scale_qk is None:
         return fn
 
     def fixed(q, k, v, *, heads: int = 1, mask=None, scale=None, **kw):
@@ -288,7 +288,6 @@ def attention_op(module):
             scale = 1.0
         return fn(q, k, v, heads=heads, mask=mask, scale=scale, **kw)
 
-    mask_fix = mask
     return fixed
 
 
