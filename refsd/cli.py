@@ -126,7 +126,9 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- generate, fp16-check
 
 
-def _add_request_args(p: argparse.ArgumentParser, *, default_precision: str) -> None:
+def _add_request_args(p: argparse.ArgumentParser, *, default_precision: str, one_run: bool = True) -> None:
+    """The request and deployment options; ``one_run``: also those of a single run (``--low-memory``,
+    ``--latents``), which a search over many runs does not take."""
     from refsd.numerics import DEVICE_MODELS, MODES  # noqa: PLC0415
 
     p.add_argument("--model", required=True, metavar="DIR", help="diffusers-format folder (e.g. from refsd make-tiny)")
@@ -140,10 +142,12 @@ def _add_request_args(p: argparse.ArgumentParser, *, default_precision: str) -> 
                    help="f16 only: emulate a runtime's measured fp16 kernels instead of the generic model "
                         "(litert-gpu: LiteRT's GPU accelerator; README 'fp16 on real GPU kernels')")
     p.add_argument("--rewrites", default="none", help="none | paper | google | comma list of rewrite names")
-    p.add_argument("--low-memory", action="store_true", help="load each model only for its stage; in f32_f16 / f16 keep weights as float16")
     p.add_argument("--gelu-approximate", choices=("none", "tanh"), default=None,
                    help="the GELU the deployment computes: none (erf, as diffusers; default) or tanh")
-    p.add_argument("--latents", metavar="FILE.npy", help="initial latents to replay instead of the seed's noise")
+    if one_run:
+        p.add_argument("--low-memory", action="store_true",
+                       help="load each model only for its stage; in f32_f16 / f16 keep weights as float16")
+        p.add_argument("--latents", metavar="FILE.npy", help="initial latents to replay instead of the seed's noise")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -305,7 +309,7 @@ def _add_fp16_fix(sub) -> None:
         "at the modules the monitor names, then rewrites that move where fp16 overflows, then the smallest set "
         "of modules kept in fp32 (delta debugging). Writes DIR/recipe.json and the images. Exit 0 clean or "
         "fixed, 1 no fix found within the budget, 2 bad input.")
-    _add_request_args(p, default_precision="f16")
+    _add_request_args(p, default_precision="f16", one_run=False)
     p.add_argument("--min-psnr", type=float, default=DEFAULT_MIN_PSNR, metavar="DB",
                    help=f"the image's PSNR against f32 a clean run needs (default {DEFAULT_MIN_PSNR:g} dB)")
     p.add_argument("--max-reruns", type=int, default=DEFAULT_MAX_RERUNS, metavar="N",
@@ -326,9 +330,6 @@ def _cmd_fp16_fix(args: argparse.Namespace) -> int:
     from refsd.numerics import Precision  # noqa: PLC0415
     from refsd.pipeline import Request  # noqa: PLC0415
 
-    if args.latents or args.low_memory:
-        raise ValueError("fp16-fix runs the seed's noise with every model loaded: --latents and --low-memory "
-                         "do not apply")
     check_request_args(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
