@@ -4,7 +4,8 @@
     refsd catalogue [--json FILE] [--case NAME ...]
     refsd make-tiny DIR --arch sd15|sd21 --seed N
     refsd generate --model DIR --prompt TEXT --out IMAGE.png [--trace TRACE.npz] ...
-    refsd fp16-check --model DIR --prompt TEXT [--json FILE] [--fail-on KINDS] ...
+    refsd fp16-check --model DIR --prompt TEXT [--json FILE] [--fail-on KINDS] [--recipe FILE] ...
+    refsd fp16-fix --model DIR --prompt TEXT --out DIR [--min-psnr DB] [--max-reruns N] [--verify-gpu] ...
     refsd export --model DIR --out DIR [--weights fp32|fp16|int8] [--rewrites ...]
     refsd lint-gpu MODEL.tflite [--json]
     refsd golden make|verify [--dir DIR]
@@ -125,7 +126,9 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- generate, fp16-check
 
 
-def _add_request_args(p: argparse.ArgumentParser, *, default_precision: str) -> None:
+def _add_request_args(p: argparse.ArgumentParser, *, default_precision: str, one_run: bool = True) -> None:
+    """The request and deployment options; ``one_run``: also those of a single run (``--low-memory``,
+    ``--latents``), which a search over many runs does not take."""
     from refsd.numerics import DEVICE_MODELS, MODES  # noqa: PLC0415
 
     p.add_argument("--model", required=True, metavar="DIR", help="diffusers-format folder (e.g. from refsd make-tiny)")
@@ -139,14 +142,40 @@ def _add_request_args(p: argparse.ArgumentParser, *, default_precision: str) -> 
                    help="f16 only: emulate a runtime's measured fp16 kernels instead of the generic model "
                         "(litert-gpu: LiteRT's GPU accelerator; README 'fp16 on real GPU kernels')")
     p.add_argument("--rewrites", default="none", help="none | paper | google | comma list of rewrite names")
-    p.add_argument("--low-memory", action="store_true", help="load each model only for its stage; in f32_f16 / f16 keep weights as float16")
-    p.add_argument("--latents", metavar="FILE.npy", help="initial latents to replay instead of the seed's noise")
+    p.add_argument("--gelu-approximate", choices=("none", "tanh"), default=None,
+                   help="the GELU the deployment computes: none (erf, as diffusers; default) or tanh")
+    if one_run:
+        p.add_argument("--low-memory", action="store_true",
+                       help="load each model only for its stage; in f32_f16 / f16 keep weights as float16")
+        p.add_argument("--latents", metavar="FILE.npy", help="initial latents to replay instead of the seed's noise")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_recipe_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", metavar="FILE", help="apply a recipe from refsd fp16-fix: its rewrites and "
+                   "per-module fixes are added to --rewrites, and its GELU is the deployment's")
+
+
+def _deployment(args: argparse.Namespace) -> tuple[str, str]:
+    """(rewrites, gelu approximation) of a command line, with ``--recipe`` applied."""
+    gelu = args.gelu_approximate
+    if not getattr(args, "recipe", None):
+        return args.rewrites, gelu or "none"
+    from refsd.fp16fix.recipe import read_recipe, recipe_rewrites  # noqa: PLC0415
+
+    doc = read_recipe(args.recipe)
+    own = doc["deployment"]["gelu_approximate"]
+    if gelu is not None and gelu != own:
+        raise ValueError(f"--gelu-approximate {gelu} contradicts --recipe {args.recipe} (deployment/gelu_approximate "
+                         f"{own})")
+    return str(recipe_rewrites(doc, args.rewrites)), own
+
+
 def _run_pipeline(args: argparse.Namespace, monitor):
+    from refsd.models.options import ModelOptions  # noqa: PLC0415
     from refsd.numerics import Precision  # noqa: PLC0415
     from refsd.pipeline import Pipeline, Request  # noqa: PLC0415
+    from refsd.trace import MODELS  # noqa: PLC0415
 
     if args.block < 1:
         raise ValueError(f"--block must be >= 1, got {args.block}")
@@ -155,7 +184,11 @@ def _run_pipeline(args: argparse.Namespace, monitor):
                   args.height, args.width)
     latents = _read_latents(args.latents) if args.latents else None
     precision = Precision(args.precision, args.ftz, args.block, args.device_model)  # ValueError: exit 2
-    pipe = Pipeline(args.model, precision=precision, rewrites=args.rewrites, low_memory=args.low_memory)
+    rewrites, gelu = _deployment(args)
+    args.rewrites = rewrites
+    options = ModelOptions.make(precision=precision, rewrites=rewrites, gelu_approximate=gelu,
+                                weights_f16=args.low_memory and precision.storage16)
+    pipe = Pipeline(args.model, options={m: options for m in MODELS}, low_memory=args.low_memory)
     t0 = time.perf_counter()
     result = pipe(req, latents=latents, monitor=monitor, progress=not args.quiet)
     return req, result, time.perf_counter() - t0
@@ -183,6 +216,7 @@ def _add_generate(sub) -> None:
                        description="Generate an image with the golden reference, optionally saving the trace of "
                        "every boundary tensor (text_encoder/hidden_states, unet/step_i/noise_pred, ...).")
     _add_request_args(p, default_precision="f32")
+    _add_recipe_arg(p)
     p.add_argument("--out", required=True, metavar="IMAGE.png")
     p.add_argument("--trace", metavar="TRACE.npz", help="write every boundary tensor (plain arrays, no pickles)")
     p.set_defaults(func=_cmd_generate)
@@ -220,6 +254,7 @@ def _add_fp16_check(sub) -> None:
                        description="Run the pipeline with the float16 exception monitor: first offending op (with "
                        "stage and step), counts per event, the ops closest to overflow.")
     _add_request_args(p, default_precision="f16")
+    _add_recipe_arg(p)
     p.add_argument("--json", metavar="FILE", help="write the report as JSON")
     p.add_argument("--top", type=int, default=10, help="how many ops closest to overflow to list")
     p.add_argument("--fail-on", default="severe", metavar="KINDS",
@@ -261,6 +296,85 @@ def _cmd_fp16_check(args: argparse.Namespace) -> int:
     return EXIT_FAIL if failed else EXIT_OK
 
 
+# ---------------------------------------------------------------- fp16-fix
+
+
+def _add_fp16_fix(sub) -> None:
+    from refsd.fp16fix.search import DEFAULT_MAX_RERUNS, DEFAULT_MIN_PSNR  # noqa: PLC0415
+
+    p = sub.add_parser(
+        "fp16-fix", help="search the smallest fp16 fix of a deployment and write it as a recipe",
+        description="Run the request in the declared fp16 deployment with the exception monitor; if it is not "
+        "clean (a severe event, or the image below --min-psnr of f32), search the smallest fix: catalogue fixes "
+        "at the modules the monitor names, then rewrites that move where fp16 overflows, then the smallest set "
+        "of modules kept in fp32 (delta debugging). Writes DIR/recipe.json and the images. Exit 0 clean or "
+        "fixed, 1 no fix found within the budget, 2 bad input.")
+    _add_request_args(p, default_precision="f16", one_run=False)
+    p.add_argument("--min-psnr", type=float, default=DEFAULT_MIN_PSNR, metavar="DB",
+                   help=f"the image's PSNR against f32 a clean run needs (default {DEFAULT_MIN_PSNR:g} dB)")
+    p.add_argument("--max-reruns", type=int, default=DEFAULT_MAX_RERUNS, metavar="N",
+                   help=f"the search's budget: a teacher-forced stage rerun counts 1, a free-running run 3 "
+                   f"(default {DEFAULT_MAX_RERUNS})")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created): recipe.json, "
+                   "reference.png, before.png, after.png")
+    p.add_argument("--verify-gpu", action="store_true",
+                   help="then export the fixed model with fp16 weights, capture it through LiteRT's GPU accelerator "
+                   "in fp16, certify it, and write DIR/fp16_fix.html (needs the export extra and a GPU adapter)")
+    p.set_defaults(func=_cmd_fp16_fix)
+
+
+def _cmd_fp16_fix(args: argparse.Namespace) -> int:
+    from refsd.fp16fix.recipe import make_recipe  # noqa: PLC0415
+    from refsd.fp16fix.search import Search  # noqa: PLC0415
+    from refsd.image import write_png  # noqa: PLC0415
+    from refsd.numerics import Precision  # noqa: PLC0415
+    from refsd.pipeline import Request  # noqa: PLC0415
+
+    check_request_args(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    req = Request(args.prompt, args.negative_prompt, args.seed, args.steps, args.guidance, args.scheduler,
+                  args.height, args.width)
+    precision = Precision(args.precision, args.ftz, args.block, args.device_model)
+    say = (lambda line: None) if args.quiet else (lambda line: print(f"fp16-fix: {line}", file=sys.stderr))
+    search = Search(args.model, req, precision, rewrites=args.rewrites, gelu_approximate=args.gelu_approximate or "none",
+                    min_psnr=args.min_psnr, max_reruns=args.max_reruns, progress=say)
+    result = search.run()
+    doc = make_recipe(search, result)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    write_png(out / "reference.png", result.reference_image)
+    write_png(out / "before.png", result.before.image)
+    if result.after is not None:
+        write_png(out / "after.png", result.after.image)
+    lines = {"clean": "clean as declared: no fix needed (empty recipe)",
+             "fixed": f"{len(result.chosen)} fix(es) make it clean",
+             "budget": f"budget of {args.max_reruns} reruns spent before a clean fix",
+             "unfixed": "no fix found: the recipe lists the best candidate"}
+    print(f"{lines[result.status]}: {out / 'recipe.json'} ({result.reruns} reruns, {result.seconds:.1f} s)")
+    for c in result.chosen:
+        print(f"  {c.level:<9} {c.fix}   removes {c.event.kind} {c.event.op}/{c.event.primitive} at {c.event.where()}")
+    if result.status not in ("clean", "fixed"):
+        return EXIT_FAIL
+    if not args.verify_gpu:
+        return EXIT_OK
+    from refsd_validate.fix_report import verify_on_gpu  # noqa: PLC0415
+
+    fp32 = [f["token"] for f in doc["fixes"] if f["kind"] == "fp32"]
+    if fp32:
+        print(f"not verified on the GPU: {', '.join(fp32)} keep modules in fp32, which one .tflite on LiteRT's GPU "
+              "accelerator cannot express (no per-op precision): run those modules on a CPU fallback")
+        return EXIT_FAIL
+    after = result.after.image if result.after is not None else result.before.image
+    run = verify_on_gpu(Path(args.model), out, doc, {"reference": result.reference_image,
+                                                     "before": result.before.image, "after": after})
+    print(run.line if run.certificate is not None else
+          f"GPU capture {'skipped' if run.skipped else 'failed'}: {run.line}")
+    print(f"wrote {out / 'fp16_fix.html'}")
+    return EXIT_OK if run.certificate is not None and run.certificate.certified else EXIT_FAIL
+
+
 # ---------------------------------------------------------------- export, lint-gpu (TensorFlow only when run)
 
 
@@ -291,6 +405,9 @@ def _add_export(sub) -> None:
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--component", action="append", choices=COMPONENTS,
                    help="export only this component (repeatable; default all three)")
+    p.add_argument("--gelu-approximate", choices=("none", "tanh"), default=None,
+                   help="the GELU the graph computes: none (erf; default) or tanh")
+    _add_recipe_arg(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_export)
 
@@ -301,12 +418,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if args.serial_conv_limit < 1:
         raise ValueError(f"--serial-conv-limit must be >= 1, got {args.serial_conv_limit}")
-    rw = graph_rewrites(args.rewrites, serial_conv_limit=args.serial_conv_limit)  # bad names: error before TF loads
-    if "int8_weights" in Rewrites.parse(args.rewrites) and args.weights != "int8":
+    rewrites, gelu = _deployment(args)
+    rw = graph_rewrites(rewrites, serial_conv_limit=args.serial_conv_limit)  # bad names: error before TF loads
+    if "int8_weights" in Rewrites.parse(rewrites) and args.weights != "int8":
         print(f"refsd: note: int8_weights is a weight storage choice for export; the graph uses {rw}, "
               f"weights {args.weights} (use --weights int8 for int8 weights)", file=sys.stderr)
     manifest = export(args.model, args.out, weights=args.weights, rewrites=rw, height=args.height,
-                      width=args.width, components=tuple(args.component or COMPONENTS), progress=not args.quiet)
+                      width=args.width, components=tuple(args.component or COMPONENTS), progress=not args.quiet,
+                      gelu_approximate=gelu)
     for name, entry in manifest["components"].items():
         print(f"{args.out}/{entry['file']}: output {'x'.join(map(str, entry['output']))}, "
               f"{len(entry['tensors'])} module outputs mapped")
@@ -378,7 +497,7 @@ def _cmd_golden(args: argparse.Namespace) -> int:
 # One entry per subcommand, in the order `refsd --help` lists them.
 
 SUBCOMMANDS: list[Callable] = [_add_demo, _add_catalogue, _add_make_tiny, _add_generate, _add_fp16_check,
-                               _add_export, _add_lint_gpu, _add_golden]
+                               _add_fp16_fix, _add_export, _add_lint_gpu, _add_golden]
 
 
 def build_parser() -> argparse.ArgumentParser:

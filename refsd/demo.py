@@ -30,8 +30,6 @@ GPU capture's verdict is printed and written, not yet part of the exit code
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -137,25 +135,14 @@ def certify_gpu(model: Path, out: Path, *, size: int, steps: int = 4) -> bool:
     subprocess (LiteRT's GPU accelerator and TensorFlow, imported for the export,
     do not share a process)."""
     try:
-        from refsd.export.build import export
-        from refsd_validate.certify import certify, tflite_tensor_names, write_outputs
+        from refsd_validate.gpu_certify import capture_and_certify
     except ImportError:  # already reported by certify_device
         return True
     print(f"\n== GPU: export (fp16 weights), LiteRT GPU capture (fp16, {steps} steps), certification ==")
-    export(model, out / "tflite_gpu", weights="fp16", rewrites=GPU_REWRITES, height=size, width=size)
     req = Request(PROMPT, seed=0, steps=steps, scheduler="ddim", height=size, width=size)
-    cmd = [sys.executable, "-m", "refsd_validate", "capture", "--tflite", str(out / "tflite_gpu"),
-           "--model", str(model), "--out", str(out / "capture_gpu"), "--prompt", req.prompt,
-           "--seed", str(req.seed), "--steps", str(req.steps), "--scheduler", req.scheduler,
-           "--accelerator", "gpu", "--gpu-precision", "fp16", "--intermediates", "--quiet"]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    if run.returncode != 0:
-        line = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else f"exit {run.returncode}"
-        skipped = "found no GPU adapter" in line
-        print(f"GPU capture {'skipped' if skipped else 'failed'}: {line}")
-        return skipped
-    cert = certify(out / "capture_gpu", model, mode="both", cache_dir=out / "cache")
-    write_outputs(cert, out / "certificate_gpu", tflite_tensor_names(out / "tflite_gpu"))
-    verdict = "CERTIFIED" if cert.certified else "NOT CERTIFIED"
-    print(f"{verdict} (GPU fp16): {len(cert.results)} tensor checks; open {out}/certificate_gpu/report.html")
-    return cert.certified
+    run = capture_and_certify(model, out, req, rewrites=GPU_REWRITES, cache_dir=out / "cache")
+    if run.certificate is None:
+        print(f"GPU capture {'skipped' if run.skipped else 'failed'}: {run.line}")
+        return run.skipped
+    print(run.line)
+    return run.certificate.certified

@@ -5,6 +5,7 @@ Images are (H, W, 3) float arrays in [0, 1] unless said otherwise."""
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -15,6 +16,18 @@ import numpy as np
 def to_image(decoded: np.ndarray) -> np.ndarray:
     """Decoder output (about [-1, 1]) -> [0, 1], as diffusers' ``postprocess``."""
     return np.clip(decoded / np.float32(2) + np.float32(0.5), 0.0, 1.0)
+
+
+def psnr(ref: np.ndarray, test: np.ndarray, *, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio ``10 log10(data_range**2 / MSE)`` in dB of two
+    arrays of one shape: ``inf`` for identical ones, NaN if either holds a non-finite value."""
+    x, y = np.asarray(ref, dtype=np.float64), np.asarray(test, dtype=np.float64)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return math.nan
+    mse = float(np.mean((x - y) ** 2)) if x.size else 0.0
+    if mse == 0.0:
+        return math.inf
+    return 10.0 * math.log10(data_range**2 / mse)
 
 
 def heatmap(err: np.ndarray) -> np.ndarray:

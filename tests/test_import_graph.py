@@ -9,7 +9,7 @@ same) and mapped to the module it names. The layers, lowest first:
 1     where ops run: context, monitor
 2     ops
 3     models, schedulers
-4     weights, pipeline, names, tiny, catalogue, testing
+4     weights, pipeline, names, tiny, catalogue, testing, fp16fix
 5     export, golden
 6     the validator (refsd_validate), below its command line
 7     entry points: the command lines (refsd.cli, refsd_validate.cli), the demo,
@@ -38,7 +38,8 @@ LAYERS = [
     ("refsd.context", "refsd.monitor"),
     ("refsd.ops",),
     ("refsd.models", "refsd.schedulers"),
-    ("refsd.weights", "refsd.pipeline", "refsd.names", "refsd.tiny", "refsd.catalogue", "refsd.testing"),
+    ("refsd.weights", "refsd.pipeline", "refsd.names", "refsd.tiny", "refsd.catalogue", "refsd.testing",
+     "refsd.fp16fix"),
     ("refsd.export", "refsd.golden"),
     ("refsd_validate",),
     ("refsd.cli", "refsd_validate.cli", "refsd.demo", "refsd.__main__", "refsd_validate.__main__"),

@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from refsd.image import psnr as image_psnr
+
 CHECK_MODES = ("elemwise", "max", "mean", "median", "quantile")
 DEFAULT_ATOL = 1e-5
 DEFAULT_RTOL = 1e-5
@@ -269,13 +271,7 @@ def psnr(ref, test, *, data_range: float = 1.0) -> float:
     for identical images, NaN if either holds a non-finite value."""
     if not data_range > 0:
         raise ValueError(f"PSNR data range must be > 0, got {data_range!r}")
-    x, y = (np.asarray(v, dtype=np.float64) for v in _check_arrays(ref, test))
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        return math.nan
-    mse = float(np.mean((x - y) ** 2)) if x.size else 0.0
-    if mse == 0.0:
-        return math.inf
-    return 10.0 * math.log10(data_range**2 / mse)
+    return image_psnr(*_check_arrays(ref, test), data_range=data_range)
 
 
 def _f16_ordered(a: np.ndarray) -> np.ndarray:

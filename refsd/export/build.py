@@ -62,7 +62,9 @@ BATCH = len(CFG_ORDER)  # [uncond, cond], as the pipeline runs the text encoder 
 def graph_rewrites(spec="none", **params) -> Rewrites:
     """The rewrites an export applies: ``spec`` parsed as ``Rewrites.parse``,
     ``int8_weights`` dropped (weights are stored as ``--weights`` says), kernel
-    fusions refused with a message (a .tflite cannot express them)."""
+    fusions refused with a message (a .tflite cannot express them). Per-module
+    fixes (``refsd.models.fixes``) are kept, but ``gn_fused`` (a kernel, the graph
+    unchanged) and ``fp32`` (refused: no per-op precision in one .tflite)."""
     rw = Rewrites.parse(spec, **params)
     fusions = [n for n in rw if n not in GRAPH_REWRITES and n != "int8_weights"]
     if fusions:
@@ -70,7 +72,14 @@ def graph_rewrites(spec="none", **params) -> Rewrites:
                          f"{'are GPU kernel fusions' if len(fusions) > 1 else 'is a GPU kernel fusion'}, "
                          f"not a graph: export supports {', '.join(GRAPH_REWRITES)} (and int8_weights via "
                          "--weights int8)")
-    return replace(rw, names=frozenset(n for n in rw if n in GRAPH_REWRITES))
+    fp32 = [str(f) for f in rw.fixes if f.kind == "fp32"]
+    if fp32:
+        raise ValueError(f"fix{'es' * (len(fp32) > 1)} {', '.join(fp32)} keep modules in fp32: one .tflite has no "
+                         "per-op precision on a GPU accelerator, and export does not split out an fp32 sub-model; "
+                         "run those modules on a CPU fallback")
+    # gn_fused is a kernel choice (float32 sums inside GroupNorm): the graph is the plain one.
+    return replace(rw, names=frozenset(n for n in rw if n in GRAPH_REWRITES),
+                   fixes=tuple(f for f in rw.fixes if f.kind != "gn_fused"))
 
 
 def input_specs(component: str, model, height: int, width: int) -> dict[str, tuple[tuple, str]]:
@@ -154,9 +163,11 @@ def _tensor_map(model_bytes: bytes, concrete, ops: dict[str, tuple[str, list]]) 
 
 
 def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: int = 512, width: int = 512,
-           serial_conv_limit: int | None = None, components=COMPONENTS, progress: bool = True) -> dict:
+           serial_conv_limit: int | None = None, components=COMPONENTS, progress: bool = True,
+           gelu_approximate: str = "none") -> dict:
     """Export the components of a diffusers folder to ``out``/{component}.tflite
-    and write ``out``/refsd_export.json; returns the manifest."""
+    and write ``out``/refsd_export.json; returns the manifest. ``gelu_approximate``:
+    the GELU of the graph (``"tanh"``: the unfused tanh form, e.g. under a recipe's ``gelu_clip``)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     unknown = [c for c in components if c not in COMPONENTS]
@@ -184,12 +195,13 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
     from refsd.weights import load_text_encoder, load_unet, load_vae  # noqa: PLC0415
 
     tf_ops = _tf_namespace()
-    options = ModelOptions.make(ops=tf_ops, rewrites=rw)
+    options = ModelOptions.make(ops=tf_ops, rewrites=rw, gelu_approximate=gelu_approximate)
     loaders = {"text_encoder": load_text_encoder, "unet": load_unet, "vae": load_vae}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     manifest = {"format": "refsd-export", "version": 1, "model_sha256": model_sha256(model_dir),
                 "weights": weights, "rewrites": str(rw), "serial_conv_limit": rw.serial_conv_limit,
+                "gelu_approximate": gelu_approximate,
                 "height": height, "width": width, "components": {}}
     bar = tqdm(components, desc="export", unit="model", disable=not progress)
     for name in bar:

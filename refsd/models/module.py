@@ -55,6 +55,7 @@ from refsd.models.rewrites import (
     group_norm_op,
     linear_hybrid_op,
     linear_op,
+    norm_eps,
     serial_conv_split,
 )
 from refsd.numerics import Precision
@@ -136,7 +137,13 @@ class Module:
 
     def __call__(self, *args, **kwargs):
         with scope(self._name) as path:
-            out = self.forward(*args, **kwargs)
+            if self.rewrites.fix("fp32", path) is not None:
+                # An fp32 sub-model: its inputs arrive as the fp16 graph stored them, and its
+                # output is stored as fp16 by the ops that read it.
+                with _precision("f32"):
+                    out = self.forward(*args, **kwargs)
+            else:
+                out = self.forward(*args, **kwargs)
         record(path, out)
         return out
 
@@ -456,7 +463,7 @@ class GroupNorm(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         fn = group_norm_op(self)
-        return fn(x, self.weight, self.bias, num_groups=self.num_groups, eps=self.eps)
+        return fn(x, self.weight, self.bias, num_groups=self.num_groups, eps=norm_eps(self))
 
 
 class LayerNorm(Module):
@@ -472,9 +479,10 @@ class LayerNorm(Module):
         self.affine_folded = False
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        eps = norm_eps(self)
         if self.affine_folded:
-            return self.ops.layer_norm(x, None, None, eps=self.eps)
-        return self.ops.layer_norm(x, self.weight, self.bias, eps=self.eps)
+            return self.ops.layer_norm(x, None, None, eps=eps)
+        return self.ops.layer_norm(x, self.weight, self.bias, eps=eps)
 
 
 class Embedding(_DeployedWeight):

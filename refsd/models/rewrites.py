@@ -39,6 +39,9 @@ rewrite runs, each beside the op it replaces there, ``refsd.ops.REWRITES``):
 ``winograd``                3x3 stride-1 convs by Winograd F(``winograd_tile`` x tile, 3x3)
 ``gelu_fused``              GELU / GEGLU as one float32 kernel (same approximation as the model)
 ``group_norm_fused``        GroupNorm as one float32 kernel
+``KIND@PATH[=VALUE]``       a fix to one module and those under it (``refsd.models.fixes``:
+                            ``gelu_clip``, ``eps``, ``mask``, ``gn_fused``, ``scale_qk``, ``fp32``), as
+                            ``refsd fp16-fix`` writes them into a recipe
 ==========================  ==================================================================
 
 Which op a layer runs is chosen here, in one place (``gelu_op``, ``attention_op``,
@@ -51,6 +54,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from typing import Iterable
+
+import numpy as np
+
+from refsd.context import current_path
+from refsd.models.fixes import Fix, find
 
 # name -> preset membership is documented above; order here is the canonical print order.
 NAMES = (
@@ -117,10 +125,16 @@ class Rewrites:
     gelu_clip_M: float = 10.0
     prune_amount: float = DEFAULT_PRUNE_AMOUNT
     prune_min_weights: int = DEFAULT_PRUNE_MIN_WEIGHTS
+    fixes: tuple = ()  # ``Fix``es, sorted
 
     def __post_init__(self) -> None:
         names = frozenset(self.names)
         object.__setattr__(self, "names", names)
+        fixes = tuple(sorted({f if isinstance(f, Fix) else Fix.parse(str(f)) for f in self.fixes}))
+        object.__setattr__(self, "fixes", fixes)
+        for a, b in zip(fixes, fixes[1:]):
+            if (a.kind, a.path) == (b.kind, b.path):
+                raise ValueError(f"two {a.kind} fixes at {a.path}: {a} and {b}")
         unknown = sorted(names - set(NAMES))
         if unknown:
             raise ValueError(
@@ -159,10 +173,13 @@ class Rewrites:
             spec = "none"
         items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
         names: set[str] = set()
+        fixes: list[Fix] = []
         for item in items:
             if not item:
                 continue
-            if item in PRESETS:
+            if "@" in item:
+                fixes.append(Fix.parse(item))
+            elif item in PRESETS:
                 names.update(PRESETS[item])
             elif item.startswith("prune="):
                 names.add("prune")
@@ -172,6 +189,8 @@ class Rewrites:
                 params = {**_serial_conv_params(item), **params}
             else:
                 names.add(item)
+        if fixes:
+            params = {"fixes": tuple(fixes) + tuple(params.pop("fixes", ())), **params}
         return cls(frozenset(names), **params)
 
     def __contains__(self, name: str) -> bool:
@@ -189,7 +208,16 @@ class Rewrites:
             tail = f":{self.prune_min_weights}" if self.prune_min_weights != DEFAULT_PRUNE_MIN_WEIGHTS else ""
             return f"prune={self.prune_amount:g}{tail}"
 
-        return ",".join(token(n) for n in self) or "none"
+        return ",".join([token(n) for n in self] + [str(f) for f in self.fixes]) or "none"
+
+    def fix(self, kind: str, path: str | None = None) -> Fix | None:
+        """The fix of ``kind`` that applies at module ``path`` (default: the current scope)."""
+        if not self.fixes:
+            return None
+        return find(self.fixes, kind, current_path() if path is None else path)
+
+    def without_fixes(self) -> "Rewrites":
+        return replace(self, fixes=())
 
 
 def _prune_params(item: str) -> dict:
@@ -224,9 +252,11 @@ def gelu_op(module, *, gated: bool, approximate: str | None = None):
     (``approximate`` fixed by the checkpoint, else the model option): ``f(x)``."""
     ops, rw = module.ops, module.rewrites
     approx = approximate or module.opts.gelu_approximate
-    if "gelu_clip" in rw:
+    clip = rw.fix("gelu_clip")
+    if clip is not None or "gelu_clip" in rw:
         fn = ops.geglu_clip if gated else ops.gelu_clip
-        return lambda x: fn(x, M=rw.gelu_clip_M)
+        m = rw.gelu_clip_M if clip is None else clip.value
+        return lambda x: fn(x, M=m)
     if "gelu_fused" in rw:
         fn = ops.geglu_fused if gated else ops.gelu_fused
         return lambda x: fn(x, approximate=approx)
@@ -235,23 +265,48 @@ def gelu_op(module, *, gated: bool, approximate: str | None = None):
 
 
 def attention_op(module):
-    """The attention op a module runs, by rewrite: ``f(q, k, v, **kw)``."""
+    """The attention op a module runs, by rewrite and by the fixes at its path
+    (``mask``: the additive mask's negative entries replaced by the fix's value;
+    ``scale_qk``: ``q`` scaled before ``Q K^T``): ``f(q, k, v, **kw)``."""
     ops, rw = module.ops, module.rewrites
     if "flash_attention" in rw:
-        return lambda q, k, v, **kw: ops.flash_attention(q, k, v, tile=rw.flash_tile, **kw)
-    if "softmax_partial_fused" in rw:
-        return ops.softmax_partial_fused
-    return ops.attention
+        fn = lambda q, k, v, **kw: ops.flash_attention(q, k, v, tile=rw.flash_tile, **kw)  # noqa: E731
+    elif "softmax_partial_fused" in rw:
+        fn = ops.softmax_partial_fused
+    else:
+        fn = ops.attention
+    mask_fix, scale_qk = rw.fix("mask"), rw.fix("scale_qk")
+    if mask_fix is None and scale_qk is None:
+        return fn
+
+    def fixed(q, k, v, *, heads: int = 1, mask=None, scale=None, **kw):
+        if mask is not None and mask_fix is not None:
+            mask = np.where(np.asarray(mask) < 0, np.float32(mask_fix.value), np.float32(0))
+        if scale_qk is not None:
+            d = q.shape[-1] // heads
+            q = ops.scale(q, factor=float(d**-0.5 if scale is None else scale))
+            scale = 1.0
+        return fn(q, k, v, heads=heads, mask=mask, scale=scale, **kw)
+
+    return fixed
 
 
 def group_norm_op(module):
     """The GroupNorm op, by rewrite: ``f(x, weight, bias, *, num_groups, eps)``."""
     ops, rw = module.ops, module.rewrites
+    if rw.fix("gn_fused") is not None:
+        return ops.group_norm_fused
     if "gn4d" in rw:
         return ops.gn4d
     if "group_norm_fused" in rw:
         return ops.group_norm_fused
     return ops.group_norm
+
+
+def norm_eps(module) -> float:
+    """A GroupNorm's or LayerNorm's eps: the module's, or an ``eps`` fix's at its path."""
+    fix = module.rewrites.fix("eps")
+    return module.eps if fix is None else fix.value
 
 
 def embedding_op(module):
