@@ -55,12 +55,12 @@ from refsd_validate.certify_rerun import (
     CacheStats,
     Deployment,
     RerunJob,
-    cache_bytes,
     code_fingerprint,
     first_severe_event,
     teacher_inputs,
 )
 from refsd_validate.compare import compare, json_safe, psnr
+from refsd_validate.rerun_cache import cache_bytes
 from refsd_validate.reader import Bundle, read_bundle
 from refsd_validate.tolerance import (
     MAX_K,
