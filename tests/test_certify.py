@@ -288,7 +288,8 @@ def test_a_damaged_cache_is_recomputed_not_used(good, emulated_bundle, tiny_sd21
     err = capsys.readouterr().err.splitlines()
     assert rc == 0, err
     assert len(err) == 2 and all(line.startswith("refsd-validate: warning: cache entry ") for line in err), err
-    assert {truncated.name, linked.name} == {line.split("cache entry ")[1].split(":")[0].rsplit("/", 1)[1] for line in err}
+    named = {line.split("cache entry ")[1].split(":")[0].rsplit("/", 1)[1] for line in err}
+    assert named == {truncated.name, linked.name}
     cert = json.loads((tmp_path / "out" / "certificate.json").read_text())
     assert cert["tensors"] == good[1]["tensors"]
     assert cert["provenance"]["rerun_cache"]["misses"] == 2

@@ -51,7 +51,8 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
     ({"sources.list.d/local.list": "deb file:///srv/mirror/debian bookworm main\n"}, "file:///srv/mirror/debian"),
     # A disabled stanza and an inline key block are skipped / not named; the last stanza needs no blank line.
     ({"sources.list.d/a.sources": f"Types: deb\nURIs: {SECURITY}\nSuites: bookworm\nEnabled: no\n\n"
-                                  f"Types: deb\nURIs: {MAIN}\nSuites: bookworm\nSigned-By:\n -----BEGIN PGP\n ."}, MAIN),
+                                  f"Types: deb\nURIs: {MAIN}\nSuites: bookworm\nSigned-By:\n -----BEGIN PGP\n ."},
+     MAIN),
     # The one-line sources.list is read before sources.list.d.
     ({"sources.list": f"deb {MAIN} bookworm main\n", "sources.list.d/z.sources": DEB822.replace(MAIN, SECURITY)},
      MAIN),

@@ -12,6 +12,8 @@ max (2^-9: flips amplified by guidance 7.5).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 
 import numpy as np
@@ -51,10 +53,62 @@ def test_any_changed_byte_fails(copy, capsys):
         golden.load("ops/conv2d.npz", copy)
 
 
-def test_missing_and_unlisted_files_fail(copy):
+def _one_error(capsys, *words):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("refsd: error: ") and all(w in err[0] for w in words), err
+
+
+def test_missing_and_unlisted_files_are_bad_input(copy, capsys):
     (copy / "traces" / "sd15_f32.npz").unlink()
     (copy / "ops" / "extra.npz").write_bytes(b"x")
-    assert golden.verify(copy) == ["traces/sd15_f32.npz: missing", f"ops/extra.npz: not in {golden.MANIFEST}"]
+    with pytest.raises(ValueError, match="sd15_f32.npz: listed in MANIFEST.sha256 but missing .and 1 more: .*extra"):
+        golden.verify(copy)
+    assert main(["golden", "verify", "--dir", str(copy)]) == 2
+    _one_error(capsys, "sd15_f32.npz", "missing", "extra.npz")
+
+
+def test_symlinks_are_never_followed(copy, tmp_path, capsys):
+    outside = tmp_path / "outside.npz"
+    shutil.move(copy / "ops" / "add.npz", outside)
+    (copy / "ops" / "add.npz").symlink_to(outside)  # the right bytes, through a link: still refused
+    assert main(["golden", "verify", "--dir", str(copy)]) == 2
+    _one_error(capsys, "ops/add.npz", "symlink")
+    before = outside.read_bytes()
+    assert main(["golden", "make", "--dir", str(copy)]) == 2  # refused before any work or write
+    _one_error(capsys, "ops/add.npz", "symlink")
+    assert outside.read_bytes() == before
+    (copy / "ops" / "add.npz").unlink()
+    shutil.rmtree(copy / "traces")
+    (copy / "traces").symlink_to(tmp_path)
+    assert main(["golden", "verify", "--dir", str(copy)]) == 2
+    _one_error(capsys, "traces", "symlink")
+
+
+@pytest.mark.parametrize("content, words", [(b"", "no golden manifest"),
+                                            (b"nonsense\n", "MANIFEST.sha256:1: not a 'sha256"),
+                                            (b"0" * 64 + b"  ../etc/passwd\n", "MANIFEST.sha256:1")])
+def test_a_bad_manifest_is_one_line(copy, capsys, content, words):
+    if content:
+        (copy / golden.MANIFEST).write_bytes(content)
+    else:
+        (copy / golden.MANIFEST).unlink()
+    assert main(["golden", "verify", "--dir", str(copy)]) == 2
+    _one_error(capsys, words)
+
+
+def test_recipe_is_checked_against_the_models_it_names(copy, capsys):
+    recipe = copy / "recipe.json"
+    doc = json.loads(recipe.read_text())
+    doc["trace_models"]["sd21_f32"] = "0" * 64  # a model hash that no longer matches the model it names
+    recipe.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    manifest = (copy / golden.MANIFEST).read_text().splitlines()
+    digest = hashlib.sha256(recipe.read_bytes()).hexdigest()
+    (copy / golden.MANIFEST).write_text("".join(f"{digest}  recipe.json\n" if line.endswith("  recipe.json")
+                                                else line + "\n" for line in manifest))
+    problems = golden.verify(copy)
+    assert len(problems) == 1 and problems[0].startswith("recipe.json: model sha256s differ"), problems
+    assert main(["golden", "verify", "--dir", str(copy)]) == 1
+    assert "FAIL recipe.json: model sha256s differ" in capsys.readouterr().out
 
 
 def test_npz_bytes_are_deterministic():

@@ -95,7 +95,8 @@ def _not_a_zip(p):
 
 
 @pytest.mark.parametrize("damage, words", [(_truncate, "damaged"), (_flip_data_byte, "CRC"),
-                                           (_edit_consistently, "sha256"), (_compressed, "compressed"), (_not_a_zip, "damaged")])
+                                           (_edit_consistently, "sha256"), (_compressed, "compressed"),
+                                           (_not_a_zip, "damaged")])
 def test_a_damaged_entry_is_discarded_with_one_line(entry, capsys, damage, words):
     folder, key, inputs, path = entry
     damage(path)

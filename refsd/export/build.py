@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -176,6 +177,12 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
         raise ValueError(f"height and width must be positive multiples of the VAE scale factor {scale}, "
                          f"got {height}x{width}")
     h, w = height // scale, width // scale
+    from refsd.weights import check_component  # noqa: PLC0415
+
+    for name in components:  # before TensorFlow loads: bad weights are one line in seconds, not a broken .tflite
+        check_component(model_dir, name)
+    out = Path(out)
+    _check_out(out)
 
     from tqdm import tqdm  # noqa: PLC0415
 
@@ -186,8 +193,6 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
     tf_ops = _tf_namespace()
     options = ModelOptions.make(ops=tf_ops, rewrites=rw)
     loaders = {"text_encoder": load_text_encoder, "unet": load_unet, "vae": load_vae}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = {"format": "refsd-export", "version": 1, "model_sha256": model_sha256(model_dir),
                 "weights": weights, "rewrites": str(rw), "serial_conv_limit": rw.serial_conv_limit,
                 "height": height, "width": width, "components": {}}
@@ -214,6 +219,18 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
         }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return manifest
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` is a folder this process can create and write in (checked by writing a file there)."""
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
 def read_manifest(tflite_dir) -> dict:
