@@ -53,49 +53,6 @@ def test_any_changed_byte_fails(copy, capsys):
         golden.load("ops/conv2d.npz", copy)
 
 
-def _one_error(capsys, *words):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("refsd: error: ") and all(w in err[0] for w in words), err
-
-
-def test_missing_and_unlisted_files_are_bad_input(copy, capsys):
-    (copy / "traces" / "sd15_f32.npz").unlink()
-    (copy / "ops" / "extra.npz").write_bytes(b"x")
-    with pytest.raises(ValueError, match="sd15_f32.npz: listed in MANIFEST.sha256 but missing .and 1 more: .*extra"):
-        golden.verify(copy)
-    assert main(["golden", "verify", "--dir", str(copy)]) == 2
-    _one_error(capsys, "sd15_f32.npz", "missing", "extra.npz")
-
-
-def test_symlinks_are_never_followed(copy, tmp_path, capsys):
-    outside = tmp_path / "outside.npz"
-    shutil.move(copy / "ops" / "add.npz", outside)
-    (copy / "ops" / "add.npz").symlink_to(outside)  # the right bytes, through a link: still refused
-    assert main(["golden", "verify", "--dir", str(copy)]) == 2
-    _one_error(capsys, "ops/add.npz", "symlink")
-    before = outside.read_bytes()
-    assert main(["golden", "make", "--dir", str(copy)]) == 2  # refused before any work or write
-    _one_error(capsys, "ops/add.npz", "symlink")
-    assert outside.read_bytes() == before
-    (copy / "ops" / "add.npz").unlink()
-    shutil.rmtree(copy / "traces")
-    (copy / "traces").symlink_to(tmp_path)
-    assert main(["golden", "verify", "--dir", str(copy)]) == 2
-    _one_error(capsys, "traces", "symlink")
-
-
-@pytest.mark.parametrize("content, words", [(b"", "no golden manifest"),
-                                            (b"nonsense\n", "MANIFEST.sha256:1: not a 'sha256"),
-                                            (b"0" * 64 + b"  ../etc/passwd\n", "MANIFEST.sha256:1")])
-def test_a_bad_manifest_is_one_line(copy, capsys, content, words):
-    if content:
-        (copy / golden.MANIFEST).write_bytes(content)
-    else:
-        (copy / golden.MANIFEST).unlink()
-    assert main(["golden", "verify", "--dir", str(copy)]) == 2
-    _one_error(capsys, words)
-
-
 def test_recipe_is_checked_against_the_models_it_names(copy, capsys):
     recipe = copy / "recipe.json"
     doc = json.loads(recipe.read_text())
