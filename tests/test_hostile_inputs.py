@@ -678,7 +678,7 @@ EXPORT_CASES = [
 def test_bad_export_input(build, fragment, model, tmp_path, capsys):
     argv = build(model, tmp_path)
     assert fragment in _run(refsd_main, argv, capsys, "refsd")
-    assert "tensorflow" not in sys.modules or not (tmp_path / "tflite").exists()  # refused before TensorFlow works
+    assert not (tmp_path / "tflite").exists()  # refused before the output folder is made
 
 
 def _tflite(t: Path, data: bytes) -> Path:
