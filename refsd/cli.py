@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from refsd.arguments import EXIT_FAIL, EXIT_OK, add_prompt_args, build_parser as _build, check_request_args, run
+from refsd import console
 from refsd.limits import check_image_size
 
 PROG = "refsd"
@@ -306,7 +307,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     rw = graph_rewrites(args.rewrites, serial_conv_limit=args.serial_conv_limit)  # bad names: error before TF loads
     if "int8_weights" in Rewrites.parse(args.rewrites) and args.weights != "int8":
         print(f"refsd: note: int8_weights is a weight storage choice for export; the graph uses {rw}, "
-              f"weights {args.weights} (use --weights int8 for int8 weights)", file=sys.stderr)
+              f"weights {args.weights} (use --weights int8 for int8 weights)", file=console.err())
     manifest = export(args.model, args.out, weights=args.weights, rewrites=rw, height=args.height,
                       width=args.width, components=tuple(args.component or COMPONENTS), progress=not args.quiet)
     for name, entry in manifest["components"].items():

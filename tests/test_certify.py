@@ -17,7 +17,7 @@ import shutil
 
 import numpy as np
 import pytest
-from bundle_helpers import certify_cli, judge_plan, rewrite_bundle
+from bundle_helpers import certify_cli, judge_plan, own_warnings, rewrite_bundle
 from conftest import CERTIFY_INTERMEDIATES, certify_request
 
 from refsd.pipeline import Pipeline
@@ -285,7 +285,7 @@ def test_a_damaged_cache_is_recomputed_not_used(good, emulated_bundle, tiny_sd21
     (cache / ("0" * 64 + ".npz")).write_bytes(b"foreign")
     rc = main(["certify", str(emulated_bundle), "--model", str(tiny_sd21), "--out", str(tmp_path / "out"),
                "--cache", str(cache)])
-    err = capsys.readouterr().err.splitlines()
+    err = own_warnings(capsys.readouterr().err)
     assert rc == 0, err
     assert len(err) == 2 and all(line.startswith("refsd-validate: warning: cache entry ") for line in err), err
     named = {line.split("cache entry ")[1].split(":")[0].rsplit("/", 1)[1] for line in err}

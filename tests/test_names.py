@@ -14,13 +14,7 @@ from refsd import trace
 from refsd.context import recording
 from refsd.names import default_size, hook_results, recorded_names
 from refsd.pipeline import Pipeline, Request
-from refsd.tiny import make_tiny
 from refsd_validate.cli import main
-
-
-@pytest.fixture(scope="module")
-def tiny_sd15(tmp_path_factory):
-    return make_tiny(tmp_path_factory.mktemp("tiny-sd15"), "sd15", seed=0)
 
 
 @pytest.fixture(params=["sd15", "sd21"])

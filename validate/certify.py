@@ -79,9 +79,8 @@ from refsd_validate.tolerance import (
     standard_error_scale,
     unit_roundoff,
 )
-from tqdm import tqdm
 
-from refsd import __version__
+from refsd import __version__, console
 from refsd import trace as names
 from refsd.image import to_image
 from refsd.trace import parse_name
@@ -304,7 +303,7 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
     stats = CacheStats()
     traces = {}
     jobs = plan.jobs()
-    with tqdm(total=len(jobs), desc="certify: reference reruns", unit="run", disable=not progress) as bar:
+    with console.progress(total=len(jobs), desc="certify: reference reruns", unit="run", enabled=progress) as bar:
         def run(jobs):
             for job in jobs:
                 traces[job.role, job.index] = job.run(traces.get(("reference", 0)), cache_dir=plan.cache,

@@ -157,7 +157,7 @@ def _certify_options(args: argparse.Namespace) -> dict:
     gate = CostGate.parse(args.max_deployment_cost) if args.max_deployment_cost is not None else None
     return {"mode": args.mode, "cache_dir": args.cache, "k": args.k, "cache_budget": int(args.cache_gb * (1 << 30)),
             "tflite_dir": args.tflite, "strict": args.strict, "max_deployment_cost": gate,
-            "progress": not args.quiet and sys.stderr.isatty()}
+            "progress": not args.quiet}
 
 
 def _cmd_certify(args: argparse.Namespace) -> int:
@@ -285,7 +285,6 @@ def _add_capture(sub) -> None:
 
 def _cmd_capture(args: argparse.Namespace) -> int:
     from refsd_validate.capture import capture  # noqa: PLC0415
-    from refsd_validate.capture_gpu import divert_native_stderr  # noqa: PLC0415
 
     from refsd.export.build import read_manifest  # noqa: PLC0415
     from refsd.pipeline import Request  # noqa: PLC0415
@@ -296,8 +295,6 @@ def _cmd_capture(args: argparse.Namespace) -> int:
                   manifest["height"], manifest["width"])
     if args.accelerator == "cpu" and args.allow_cpu_fallback:
         raise ValueError("--allow-cpu-fallback applies to --accelerator gpu only")
-    if args.accelerator == "gpu":
-        divert_native_stderr()
     out = capture(args.tflite, args.model, req, args.out, delegate=args.delegate, intermediates=args.intermediates,
                   delegate_precision=args.delegate_precision, accelerator=args.accelerator,
                   gpu_precision=args.gpu_precision, allow_cpu_fallback=args.allow_cpu_fallback,

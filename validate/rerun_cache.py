@@ -33,7 +33,6 @@ import json
 import os
 import re
 import stat
-import sys
 import tempfile
 import time
 import zipfile
@@ -43,6 +42,7 @@ from typing import Mapping
 import numpy as np
 
 from refsd import __version__
+from refsd.console import warn
 
 ENTRY_MEMBER = "cache/entry"
 FORMAT = 1
@@ -67,10 +67,6 @@ def content_sha256(arrays: Mapping[str, np.ndarray]) -> str:
         h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode() + b"\0")
         h.update(a.data if a.size else b"")
     return h.hexdigest()
-
-
-def warn(message: str) -> None:
-    print(f"refsd-validate: warning: {' '.join(message.split())}", file=sys.stderr)
 
 
 def read(cache_dir: Path, key: str, inputs: Mapping) -> dict[str, np.ndarray] | None:

@@ -46,6 +46,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from refsd import console
 from refsd.export.tflite_edit import widen_gather_tables
 from refsd.models.rewrites import Rewrites
 from refsd.safe_io import read_json
@@ -184,8 +185,6 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
     out = Path(out)
     _check_out(out)
 
-    from tqdm import tqdm  # noqa: PLC0415
-
     from refsd.weights import model_sha256  # noqa: PLC0415
     from refsd.models.options import ModelOptions  # noqa: PLC0415
     from refsd.weights import load_text_encoder, load_unet, load_vae  # noqa: PLC0415
@@ -196,7 +195,7 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
     manifest = {"format": "refsd-export", "version": 1, "model_sha256": model_sha256(model_dir),
                 "weights": weights, "rewrites": str(rw), "serial_conv_limit": rw.serial_conv_limit,
                 "height": height, "width": width, "components": {}}
-    bar = tqdm(components, desc="export", unit="model", disable=not progress)
+    bar = console.progress(components, desc="export", unit="model", enabled=progress)
     for name in bar:
         bar.set_postfix_str(f"{name}: tracing")
         model = loaders[name](model_dir / name, options=options)
