@@ -5,8 +5,8 @@ from C++ (glog lines, "All log messages before absl::InitializeLog()", CPU
 feature notes, LiteRT's delegate and teardown lines) and through Python
 logging ("WARNING:absl:...", "PyTorch was not found"). While a command runs
 (:func:`captured`), both descriptors point at a temporary file, and refsd
-writes through its own duplicates of the original ones: :func:`out` and
-:func:`err`. What the libraries said is dropped when the command succeeds,
+writes through its own duplicates of the original ones (``sys.stdout`` for
+its report, :func:`err` for the rest). What the libraries said is dropped when the command succeeds,
 kept when it fails: bad input (exit 2) stays one line, which names the file
 holding it; an internal error (exit 70) prints it in full under refsd's line,
 then the traceback. ``--verbose`` captures nothing: every line goes where its
@@ -33,25 +33,17 @@ from typing import Iterable, Iterator, TextIO
 
 # Quieter at the source where a library offers it (set before it is imported); what remains is captured.
 # TF_CPP_MIN_LOG_LEVEL 1 drops TensorFlow's INFO lines only: its warnings and errors stay for a failure's context.
-QUIET_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "1", "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+QUIET_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "1", "TRANSFORMERS_VERBOSITY": "error",
+                     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 
 _prog = "refsd"
 _out: TextIO | None = None
 _err: TextIO | None = None
 
 
-def out() -> TextIO:
-    """Where refsd's report lines go (stdout, as the command started)."""
-    return _out if _out is not None else sys.stdout
-
-
 def err() -> TextIO:
     """Where refsd's errors, warnings and progress go (stderr, as the command started)."""
     return _err if _err is not None else sys.stderr
-
-
-def prog() -> str:
-    return _prog
 
 
 def warn(message: str) -> None:
