@@ -13,13 +13,15 @@ function ``(args) -> int`` set as the parser's ``func``; it raises
 from __future__ import annotations
 
 import argparse
-import sys
+import traceback
 from typing import Callable, Iterable, NoReturn, Sequence
 
+from refsd import console
 from refsd.limits import check_request
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130
+EXIT_CRASH = 70  # EX_SOFTWARE: an internal error (a bug), reported with its traceback
 
 
 def one_line(msg: object) -> str:
@@ -44,27 +46,49 @@ def build_parser(prog: str, description: str, commands: Iterable[Callable], *,
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
     for add in commands:
         add(sub)
+    for command in sub.choices.values():
+        command.add_argument("--verbose", action="store_true",
+                             help="let TensorFlow, LiteRT, absl and transformers print their own logs (by default "
+                             "captured, and shown only under an error)")
     return parser
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    """Parse ``argv`` and run the chosen command; returns the exit code."""
+    """Parse ``argv`` and run the chosen command with the libraries' output
+    captured (``refsd.console``; ``argv`` None: a command-line process, kept
+    captured to its end); returns the exit code."""
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors (already printed)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
+    with console.captured(parser.prog, verbose=args.verbose, keep=argv is None) as cap:
+        rc, line, crash = _call(parser.prog, args)
+    if line is not None:
+        if cap.text.strip() and crash is None:  # bad input stays one line: the libraries' output is in a file
+            line += f" (what the libraries printed before it: {console.save_log(cap.text)})"
+        print(line, file=console.err())
+    if crash is not None:
+        for context in console.context_lines(cap.text):
+            print(context, file=console.err())
+        print("".join(traceback.format_exception(crash)).rstrip(), file=console.err())
+    return rc
+
+
+def _call(prog: str, args: argparse.Namespace) -> tuple[int, str | None, BaseException | None]:
+    """(exit code, refsd's error line if the command failed, the exception if it was unexpected)."""
     try:
-        return args.func(args)
+        return args.func(args), None, None
     except (ValueError, FileNotFoundError, OSError) as e:
         if isinstance(e, BrokenPipeError):  # `refsd catalogue | head`: not an error of ours
-            return EXIT_FAIL
+            return EXIT_FAIL, None, None
         msg = e.strerror if isinstance(e, OSError) and e.strerror and e.filename else e
         where = f"{e.filename}: " if isinstance(e, OSError) and e.filename else ""
-        print(f"{parser.prog}: error: {where}{one_line(msg)}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_USAGE, f"{prog}: error: {where}{one_line(msg)}", None
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED, f"{prog}: interrupted", None
+    except Exception as e:  # noqa: BLE001 (a bug: its traceback is printed after the libraries' output)
+        return EXIT_CRASH, f"{prog}: internal error: {type(e).__name__}: {one_line(e)} (a bug in {prog}; the " \
+            "libraries' output and the traceback follow)", e
 
 
 # ---------------------------------------------------------------- request options

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from refsd.arguments import EXIT_FAIL, EXIT_OK, add_prompt_args, build_parser as _build, check_request_args, run
+from refsd import console
+from refsd.limits import check_image_size
 
 PROG = "refsd"
 
@@ -418,11 +420,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     if args.serial_conv_limit < 1:
         raise ValueError(f"--serial-conv-limit must be >= 1, got {args.serial_conv_limit}")
+    check_image_size(args.height, args.width)
     rewrites, gelu = _deployment(args)
     rw = graph_rewrites(rewrites, serial_conv_limit=args.serial_conv_limit)  # bad names: error before TF loads
     if "int8_weights" in Rewrites.parse(rewrites) and args.weights != "int8":
         print(f"refsd: note: int8_weights is a weight storage choice for export; the graph uses {rw}, "
-              f"weights {args.weights} (use --weights int8 for int8 weights)", file=sys.stderr)
+              f"weights {args.weights} (use --weights int8 for int8 weights)", file=console.err())
     manifest = export(args.model, args.out, weights=args.weights, rewrites=rw, height=args.height,
                       width=args.width, components=tuple(args.component or COMPONENTS), progress=not args.quiet,
                       gelu_approximate=gelu)
@@ -456,6 +459,9 @@ def _add_lint_gpu(sub) -> None:
 def _cmd_lint_gpu(args: argparse.Namespace) -> int:
     from refsd.export.lint import Limits, lint  # noqa: PLC0415
 
+    for opt in ("max_fc_input", "max_conv_activation"):
+        if getattr(args, opt) < 1:
+            raise ValueError(f"--{opt.replace('_', '-')} must be a positive integer, got {getattr(args, opt)}")
     report = lint(args.model, Limits(args.max_fc_input, args.max_conv_activation))
     print(report.to_json() if args.json else report.table())
     return EXIT_OK if report.clean else EXIT_FAIL

@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import stat
 import tempfile
 import zipfile
 from pathlib import Path
@@ -28,14 +30,17 @@ import numpy as np
 from refsd import __version__, ops
 from refsd.trace import TIMESTEPS
 from refsd.numerics import precision, round_f16
+from refsd.safe_io import read_json, read_text, sha256_file
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "golden"  # the repository's top-level golden/
 MANIFEST = "MANIFEST.sha256"
+MAX_MANIFEST_BYTES = 1 << 20  # 24 lines today
 OP_MODES = {"f32": ("f32", False), "f32_f16": ("f32_f16", False), "f16": ("f16", False), "f16_ftz": ("f16", True)}
 TRACE_REQUEST = {"prompt": "a photo of a cat", "negative_prompt": "blurry", "seed": 0, "steps": 3,
                  "guidance": 7.5, "scheduler": "ddim", "height": 32, "width": 32}
 TRACE_MODES = ("f32", "f32_f16")
 ARCHES = ("sd15", "sd21")
+TRACE_MODEL_RECIPE = "refsd.tiny.make_tiny(DIR, arch, seed=0)"
 
 
 def _inputs(rng: np.random.Generator) -> dict[str, tuple[Callable, tuple, dict]]:
@@ -85,16 +90,22 @@ def op_vectors(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
-def traces(workdir: Path) -> dict[str, tuple[dict[str, np.ndarray], str]]:
-    """"{arch}_{mode}" -> (boundary trace, model sha256) of each tiny model's run of TRACE_REQUEST."""
-    from refsd.pipeline import Pipeline, Request  # noqa: PLC0415
+def _tiny(workdir: Path, arch: str) -> tuple[Path, str]:
+    """The tiny model a trace runs on (TRACE_MODEL_RECIPE) and its sha256."""
     from refsd.tiny import make_tiny  # noqa: PLC0415
     from refsd.weights import model_sha256  # noqa: PLC0415
 
+    model = make_tiny(workdir / arch, arch, seed=0)
+    return model, model_sha256(model)
+
+
+def traces(workdir: Path) -> dict[str, tuple[dict[str, np.ndarray], str]]:
+    """"{arch}_{mode}" -> (boundary trace, model sha256) of each tiny model's run of TRACE_REQUEST."""
+    from refsd.pipeline import Pipeline, Request  # noqa: PLC0415
+
     out = {}
     for arch in ARCHES:
-        model = make_tiny(workdir / arch, arch, seed=0)
-        sha = model_sha256(model)
+        model, sha = _tiny(workdir, arch)
         for mode in TRACE_MODES:
             result = Pipeline(model, precision=mode)(Request(**TRACE_REQUEST), progress=False)
             # The float boundary tensors; the integer timesteps are the scheduler tests' business.
@@ -116,9 +127,29 @@ def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
+def recipe(trace_models: dict[str, str]) -> dict:
+    """recipe.json: how every file is made (the code's constants) and the sha256 of each trace's model."""
+    return {"generator": "refsd golden make", "refsd_version": __version__, "op_modes": OP_MODES,
+            "op_seed": 0, "trace_request": TRACE_REQUEST, "trace_models": trace_models,
+            "trace_model_recipe": TRACE_MODEL_RECIPE}
+
+
+def trace_model_shas(workdir: Path) -> dict[str, str]:
+    """``{arch}_{mode}`` -> the sha256 of the tiny model that trace is run on."""
+    shas = {arch: _tiny(workdir, arch)[1] for arch in ARCHES}
+    return {f"{arch}_{mode}": shas[arch] for arch in ARCHES for mode in TRACE_MODES}
+
+
 def make(out: str | Path = DEFAULT_DIR) -> Path:
-    """Regenerate every golden file and the manifest into ``out`` (replacing what the manifest lists)."""
+    """Regenerate every golden file and the manifest into ``out`` (replacing what the manifest lists), each
+    written to a temporary file and renamed. Refuses a folder holding a symlink (never written through)."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--dir {out}: exists and is not a folder")
+    for folder, dirs, names in os.walk(out):  # before any work: nothing is ever written through a link
+        link = next((Path(folder) / n for n in sorted(dirs + names) if (Path(folder) / n).is_symlink()), None)
+        if link is not None:
+            raise ValueError(f"{link}: a symlink in the golden folder; refusing to write through it")
     files: dict[str, bytes] = {}
     for name, arrays in op_vectors().items():
         files[f"ops/{name}.npz"] = npz_bytes(arrays)
@@ -127,51 +158,87 @@ def make(out: str | Path = DEFAULT_DIR) -> Path:
         for key, (trace, sha) in traces(Path(tmp)).items():
             files[f"traces/{key}.npz"] = npz_bytes(trace)
             trace_models[key] = sha
-    recipe = {"generator": "refsd golden make", "refsd_version": __version__, "op_modes": OP_MODES,
-              "op_seed": 0, "trace_request": TRACE_REQUEST, "trace_models": trace_models,
-              "trace_model_recipe": "refsd.tiny.make_tiny(DIR, arch, seed=0)"}
-    files["recipe.json"] = (json.dumps(recipe, indent=2, sort_keys=True) + "\n").encode()
+    files["recipe.json"] = (json.dumps(recipe(trace_models), indent=2, sort_keys=True) + "\n").encode()
     old = manifest_entries(out) if (out / MANIFEST).is_file() else {}
     for rel in old:
         if rel not in files and (out / rel).is_file():
             (out / rel).unlink()  # a file the new recipe no longer makes
-    for rel, data in files.items():
-        (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        (out / rel).write_bytes(data)
     manifest = "".join(f"{hashlib.sha256(files[rel]).hexdigest()}  {rel}\n" for rel in sorted(files))
-    (out / MANIFEST).write_text(manifest, encoding="utf-8")
+    for rel, data in [*files.items(), (MANIFEST, manifest.encode())]:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        tmp = out / f"{rel}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, out / rel)
     return out
 
 
 def manifest_entries(root: Path) -> dict[str, str]:
     """Relative path -> sha256 of every file ``root``'s manifest lists."""
     path = root / MANIFEST
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FileNotFoundError(2, "no golden manifest", str(path))
     entries = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(path, max_bytes=MAX_MANIFEST_BYTES).splitlines(), 1):
         digest, sep, rel = line.partition("  ")
-        if not sep or len(digest) != 64 or ".." in Path(rel).parts or Path(rel).is_absolute():
-            raise ValueError(f"{path}:{n}: not a 'sha256  path' line")
+        if not sep or len(digest) != 64 or ".." in Path(rel).parts or Path(rel).is_absolute() or rel in entries:
+            raise ValueError(f"{path}:{n}: not a 'sha256  path' line naming a new file under the folder")
         entries[rel] = digest
     return entries
 
 
 def verify(root: str | Path = DEFAULT_DIR) -> list[str]:
-    """Problems found (empty: every byte as the manifest says, no file missing or unlisted)."""
+    """Problems found in the files' contents (empty: every byte as the manifest
+    says, and recipe.json true of the models it names). A folder that is not
+    the manifest's (a listed file missing, an unlisted file, a symlink or
+    other non-regular file anywhere) raises ``ValueError`` naming the first
+    such path: nothing in it is read, links are never followed."""
     root = Path(root)
     entries = manifest_entries(root)
+    _check_layout(root, entries)
     problems = []
     for rel, digest in entries.items():
-        p = root / rel
-        if not p.is_file():
-            problems.append(f"{rel}: missing")
-        elif hashlib.sha256(p.read_bytes()).hexdigest() != digest:
+        if sha256_file(root / rel) != digest:
             problems.append(f"{rel}: sha256 differs from {MANIFEST} (changed by hand or by a code change: "
                             "regenerate with `refsd golden make` and review the diff)")
-    listed = set(entries) | {MANIFEST}
-    problems += [f"{p.relative_to(root).as_posix()}: not in {MANIFEST}" for p in sorted(root.rglob("*"))
-                 if p.is_file() and p.relative_to(root).as_posix() not in listed]
+    if "recipe.json" in entries:
+        problems += _recipe_problems(root / "recipe.json")
+    return problems
+
+
+def _check_layout(root: Path, entries: dict[str, str]) -> None:
+    found, odd = set(), []
+    for folder, dirs, names in os.walk(root):  # symlinked folders are listed, never entered
+        for name in sorted(dirs + names):
+            p = Path(folder) / name
+            rel = p.relative_to(root).as_posix()
+            mode = os.lstat(p).st_mode
+            if stat.S_ISLNK(mode):
+                odd.append(f"{root / rel}: a symlink in the golden folder (never followed)")
+            elif stat.S_ISREG(mode):
+                found.add(rel)
+            elif not stat.S_ISDIR(mode):
+                odd.append(f"{root / rel}: not a regular file")
+    odd += [f"{root / rel}: listed in {MANIFEST} but missing" for rel in entries if rel not in found]
+    odd += [f"{root / rel}: not in {MANIFEST}" for rel in sorted(found - set(entries) - {MANIFEST})]
+    if odd:
+        more = f" (and {len(odd) - 1} more: {'; '.join(odd[1:4])}{'; ...' if len(odd) > 4 else ''})" if odd[1:] else ""
+        raise ValueError(odd[0] + more)
+
+
+def _recipe_problems(path: Path) -> list[str]:
+    """recipe.json against the code that makes the files and the models it names (remade: seconds)."""
+    doc = read_json(path)
+    if not isinstance(doc, dict):
+        return ["recipe.json: not a JSON object"]
+    with tempfile.TemporaryDirectory() as tmp:
+        want = json.loads(json.dumps(recipe(trace_model_shas(Path(tmp)))))  # tuples as JSON has them
+    problems = []
+    for key in sorted(set(want) | set(doc)):
+        if doc.get(key) != want.get(key):
+            what = "model sha256s" if key == "trace_models" else repr(key)
+            problems.append(f"recipe.json: {what} differ from what `refsd golden make` records today "
+                            f"({json.dumps(doc.get(key))[:200]} recorded, {json.dumps(want.get(key))[:200]} now): "
+                            "regenerate with `refsd golden make` and review the diff")
     return problems
 
 

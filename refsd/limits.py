@@ -86,8 +86,13 @@ def check_request(prompt, negative_prompt, seed, steps, guidance, height, width,
     integer(seed, n("seed"), *SEED)
     integer(steps, n("steps"), *STEPS)
     real(guidance, n("guidance"), *GUIDANCE)
-    integer(height, n("height"), 1, MAX_SIDE)
-    integer(width, n("width"), 1, MAX_SIDE)
+    check_image_size(height, width, n("height"), n("width"))
+
+
+def check_image_size(height, width, height_name: str = "--height", width_name: str = "--width") -> None:
+    """Each side in [1, ``MAX_SIDE``], height x width within this machine's bound."""
+    integer(height, height_name, 1, MAX_SIDE)
+    integer(width, width_name, 1, MAX_SIDE)
     if height * width > max_image_pixels():
-        raise ValueError(f"{n('height')} x {n('width')} = {height}x{width} is over this machine's bound of "
+        raise ValueError(f"{height_name} x {width_name} = {height}x{width} is over this machine's bound of "
                          f"{max_image_pixels()} pixels (physical memory / {BYTES_PER_PIXEL} bytes per pixel)")

@@ -28,6 +28,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from refsd import console
 from refsd import trace as trace_names
 from refsd.context import location
 from refsd.image import to_image
@@ -263,8 +264,4 @@ def guided_step(sched, noise: np.ndarray, g: np.float32, i: int, x: np.ndarray, 
 
 
 def _progress(it, enabled: bool, desc: str):
-    if not enabled:
-        return it
-    from tqdm import tqdm  # noqa: PLC0415
-
-    return tqdm(it, desc=desc, unit="step", leave=False)
+    return console.progress(it, desc=desc, unit="step", enabled=enabled) if enabled else it

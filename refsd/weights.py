@@ -29,7 +29,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from refsd.models.clip_text import ClipTextConfig, ClipTextModel
-from refsd.models.loading import WeightsError
+from refsd.models.loading import WeightsError, drop_mapped_pages
 from refsd.models.options import ModelOptions
 from refsd.models.unet import UNet2DConditionModel, UNetConfig
 from refsd.models.vae import AutoencoderKL, VaeConfig
@@ -282,6 +282,33 @@ def load_model(path: str | os.PathLike, component: str, *, options: ModelOptions
     model = _build(model_cls, config_cls, d, _options(options, option_kw))
     model.load_state_dict(load_component_state(d, variant=variant), source=str(d))
     return model
+
+
+FINITE_CHUNK = 1 << 22  # elements per finiteness test: 4 MiB of booleans, whatever the tensor's size
+
+
+def check_component(path: str | os.PathLike, component: str) -> None:
+    """Refuse what ``load_model`` would refuse (config, keys, shapes), and any
+    floating tensor holding NaN or inf, without loading the weights: tensors
+    are read through their memory map in chunks and their pages dropped, so
+    memory stays bounded whatever the checkpoint's size. For commands that
+    hand the weights to another runtime (``refsd export``), where a
+    non-finite weight would be a silently broken artifact."""
+    model_cls, config_cls = MODELS[component]
+    d = _component(path, component)
+    state = _build(model_cls, config_cls, d, ModelOptions.make()).check_state_dict(load_component_state(d),
+                                                                                   source=str(d))
+    for name, arr in state.items():
+        if not (isinstance(arr, np.ndarray) and arr.dtype.kind == "f"):
+            continue
+        flat = arr.reshape(-1)
+        for start in range(0, flat.size, FINITE_CHUNK):
+            part = flat[start:start + FINITE_CHUNK]
+            bad = np.count_nonzero(~np.isfinite(part))
+            drop_mapped_pages(part)
+            if bad:
+                raise WeightsError(f"{d}: tensor {name!r} holds non-finite values (NaN or inf, {bad} in elements "
+                                   f"{start}..{start + part.size - 1} of {flat.size})")
 
 
 def load_text_encoder(path: str | os.PathLike, **kw) -> ClipTextModel:

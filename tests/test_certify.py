@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
+
+import shutil
 
 import numpy as np
 import pytest
-from bundle_helpers import certify_cli, judge_plan, rewrite_bundle
+from bundle_helpers import certify_cli, judge_plan, own_warnings, rewrite_bundle
 from conftest import CERTIFY_INTERMEDIATES, certify_request
 
 from refsd.pipeline import Pipeline
 from refsd.tiny import make_tiny
-from refsd_validate import certify_rerun
+from refsd_validate import certify_rerun, rerun_cache
 from refsd_validate.bundle import model_sha256
 from refsd_validate.capture_emulated import emulated_capture
 from refsd_validate.certify import certify, prepare
@@ -263,6 +264,38 @@ def test_reruns_are_cached_by_content(good, emulated_bundle, tiny_sd21, certify_
     assert rc == 0 and cert["tensors"] == good[1]["tensors"]
 
 
+@pytest.mark.slow  # two reruns of the 64x64 model (about 10-20 s on 2 shared cores): the end-to-end proof
+def test_a_damaged_cache_is_recomputed_not_used(good, emulated_bundle, tiny_sd21, certify_cache, tmp_path, capsys,
+                                               monkeypatch):
+    # A hostile cache: an entry truncated, one given trailing bytes, one replaced by a link out of the cache,
+    # foreign files beside them. Each bad entry is one warning line and a rerun; the certificate is unchanged.
+    cache = tmp_path / "cache"
+    shutil.copytree(certify_cache, cache)
+    read, used = rerun_cache.read, []
+    monkeypatch.setattr(rerun_cache, "read", lambda d, key, inputs: used.append(key) or read(d, key, inputs))
+    certify_cli(emulated_bundle, tiny_sd21, tmp_path / "warm", cache, capsys)
+    smallest = sorted({cache / f"{k}.npz" for k in used}, key=lambda p: p.stat().st_size)
+    truncated, linked, appended = smallest[:3]
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    appended.write_bytes(appended.read_bytes() + b"trailing")  # every member intact: still proves its content
+    outside = tmp_path / "elsewhere.npz"
+    shutil.move(linked, outside)
+    linked.symlink_to(outside)
+    (cache / "README").write_text("not an entry")
+    (cache / ("0" * 64 + ".npz")).write_bytes(b"foreign")
+    rc = main(["certify", str(emulated_bundle), "--model", str(tiny_sd21), "--out", str(tmp_path / "out"),
+               "--cache", str(cache)])
+    err = own_warnings(capsys.readouterr().err)
+    assert rc == 0, err
+    assert len(err) == 2 and all(line.startswith("refsd-validate: warning: cache entry ") for line in err), err
+    named = {line.split("cache entry ")[1].split(":")[0].rsplit("/", 1)[1] for line in err}
+    assert named == {truncated.name, linked.name}
+    cert = json.loads((tmp_path / "out" / "certificate.json").read_text())
+    assert cert["tensors"] == good[1]["tensors"]
+    assert cert["provenance"]["rerun_cache"]["misses"] == 2
+    assert not linked.is_symlink() and outside.is_file()  # the link was replaced by a fresh entry, its target kept
+
+
 def test_rerun_cache_key_follows_the_code(monkeypatch):
     # An edited checkout must not read reruns of the old code: the key hashes
     # refsd's sources, not its version number.
@@ -272,20 +305,6 @@ def test_rerun_cache_key_follows_the_code(monkeypatch):
     assert certify_rerun._cache_key(*args) == before
     monkeypatch.setattr(certify_rerun, "code_fingerprint", lambda: "edited")
     assert certify_rerun._cache_key(*args) != before
-
-
-def test_rerun_cache_drops_least_recently_used(tmp_path):
-    files = []
-    for i in range(4):
-        f = tmp_path / f"{i}.npz"
-        f.write_bytes(b"x" * 1000)
-        os.utime(f, (1000 + i, 1000 + i))
-        files.append(f)
-    os.utime(files[0], (5000, 5000))  # 0 was just read: now the most recent
-    gone = certify_rerun.prune_cache(tmp_path, 2500, keep=files[3])
-    assert gone == [files[1], files[2]]
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["0.npz", "3.npz"]
-    assert certify_rerun.prune_cache(tmp_path, 2500) == []
 
 
 def test_cache_budget_option_is_checked(capsys):

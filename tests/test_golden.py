@@ -12,6 +12,8 @@ max (2^-9: flips amplified by guidance 7.5).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 
 import numpy as np
@@ -51,10 +53,19 @@ def test_any_changed_byte_fails(copy, capsys):
         golden.load("ops/conv2d.npz", copy)
 
 
-def test_missing_and_unlisted_files_fail(copy):
-    (copy / "traces" / "sd15_f32.npz").unlink()
-    (copy / "ops" / "extra.npz").write_bytes(b"x")
-    assert golden.verify(copy) == ["traces/sd15_f32.npz: missing", f"ops/extra.npz: not in {golden.MANIFEST}"]
+def test_recipe_is_checked_against_the_models_it_names(copy, capsys):
+    recipe = copy / "recipe.json"
+    doc = json.loads(recipe.read_text())
+    doc["trace_models"]["sd21_f32"] = "0" * 64  # a model hash that no longer matches the model it names
+    recipe.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    manifest = (copy / golden.MANIFEST).read_text().splitlines()
+    digest = hashlib.sha256(recipe.read_bytes()).hexdigest()
+    (copy / golden.MANIFEST).write_text("".join(f"{digest}  recipe.json\n" if line.endswith("  recipe.json")
+                                                else line + "\n" for line in manifest))
+    problems = golden.verify(copy)
+    assert len(problems) == 1 and problems[0].startswith("recipe.json: model sha256s differ"), problems
+    assert main(["golden", "verify", "--dir", str(copy)]) == 1
+    assert "FAIL recipe.json: model sha256s differ" in capsys.readouterr().out
 
 
 def test_npz_bytes_are_deterministic():

@@ -612,9 +612,151 @@ def test_certify_refuses_malformed_model(mutate, fragment, emulated_bundle, mode
     assert fragment in _run(validate_main, argv, capsys, "refsd-validate")
 
 
+# ---------------------------------------------------------------- export, lint-gpu, golden
+
+def _st_poison(rel: str, value: float):
+    """One element of the first float32 tensor of a weights file set to ``value`` (NaN, inf)."""
+    def mutate(m: Path) -> None:
+        header, data = _st_parts(m / rel)
+        name = next(k for k in _tensors(header) if header[k]["dtype"] == "F32")
+        a = header[name]["data_offsets"][0] + 4 * 7
+        _st_write(m / rel, header, data[:a] + np.float32(value).tobytes() + data[a + 4:])
+    return mutate
+
+
+HUGE = 2**32  # float32 elements: a 16 GiB tensor, the file extended sparsely to cover it
+
+
+def _st_huge(rel: str, *, rename: bool):
+    """The last tensor of a weights file made 16 GiB (declared and covered: a sparse file), under its own key
+    (a shape the config does not allow) or under a key the model does not have."""
+    def mutate(m: Path) -> None:
+        header, data = _st_parts(m / rel)
+        last = _tensors(header)[-1]
+        a, b = header[last]["data_offsets"]
+        info = {"dtype": "F32", "shape": [HUGE], "data_offsets": [a, a + 4 * HUGE]}
+        header["extra.weight" if rename else last] = info
+        if rename:
+            info["data_offsets"] = [b, b + 4 * HUGE]
+        _st_write(m / rel, header, data if rename else data[:a])
+        with open(m / rel, "r+b") as f:
+            f.truncate(os.path.getsize(m / rel) + 4 * HUGE - (0 if rename else 0))
+    return mutate
+
+
+def _export(model, tmp, *extra):
+    return ["export", "--model", model, "--out", tmp / "tflite", "--height", "16", "--width", "16", "--quiet",
+            *extra]
+
+
+def _unwritable(t: Path) -> Path:
+    (t / "plain").write_text("a file")
+    return t / "plain" / "tflite"
+
+
+EXPORT_CASES = [
+    ("unet_nan", lambda m, t: _export((_st_poison(UNET_ST, np.nan)(m), m)[1], t),
+     "unet: tensor 'conv_in.bias' holds non-finite values (NaN or inf, 1 in elements 0..31 of 32)"),
+    ("vae_inf", lambda m, t: _export((_st_poison(VAE_ST, np.inf)(m), m)[1], t), "vae: tensor"),
+    ("text_nan_only_component", lambda m, t: _export((_st_poison(TEXT_ST, -np.nan)(m), m)[1], t, "--component",
+                                                     "text_encoder"), "text_encoder: tensor"),
+    ("unet_config_missing", lambda m, t: _export(((m / "unet/config.json").unlink(), m)[1], t),
+     "unet: missing config.json"),
+    ("out_is_a_file", lambda m, t: _export(m, t, "--out", ((t / "f").write_text("x"), t / "f")[1]),
+     "--out " ),
+    ("out_under_a_file", lambda m, t: _export(m, t, "--out", _unwritable(t)), "cannot write there (Not a directory)"),
+    ("out_unwritable", lambda m, t: _export(m, t, "--out", "/proc/1/refsd-tflite"), "--out /proc/1/refsd-tflite: "
+                                                                                    "cannot write there"),
+    ("height_not_multiple", lambda m, t: _export(m, t, "--height", "17"), "multiples of the VAE scale factor 2"),
+    ("height_huge", lambda m, t: _export(m, t, "--height", "65536"), "--height must be in [1, 16384], got 65536"),
+    ("pixels_over_memory", lambda m, t: _export(m, t, "--height", "16384", "--width", "16384"), "over this machine"),
+    ("bad_rewrite", lambda m, t: _export(m, t, "--rewrites", "fc_as_conv,nonsense"), "nonsense"),
+]
+
+
+@pytest.mark.parametrize("build, fragment", [c[1:] for c in EXPORT_CASES], ids=[c[0] for c in EXPORT_CASES])
+def test_bad_export_input(build, fragment, model, tmp_path, capsys):
+    argv = build(model, tmp_path)
+    assert fragment in _run(refsd_main, argv, capsys, "refsd")
+    assert not (tmp_path / "tflite").exists()  # refused before the output folder is made
+
+
+def _tflite(t: Path, data: bytes) -> Path:
+    _replace(t / "m.tflite", data)
+    return t / "m.tflite"
+
+
+LINT_CASES = [
+    ("missing", lambda t: [t / "none.tflite"], "none.tflite: no such file"),
+    ("directory", lambda t: [t], "is a directory"),
+    ("empty", lambda t: [_tflite(t, b"")], "not a .tflite file"),
+    ("text", lambda t: [_tflite(t, "not a model at all")], "not a .tflite file (no TFL3"),
+    ("identifier_then_garbage", lambda t: [_tflite(t, b"\xff\xff\xff\x7fTFL3" + b"\x01" * 64)], "corrupt .tflite"),
+    ("identifier_only", lambda t: [_tflite(t, b"\x08\x00\x00\x00TFL3")], "m.tflite: "),
+    ("max_fc_input_zero", lambda t: [_tflite(t, b"x"), "--max-fc-input", "0"], "--max-fc-input must be a positive"),
+    ("max_conv_negative", lambda t: [_tflite(t, b"x"), "--max-conv-activation", "-5"], "--max-conv-activation"),
+]
+
+
+@pytest.mark.parametrize("build, fragment", [c[1:] for c in LINT_CASES], ids=[c[0] for c in LINT_CASES])
+def test_bad_lint_input(build, fragment, tmp_path, capsys):
+    assert fragment in _run(refsd_main, ["lint-gpu", *build(tmp_path)], capsys, "refsd")
+
+
+def _golden_copy(t: Path) -> Path:
+    from refsd.golden import DEFAULT_DIR  # noqa: PLC0415
+
+    return Path(shutil.copytree(DEFAULT_DIR, t / "golden"))
+
+
+def _golden(edit):
+    def build(t: Path) -> list:
+        g = _golden_copy(t)
+        edit(g, t)
+        return ["golden", "verify", "--dir", g]
+    return build
+
+
+def _link_out(g: Path, t: Path) -> None:
+    shutil.move(g / "ops" / "add.npz", t / "add.npz")
+    (g / "ops" / "add.npz").symlink_to(t / "add.npz")  # the right bytes, through a link: still refused
+
+
+GOLDEN_CASES = [
+    ("no_folder", lambda t: ["golden", "verify", "--dir", t / "none"], "MANIFEST.sha256: no golden manifest"),
+    ("extra_file", _golden(lambda g, t: (g / "ops" / "extra.npz").write_bytes(b"x")),
+     "ops/extra.npz: not in MANIFEST.sha256"),
+    ("missing_file", _golden(lambda g, t: (g / "traces" / "sd15_f32.npz").unlink()),
+     "traces/sd15_f32.npz: listed in MANIFEST.sha256 but missing"),
+    ("missing_and_extra", _golden(lambda g, t: ((g / "ops" / "add.npz").unlink(), (g / "x").write_text("x"))),
+     "and 1 more: "),
+    ("symlinked_file", _golden(_link_out), "ops/add.npz: a symlink in the golden folder (never followed)"),
+    ("symlinked_folder", _golden(lambda g, t: (shutil.move(g / "traces", t / "traces"),
+                                               (g / "traces").symlink_to(t / "traces"))), "traces: a symlink"),
+    ("fifo_in_folder", _golden(lambda g, t: os.mkfifo(g / "ops" / "pipe")), "ops/pipe: not a regular file"),
+    ("manifest_garbage", _golden(lambda g, t: _replace(g / "MANIFEST.sha256", "nonsense\n")),
+     "MANIFEST.sha256:1: not a 'sha256 path' line"),
+    ("manifest_escapes", _golden(lambda g, t: _replace(g / "MANIFEST.sha256", "0" * 64 + "  ../../etc/passwd\n")),
+     "MANIFEST.sha256:1:"),
+    ("manifest_duplicate", _golden(lambda g, t: _replace(g / "MANIFEST.sha256", ("0" * 64 + "  recipe.json\n") * 2)),
+     "MANIFEST.sha256:2:"),
+    ("manifest_not_utf8", _golden(lambda g, t: _replace(g / "MANIFEST.sha256", b"\xff\xfe")), "not UTF-8"),
+    ("make_into_a_file", lambda t: ["golden", "make", "--dir", ((t / "f").write_text("x"), t / "f")[1]],
+     "exists and is not a folder"),
+    ("make_through_a_link", lambda t: ["golden", "make", "--dir", (_link_out(_golden_copy(t), t), t / "golden")[1]],
+     "a symlink in the golden folder; refusing to write through it"),
+]
+
+
+@pytest.mark.parametrize("build, fragment", [c[1:] for c in GOLDEN_CASES], ids=[c[0] for c in GOLDEN_CASES])
+def test_bad_golden_folder(build, fragment, tmp_path, capsys):
+    assert fragment in _run(refsd_main, build(tmp_path), capsys, "refsd")
+
+
 def test_the_corpus_has_at_least_100_cases():
     n = (len(MODEL_CASES) + len(CLI_CASES) + len(FP16_CHECK_CASES) + len(COMPARE_CASES) + len(BUNDLE_CASES) + len(CERTIFY_OPTION_CASES)
-         + len(CERTIFY_MODEL_CASES) + len(TFLITE_MANIFEST_CASES) + len(SUBPROCESS_CASES))
+         + len(CERTIFY_MODEL_CASES) + len(TFLITE_MANIFEST_CASES) + len(SUBPROCESS_CASES) + len(EXPORT_CASES)
+         + len(LINT_CASES) + len(GOLDEN_CASES))
     assert n >= 100, n
 
 
@@ -676,7 +818,31 @@ SUBPROCESS_CASES = [
      "--height must be in [1, 16384]"),
     ("latents_1e12", lambda t, m, b: ["refsd", *_generate(m, t, "--latents", _latents(t, _npy_declaring(
         (10**12,))))], "over the"),
+    # export / lint-gpu / golden: 16 GiB tensors and files (sparse), pipes, each refused without reading them
+    ("export_huge_tensor_own_key", lambda t, m, b: ["refsd", *_export((_st_huge(UNET_ST, rename=False)(m), m)[1], t)],
+     "shape"),
+    ("export_huge_tensor_extra_key", lambda t, m, b: ["refsd", *_export((_st_huge(VAE_ST, rename=True)(m), m)[1], t)],
+     "1 unexpected key: extra.weight"),
+    ("lint_fifo", lambda t, m, b: ["refsd", "lint-gpu", (os.mkfifo(t / "p.tflite"), t / "p.tflite")[1]],
+     "p.tflite: is a FIFO"),
+    ("lint_16gb_not_a_model", lambda t, m, b: ["refsd", "lint-gpu", _sparse(t / "big.tflite", b"junk")],
+     "not a .tflite file"),
+    ("lint_16gb_flatbuffer_garbage", lambda t, m, b: ["refsd", "lint-gpu", _sparse(t / "big.tflite",
+                                                                                   b"\xf0\xff\xff\x3fTFL3")],
+     "big.tflite: "),
+    ("golden_16gb_unlisted", lambda t, m, b: ["refsd", "golden", "verify", "--dir", (
+        _sparse(_golden_copy(t) / "ops" / "big.npz", b""), t / "golden")[1]], "ops/big.npz: not in MANIFEST"),
+    ("golden_manifest_fifo", lambda t, m, b: ["refsd", "golden", "verify", "--dir", (
+        _mkfifo("MANIFEST.sha256")(_golden_copy(t)), t / "golden")[1]], "MANIFEST.sha256: is a FIFO"),
 ]
+
+
+def _sparse(path: Path, head: bytes) -> Path:
+    """A 16 GiB file of ``head`` then zeros (sparse: no disk used)."""
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(4 * HUGE)
+    return path
 
 
 # Runs a module as ``python -m`` would, then writes the process's own peak RSS (VmHWM: this process

@@ -5,7 +5,7 @@ source (function-level, "lazy" imports included: they are dependencies all the
 same) and mapped to the module it names. The layers, lowest first:
 
 ====  ======================================================================
-0     foundations: numerics, kernels, trace, safe_io, limits, blas, image, data
+0     foundations: numerics, kernels, trace, safe_io, limits, blas, image, data, console
 1     where ops run: context, monitor
 2     ops
 3     models, schedulers
@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"refsd": ROOT / "refsd", "refsd_validate": ROOT / "validate"}
 
 LAYERS = [
-    ("refsd", "refsd.numerics", "refsd.kernels", "refsd.trace", "refsd.safe_io", "refsd.limits", "refsd.blas", "refsd.image",
-     "refsd.data"),
+    ("refsd", "refsd.numerics", "refsd.kernels", "refsd.trace", "refsd.safe_io", "refsd.limits", "refsd.blas",
+     "refsd.image", "refsd.data", "refsd.console"),
     ("refsd.context", "refsd.monitor"),
     ("refsd.ops",),
     ("refsd.models", "refsd.schedulers"),

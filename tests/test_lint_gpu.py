@@ -142,4 +142,4 @@ def test_cli_bad_input(tmp_path, make, message):
 
 def test_bad_limits():
     r = _cli("x.tflite", "--max-fc-input", "0")
-    assert r.returncode == 2 and "max_fc_input" in r.stderr
+    assert r.returncode == 2 and "--max-fc-input" in r.stderr

@@ -78,19 +78,6 @@ class NativeLog:
         self._file.close()
 
 
-def divert_native_stderr() -> None:
-    """For the command line: send file descriptor 2 to /dev/null for the rest of
-    the process and give ``sys.stderr`` a duplicate of the original. LiteRT logs
-    its teardown natively at interpreter exit, after the command's last line (an
-    error must be exactly one line); Python's messages still reach the terminal."""
-    sys.stderr.flush()
-    keep = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    sys.stderr = open(keep, "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 (lives as long)
-
-
 _ADAPTER = re.compile(r"Selected adapter: (?P<name>.*?), arch=(?P<arch>[^,]*), vendor=(?P<vendor>[^,]*), "
                       r"backend=(?P<backend>[^,]*), adapterType=(?P<type>.*)$", re.M)
 _FALLBACK_HEAD = "Following operations are not supported by GPU delegate:"

@@ -55,12 +55,12 @@ from refsd_validate.certify_rerun import (
     CacheStats,
     Deployment,
     RerunJob,
-    cache_bytes,
     code_fingerprint,
     first_severe_event,
     teacher_inputs,
 )
 from refsd_validate.compare import compare, json_safe, psnr
+from refsd_validate.rerun_cache import cache_bytes
 from refsd_validate.reader import Bundle, read_bundle
 from refsd_validate.tolerance import (
     MAX_K,
@@ -79,9 +79,8 @@ from refsd_validate.tolerance import (
     standard_error_scale,
     unit_roundoff,
 )
-from tqdm import tqdm
 
-from refsd import __version__, kernels
+from refsd import __version__, console, kernels
 from refsd import trace as names
 from refsd.image import to_image
 from refsd.trace import parse_name
@@ -304,7 +303,7 @@ def certify(bundle_path: str | Path, model_dir: str | Path, *, mode: str = "both
     stats = CacheStats()
     traces = {}
     jobs = plan.jobs()
-    with tqdm(total=len(jobs), desc="certify: reference reruns", unit="run", disable=not progress) as bar:
+    with console.progress(total=len(jobs), desc="certify: reference reruns", unit="run", enabled=progress) as bar:
         def run(jobs):
             for job in jobs:
                 traces[job.role, job.index] = job.run(traces.get(("reference", 0)), cache_dir=plan.cache,

@@ -11,12 +11,11 @@ FTZ, other kernels, perturbed transcendentals per stage).
 The run is a pure function of (the reference's code, model sha256,
 deployment, variant, request, token ids, initial latents, teacher tensors,
 intermediates asked for); its result is cached under ``sha256`` of those in
-``cache_dir`` as a plain .npz (read back with ``allow_pickle=False``), names
-in execution order. "The code" is a hash of refsd's own source files plus
-NumPy's version and the machine architecture, so an edited checkout never
-reads a stale rerun (a version number would not change). The cache is kept
-under a byte budget by dropping the least recently used reruns (a hit
-refreshes its time).
+``cache_dir`` (``refsd_validate.rerun_cache``: each entry proves its key's
+inputs, version and content before it is used), names in execution order.
+"The code" is a hash of refsd's own source files plus NumPy's version and the
+machine architecture, so an edited checkout never reads a stale rerun (a
+version number would not change).
 """
 
 from __future__ import annotations
@@ -25,13 +24,13 @@ import dataclasses
 import functools
 import hashlib
 import json
-import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+from refsd_validate import rerun_cache
 from refsd_validate.tolerance import CalibrationRun
 
 import refsd
@@ -174,52 +173,20 @@ def rerun(model_dir: str | Path, model_sha: str, deployment: Deployment, variant
     pruned to ``cache_budget`` bytes."""
     ids = np.ascontiguousarray(token_ids, dtype=np.int64)
     x0 = np.ascontiguousarray(latents_init, dtype=np.float32)
-    key = _cache_key(model_sha, deployment, variant, request, ids, x0, teacher, intermediates)
-    path = Path(cache_dir) / f"{key}.npz" if cache_dir is not None and monitor is None else None
+    inputs = _key_inputs(model_sha, deployment, variant, request, ids, x0, teacher, intermediates)
+    key = rerun_cache.key_of(inputs)
+    cache = Path(cache_dir) if cache_dir is not None and monitor is None else None
     stats = stats if stats is not None else CacheStats()
-    if path is not None and path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            trace = {n: z[n] for n in z.files}
-        os.utime(path)  # recently used
-        stats.hits += 1
-        return trace
+    if cache is not None:
+        trace = rerun_cache.read(cache, key, inputs)
+        if trace is not None:
+            stats.hits += 1
+            return trace
     stats.misses += 1
     trace = _run(model_dir, deployment, variant, request, ids, x0, teacher, intermediates, monitor)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **trace)
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the whole file or none
-        stats.evicted += len(prune_cache(path.parent, cache_budget, keep=path))
+    if cache is not None and rerun_cache.write(cache, key, inputs, trace):
+        stats.evicted += len(rerun_cache.prune(cache, cache_budget, keep=cache / f"{key}.npz"))
     return trace
-
-
-def cache_bytes(cache_dir: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(cache_dir).glob("*.npz") if f.is_file())
-
-
-def prune_cache(cache_dir: Path, budget: int, *, keep: Path | None = None) -> list[Path]:
-    """Delete the least recently used reruns until the cache holds at most
-    ``budget`` bytes (``keep``, the one just written, stays). Returns what went."""
-    entries = []
-    for f in cache_dir.glob("*.npz"):
-        try:
-            st = f.stat()
-        except FileNotFoundError:  # pruned concurrently
-            continue
-        entries.append((st.st_mtime, st.st_size, f))
-    total = sum(size for _, size, _ in entries)
-    gone = []
-    for _, size, f in sorted(entries):
-        if total <= budget:
-            break
-        if f == keep:
-            continue
-        f.unlink(missing_ok=True)
-        total -= size
-        gone.append(f)
-    return gone
 
 
 @functools.cache
@@ -287,19 +254,21 @@ def first_severe_event(trace: Mapping[str, np.ndarray]) -> dict | None:
     return None if raw is None else json.loads(np.asarray(raw, np.uint8).tobytes().decode())
 
 
+def _key_inputs(model_sha, deployment, variant, request, ids, x0, teacher, intermediates) -> dict:
+    """What a rerun is a function of, as JSON (arrays by sha256): its cache key hashes this and its entry keeps it."""
+    def digest(arr) -> str:
+        return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+
+    return {"blas": blas_fingerprint(),  # results depend on BLAS threads (refsd.blas)
+            "code": code_fingerprint(), "model": model_sha, "deployment": dataclasses.asdict(deployment),
+            "int8_source": _source_digest(deployment.int8_source), "variant": dataclasses.asdict(variant),
+            "request": {k: request[k] for k in ("steps", "scheduler", "guidance", "height", "width")},
+            "intermediates": sorted(intermediates), "token_ids": digest(ids), "latents_init": digest(x0),
+            "teacher": {n: digest(np.asarray(teacher[n], np.float32)) for n in sorted(teacher or {})}}
+
+
 def _cache_key(model_sha, deployment, variant, request, ids, x0, teacher, intermediates) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps(blas_fingerprint(), sort_keys=True).encode())  # results depend on BLAS threads (refsd.blas)
-    fields = {k: request[k] for k in ("steps", "scheduler", "guidance", "height", "width")}
-    h.update(json.dumps({"code": code_fingerprint(), "model": model_sha, "deployment": dataclasses.asdict(deployment),
-                         "int8_source": _source_digest(deployment.int8_source),
-                         "variant": dataclasses.asdict(variant), "request": fields,
-                         "intermediates": sorted(intermediates)}, sort_keys=True).encode())
-    for arr in (ids, x0):
-        h.update(arr.tobytes())
-    for name in sorted(teacher or {}):
-        h.update(name.encode() + b"\0" + np.ascontiguousarray(teacher[name], np.float32).tobytes())
-    return h.hexdigest()
+    return rerun_cache.key_of(_key_inputs(model_sha, deployment, variant, request, ids, x0, teacher, intermediates))
 
 
 def _source_digest(folder: str | None) -> str | None:

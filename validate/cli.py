@@ -157,7 +157,7 @@ def _certify_options(args: argparse.Namespace) -> dict:
     gate = CostGate.parse(args.max_deployment_cost) if args.max_deployment_cost is not None else None
     return {"mode": args.mode, "cache_dir": args.cache, "k": args.k, "cache_budget": int(args.cache_gb * (1 << 30)),
             "tflite_dir": args.tflite, "strict": args.strict, "max_deployment_cost": gate,
-            "progress": not args.quiet and sys.stderr.isatty()}
+            "progress": not args.quiet}
 
 
 def _cmd_certify(args: argparse.Namespace) -> int:
@@ -285,7 +285,6 @@ def _add_capture(sub) -> None:
 
 def _cmd_capture(args: argparse.Namespace) -> int:
     from refsd_validate.capture import capture  # noqa: PLC0415
-    from refsd_validate.capture_gpu import divert_native_stderr  # noqa: PLC0415
 
     from refsd.export.build import read_manifest  # noqa: PLC0415
     from refsd.pipeline import Request  # noqa: PLC0415
@@ -296,8 +295,6 @@ def _cmd_capture(args: argparse.Namespace) -> int:
                   manifest["height"], manifest["width"])
     if args.accelerator == "cpu" and args.allow_cpu_fallback:
         raise ValueError("--allow-cpu-fallback applies to --accelerator gpu only")
-    if args.accelerator == "gpu":
-        divert_native_stderr()
     out = capture(args.tflite, args.model, req, args.out, delegate=args.delegate, intermediates=args.intermediates,
                   delegate_precision=args.delegate_precision, accelerator=args.accelerator,
                   gpu_precision=args.gpu_precision, allow_cpu_fallback=args.allow_cpu_fallback,
@@ -330,11 +327,14 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _add_names(sub) -> None:
     p = sub.add_parser("names", help="list the tensor names the reference records for a model",
                        description="Every boundary tensor and module output the reference records, with shape, "
-                       "layout and meaning: the names a bundle from any runtime uses. Runs one denoising step.")
+                       "layout and meaning: the names a bundle from any runtime uses. Boundary tensors are required "
+                       "in a bundle, intermediates optional; names a forward hook in diffusers or transformers "
+                       "cannot capture (their module returns a tuple or a ModelOutput) are marked. Runs one "
+                       "denoising step at a probe size and scales the shapes (seconds).")
     p.add_argument("--model", required=True, metavar="DIR", help="diffusers folder")
     p.add_argument("--steps", type=int, default=1, help="steps of the request (names repeat per step; default 1)")
-    p.add_argument("--height", type=int, default=512, help="image height (default 512)")
-    p.add_argument("--width", type=int, default=512, help="image width (default 512)")
+    p.add_argument("--height", type=int, help="image height (default the model's own: UNet sample_size x VAE factor)")
+    p.add_argument("--width", type=int, help="image width (default the model's own)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_names)
 
@@ -348,16 +348,20 @@ def _cmd_names(args: argparse.Namespace) -> int:
         raise BundleError(f"--steps must be in [1, 1000], got {args.steps}")
     for opt in ("height", "width"):
         v = getattr(args, opt)
-        if not 8 <= v <= 4096:
-            raise BundleError(f"--{opt} must be in [8, 4096], got {v}")
+        if v is not None and not 8 <= v <= 16384:
+            raise BundleError(f"--{opt} must be in [8, 16384], got {v}")
+    if (args.height is None) != (args.width is None):
+        raise BundleError("--height and --width go together (or neither: the model's own size)")
     if not (Path(args.model) / "model_index.json").is_file():
         raise BundleError(f"--model {args.model}: not a diffusers folder (no model_index.json)")
     infos = recorded_names(args.model, steps=args.steps, height=args.height, width=args.width)
     if args.json:
         print(json.dumps([i.to_dict() for i in infos], indent=1))
         return EXIT_OK
+    print("name\tshape\tlayout\tin a bundle\tmeaning")
     for i in infos:
-        print(f"{i.name}\t{'x'.join(map(str, i.shape))}\t{i.layout}\t{i.meaning}")
+        need = "required" if i.required else "optional" + ("" if i.hook is None else f", not hook-capturable: {i.hook}")
+        print(f"{i.name}\t{'x'.join(map(str, i.shape))}\t{i.layout}\t{need}\t{i.meaning}")
     return EXIT_OK
 
 

@@ -31,7 +31,6 @@ import functools
 import html
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -49,8 +48,8 @@ from refsd_validate.certify import (
 from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, RerunJob, model_options
 from refsd_validate.reader import BundleError
 from refsd_validate.tolerance import K
-from tqdm import tqdm
 
+from refsd import console
 from refsd.models.vae import VaeConfig
 from refsd.trace import MODELS
 from refsd.weights import load_component_state, read_config
@@ -251,7 +250,7 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
     if dask is None:
         workers, threads, notice = local_workers(plans, workers)
         if notice:
-            print(notice, file=sys.stderr)
+            print(notice, file=console.err())
         cluster = local_cluster(workers, threads)
     try:
         try:
@@ -261,11 +260,11 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
         with client:
             if cluster is None:
                 for line in cluster_warnings(client, largest_rerun(plans)):
-                    print(line, file=sys.stderr)
+                    print(line, file=console.err())
             futures: dict[str, object] = {}
             certs: dict[int, Certificate] = {}
             todo = dict(enumerate(plans))
-            with tqdm(total=0, desc="certify-fleet: reference reruns", unit="run", disable=not progress) as bar:
+            with console.progress(total=0, desc="certify-fleet: reference reruns", unit="run", enabled=progress) as bar:
                 # A certificate its half-fraction design rejects is judged again with the full design, as
                 # certify does (certify.needs_full_design): a second round with only those plans' new reruns.
                 while todo:

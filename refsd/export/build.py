@@ -42,9 +42,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from refsd import console
 from refsd.export.tflite_edit import widen_gather_tables
 from refsd.models.rewrites import Rewrites
 from refsd.safe_io import read_json
@@ -187,8 +189,12 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
         raise ValueError(f"height and width must be positive multiples of the VAE scale factor {scale}, "
                          f"got {height}x{width}")
     h, w = height // scale, width // scale
+    from refsd.weights import check_component  # noqa: PLC0415
 
-    from tqdm import tqdm  # noqa: PLC0415
+    for name in components:  # before TensorFlow loads: bad weights are one line in seconds, not a broken .tflite
+        check_component(model_dir, name)
+    out = Path(out)
+    _check_out(out)
 
     from refsd.weights import model_sha256  # noqa: PLC0415
     from refsd.models.options import ModelOptions  # noqa: PLC0415
@@ -197,13 +203,11 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
     tf_ops = _tf_namespace()
     options = ModelOptions.make(ops=tf_ops, rewrites=rw, gelu_approximate=gelu_approximate)
     loaders = {"text_encoder": load_text_encoder, "unet": load_unet, "vae": load_vae}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     manifest = {"format": "refsd-export", "version": 1, "model_sha256": model_sha256(model_dir),
                 "weights": weights, "rewrites": str(rw), "serial_conv_limit": rw.serial_conv_limit,
                 "gelu_approximate": gelu_approximate,
                 "height": height, "width": width, "components": {}}
-    bar = tqdm(components, desc="export", unit="model", disable=not progress)
+    bar = console.progress(components, desc="export", unit="model", enabled=progress)
     for name in bar:
         bar.set_postfix_str(f"{name}: tracing")
         model = loaders[name](model_dir / name, options=options)
@@ -226,6 +230,18 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
         }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return manifest
+
+
+def _check_out(out: Path) -> None:
+    """``--out`` is a folder this process can create and write in (checked by writing a file there)."""
+    if (out.exists() or out.is_symlink()) and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror or e})") from None
 
 
 def read_manifest(tflite_dir) -> dict:

@@ -36,18 +36,20 @@ set from your device's delegate log. "Per image" divides by the batch (axis 0),
 so a batch-2 UNet is judged like the paper's batch-1 shapes.
 
 The file is read with the flatbuffer schema LiteRT ships, without an
-interpreter (nothing is allocated, so a 2 GB UNet lints in a moment).
+interpreter, memory-mapped (nothing is allocated, so a 2 GB UNet lints in a moment).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from refsd.models.rewrites import DEFAULT_SERIAL_CONV_LIMIT
+from refsd.safe_io import open_regular
 
 DEFAULT_MAX_FC_INPUT = 1 << 20
 
@@ -135,8 +137,15 @@ def _read(path: Path):
 
     from refsd.export.tflite_edit import read_model  # noqa: PLC0415
 
+    # Memory-mapped, never read whole: constant buffers stay views of the file (a .tflite can be gigabytes),
+    # and a file that is not a flatbuffer is refused on its first 8 bytes.
+    with open_regular(path) as f:
+        head = f.read(8)
+        if len(head) < 8 or head[4:8] != b"TFL3":
+            raise ValueError(f"{path}: not a .tflite file (no TFL3 flatbuffer identifier)")
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     try:
-        model = read_model(path.read_bytes())
+        model = read_model(data)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     op_names = {v: k for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
@@ -147,8 +156,6 @@ def _read(path: Path):
 def lint(path, limits: Limits | None = None) -> LintReport:
     """Lint the first subgraph of a .tflite file against the GPU delegate's rules."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(2, "no such file", str(path))
     limits = limits or Limits()
     model, op_names, type_names = _read(path)
     try:

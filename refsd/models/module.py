@@ -160,14 +160,21 @@ class Module:
         """Load a flat {key: array} strictly. One ``WeightsError`` lists every
         missing key, unexpected key and shape mismatch (``source`` names the
         checkpoint in the message)."""
-        state = self._remap_state(dict(state))
+        state = self.check_state_dict(state, source=source)
         table = self._param_table()
-        check_state(type(self).__name__, {k: spec for k, (_, _, spec) in table.items()}, state, source)
         for k, (mod, pname, spec) in table.items():
             if k in state and spec.layout != "buffer":
                 mod._set_param(pname, state[k], spec)
                 if not np.may_share_memory(getattr(mod, pname), state[k]):
                     drop_mapped_pages(state[k])
+
+    def check_state_dict(self, state: Mapping[str, Any], *, source: str | None = None) -> dict[str, Any]:
+        """What ``load_state_dict`` refuses, checked without loading (nothing
+        copied): returns the state in this model's key names."""
+        state = self._remap_state(dict(state))
+        table = self._param_table()
+        check_state(type(self).__name__, {k: spec for k, (_, _, spec) in table.items()}, state, source)
+        return state
 
     def _set_param(self, name: str, value, spec: ParamSpec) -> None:
         setattr(self, name, self._store(checkpoint_array(value, spec), name))
