@@ -80,6 +80,28 @@ def is_boundary(name: str) -> bool:
         return False
 
 
+def stage_position(stage: str, step: int | None) -> tuple[int, int]:
+    """Where a stage's work at ``step`` comes in a run, as a sortable pair:
+    the inputs, the text encoder, each denoising step (the UNet, guidance and
+    the scheduler of step i share (2, i)), the decoder. A denoising stage
+    without a step counts as its first step."""
+    if stage == "inputs":
+        return (0, 0)
+    if stage == "text_encoder":
+        return (1, 0)
+    if stage == "vae":
+        return (3, 0)
+    return (2, step if step is not None else 0)
+
+
+def position(name: str) -> tuple[int, int]:
+    """:func:`stage_position` of a tensor (the scheduler's latents_init and timesteps are inputs)."""
+    stage, step, _ = parse_name(name)
+    if name in (LATENTS_INIT, TIMESTEPS):
+        return (0, 0)
+    return stage_position(stage, step)
+
+
 def execution_order(tensor_names) -> list[str]:
     """``tensor_names`` sorted as a run produces them: the text encoder's
     intermediates, then its hidden states; per step, the UNet's intermediates,
@@ -87,14 +109,10 @@ def execution_order(tensor_names) -> list[str]:
     the image. The sort is stable: intermediates of one module call keep the
     order they were given in (a recording's order)."""
     def key(name: str) -> tuple:
-        stage, step, path = parse_name(name)
-        leaf = name.rsplit("/", 1)[-1]
-        if stage in ("inputs",) or leaf in ("latents_init", "timesteps"):
+        stage, _, path = parse_name(name)
+        where = position(name)
+        if where == (0, 0):
             return (0, 0, 0)
-        if stage == "text_encoder":
-            return (1, 0, 0 if path else 1)
-        if step is not None:
-            return (2, step, 0 if path else (1 if stage == "unet" else 2))
-        return (3, 0, 0 if path else 1)  # the decoder
+        return (*where, 0 if path else (2 if stage == "scheduler" else 1))
 
     return sorted(tensor_names, key=key)

@@ -1,6 +1,6 @@
 """The validator's judgement on the tiny SD 2.1 model's fault matrix, held
 fixed: the verdict, the first failure and every tensor's k needed, for a good
-device and five faulty ones (tests/test_certify.py's faults), as the validator
+device and five faulty ones (``bundle_helpers.FAULTS`` and swapped steps), as the validator
 gave them at 435c6d0, before its code was split by idea and its certificates
 learnt to explain themselves (issue 25). A refactoring of the validator that
 changes any of them changes behaviour and must say so.
@@ -10,7 +10,9 @@ tests/test_fault_matrix.py OUT.json`` writes them again from the code as it
 is. k values are compared to 1e-6 relative: the judge's statistics sum in
 float64 over float32 differences (``tolerance.error_stats``), so they are
 reproducible to far better than that on one machine, and the rerun traces
-are bit-for-bit (``refsd.blas``)."""
+are bit-for-bit (``refsd.blas``). The devices are the session's
+(``fault_bundle``) and their reruns the session cache's, shared with
+tests/test_certify.py and tests/test_fleet.py: judging is what this costs."""
 
 from __future__ import annotations
 
@@ -19,37 +21,11 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
-from bundle_helpers import rewrite_bundle
-from test_certify import _device, _unet_output_fault
+from bundle_helpers import FAULTS, faulty_device, rewrite_bundle
 
 from refsd_validate.certify import certify
 
 RECORDED = Path(__file__).with_name("data") / "fault_matrix.json"
-ATTN1 = "unet.mid_block.attentions.0.transformer_blocks.0.attn1"
-
-
-def _nan_at(step):
-    def nan(out):
-        out = out.copy()
-        out[1, 5, 7, 2] = np.nan
-        return out
-    return _unet_output_fault(step, nan, last_step=step)
-
-
-def _nan_in_attention(pipe):
-    attn1 = pipe.components["unet"].mid_block.attentions[0].transformer_blocks[0].attn1
-    forward, calls = attn1.forward, []
-
-    def faulty(*a, **kw):
-        out = forward(*a, **kw)
-        calls.append(None)
-        if len(calls) == 3:  # step 2
-            out = out.copy()
-            out[0, 3, 1] = np.nan
-        return out
-
-    attn1.forward = faulty
 
 
 def _swap_steps(tensors):
@@ -57,19 +33,14 @@ def _swap_steps(tensors):
         tensors[kind.format(1)], tensors[kind.format(2)] = tensors[kind.format(2)], tensors[kind.format(1)]
 
 
-def fault_matrix(model, good_bundle, cache, tmp: Path) -> dict[str, dict]:
-    """Case -> {verdict, first failure, k needed per (tensor, mode)} of each device of the matrix."""
-    devices = {
-        "good": lambda: good_bundle,
-        "bias_1pct_from_step_1": lambda: _device(model, tmp / "bias", _unet_output_fault(1, lambda o: o * np.float32(1.01))),
-        "bias_0.3pct_from_step_2": lambda: _device(model, tmp / "bias3", _unet_output_fault(2, lambda o: o * np.float32(1.003))),
-        "nan_at_step_2": lambda: _device(model, tmp / "nan", _nan_at(2)),
-        "nan_in_attention_step_2": lambda: _device(model, tmp / "attn", _nan_in_attention),
-        "steps_1_2_swapped": lambda: rewrite_bundle(good_bundle, tmp / "swap", tensors=_swap_steps),
-    }
+def fault_matrix(model, good_bundle, fault_bundle, cache, tmp: Path) -> dict[str, dict]:
+    """Case -> {verdict, first failure, k needed per (tensor, mode)} of each device of the matrix
+    (``fault_bundle(name)``: the good device with ``bundle_helpers.FAULTS[name]``)."""
+    devices = {"good": good_bundle, **{name: fault_bundle(name) for name in FAULTS},
+               "steps_1_2_swapped": rewrite_bundle(good_bundle, tmp / "swap", tensors=_swap_steps)}
     out = {}
-    for case, make in devices.items():
-        cert = certify(make(), model, cache_dir=cache)
+    for case, bundle in devices.items():
+        cert = certify(bundle, model, cache_dir=cache)
         f = cert.first_failure
         out[case] = {"certified": cert.certified,
                      "first_failure": None if f is None else [f.name, f.mode, f.verdict.k_needed],
@@ -83,9 +54,9 @@ def _close(a, b) -> bool:
     return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
 
 
-def test_the_fault_matrix_is_judged_as_recorded(tiny_sd21, emulated_bundle, certify_cache, tmp_path):
+def test_the_fault_matrix_is_judged_as_recorded(tiny_sd21, emulated_bundle, fault_bundle, certify_cache, tmp_path):
     recorded = json.loads(RECORDED.read_text())
-    got = fault_matrix(tiny_sd21, emulated_bundle, certify_cache, tmp_path)
+    got = fault_matrix(tiny_sd21, emulated_bundle, fault_bundle, certify_cache, tmp_path)
     assert set(got) == set(recorded)
     for case, want in recorded.items():
         g = got[case]
@@ -113,5 +84,10 @@ if __name__ == "__main__":  # record: python tests/test_fault_matrix.py OUT.json
         model = make_tiny(root / "tiny-sd21", "sd21", seed=0)
         good = emulated_capture(model, certify_request(), root / "good" / "bundle", precision="f32_f16", ftz=True,
                                 declare_ftz=True, rewrites="google", intermediates=CERTIFY_INTERMEDIATES)
-        doc = fault_matrix(model, good, root / "cache", root)
+        made = {}
+
+        def fault_bundle(name):
+            return made.setdefault(name, faulty_device(model, root / name, FAULTS[name]))
+
+        doc = fault_matrix(model, good, fault_bundle, root / "cache", root)
     Path(sys.argv[1]).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")

@@ -373,43 +373,56 @@ def noise_floor(ref: np.ndarray, runs: list[tuple[np.ndarray, float]], precision
     and, for offset and gain, ``se_scale`` standard errors of the fit
     (:func:`standard_error_scale`). A calibration run that is itself non-finite
     cannot define a floor and raises."""
+    return explained_noise_floor(ref, runs, precision, se_scale)[0]
+
+
+MINIMUM, STANDARD_ERROR = "minimum", "standard_error"  # floor sources that are not a calibration run
+
+
+def explained_noise_floor(ref: np.ndarray, runs: list[tuple[np.ndarray, float]], precision: str,
+                          se_scale: float = 1.0, labels: list[str] | None = None) -> tuple[ErrorProfile, dict]:
+    """:func:`noise_floor`, and per statistic the term that set it: ``MINIMUM``,
+    ``STANDARD_ERROR``, or the label of the calibration run (``labels``, one per
+    run; else the run's index) whose spread it is. A tie keeps the earlier term."""
     floor = asdict(minimum_floor(ref, precision))
+    source = dict.fromkeys(STATS, MINIMUM)
+    labels = labels if labels is not None else [f"calibration run {i}" for i in range(len(runs))]
+
+    def widen(stat: str, value: float, why: str) -> None:
+        if value > floor[stat]:
+            floor[stat], source[stat] = value, why
+
     r = np.asarray(ref, np.float64).ravel()
     rc = r - r.mean() if r.size else r
     deff = [1.0, 1.0]
     channels = int(np.shape(ref)[-1]) if np.ndim(ref) >= 2 else 1
     score = 0.0  # rms of e * (ref - mean), the gain's score, over the runs
-    for run, scale in runs:
+    for (run, scale), label in zip(runs, labels):
         s = error_stats(ref, run)
         if math.isnan(s.peak):
             raise ValueError("a calibration run of the reference holds NaN or inf: the model overflows in this "
                              "precision on this request; no noise floor can be measured")
         for k in STATS:
-            floor[k] = max(floor[k], scale * s.get(k))
+            widen(k, scale * s.get(k), label)
         e = np.asarray(run, np.float64).ravel() - r
         deff = [max(a, b) for a, b in zip(deff, design_effects(e, rc, channels=channels))]
         if r.size:
             x = e * rc
             score = max(score, scale * math.sqrt(float(np.dot(x, x)) / r.size))
-    # A few calibration runs estimate the systematic statistics poorly (their |gain| can be small by
-    # chance): at least one standard error of the least-squares fit under noise of the floor's rms. Errors
-    # are correlated (a layer mixes every channel's rounding into each output, a Winograd tile shares its
-    # transforms' errors), which makes that error larger than for independent elements, by the design effect
-    # the calibration runs show (design_effects; a correct device's mid-block attention offset on the tiny
-    # SD 2.1 was 4.6 independent-element standard errors).
-    # The gain's standard error is that of a weighted sum: sqrt(sum rc^2 e^2) / sum rc^2 (White's
-    # heteroscedasticity-consistent form). Rounding errors scale with |value|, and activations are heavy-tailed
-    # (a few large channels), so the few largest elements carry most of that sum: the form rms(e) / (std(ref)
-    # sqrt(n)), which assumes every element equally noisy, is smaller by up to sqrt(kurtosis). Measured: a
-    # correct device's GEGLU output on a tiny SD 2.1 (seed 1) had a gain 9.7 times that form (k = 6.42: a
-    # false rejection); k = 3.24 with this one.
+    # Two or four calibration runs estimate the systematic statistics poorly (a run's |gain| can be small by
+    # chance), so offset and gain are at least the fit's standard error under noise of the rms floor, times
+    # the design effect the runs show (errors are correlated across elements: design_effects). The gain's
+    # also in White's heteroscedasticity-consistent form sqrt(sum rc^2 e^2) / sum rc^2: rounding errors grow
+    # with |value| and activations are heavy-tailed, so the form rms(e) / (std(ref) sqrt(n)), which assumes
+    # every element equally noisy, is smaller by up to sqrt(kurtosis) (bench/README: a tiny SD 2.1 GEGLU
+    # output's correct gain was 9.7 times it).
     if r.size:
         n, std = r.size, float(r.std())
-        floor["offset"] = max(floor["offset"], se_scale * deff[0] * floor["rms"] / math.sqrt(n))
+        widen("offset", se_scale * deff[0] * floor["rms"] / math.sqrt(n), STANDARD_ERROR)
         if std > 0:
-            floor["gain"] = max(floor["gain"], se_scale * deff[1] * floor["rms"] / (std * math.sqrt(n)),
-                                se_scale * deff[1] * score / (std * std * math.sqrt(n)))
-    return ErrorProfile(**floor)
+            widen("gain", se_scale * deff[1] * floor["rms"] / (std * math.sqrt(n)), STANDARD_ERROR)
+            widen("gain", se_scale * deff[1] * score / (std * std * math.sqrt(n)), STANDARD_ERROR)
+    return ErrorProfile(**floor), source
 
 
 # Fewest batches a design effect is estimated from: offset 8, gain 32. The offset of a correct device's error
@@ -462,6 +475,7 @@ class Verdict:
     stats: ErrorProfile
     floor: ErrorProfile
     tolerance: ErrorProfile
+    binding: str | None = None  # the statistic whose ratio to its floor is k_needed (None: non-finite)
 
 
 def judge(ref: np.ndarray, test: np.ndarray, floor: ErrorProfile, k: float = K) -> Verdict:
@@ -472,4 +486,22 @@ def judge(ref: np.ndarray, test: np.ndarray, floor: ErrorProfile, k: float = K) 
     ratios = {s: (stats.get(s) / floor.get(s) if floor.get(s) > 0 else (math.inf if stats.get(s) > 0 else 0.0))
               for s in STATS}
     failed = tuple(s for s in STATS if ratios[s] > k)
-    return Verdict(not failed, max(ratios.values()), failed, stats, floor, tol)
+    binding = max(ratios, key=ratios.get)
+    return Verdict(not failed, ratios[binding], failed, stats, floor, tol, binding)
+
+
+def rule_statement(k: float, se_scale: float, checks: int) -> str:
+    """The rule as a certificate states it, from this module's constants."""
+    return (f"a tensor passes iff it is finite where the reference is and each of {', '.join(STATS)} "
+            "(peak = max|e|, rms(e), |offset| and |gain| of the least-squares fit e ~ offset + gain * reference, "
+            f"e = device - reference) is <= k * its noise floor, k = {k:g}. The reference is the model as deployed "
+            "(its weights as stored, its rewrites, its int8 kernels) in f32. The floor of each statistic is the "
+            "largest spread of the calibration variants around the reference on this request (times the variant's "
+            "scale; a variant non-finite at the tensor is left out), at least one unit roundoff u of the stage's "
+            "declared storage precision at the tensor's scale (peak: u max|ref|, rms: u rms(ref)), "
+            f"{SYSTEMATIC} unit roundoffs of its arithmetic precision for offset and gain ({SYSTEMATIC_F16} in fp16 "
+            "arithmetic), and s standard errors of the fit under noise of the rms floor, and for the gain also its "
+            "heteroscedasticity-consistent standard error from the calibration runs' errors (each times the "
+            "calibration runs' design effect: errors correlated across elements); "
+            f"s = {se_scale:.3f} makes {K:g} times it the two-sided normal quantile at {FAMILY_ALPHA:g} / {checks} "
+            "(the certificate's offset and gain checks: Bonferroni)")
