@@ -73,6 +73,27 @@ def parse_name(name: str) -> tuple[str, int | None, str | None]:
     return m["stage"], None if step is None else int(step), None if rest in _LEAVES else rest
 
 
+_MODULE_PATH = re.compile(r"^[A-Za-z0-9_.]+(?:#\d+)?$")
+
+
+def parse_intermediate(name: str) -> tuple[str, int | None, str] | None:
+    """(stage, step, module path) of an intermediate's name; None for a name
+    that is not one: a boundary tensor's, a stage that records no modules
+    (the scheduler), a malformed module path, or not a trace name at all."""
+    try:
+        stage, step, path = parse_name(name)
+    except ValueError:
+        return None
+    if stage not in MODELS or path is None or not _MODULE_PATH.match(path):
+        return None
+    return stage, step, path
+
+
+def leaf(name: str) -> str:
+    """The last part of a name: a boundary tensor's kind (``noise_pred``) or a module path."""
+    return name.rsplit("/", 1)[-1]
+
+
 def is_boundary(name: str) -> bool:
     try:
         return parse_name(name)[2] is None

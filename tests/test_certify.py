@@ -10,6 +10,7 @@ on each bad device's own tensors is new work per test.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -411,7 +412,6 @@ def test_the_rest_of_the_design_runs_only_where_it_could_change_the_rejection(fa
     the run that explains the NaN); had the half named an overflow before it, the rest could only name more runs
     and does not. A first failure where every calibration run of the half was non-finite (no floor) could pass
     on the full design: the rest runs, named or not."""
-    import dataclasses
 
     from refsd_validate.certify import needs_full_design
     from refsd_validate.tolerance import Verdict
@@ -482,7 +482,8 @@ def test_calibration_variants_follow_each_stage():
     """Text encoder on the CPU in f32, UNet and VAE on a GPU in f16, guidance in f16: every run varies every
     stage as declared; the scaled fp32 run varies only the f32 stage, the rest running as the reference."""
     stages = _stages("f16", None, guidance="f16", processor="gpu")
-    stages["text_encoder"].update(processor="cpu", precision="f32", fast_math=False)
+    stages["text_encoder"] = dataclasses.replace(stages["text_encoder"], processor="cpu", precision="f32",
+                                                 fast_math=False)
     runs = calibration_variants(stages)
     # half of 2 modes x 2 FTZ x 2 kernels, and the litert-gpu device model x 2 FTZ for the f16 GPU stages; the
     # scaled run

@@ -204,8 +204,8 @@ def test_version_1_bundles_are_still_read(emulated_bundle, tmp_path):
     got = read_bundle(v1)
     assert got.capture["schema_version"] == 1 and set(got.tensors) == set(b.tensors)
     stages = got.stages
-    assert stages["unet"]["precision"] == "f32_f16" and stages["unet"]["ftz"] is True
-    assert stages["guidance_scheduler"]["precision"] == "f32"
+    assert stages["unet"].precision == "f32_f16" and stages["unet"].ftz is True
+    assert stages["guidance_scheduler"].precision == "f32"
 
 
 def test_declared_stages_fill_defaults():
@@ -216,9 +216,9 @@ def test_declared_stages_fill_defaults():
                       "guidance_scheduler": {"processor": "host", "precision": "f32"}}}
     s = declared_stages(doc)
     # int8 on a CPU runs LiteRT's hybrid kernels, on a GPU dequantized weights, unless declared otherwise
-    assert [s[m]["int8_kernels"] for m in ("text_encoder", "unet", "vae")] == ["hybrid", "dequantize", "hybrid"]
-    assert s["unet"]["fast_math"] is True and s["text_encoder"]["fast_math"] is False
-    assert s["unet"]["ftz"] is None
+    assert [s[m].int8_kernels for m in ("text_encoder", "unet", "vae")] == ["hybrid", "dequantize", "hybrid"]
+    assert s["unet"].fast_math is True and s["text_encoder"].fast_math is False
+    assert s["unet"].ftz is None
 
 
 def test_an_overflow_off_the_failing_tensors_path_does_not_excuse_a_finite_device(tiny_sd21, certify_cache, tmp_path,

@@ -86,10 +86,11 @@ class Deployment:
     int8_source: str | None = None
 
     @classmethod
-    def of_bundle(cls, capture: Mapping, stages: Mapping[str, dict], int8_source: str | None = None) -> "Deployment":
+    def of_bundle(cls, capture: Mapping, stages: Mapping, int8_source: str | None = None) -> "Deployment":
+        """The deployment a capture.json describes; ``stages``: its ``bundle.declared_stages``."""
         weights = capture["model"].get("weights", "fp32")
         return cls(weights, str(Rewrites.parse(capture["model"].get("rewrites", "none"))),
-                   tuple(stages[m]["int8_kernels"] if weights == "int8" else None for m in MODELS),
+                   tuple(stages[m].int8_kernels if weights == "int8" else None for m in MODELS),
                    int8_source if weights == "int8" else None)
 
     @property

@@ -9,6 +9,7 @@ built once, here (``explain.explain``)."""
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from datetime import datetime, timezone
 
 import numpy as np
@@ -85,7 +86,7 @@ def judge_certificate(plan: Plan, traces: dict[tuple[str, int], dict],
             if not np.isfinite(test).all():
                 nonfinite.add(n)
             stage = parse_name(n)[0]
-            precision = stages.get(stage if stage in stages else "guidance_scheduler")["precision"]
+            precision = stages[stage if stage in stages else "guidance_scheduler"].precision
             usable = [j for j, cut in enumerate(usable_until) if i < cut]
             if not usable:
                 results.append(_no_floor(n, m, expected[n], test, precision))
@@ -117,8 +118,8 @@ def judge_certificate(plan: Plan, traces: dict[tuple[str, int], dict],
     rule = {
         "k": k,
         "statement": rule_statement(k, se_scale, checks),
-        "stages": stages, "deployment": deployment.label,
-        "unit_roundoff": {s: unit_roundoff(d["precision"]) for s, d in stages.items()},
+        "stages": {s: asdict(d) for s, d in stages.items()}, "deployment": deployment.label,
+        "unit_roundoff": {s: unit_roundoff(d.precision) for s, d in stages.items()},
         "calibration_variants": labels,
         "calibration_design": plan.design,
         "reference": f"{REFERENCE.label}, {deployment.label}",

@@ -34,6 +34,7 @@ import numpy as np
 from refsd_validate.explain import source_words
 
 from refsd.image import encode_png, side_by_side, to_image
+from refsd.trace import leaf
 
 NAN_VALUE = 1e30  # Model Explorer values must be numbers: a non-finite error shows as the worst there is
 TEMPLATE = Path(__file__).with_name("templates") / "report.html"  # string.Template: $name fields, $$ a dollar
@@ -143,7 +144,7 @@ def _plot(cert, width: int = 640, height: int = 260) -> str:
     series = {}
     for r in cert.results:
         if r.module_path is None and r.step is not None:
-            series.setdefault(f"{r.mode} {r.name.rsplit('/', 1)[1]}", []).append((r.step, r.verdict.k_needed))
+            series.setdefault(f"{r.mode} {leaf(r.name)}", []).append((r.step, r.verdict.k_needed))
     if not series:
         return "<p>(no per-step tensors)</p>"
     k = cert.rule["k"]

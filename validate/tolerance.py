@@ -259,7 +259,7 @@ def half_fraction(levels: list[tuple], factors: tuple[list, ...], *, complement:
     return [lv for lv in levels if sum(factors[i].index(lv[i]) for i in varying) % 2 == parity]
 
 
-def calibration_variants(stages: dict[str, dict], weights: str = "fp32", *,
+def calibration_variants(stages: dict, weights: str = "fp32", *,
                          complement: bool = False) -> list[CalibrationRun]:
     """The calibration runs for a deployment whose stages are declared as
     ``stages`` (``refsd_validate.bundle.declared_stages``). Each stage's own
@@ -272,9 +272,9 @@ def calibration_variants(stages: dict[str, dict], weights: str = "fp32", *,
     stages not halved cycling their own runs; none when no stage is halved.
     Both lists together are the full design."""
     def per_stage(complement):
-        return [stage_variants(stages[s]["precision"], stages[s]["ftz"], fast_math=bool(stages[s]["fast_math"]),
+        return [stage_variants(stages[s].precision, stages[s].ftz, fast_math=stages[s].fast_math,
                                kernels=s != "guidance_scheduler", half_weights=weights in ("fp16", "bf16"),
-                               hybrid=stages[s].get("int8_kernels") == "hybrid", gpu=stages[s]["processor"] == "gpu",
+                               hybrid=stages[s].int8_kernels == "hybrid", gpu=stages[s].processor == "gpu",
                                complement=complement)
                 for s in STAGES]
 
