@@ -31,7 +31,7 @@ from refsd_validate.cli import main
 from refsd_validate.reader import read_bundle
 from refsd_validate.bundle import declared_stages
 from refsd_validate.certify_rerun import Deployment
-from refsd_validate.tolerance import (ALGORITHMS, FAMILY_ALPHA, FULL_DESIGN_WIDENING, K, LIBM_ULPS, REFERENCE,
+from refsd_validate.tolerance import (ALGORITHMS, FAMILY_ALPHA, FULL_DESIGN_WIDENING, K, LIBM_ULPS, REFERENCE_RUN,
                                       SYSTEMATIC, U_F16, U_F32, StageVariant, calibration_variants, design_effects,
                                       error_stats, judge, noise_floor, standard_error_scale)
 
@@ -230,7 +230,7 @@ def test_free_run_is_the_pipeline_bit_for_bit(emulated_bundle, tiny_sd21, certif
     """certify_rerun's loop and refsd.pipeline's agree exactly, so 'the reference' is one thing."""
     b = read_bundle(emulated_bundle)
     deployment = Deployment.of_bundle(b.capture, b.stages)
-    ours = certify_rerun.rerun(tiny_sd21, model_sha256(tiny_sd21), deployment, REFERENCE, b.request,  # cached
+    ours = certify_rerun.rerun(tiny_sd21, model_sha256(tiny_sd21), deployment, REFERENCE_RUN, b.request,  # cached
                                b.tensors["inputs/token_ids"], b.tensors["scheduler/latents_init"],
                                intermediates=frozenset(b.intermediates), cache_dir=certify_cache)
     theirs = Pipeline(tiny_sd21, rewrites=deployment.rewrites)(
@@ -254,7 +254,7 @@ def test_reruns_are_cached_by_content(good, emulated_bundle, tiny_sd21, certify_
 def test_rerun_cache_key_follows_the_code(monkeypatch):
     # An edited checkout must not read reruns of the old code: the key hashes
     # refsd's sources, not its version number.
-    args = ("0" * 64, Deployment(), REFERENCE, {"steps": 1, "scheduler": "ddim", "guidance": 7.5, "height": 8, "width": 8},
+    args = ("0" * 64, Deployment(), REFERENCE_RUN, {"steps": 1, "scheduler": "ddim", "guidance": 7.5, "height": 8, "width": 8},
             np.zeros((2, 77), np.int64), np.zeros((1, 1, 1, 4), np.float32), None, frozenset())
     before = certify_rerun._cache_key(*args)
     assert certify_rerun._cache_key(*args) == before

@@ -16,7 +16,7 @@ import numpy as np
 from refsd_validate.bundle import BundleError
 from refsd_validate.certificate import Certificate, Resolution, TensorResult
 from refsd_validate.certify_rerun import (
-    ORIGINAL,
+    ORIGINAL_DEPLOYMENT,
     CacheStats,
     Deployment,
     cache_bytes,
@@ -27,7 +27,7 @@ from refsd_validate.compare import compare, psnr
 from refsd_validate.explain import explain
 from refsd_validate.plan import Plan
 from refsd_validate.tolerance import (
-    REFERENCE,
+    REFERENCE_RUN,
     Verdict,
     error_stats,
     explained_noise_floor,
@@ -39,7 +39,7 @@ from refsd_validate.tolerance import (
 )
 
 from refsd import __version__
-from refsd import trace as names
+from refsd import trace
 from refsd.image import to_image
 from refsd.trace import parse_name, position
 
@@ -53,7 +53,7 @@ def judge_certificate(plan: Plan, traces: dict[tuple[str, int], dict],
     ref = traces["reference", 0]
     check_reference(plan, ref)
     unknown = sorted(plan.asked - set(ref))
-    order = [n for n in ref if n in bundle.capture["tensors"] and n != names.TIMESTEPS]
+    order = [n for n in ref if n in bundle.capture["tensors"] and n != trace.TIMESTEPS]
 
     def device(n):
         return np.broadcast_to(bundle.tensor(n), ref[n].shape)
@@ -122,14 +122,14 @@ def judge_certificate(plan: Plan, traces: dict[tuple[str, int], dict],
         "unit_roundoff": {s: unit_roundoff(d.precision) for s, d in stages.items()},
         "calibration_variants": labels,
         "calibration_design": plan.design,
-        "reference": f"{REFERENCE.label}, {deployment.label}",
+        "reference": f"{REFERENCE_RUN.label}, {deployment.label}",
         "teacher_forced_floor": "calibration variants fed the reference's own trajectory (one step's error)",
         "localization": "first failing tensor in execution order, teacher-forced mode first",
     }
     provenance = {
         "bundle": str(bundle.source), "bundle_sha256": bundle.sha256, "model_dir": str(plan.model_dir),
         "model_sha256": plan.model_sha, "refsd_version": __version__,
-        "reference_code_sha256": code_fingerprint(), "reference_precision": REFERENCE.label,
+        "reference_code_sha256": code_fingerprint(), "reference_precision": REFERENCE_RUN.label,
         "modes": list(modes), "device": bundle.capture["device"], "runtime": bundle.capture["runtime"],
         "model": {k_: v for k_, v in bundle.capture["model"].items() if k_ != "sha256"},
         "schema_version": bundle.capture["schema_version"],
@@ -143,7 +143,7 @@ def judge_certificate(plan: Plan, traces: dict[tuple[str, int], dict],
     explanation = explain(certified=certified, k=k, results=results, first=first, exact_checks=exact, hint=hint,
                           overflows=overflows, order=order, device_nonfinite_from=nonfinite_from,
                           unknown=unknown, not_observable=plan.not_observable, cost=cost)
-    images = {"reference": ref[names.IMAGE][0], "device": np.asarray(bundle.tensors[names.IMAGE][0], np.float32)}
+    images = {"reference": ref[trace.IMAGE][0], "device": np.asarray(bundle.tensors[trace.IMAGE][0], np.float32)}
     return Certificate(certified, first, results, rule, provenance, dict(req), explanation, exact, images,
                        deployment_cost=cost, unknown_intermediates=unknown, not_observable=plan.not_observable,
                        calibration_overflows=overflows, hint=hint, overflow_before_failure=before_first)
@@ -171,7 +171,7 @@ def check_reference(plan: Plan, ref: dict) -> None:
         raise BundleError(f"intermediates the reference does not record ({len(unknown)}): {', '.join(unknown[:5])} "
                           "(see 'refsd-validate names'; without --strict they are listed and skipped)")
     for n in ref:
-        if n in plan.bundle.capture["tensors"] and n != names.TIMESTEPS:
+        if n in plan.bundle.capture["tensors"] and n != trace.TIMESTEPS:
             _check_shape(n, tuple(plan.bundle.capture["tensors"][n]["shape"]), ref[n])
 
 
@@ -188,7 +188,7 @@ def _layout_hint(first: TensorResult, expected: np.ndarray, test: np.ndarray, k:
 
 
 def _check_reference_finite(ref: dict, deployment: Deployment) -> None:
-    bad = next((n for n in ref if n != names.TIMESTEPS and not np.isfinite(ref[n]).all()), None)
+    bad = next((n for n in ref if n != trace.TIMESTEPS and not np.isfinite(ref[n]).all()), None)
     if bad is not None:
         raise BundleError(f"the f32 reference of this deployment ({deployment.label}) is non-finite at {bad}: "
                           "the model itself overflows float32 on this request")
@@ -217,7 +217,7 @@ def _cut(order: list[str], event: dict | None, nonfinite: str | None) -> int:
     cut = order.index(nonfinite) if nonfinite is not None else len(order)
     if event is not None:
         unaffected = set(event.get("unaffected", ()))  # recorded before the overflowing module: still fair
-        start = names.stage_position(event["stage"], event["step"])
+        start = trace.stage_position(event["stage"], event["step"])
         cut = min(cut, next((i for i, n in enumerate(order) if position(n) >= start and n not in unaffected),
                             len(order)))
     return cut
@@ -229,15 +229,15 @@ def _deployment_cost(deployed: dict, original: dict, deployment: Deployment) -> 
     the PSNR of the images a user sees. What the deployment costs, not the device."""
     per = {}
     for n in deployed:
-        if n in (names.TIMESTEPS,) or n not in original or parse_name(n)[2] is not None:
+        if n in (trace.TIMESTEPS,) or n not in original or parse_name(n)[2] is not None:
             continue
         o, d = np.asarray(original[n], np.float64), np.asarray(deployed[n], np.float64)
         e = d - o
         scale_peak, scale_rms = float(np.abs(o).max(initial=0.0)), float(np.sqrt(np.mean(o * o)))
         per[n] = {"rel_peak": float(np.abs(e).max(initial=0.0)) / scale_peak if scale_peak else 0.0,
                   "rel_rms": float(np.sqrt(np.mean(e * e))) / scale_rms if scale_rms else 0.0}
-    image = psnr(_to_image(original[names.IMAGE]), _to_image(deployed[names.IMAGE]))
-    return {"deployment": deployment.label, "original": ORIGINAL.label, "image_psnr_db": image,
+    image = psnr(_to_image(original[trace.IMAGE]), _to_image(deployed[trace.IMAGE]))
+    return {"deployment": deployment.label, "original": ORIGINAL_DEPLOYMENT.label, "image_psnr_db": image,
             "worst_rel_peak": max((v["rel_peak"] for v in per.values()), default=0.0),
             "worst_tensor": max(per, key=lambda n: per[n]["rel_peak"]) if per else None, "tensors": per}
 
@@ -262,7 +262,7 @@ def _judge(name: str, mode: str, ref: np.ndarray, test: np.ndarray, floor, k: fl
         summary = {key: c.to_dict()[key] for key in ("passed", "atol", "atol_alone", "nonfinite_mismatches",
                                                      "cosine", "max_ulp_f16", "mean_ulp_f16")}
     image_psnr = None
-    if name == names.IMAGE:  # PSNR of the [0, 1] images a user sees
+    if name == trace.IMAGE:  # PSNR of the [0, 1] images a user sees
         image_psnr = psnr(_to_image(ref), _to_image(test))
     return TensorResult(name, mode, stage, step, path, verdict, summary, image_psnr)
 
@@ -277,23 +277,23 @@ def _exact_checks(bundle: Bundle, ref: dict, model_dir: Path) -> list[dict]:
     from refsd.weights import load_tokenizer  # noqa: PLC0415
 
     checks = []
-    if names.TIMESTEPS in bundle.tensors:
-        dev, want = bundle.tensors[names.TIMESTEPS], ref[names.TIMESTEPS]
+    if trace.TIMESTEPS in bundle.tensors:
+        dev, want = bundle.tensors[trace.TIMESTEPS], ref[trace.TIMESTEPS]
         bad = np.flatnonzero(dev.astype(np.int64) != want.astype(np.int64))
-        checks.append({"tensor": names.TIMESTEPS, "passed": not bad.size,
+        checks.append({"tensor": trace.TIMESTEPS, "passed": not bad.size,
                        "detail": "as the reference scheduler" if not bad.size else
                        f"step {int(bad[0])}: device ran t={int(dev[bad[0]])}, reference t={int(want[bad[0]])}"})
     else:  # optional in a bundle, but a user should know the check did not run
-        checks.append({"tensor": names.TIMESTEPS, "passed": True, "checked": False,
+        checks.append({"tensor": trace.TIMESTEPS, "passed": True, "checked": False,
                        "detail": "not checked: the bundle has no scheduler/timesteps"})
     tok = load_tokenizer(model_dir / "tokenizer")
     req = bundle.request
-    want = np.asarray([tok(t, padding="max_length", max_length=names.TOKENS, truncation=True)["input_ids"]
+    want = np.asarray([tok(t, padding="max_length", max_length=trace.TOKENS, truncation=True)["input_ids"]
                        for t in (req["negative_prompt"], req["prompt"])], np.int64)
-    dev = bundle.tensors[names.TOKEN_IDS].astype(np.int64)
+    dev = bundle.tensors[trace.TOKEN_IDS].astype(np.int64)
     rows = [i for i in range(2) if not np.array_equal(dev[i], want[i])]
     swapped = rows == [0, 1] and np.array_equal(dev[::-1], want)
-    checks.append({"tensor": names.TOKEN_IDS, "passed": not rows,
+    checks.append({"tensor": trace.TOKEN_IDS, "passed": not rows,
                    "detail": "the reference tokenizer's ids for [negative_prompt, prompt]" if not rows else
                    "rows are [prompt, negative_prompt]: the CFG batch order is [uncond, cond] (negative prompt "
                    "first)" if swapped else

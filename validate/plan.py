@@ -11,11 +11,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from refsd_validate.bundle import BundleError, ModelGeometry, model_sha256, sha256_file
-from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, ORIGINAL, Deployment, RerunJob, teacher_inputs
+from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, ORIGINAL_DEPLOYMENT, Deployment, RerunJob, teacher_inputs
 from refsd_validate.reader import Bundle, read_bundle
-from refsd_validate.tolerance import MAX_K, REFERENCE, K, calibration_variants
+from refsd_validate.tolerance import MAX_K, REFERENCE_RUN, K, calibration_variants
 
-from refsd import trace as names
+from refsd import trace
 
 RUN_MODES = ("free", "teacher", "both")  # free-running, teacher-forced, or both
 
@@ -91,10 +91,10 @@ class Plan:
         request share them (same keys)."""
         b = self.bundle
 
-        def job(role, variant=REFERENCE, index=0, teacher=None, dep=None, wanted=None, tensors=None):
+        def job(role, variant=REFERENCE_RUN, index=0, teacher=None, dep=None, wanted=None, tensors=None):
             return RerunJob(role, index, variant, dep or self.deployment, self.asked if wanted is None else wanted,
-                            teacher, str(self.model_dir), self.model_sha, dict(b.request), b.tensors[names.TOKEN_IDS],
-                            b.tensors[names.LATENTS_INIT], tensors)
+                            teacher, str(self.model_dir), self.model_sha, dict(b.request), b.tensors[trace.TOKEN_IDS],
+                            b.tensors[trace.LATENTS_INIT], tensors)
 
         out = [job("reference")]
         if "free" in self.modes:
@@ -103,7 +103,7 @@ class Plan:
             out += [job("teacher", v, i, teacher="reference") for i, v in enumerate(self.variants)]
             out.append(job("device_teacher", teacher="tensors",
                            tensors=teacher_inputs(b.tensors, b.request["steps"])))
-        out.append(job("original", dep=ORIGINAL, wanted=frozenset()))
+        out.append(job("original", dep=ORIGINAL_DEPLOYMENT, wanted=frozenset()))
         return out
 
 
