@@ -185,10 +185,8 @@ def _cmd_certify_fleet(args: argparse.Namespace) -> int:
     options = _certify_options(args)
     entries, counts = certify_fleet(args.bundles, args.model, args.out, dask=args.dask, workers=args.workers,
                                     **options)
-    for e in entries:
-        first = e.certificate.first_failure
-        print(f"{'CERTIFIED' if e.certificate.certified else 'NOT CERTIFIED'}: {e.bundle} [{e.device}; {e.request}]"
-              + (f": first failing tensor {first.name} ({first.mode})" if first else ""))
+    for e in entries:  # each bundle's verdict as its certificate's explanation words it
+        print(f"{e.bundle} [{e.device}; {e.request}]: {e.certificate.explanation.line('verdict').text}")
     print(f"{sum(e.certificate.certified for e in entries)} of {len(entries)} certified; {counts['reruns_run']} "
           f"distinct reruns for {counts['reruns_needed']} needed; {args.out}/fleet.html")
     if not all(e.certificate.certified for e in entries):
