@@ -275,7 +275,7 @@ def _num(v) -> str:
 
 
 def _pct(v) -> str:
-    return "-" if v is None else (f"{v:.3%}" if math.isfinite(v) else "inf")
+    return "-" if v is None else (f"{100 * v:.3g} %" if math.isfinite(v) else "inf")
 
 
 def _e(v) -> str:
