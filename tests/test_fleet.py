@@ -92,7 +92,7 @@ def test_fleet_completes_a_half_design_it_rejects(fleet_bundles, tiny_sd21, cert
     out = tmp_path / "fleet"
     rc = main(["certify-fleet", str(bundle), "--model", str(tiny_sd21), "--out", str(out), "--cache",
                str(certify_cache), "--workers", "1", "--mode", "teacher"])
-    capsys.readouterr()
+    printed = capsys.readouterr().out
     doc = json.loads((out / "fleet.json").read_text())
     fleet_cert = json.loads((out / doc["bundles"][0]["certificate"]).read_text())
     alone = certify(bundle, tiny_sd21, mode="teacher", cache_dir=certify_cache)
@@ -101,6 +101,8 @@ def test_fleet_completes_a_half_design_it_rejects(fleet_bundles, tiny_sd21, cert
     assert alone.rule["calibration_design"].startswith("full factorial design")
     assert fleet_cert["rule"]["calibration_variants"] == [v.label for v in plan.variants + plan.complement]
     assert fleet_cert["first_failure"]["tensor"] == alone.first_failure.name == "unet/step_2/noise_pred"
+    # the bundle's line is its certificate's verdict as the explanation words it
+    assert f"{bundle} [" in printed and alone.explanation.line("verdict").text in printed
     # reference, V + C teacher-forced calibration runs, the device's teacher-forced run, the original model
     assert doc["counts"]["reruns_run"] == len(plan.variants) + len(plan.complement) + 3
 
