@@ -28,6 +28,7 @@ from refsd.models.clip_text import ClipTextConfig, ClipTextModel
 from refsd.models.options import ModelOptions
 from refsd.models.unet import UNet2DConditionModel, UNetConfig
 from refsd.models.vae import AutoencoderKL, VaeConfig
+from refsd.trace import MODELS
 from refsd.weights import write_safetensors
 
 ARCHES = ("sd15", "sd21")
@@ -208,7 +209,7 @@ def make_tiny(directory: str | Path, arch: str = "sd15", seed: int = 0, *, dtype
         "scheduler/scheduler_config.json": _json(cfg["scheduler"]),
         "refsd_tiny.json": _json({"arch": arch, "seed": int(seed), "dtype": dtype, "generator": "refsd make-tiny"}),
     }
-    for comp in ("text_encoder", "unet", "vae"):
+    for comp in MODELS:
         c = dict(cfg[comp])
         if comp == "text_encoder":
             c["torch_dtype"] = dtype

@@ -73,11 +73,54 @@ def parse_name(name: str) -> tuple[str, int | None, str | None]:
     return m["stage"], None if step is None else int(step), None if rest in _LEAVES else rest
 
 
+_MODULE_PATH = re.compile(r"^[A-Za-z0-9_.]+(?:#\d+)?$")
+
+
+def parse_intermediate(name: str) -> tuple[str, int | None, str] | None:
+    """(stage, step, module path) of an intermediate's name; None for a name
+    that is not one: a boundary tensor's, a stage that records no modules
+    (the scheduler), a malformed module path, or not a trace name at all."""
+    try:
+        stage, step, path = parse_name(name)
+    except ValueError:
+        return None
+    if stage not in MODELS or path is None or not _MODULE_PATH.match(path):
+        return None
+    return stage, step, path
+
+
+def leaf(name: str) -> str:
+    """The last part of a name: a boundary tensor's kind (``noise_pred``) or a module path."""
+    return name.rsplit("/", 1)[-1]
+
+
 def is_boundary(name: str) -> bool:
     try:
         return parse_name(name)[2] is None
     except ValueError:
         return False
+
+
+def stage_position(stage: str, step: int | None) -> tuple[int, int]:
+    """Where a stage's work at ``step`` comes in a run, as a sortable pair:
+    the inputs, the text encoder, each denoising step (the UNet, guidance and
+    the scheduler of step i share (2, i)), the decoder. A denoising stage
+    without a step counts as its first step."""
+    if stage == "inputs":
+        return (0, 0)
+    if stage == "text_encoder":
+        return (1, 0)
+    if stage == "vae":
+        return (3, 0)
+    return (2, step if step is not None else 0)
+
+
+def position(name: str) -> tuple[int, int]:
+    """:func:`stage_position` of a tensor (the scheduler's latents_init and timesteps are inputs)."""
+    stage, step, _ = parse_name(name)
+    if name in (LATENTS_INIT, TIMESTEPS):
+        return (0, 0)
+    return stage_position(stage, step)
 
 
 def execution_order(tensor_names) -> list[str]:
@@ -87,14 +130,10 @@ def execution_order(tensor_names) -> list[str]:
     the image. The sort is stable: intermediates of one module call keep the
     order they were given in (a recording's order)."""
     def key(name: str) -> tuple:
-        stage, step, path = parse_name(name)
-        leaf = name.rsplit("/", 1)[-1]
-        if stage in ("inputs",) or leaf in ("latents_init", "timesteps"):
+        stage, _, path = parse_name(name)
+        where = position(name)
+        if where == (0, 0):
             return (0, 0, 0)
-        if stage == "text_encoder":
-            return (1, 0, 0 if path else 1)
-        if step is not None:
-            return (2, step, 0 if path else (1 if stage == "unet" else 2))
-        return (3, 0, 0 if path else 1)  # the decoder
+        return (*where, 0 if path else (2 if stage == "scheduler" else 1))
 
     return sorted(tensor_names, key=key)

@@ -10,7 +10,12 @@ import re
 import zipfile
 from pathlib import Path
 
+import numpy as np
+
+from conftest import CERTIFY_INTERMEDIATES, certify_request
+
 from refsd_validate.bundle import write_bundle
+from refsd_validate.capture_emulated import emulated_capture
 from refsd_validate.cli import main
 from refsd_validate.reader import read_bundle
 
@@ -36,12 +41,67 @@ def certify_cli(bundle, model, out, cache, capsys, *extra) -> tuple[int, dict, s
 def judge_plan(plan):
     """The certificate of ``plan`` on exactly its own calibration design (``certify`` may run the rest of a
     half-fraction design; this never does): every rerun run in order, then judged."""
-    from refsd_validate.certify import certificate_from  # noqa: PLC0415
+    from refsd_validate.judge import judge_certificate  # noqa: PLC0415
 
     traces = {}
     for job in plan.jobs():
         traces[job.role, job.index] = job.run(traces.get(("reference", 0)), cache_dir=plan.cache)
-    return certificate_from(plan, traces)
+    return judge_certificate(plan, traces)
+
+
+def faulty_device(model, tmp, fault=None):
+    """A device like the good one (same precision, kernels, intermediates), with ``fault`` injected."""
+    return emulated_capture(model, certify_request(), tmp / "bundle", precision="f32_f16", ftz=True,
+                            declare_ftz=True, rewrites="google", intermediates=CERTIFY_INTERMEDIATES, fault=fault)
+
+
+
+
+def unet_output_fault(first_step, edit, last_step=None):
+    """Apply ``edit`` to the UNet's output at steps first_step..last_step (calls are counted: one per step)."""
+    def fault(pipe):
+        unet = pipe.components["unet"]
+        forward, calls = unet.forward, []
+
+        def faulty(*a, **kw):
+            out = forward(*a, **kw)
+            step = len(calls)
+            calls.append(step)
+            return edit(out) if first_step <= step <= (last_step if last_step is not None else step) else out
+
+        unet.forward = faulty
+    return fault
+
+
+def _nan_at_step_2(out):
+    out = out.copy()
+    out[1, 5, 7, 2] = np.nan  # one element of the conditional half; the pipeline spreads it
+    return out
+
+
+def nan_in_attention_at_step_2(pipe):
+    """A NaN in the mid-block's first self-attention output at step 2."""
+    attn1 = pipe.components["unet"].mid_block.attentions[0].transformer_blocks[0].attn1
+    forward, calls = attn1.forward, []
+
+    def faulty(*a, **kw):
+        out = forward(*a, **kw)
+        calls.append(None)
+        if len(calls) == 3:  # step 2
+            out = out.copy()
+            out[0, 3, 1] = np.nan
+        return out
+
+    attn1.forward = faulty
+
+
+# The faulty devices several test files judge (tests/conftest.py's fault_bundle captures each once a session).
+FAULTS = {
+    "bias_1pct_from_step_1": unet_output_fault(1, lambda o: o * np.float32(1.01)),
+    "bias_0.3pct_from_step_2": unet_output_fault(2, lambda o: o * np.float32(1.003)),
+    "nan_at_step_2": unet_output_fault(2, _nan_at_step_2, last_step=2),
+    "nan_in_attention_step_2": nan_in_attention_at_step_2,
+}
 
 
 def bundle_parts(bundle) -> tuple[dict, dict]:

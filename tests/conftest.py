@@ -79,6 +79,22 @@ def emulated_bundle(tiny_sd21, tmp_path_factory):
                             intermediates=CERTIFY_INTERMEDIATES)
 
 
+@pytest.fixture(scope="session")
+def fault_bundle(tiny_sd21, tmp_path_factory):
+    """``fault_bundle(name)`` -> the good emulated device with ``bundle_helpers.FAULTS[name]`` injected,
+    captured once per session (several test files judge the same faulty devices)."""
+    from bundle_helpers import FAULTS, faulty_device
+
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            made[name] = faulty_device(tiny_sd21, tmp_path_factory.mktemp(name.replace(".", "_")), FAULTS[name])
+        return made[name]
+
+    return get
+
+
 # ---------------------------------------------------------------- tiny .tflite exports (tests/test_export.py,
 # test_lint_gpu.py, test_capture.py): each (weights, rewrites) pair is exported once per session.
 

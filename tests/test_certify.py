@@ -10,6 +10,7 @@ on each bad device's own tensors is new work per test.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -17,7 +18,7 @@ import shutil
 
 import numpy as np
 import pytest
-from bundle_helpers import certify_cli, judge_plan, own_warnings, rewrite_bundle
+from bundle_helpers import certify_cli, judge_plan, own_warnings, rewrite_bundle, unet_output_fault
 from conftest import CERTIFY_INTERMEDIATES, certify_request
 
 from refsd.pipeline import Pipeline
@@ -25,42 +26,19 @@ from refsd.tiny import make_tiny
 from refsd_validate import certify_rerun, rerun_cache
 from refsd_validate.bundle import model_sha256
 from refsd_validate.capture_emulated import emulated_capture
-from refsd_validate.certify import certify, prepare
+from refsd_validate.certify import certify
+from refsd_validate.plan import prepare
 from refsd_validate.cli import main
 from refsd_validate.reader import read_bundle
 from refsd_validate.bundle import declared_stages
 from refsd_validate.certify_rerun import Deployment
-from refsd_validate.tolerance import (ALGORITHMS, FAMILY_ALPHA, FULL_DESIGN_WIDENING, K, LIBM_ULPS, REFERENCE,
+from refsd_validate.tolerance import (ALGORITHMS, FAMILY_ALPHA, FULL_DESIGN_WIDENING, K, LIBM_ULPS, REFERENCE_RUN,
                                       SYSTEMATIC, U_F16, U_F32, StageVariant, calibration_variants, design_effects,
                                       error_stats, judge, noise_floor, standard_error_scale)
 
 ATTN1 = "unet.mid_block.attentions.0.transformer_blocks.0.attn1"
 
 
-
-
-def _device(model, tmp, fault=None):
-    """A device like the good one (same precision, kernels, intermediates), with ``fault`` injected."""
-    return emulated_capture(model, certify_request(), tmp / "bundle", precision="f32_f16", ftz=True,
-                            declare_ftz=True, rewrites="google", intermediates=CERTIFY_INTERMEDIATES, fault=fault)
-
-
-
-
-def _unet_output_fault(first_step, edit, last_step=None):
-    """Apply ``edit`` to the UNet's output at steps first_step..last_step (calls are counted: one per step)."""
-    def fault(pipe):
-        unet = pipe.components["unet"]
-        forward, calls = unet.forward, []
-
-        def faulty(*a, **kw):
-            out = forward(*a, **kw)
-            step = len(calls)
-            calls.append(step)
-            return edit(out) if first_step <= step <= (last_step if last_step is not None else step) else out
-
-        unet.forward = faulty
-    return fault
 
 
 def _first(cert):
@@ -96,6 +74,29 @@ def test_emulated_device_certifies(good, emulated_bundle, tiny_sd21):
     # What the certificate can resolve: well under the 1 % gain error the fault tests inject (tiny model).
     res = cert["resolution"]
     assert res["mode"] == "teacher" and 0 < res["gain_best_step"] <= res["gain_every_step"] < 0.01
+    assert 0 < res["offset_every_step"] and res["intermediates"]["count"] > 0
+    # Per tensor: the resolution is the smallest pure gain (offset) error any statistic rejects, and each floor
+    # names its source; a noiseless device with that gain, a bit above it, fails there and a bit below passes.
+    for t in cert["tensors"]:
+        tol, stats = t["tolerance"], t["stats"]
+        assert t["floor_source"] == t["floor_sources"][t["binding"]]
+        assert set(t["floor_sources"].values()) <= {"minimum", "standard_error", *cert["rule"]["calibration_variants"]}
+        assert t["closest_run"] in cert["rule"]["calibration_variants"]
+        assert t["resolution"]["gain"] <= tol["gain"] and t["resolution"]["offset"] > 0
+    from refsd_validate.tolerance import ErrorProfile, judge
+    unet = next(t for t in cert["tensors"] if t["name"] == "unet/step_1/noise_pred" and t["mode"] == "teacher")
+    ref = read_bundle(emulated_bundle).tensors["unet/step_1/noise_pred"]
+    floor = ErrorProfile(**unet["floor"])
+    g = unet["resolution"]["gain"]
+    assert not judge(ref, ref * np.float32(1 + 1.05 * g), floor).passed
+    assert judge(ref, ref * np.float32(1 + 0.95 * g), floor).passed
+    # The explanation: the verdict, the narrowest pass with its floor's source, the two resolution lines.
+    lines = cert["explanation"]["lines"]
+    assert [ln["kind"] for ln in lines][:2] == ["verdict", "narrowest_pass"]
+    narrow = lines[1]
+    assert narrow["k_needed"] == max(t["k_needed"] for t in cert["tensors"])
+    assert narrow["text"].startswith(f"narrowest pass (bar k=4) {narrow['tensor']} ({narrow['mode']}): needs k ")
+    assert [ln["over"] for ln in lines if ln["kind"] == "resolution"] == ["unet_outputs", "intermediates"]
     # The tolerance written is k times the floor, for every statistic.
     for t in cert["tensors"]:
         assert all(math.isclose(t["tolerance"][s], K * t["floor"][s]) for s in t["floor"])
@@ -133,7 +134,7 @@ def test_correct_devices_certify_on_other_models(arch, seed, request_seed, promp
     cert = certify(device("good"), model, cache_dir=cache)
     assert cert.certified, cert.first_failure and (cert.first_failure.name, cert.first_failure.verdict.k_needed)
     assert max(r.verdict.k_needed for r in cert.results) < K
-    bad = certify(device("bias", _unet_output_fault(1, lambda y: y * np.float32(1.003))), model, cache_dir=cache)
+    bad = certify(device("bias", unet_output_fault(1, lambda y: y * np.float32(1.003))), model, cache_dir=cache)
     f = bad.first_failure
     assert not bad.certified and (f.name, f.mode) == ("unet/step_1/noise_pred", "teacher") and "gain" in f.verdict.failed
 
@@ -144,18 +145,19 @@ def test_report_is_offline_and_complete(good):
     assert "CERTIFIED" in html and "data:image/png;base64," in html and "<svg" in html
     for banned in ("http://", "https://", "<script", "<link", "@import"):
         assert banned not in html.replace("http://www.w3.org/2000/svg", "")
+    import html as html_lib
+    cert = json.loads((out / "certificate.json").read_text())
+    for line in cert["explanation"]["lines"]:  # the judge's words, not a second wording
+        if line["kind"] != "cost":
+            assert html_lib.escape(line["text"]) in html, line["text"]
+    assert "Resolution per step" in html and "teacher: gain resolution" in html
     node_data = json.loads((out / "model_explorer" / "unet.json").read_text())
     assert ATTN1 in node_data["results"] and node_data["results"][ATTN1]["value"] < K
     assert node_data["gradient"][0]["stop"] == 0 and node_data["gradient"][-1]["stop"] == 1
 
 
-def test_nan_at_step_2_is_localized(tiny_sd21, certify_cache, tmp_path, capsys):
-    def nan(out):
-        out = out.copy()
-        out[1, 5, 7, 2] = np.nan  # one element of the conditional half; the pipeline spreads it
-        return out
-
-    bundle = _device(tiny_sd21, tmp_path, _unet_output_fault(2, nan, last_step=2))
+def test_nan_at_step_2_is_localized(fault_bundle, tiny_sd21, certify_cache, tmp_path, capsys):
+    bundle = fault_bundle("nan_at_step_2")
     assert np.isnan(read_bundle(bundle).tensors["vae/image"]).all()  # it did propagate
     rc, cert, stdout = certify_cli(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys)
     assert rc == 1 and cert["verdict"] == "not certified"
@@ -167,8 +169,8 @@ def test_nan_at_step_2_is_localized(tiny_sd21, certify_cache, tmp_path, capsys):
     assert "NOT CERTIFIED: first failing tensor unet/step_2/noise_pred (teacher; stage unet, step 2)" in stdout
 
 
-def test_one_percent_bias_from_step_1_is_localized(tiny_sd21, certify_cache, tmp_path, capsys):
-    bundle = _device(tiny_sd21, tmp_path, _unet_output_fault(1, lambda out: out * np.float32(1.01)))
+def test_one_percent_bias_from_step_1_is_localized(fault_bundle, tiny_sd21, certify_cache, tmp_path, capsys):
+    bundle = fault_bundle("bias_1pct_from_step_1")
     rc, cert, _ = certify_cli(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys)
     assert rc == 1
     assert _first(cert) == ("unet/step_1/noise_pred", "teacher", "unet", 1, None)
@@ -208,22 +210,8 @@ def test_fp16_overflow_saturated_image_is_localized(emulated_bundle, tiny_sd21, 
     assert "NOT CERTIFIED" in (tmp_path / "out" / "report.html").read_text()
 
 
-def test_nan_inside_the_unet_is_localized_to_its_module(tiny_sd21, certify_cache, tmp_path, capsys):
-    def fault(pipe):
-        attn1 = pipe.components["unet"].mid_block.attentions[0].transformer_blocks[0].attn1
-        forward, calls = attn1.forward, []
-
-        def faulty(*a, **kw):
-            out = forward(*a, **kw)
-            calls.append(None)
-            if len(calls) == 3:  # step 2
-                out = out.copy()
-                out[0, 3, 1] = np.nan
-            return out
-
-        attn1.forward = faulty
-
-    bundle = _device(tiny_sd21, tmp_path, fault)
+def test_nan_inside_the_unet_is_localized_to_its_module(fault_bundle, tiny_sd21, certify_cache, tmp_path, capsys):
+    bundle = fault_bundle("nan_in_attention_step_2")
     rc, cert, _ = certify_cli(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys)
     assert rc == 1
     assert _first(cert) == (f"unet/step_2/{ATTN1}", "teacher", "unet", 2, ATTN1)
@@ -243,7 +231,7 @@ def test_free_run_is_the_pipeline_bit_for_bit(emulated_bundle, tiny_sd21, certif
     """certify_rerun's loop and refsd.pipeline's agree exactly, so 'the reference' is one thing."""
     b = read_bundle(emulated_bundle)
     deployment = Deployment.of_bundle(b.capture, b.stages)
-    ours = certify_rerun.rerun(tiny_sd21, model_sha256(tiny_sd21), deployment, REFERENCE, b.request,  # cached
+    ours = certify_rerun.rerun(tiny_sd21, model_sha256(tiny_sd21), deployment, REFERENCE_RUN, b.request,  # cached
                                b.tensors["inputs/token_ids"], b.tensors["scheduler/latents_init"],
                                intermediates=frozenset(b.intermediates), cache_dir=certify_cache)
     theirs = Pipeline(tiny_sd21, rewrites=deployment.rewrites)(
@@ -299,7 +287,7 @@ def test_a_damaged_cache_is_recomputed_not_used(good, emulated_bundle, tiny_sd21
 def test_rerun_cache_key_follows_the_code(monkeypatch):
     # An edited checkout must not read reruns of the old code: the key hashes
     # refsd's sources, not its version number.
-    args = ("0" * 64, Deployment(), REFERENCE, {"steps": 1, "scheduler": "ddim", "guidance": 7.5, "height": 8, "width": 8},
+    args = ("0" * 64, Deployment(), REFERENCE_RUN, {"steps": 1, "scheduler": "ddim", "guidance": 7.5, "height": 8, "width": 8},
             np.zeros((2, 77), np.int64), np.zeros((1, 1, 1, 4), np.float32), None, frozenset())
     before = certify_rerun._cache_key(*args)
     assert certify_rerun._cache_key(*args) == before
@@ -416,7 +404,7 @@ def test_calibration_variants_follow_the_declared_precision():
     assert f32[1].scale == 16 * U_F32 / U_F16
 
 
-def test_a_clear_rejection_by_the_half_design_is_the_full_designs(tiny_sd21, certify_cache, tmp_path):
+def test_a_clear_rejection_by_the_half_design_is_the_full_designs(fault_bundle, tiny_sd21, certify_cache, tmp_path):
     """A +1 % UNet bias, f32_f16 with FTZ undeclared: the half-fraction design's first failure needs far more than
     the other half could widen a floor (FULL_DESIGN_WIDENING), so certify does not run the other half, and the
     full design gives the same verdict and first failure."""
@@ -424,8 +412,7 @@ def test_a_clear_rejection_by_the_half_design_is_the_full_designs(tiny_sd21, cer
         for s in ("text_encoder", "unet", "vae"):
             doc["stages"][s]["ftz"] = None
 
-    biased = _device(tiny_sd21, tmp_path / "bias", _unet_output_fault(1, lambda o: o * np.float32(1.01)))
-    bundle = rewrite_bundle(biased, tmp_path / "bundle", doc=unknown_ftz)
+    bundle = rewrite_bundle(fault_bundle("bias_1pct_from_step_1"), tmp_path / "bundle", doc=unknown_ftz)
     half = certify(bundle, tiny_sd21, mode="teacher", cache_dir=certify_cache)
     assert not half.certified and half.rule["calibration_design"].startswith("half fraction")
     assert half.first_failure.verdict.k_needed > K * FULL_DESIGN_WIDENING
@@ -437,28 +424,22 @@ def test_a_clear_rejection_by_the_half_design_is_the_full_designs(tiny_sd21, cer
     assert half.first_failure.verdict.k_needed / full.first_failure.verdict.k_needed <= FULL_DESIGN_WIDENING
 
 
-def test_the_rest_of_the_design_runs_only_where_it_could_change_the_rejection(tiny_sd21, certify_cache, tmp_path):
+def test_the_rest_of_the_design_runs_only_where_it_could_change_the_rejection(fault_bundle, tiny_sd21, certify_cache,
+                                                                             tmp_path):
     """A device with a NaN at step 2, FTZ undeclared, judged on the half-fraction design: its first failure is a
     non-finite tensor (it fails on any floors). With no overflow named, the rest of the design runs (it may hold
     the run that explains the NaN); had the half named an overflow before it, the rest could only name more runs
     and does not. A first failure where every calibration run of the half was non-finite (no floor) could pass
     on the full design: the rest runs, named or not."""
-    import dataclasses
 
     from refsd_validate.certify import needs_full_design
     from refsd_validate.tolerance import Verdict
-
-    def nan(out):
-        out = out.copy()
-        out[1, 5, 7, 2] = np.nan
-        return out
 
     def unknown_ftz(doc):
         for s in ("text_encoder", "unet", "vae"):
             doc["stages"][s]["ftz"] = None
 
-    bad = _device(tiny_sd21, tmp_path / "nan", _unet_output_fault(2, nan, last_step=2))
-    bundle = rewrite_bundle(bad, tmp_path / "bundle", doc=unknown_ftz)
+    bundle = rewrite_bundle(fault_bundle("nan_at_step_2"), tmp_path / "bundle", doc=unknown_ftz)
     plan = prepare(bundle, tiny_sd21, mode="teacher", cache_dir=certify_cache)
     half = judge_plan(plan)
     first = half.first_failure
@@ -520,7 +501,8 @@ def test_calibration_variants_follow_each_stage():
     """Text encoder on the CPU in f32, UNet and VAE on a GPU in f16, guidance in f16: every run varies every
     stage as declared; the scaled fp32 run varies only the f32 stage, the rest running as the reference."""
     stages = _stages("f16", None, guidance="f16", processor="gpu")
-    stages["text_encoder"].update(processor="cpu", precision="f32", fast_math=False)
+    stages["text_encoder"] = dataclasses.replace(stages["text_encoder"], processor="cpu", precision="f32",
+                                                 fast_math=False)
     runs = calibration_variants(stages)
     # half of 2 modes x 2 FTZ x 2 kernels, and the litert-gpu device model x 2 FTZ for the f16 GPU stages; the
     # scaled run

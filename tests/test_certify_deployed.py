@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 import pytest
-from bundle_helpers import certify_cli, judge_plan, rewrite_bundle
+from bundle_helpers import certify_cli, judge_plan, rewrite_bundle, unet_output_fault
 from conftest import certify_request
 
 from refsd_validate.bundle import declared_stages
@@ -158,7 +158,7 @@ def test_a_device_that_overflows_as_declared_is_told_so(tiny_sd21, certify_cache
     assert (o["stage"], o["step"]) == ("unet", 0) and "group_norm" in o["op"]
     assert o["variant"].startswith("text_encoder+unet+vae: f16;")  # the device's own configuration
     assert "the deployment overflows fp16 before this tensor" in out and o["op"] in out
-    assert "The deployment overflows fp16 before this tensor" in (tmp_path / "out" / "report.html").read_text()
+    assert "the deployment overflows fp16 before this tensor" in (tmp_path / "out" / "report.html").read_text()
 
 
 def test_one_percent_error_in_the_time_embedding_is_caught(tiny_sd21, certify_cache, tmp_path, capsys):
@@ -204,8 +204,8 @@ def test_version_1_bundles_are_still_read(emulated_bundle, tmp_path):
     got = read_bundle(v1)
     assert got.capture["schema_version"] == 1 and set(got.tensors) == set(b.tensors)
     stages = got.stages
-    assert stages["unet"]["precision"] == "f32_f16" and stages["unet"]["ftz"] is True
-    assert stages["guidance_scheduler"]["precision"] == "f32"
+    assert stages["unet"].precision == "f32_f16" and stages["unet"].ftz is True
+    assert stages["guidance_scheduler"].precision == "f32"
 
 
 def test_declared_stages_fill_defaults():
@@ -216,6 +216,61 @@ def test_declared_stages_fill_defaults():
                       "guidance_scheduler": {"processor": "host", "precision": "f32"}}}
     s = declared_stages(doc)
     # int8 on a CPU runs LiteRT's hybrid kernels, on a GPU dequantized weights, unless declared otherwise
-    assert [s[m]["int8_kernels"] for m in ("text_encoder", "unet", "vae")] == ["hybrid", "dequantize", "hybrid"]
-    assert s["unet"]["fast_math"] is True and s["text_encoder"]["fast_math"] is False
-    assert s["unet"]["ftz"] is None
+    assert [s[m].int8_kernels for m in ("text_encoder", "unet", "vae")] == ["hybrid", "dequantize", "hybrid"]
+    assert s["unet"].fast_math is True and s["text_encoder"].fast_math is False
+    assert s["unet"].ftz is None
+
+
+def test_an_overflow_off_the_failing_tensors_path_does_not_excuse_a_finite_device(tiny_sd21, certify_cache, tmp_path,
+                                                                                   capsys):
+    """Issue 28: a finite device with a +1 % UNet bias from step 1, declared f16. The f16 calibration runs
+    overflow a GroupNorm at step 0; teacher-forced, step 1 is fed the reference's latents, so that overflow is
+    not on the failing tensor's path, and the rejection stands unqualified (the certificate still lists the
+    overflow among the calibration runs that define no floor)."""
+    def f16(doc):
+        for s in ("text_encoder", "unet", "vae"):
+            doc["stages"][s].update(precision="f16", ftz=None)
+
+    biased = emulated_capture(tiny_sd21, certify_request(), tmp_path / "device", precision="f32_f16",
+                              fault=unet_output_fault(1, lambda o: o * np.float32(1.01)))
+    bundle = rewrite_bundle(biased, tmp_path / "bundle", doc=f16)
+    assert all(np.isfinite(read_bundle(bundle).tensors[n]).all() for n in read_bundle(bundle).tensors)
+    rc, cert, out = certify_cli(bundle, tiny_sd21, tmp_path / "out", certify_cache, capsys, "--mode", "teacher")
+    assert rc == 1
+    first = cert["first_failure"]
+    assert (first["tensor"], first["mode"]) == ("unet/step_1/noise_pred", "teacher")
+    earlier = [o for o in cert["calibration_overflows"] if (o["stage"], o["step"]) == ("unet", 0)]
+    assert earlier, cert["calibration_overflows"]  # a calibration run does overflow, before and elsewhere
+    assert "overflows fp16" not in out and "headroom" not in out
+    kinds = [ln["kind"] for ln in cert["explanation"]["lines"]]
+    assert "possible_cause" not in kinds and kinds[:2] == ["verdict", "first_failure"]
+    assert "headroom" not in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_an_overflow_is_named_only_on_the_failing_tensors_path():
+    """explain.possible_overflow on the cases it tells apart (the judge's overflows, the execution order)."""
+    from types import SimpleNamespace
+
+    from refsd_validate.explain import possible_overflow
+
+    order = ["text_encoder/hidden_states", "unet/step_0/unet.mid_block", "unet/step_0/noise_pred",
+             "scheduler/step_0/latents", "unet/step_1/unet.mid_block", "unet/step_1/noise_pred",
+             "scheduler/step_1/latents", "vae/image"]
+
+    def overflow(mode, tensor):
+        return {"mode": mode, "variant": "f16", "first_affected_tensor": tensor, "op": "x", "stage": "unet",
+                "step": 0, "detail": "overflow"}
+
+    def failing(name, mode):
+        return SimpleNamespace(name=name, mode=mode)
+
+    step0 = [overflow("teacher", "unet/step_0/noise_pred"), overflow("free", "unet/step_0/noise_pred")]
+    # teacher-forced: only the failing tensor's own step counts, and only from the overflowing module on
+    assert possible_overflow(failing("unet/step_1/noise_pred", "teacher"), step0, order, None) is None
+    assert possible_overflow(failing("scheduler/step_0/latents", "teacher"), step0, order, None) is step0[0]
+    assert possible_overflow(failing("unet/step_0/unet.mid_block", "teacher"), step0, order, None) is None
+    # free-running: every earlier tensor feeds every later one
+    assert possible_overflow(failing("unet/step_1/noise_pred", "free"), step0, order, None) is step0[1]
+    # a device non-finite at or before the failure: any earlier overflow of its mode may be the cause
+    assert possible_overflow(failing("unet/step_1/noise_pred", "teacher"), step0, order, 4) is step0[0]
+    assert possible_overflow(failing("unet/step_1/noise_pred", "teacher"), step0, order, 6) is None

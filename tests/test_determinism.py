@@ -11,7 +11,7 @@ import numpy as np
 
 from refsd.blas import blas_fingerprint
 from refsd_validate import certify_rerun
-from refsd_validate.tolerance import REFERENCE
+from refsd_validate.tolerance import REFERENCE_RUN
 
 
 def _python(code: str, threads: int) -> str:
@@ -45,7 +45,7 @@ def test_cache_key_includes_the_blas_conditions(monkeypatch):
 
     def key(threads):
         monkeypatch.setattr(certify_rerun, "blas_fingerprint", lambda: {**blas_fingerprint(), "threads": threads})
-        return certify_rerun._cache_key("m" * 64, certify_rerun.ORIGINAL, REFERENCE, request, ids, x0, None,
+        return certify_rerun._cache_key("m" * 64, certify_rerun.ORIGINAL_DEPLOYMENT, REFERENCE_RUN, request, ids, x0, None,
                                         frozenset())
 
     assert key(1) == key(1) != key(2)

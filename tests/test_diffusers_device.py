@@ -120,7 +120,7 @@ def test_bundle_reads_and_declares_what_ran(diffusers_bundles, tiny_sd21, name):
     assert set(boundary_names(4)) <= set(b.tensors)
     assert all(v.dtype in (np.float32, np.int64) for v in b.tensors.values())  # bf16 / fp16 widened to float32
     want = {"fp32": "f32", "fp16": "f32_f16", "fp16_attention_fault": "f32_f16"}.get(name, "f16")
-    assert {s: (d["processor"], d["precision"]) for s, d in b.stages.items()} == {
+    assert {s: (d.processor, d.precision) for s, d in b.stages.items()} == {
         s: ("cpu", want) for s in ("text_encoder", "unet", "vae", "guidance_scheduler")}
     assert b.capture["model"]["weights"] == BUNDLES[name]["dtype"]
     assert b.capture["request"]["scheduler"] == "ddim"
@@ -336,7 +336,7 @@ def test_example_runs_as_a_script(example, tiny_sd21, diffusers_bundles, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"wrote {out}" in proc.stdout
     b = read_bundle(out, ModelGeometry.from_dir(tiny_sd21))
-    assert b.intermediates == [] and b.stages["unet"]["precision"] == "f32"
+    assert b.intermediates == [] and b.stages["unet"].precision == "f32"
     # The same code on the same inputs in another process: the same boundary tensors
     # (PyTorch's CPU kernels are deterministic for a fixed thread count).
     same = read_bundle(diffusers_bundles["fp32"]).tensors

@@ -10,6 +10,7 @@ teacher-forced run per bundle), and writes fleet.json and an offline fleet.html.
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import os
 import re
@@ -17,23 +18,16 @@ import types
 
 import numpy as np
 import pytest
-from refsd_validate.certify import certify, prepare
+from refsd_validate.certify import certify
+from refsd_validate.plan import prepare
 from refsd_validate import fleet
 from refsd_validate.cli import main
 from bundle_helpers import rewrite_bundle
-from test_certify import _device, _unet_output_fault
 
 
 @pytest.fixture(scope="module")
-def fleet_bundles(tiny_sd21, emulated_bundle, tmp_path_factory):
-    def nan(out):
-        out = out.copy()
-        out[1, 5, 7, 2] = np.nan
-        return out
-
-    bias = _device(tiny_sd21, tmp_path_factory.mktemp("bias"), _unet_output_fault(1, lambda o: o * np.float32(1.01)))
-    bad = _device(tiny_sd21, tmp_path_factory.mktemp("nan"), _unet_output_fault(2, nan, last_step=2))
-    return [emulated_bundle, bias, bad]
+def fleet_bundles(emulated_bundle, fault_bundle):
+    return [emulated_bundle, fault_bundle("bias_1pct_from_step_1"), fault_bundle("nan_at_step_2")]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +92,7 @@ def test_fleet_completes_a_half_design_it_rejects(fleet_bundles, tiny_sd21, cert
     out = tmp_path / "fleet"
     rc = main(["certify-fleet", str(bundle), "--model", str(tiny_sd21), "--out", str(out), "--cache",
                str(certify_cache), "--workers", "1", "--mode", "teacher"])
-    capsys.readouterr()
+    printed = capsys.readouterr().out
     doc = json.loads((out / "fleet.json").read_text())
     fleet_cert = json.loads((out / doc["bundles"][0]["certificate"]).read_text())
     alone = certify(bundle, tiny_sd21, mode="teacher", cache_dir=certify_cache)
@@ -107,6 +101,8 @@ def test_fleet_completes_a_half_design_it_rejects(fleet_bundles, tiny_sd21, cert
     assert alone.rule["calibration_design"].startswith("full factorial design")
     assert fleet_cert["rule"]["calibration_variants"] == [v.label for v in plan.variants + plan.complement]
     assert fleet_cert["first_failure"]["tensor"] == alone.first_failure.name == "unet/step_2/noise_pred"
+    # the bundle's line is its certificate's verdict as the explanation words it
+    assert f"{bundle} [" in printed and alone.explanation.line("verdict").text in printed
     # reference, V + C teacher-forced calibration runs, the device's teacher-forced run, the original model
     assert doc["counts"]["reruns_run"] == len(plan.variants) + len(plan.complement) + 3
 
@@ -119,6 +115,17 @@ def test_fleet_html_is_a_devices_by_requests_table_offline(fleet_run):
     for entry in doc["bundles"]:
         assert entry["device"] in page and entry["request"].replace("'", "&#x27;") in page
         assert (out / entry["certificate"]).is_file()
+        # the judge's explanation, as certificate.json holds it: worded once
+        cert = json.loads((out / entry["certificate"]).read_text())
+        assert entry["explanation"] == cert["explanation"]
+        verdict = entry["explanation"]["lines"][0]
+        assert verdict["kind"] == "verdict" and (entry["verdict"] == "certified" or html.escape(verdict["text"]) in page)
+    # rejections grouped by first failing module, and by what the bundles declare about the device
+    assert [e["first_failing_module"] for e in doc["bundles"]] == [None, "unet", "unet"]
+    assert "Rejections by first failing module" in page
+    for key in fleet.DECLARED:
+        assert f"by declared {key}" in page
+    assert "<td>None</td><td><code>unet</code></td><td>2 of 3</td>" in page  # soc unknown on every device
 
 
 def test_fleet_bad_bundle_is_one_line_exit_2(fleet_bundles, tiny_sd21, tmp_path, capsys):

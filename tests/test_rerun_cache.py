@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from refsd_validate import certify_rerun, rerun_cache
-from refsd_validate.certify_rerun import ORIGINAL
-from refsd_validate.tolerance import REFERENCE
+from refsd_validate.certify_rerun import ORIGINAL_DEPLOYMENT
+from refsd_validate.tolerance import REFERENCE_RUN
 
 REQUEST = {"steps": 1, "scheduler": "ddim", "guidance": 7.5, "height": 8, "width": 8}
 IDS, X0 = np.zeros((2, 77), np.int64), np.arange(16, dtype=np.float32).reshape(1, 2, 2, 4)
@@ -30,7 +30,7 @@ def _trace(seed=0):
 
 
 def _inputs(**change):
-    inputs = certify_rerun._key_inputs("0" * 64, ORIGINAL, REFERENCE, REQUEST, IDS, X0, None, frozenset())
+    inputs = certify_rerun._key_inputs("0" * 64, ORIGINAL_DEPLOYMENT, REFERENCE_RUN, REQUEST, IDS, X0, None, frozenset())
     return {**inputs, **change}
 
 
@@ -169,7 +169,7 @@ def test_a_full_disk_leaves_no_partial_entry(tmp_path, capsys, monkeypatch):
     calls = []
     monkeypatch.setattr(certify_rerun, "_run", lambda *a: calls.append(1) or _trace())
     for _ in range(2):
-        got = certify_rerun.rerun("m", "0" * 64, ORIGINAL, REFERENCE, REQUEST, IDS, X0, cache_dir=tmp_path)
+        got = certify_rerun.rerun("m", "0" * 64, ORIGINAL_DEPLOYMENT, REFERENCE_RUN, REQUEST, IDS, X0, cache_dir=tmp_path)
         assert got.keys() == _trace().keys()
     assert len(calls) == 2 and list(tmp_path.iterdir()) == []
 
@@ -180,7 +180,7 @@ def test_a_damaged_entry_is_recomputed_by_the_rerun(tmp_path, capsys, monkeypatc
     stats = certify_rerun.CacheStats()
 
     def run():
-        return certify_rerun.rerun("m", "0" * 64, ORIGINAL, REFERENCE, REQUEST, IDS, X0, cache_dir=tmp_path,
+        return certify_rerun.rerun("m", "0" * 64, ORIGINAL_DEPLOYMENT, REFERENCE_RUN, REQUEST, IDS, X0, cache_dir=tmp_path,
                                    stats=stats)
 
     first = run()

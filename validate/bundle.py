@@ -183,7 +183,22 @@ def _schema(version: int) -> dict:
     return json.loads(schema_path(version).read_text(encoding="utf-8"))
 
 
-def declared_stages(doc: Mapping) -> dict[str, dict]:
+@dataclass(frozen=True)
+class StageDeclaration:
+    """Where and in what precision one stage ran, as a bundle declares it,
+    every field filled (:func:`declared_stages`)."""
+
+    processor: str  # cpu | gpu | npu | dsp | host | other
+    precision: str  # f32 | f32_f16 | f16 (refsd.numerics)
+    ftz: bool | None  # fp16 subnormals flushed; None: unknown
+    int8_kernels: str | None  # hybrid | dequantize, for int8 weights; else None
+    fast_math: bool  # transcendentals as GPU shaders compute them
+    fully_accelerated: bool | None
+    fallback_ops: tuple[str, ...]
+    runtime: str | None
+
+
+def declared_stages(doc: Mapping) -> dict[str, StageDeclaration]:
     """Per stage (``refsd.trace.STAGES``), where and in what precision it ran,
     every field present. Version 2 declares it (``stages``); a version-1
     bundle had one delegate for the three models and ran guidance and the
@@ -204,12 +219,11 @@ def declared_stages(doc: Mapping) -> dict[str, dict]:
         kernels = st.get("int8_kernels")
         if weights == "int8" and kernels is None and name in MODELS:
             kernels = "hybrid" if st["processor"] in ("cpu", "host") else "dequantize"
-        out[name] = {"processor": st["processor"], "precision": st["precision"], "ftz": st.get("ftz"),
-                     "int8_kernels": kernels if weights == "int8" else None,
-                     # GPU shaders' transcendentals are fast-math unless the capture says otherwise
-                     "fast_math": st.get("fast_math", st["processor"] in ("gpu", "npu", "dsp")),
-                     "fully_accelerated": st.get("fully_accelerated"), "fallback_ops": list(st.get("fallback_ops", [])),
-                     "runtime": st.get("runtime")}
+        out[name] = StageDeclaration(
+            st["processor"], st["precision"], st.get("ftz"), kernels if weights == "int8" else None,
+            # GPU shaders' transcendentals are fast-math unless the capture says otherwise
+            bool(st.get("fast_math", st["processor"] in ("gpu", "npu", "dsp"))), st.get("fully_accelerated"),
+            tuple(st.get("fallback_ops", ())), st.get("runtime"))
     return out
 
 

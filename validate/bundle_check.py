@@ -31,8 +31,8 @@ def check_bundle(bundle_path: str | Path, model_dir: str | Path | None = None) -
              "present with the sha256 capture.json records"]
     stages = b.stages
     lines.append("stages: " + "; ".join(
-        f"{s} {d['processor']} {d['precision']}" + ("" if d["ftz"] is None else f" ftz={d['ftz']}")
-        + (f" int8 {d['int8_kernels']}" if d["int8_kernels"] else "") for s, d in stages.items()))
+        f"{s} {d.processor} {d.precision}" + ("" if d.ftz is None else f" ftz={d.ftz}")
+        + (f" int8 {d.int8_kernels}" if d.int8_kernels else "") for s, d in stages.items()))
     lines.append(f"deployment: weights {doc['model'].get('weights', 'fp32')}, rewrites {doc['model'].get('rewrites', 'none')}")
     if trace.TIMESTEPS not in b.tensors:
         lines.append("not checked by certify: scheduler/timesteps is missing (the timestep check is skipped)")

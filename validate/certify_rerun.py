@@ -34,7 +34,16 @@ from refsd_validate import rerun_cache
 from refsd_validate.tolerance import CalibrationRun
 
 import refsd
-from refsd import trace as names
+from refsd.trace import (
+    HIDDEN_STATES,
+    LATENTS_INIT,
+    MODELS,
+    TIMESTEPS,
+    boundary_names,
+    execution_order,
+    latents,
+    parse_name,
+)
 from refsd.blas import blas_fingerprint
 from refsd.context import recording
 from refsd.models.options import ModelOptions
@@ -44,7 +53,6 @@ from refsd.numerics import Precision
 from refsd.ops.hybrid import either_rounding
 from refsd.ops.transcendental import perturbed
 from refsd.pipeline import Pipeline, Request
-from refsd.trace import MODELS
 
 # Reruns of the real SD 2.1 at 512x512 with intermediates are ~100s of MB; 50 certifications of the tiny model at
 # 64x64 with every intermediate wrote ~5 GB. Least-recently-used eviction keeps the calibration runs that bundles of
@@ -85,10 +93,11 @@ class Deployment:
     int8_source: str | None = None
 
     @classmethod
-    def of_bundle(cls, capture: Mapping, stages: Mapping[str, dict], int8_source: str | None = None) -> "Deployment":
+    def of_bundle(cls, capture: Mapping, stages: Mapping, int8_source: str | None = None) -> "Deployment":
+        """The deployment a capture.json describes; ``stages``: its ``bundle.declared_stages``."""
         weights = capture["model"].get("weights", "fp32")
         return cls(weights, str(Rewrites.parse(capture["model"].get("rewrites", "none"))),
-                   tuple(stages[m]["int8_kernels"] if weights == "int8" else None for m in MODELS),
+                   tuple(stages[m].int8_kernels if weights == "int8" else None for m in MODELS),
                    int8_source if weights == "int8" else None)
 
     @property
@@ -97,7 +106,7 @@ class Deployment:
         return f"weights {self.weights}" + (f" ({'/'.join(kernels)})" if kernels else "") + f", rewrites {self.rewrites}"
 
 
-ORIGINAL = Deployment()  # the checkpoint as published: fp32 weights, no rewrites
+ORIGINAL_DEPLOYMENT = Deployment()  # the checkpoint as published: fp32 weights, no rewrites
 
 
 def model_options(deployment: Deployment, variant: CalibrationRun) -> dict[str, ModelOptions]:
@@ -159,7 +168,7 @@ class _Keep(dict):
 
 def teacher_inputs(tensors: Mapping[str, np.ndarray], steps: int) -> dict[str, np.ndarray]:
     """The tensors a teacher-forced run feeds from a device (or reference) trace."""
-    wanted = [names.HIDDEN_STATES, *(names.latents(i) for i in range(steps))]
+    wanted = [HIDDEN_STATES, *(latents(i) for i in range(steps))]
     return {n: np.asarray(tensors[n], np.float32) for n in wanted}
 
 
@@ -222,10 +231,10 @@ def _run(model_dir, deployment: Deployment, variant: CalibrationRun, request, id
     # Both run-wide: only the stages that vary them have transcendentals perturbed enough to matter / hybrid kernels.
     with recording(into=keep), perturbed(variant.libm_ulps), either_rounding(variant.either_rounding):
         result = pipe(req, latents=x0, token_ids=ids, teacher=teacher, monitor=monitor, progress=False)
-    wanted = (set(names.boundary_names(steps)) | {names.TIMESTEPS}) - {names.LATENTS_INIT}  # an input, not a result
+    wanted = (set(boundary_names(steps)) | {TIMESTEPS}) - {LATENTS_INIT}  # an input, not a result
     trace = {n: v for n, v in result.trace.items() if n in wanted}
     trace.update(keep)
-    trace = {n: trace[n] for n in names.execution_order(trace)}
+    trace = {n: trace[n] for n in execution_order(trace)}
     # Constants lost to fp16 (eps flushed by FTZ) are severe in a report but are the precision itself, not an overflow.
     severe = next((e for e in monitor.events if e.kind in ("overflow", "invalid")), None) if monitor else None
     if severe is not None:
@@ -240,7 +249,7 @@ def _recorded_before(keep: _Keep, event) -> list[str]:
     output (itself, or one of its children): computed before the overflow, so
     still fair calibration. Empty when the module is not found (conservative)."""
     def inside(name: str) -> bool:
-        stage, step, path = names.parse_name(name)
+        stage, step, path = parse_name(name)
         path = (path or "").split("#", 1)[0]
         return (stage, step) == (event.stage, event.step) and (path == event.path or path.startswith(event.path + "."))
 

@@ -121,7 +121,7 @@ def _add_certify_fleet(sub) -> None:
 
 def _add_certify_options(p) -> None:
     """The options 'certify' and 'certify-fleet' share."""
-    from refsd_validate.certify import RUN_MODES  # noqa: PLC0415
+    from refsd_validate.plan import RUN_MODES  # noqa: PLC0415
     from refsd_validate.tolerance import MAX_K, K  # noqa: PLC0415
 
     p.add_argument("--mode", choices=RUN_MODES, default="both", help="free-running, teacher-forced, or both (default)")
@@ -144,7 +144,7 @@ def _add_certify_options(p) -> None:
 def _certify_options(args: argparse.Namespace) -> dict:
     """The shared options, checked, as ``certify`` / ``certify_fleet`` keywords."""
     from refsd_validate.bundle import BundleError  # noqa: PLC0415
-    from refsd_validate.certify import CostGate  # noqa: PLC0415
+    from refsd_validate.plan import CostGate  # noqa: PLC0415
     from refsd_validate.tolerance import MAX_K  # noqa: PLC0415
 
     if not (math.isfinite(args.cache_gb) and 0 < args.cache_gb <= 1024):
@@ -161,14 +161,15 @@ def _certify_options(args: argparse.Namespace) -> dict:
 
 
 def _cmd_certify(args: argparse.Namespace) -> int:
-    from refsd_validate.certify import certify, tflite_tensor_names, write_outputs  # noqa: PLC0415
+    from refsd_validate.certify import certify  # noqa: PLC0415
+    from refsd_validate.outputs import tflite_tensor_names, write_outputs  # noqa: PLC0415
 
     options = _certify_options(args)
     names = tflite_tensor_names(args.tflite) if args.tflite else None
     cert = certify(args.bundle, args.model, **options)
     out = Path(args.out)
     write_outputs(cert, out, names)
-    for line in summary_lines(cert, args.k, out):
+    for line in summary_lines(cert, out):
         print(line)
     if not cert.certified:
         return EXIT_FAIL
@@ -184,10 +185,8 @@ def _cmd_certify_fleet(args: argparse.Namespace) -> int:
     options = _certify_options(args)
     entries, counts = certify_fleet(args.bundles, args.model, args.out, dask=args.dask, workers=args.workers,
                                     **options)
-    for e in entries:
-        first = e.certificate.first_failure
-        print(f"{'CERTIFIED' if e.certificate.certified else 'NOT CERTIFIED'}: {e.bundle} [{e.device}; {e.request}]"
-              + (f": first failing tensor {first.name} ({first.mode})" if first else ""))
+    for e in entries:  # each bundle's verdict as its certificate's explanation words it
+        print(f"{e.bundle} [{e.device}; {e.request}]: {e.certificate.explanation.line('verdict').text}")
     print(f"{sum(e.certificate.certified for e in entries)} of {len(entries)} certified; {counts['reruns_run']} "
           f"distinct reruns for {counts['reruns_needed']} needed; {args.out}/fleet.html")
     if not all(e.certificate.certified for e in entries):
@@ -195,59 +194,22 @@ def _cmd_certify_fleet(args: argparse.Namespace) -> int:
     return EXIT_COST_GATE if any(e.certificate.cost_gate_failed for e in entries) else EXIT_OK
 
 
-def summary_lines(cert, k: float, out: Path) -> list[str]:
-    """certify's report on the terminal: the verdict first, with the cause an
-    exact check gives when one explains the failure; then what was not judged,
-    calibration runs that overflowed, and the deployment's cost."""
-    f = cert.first_failure
-    exact_bad = [c for c in cert.exact_checks if not c["passed"]]
-    if cert.certified:
-        lines = [f"CERTIFIED: every tensor within k={k:g} noise floors ({len(cert.results)} checks); {out}/"]
-    elif exact_bad:  # a wrong token id or timestep explains every numeric failure after it
-        c = exact_bad[0]
-        lines = [f"NOT CERTIFIED: {c['tensor']}: {c['detail']}; {out}/"]
-    elif cert.hint:
-        lines = [f"NOT CERTIFIED: {cert.hint}; {out}/"]
-    else:
-        where = (f"{f.name} ({f.mode}; stage {f.stage}" + (f", step {f.step}" if f.step is not None else "")
-                 + (f", module {f.module_path}" if f.module_path else "") + f"): {', '.join(f.verdict.failed)}, "
-                 f"needs k={f.verdict.k_needed:.3g}")
-        lines = [f"NOT CERTIFIED: first failing tensor {where}; {out}/"]
-    o = cert.overflow_before_failure
-    if o is not None:
-        where = f"{o['op']} (stage {o['stage']}, step {o['step']})" if o["op"] else o["detail"]
-        if "calibration_overflow" in f.verdict.failed:
-            lines.append(f"  the declared precision overflows here: calibration variant {o['variant']} first at "
-                         f"{where}; a finite device did not compute as declared")
+def summary_lines(cert, out: Path) -> list[str]:
+    """certify's report on the terminal: the explanation's lines as the judge
+    worded them (``explain.py``), the verdict with the output folder, details
+    of it indented; and the rerun cache's use."""
+    from refsd_validate.explain import DETAIL_KINDS  # noqa: PLC0415
+
+    lines = []
+    for ln in cert.explanation.lines:
+        if ln.kind == "verdict":
+            lines.append(f"{ln.text}; {out}/")
         else:
-            lines.append(f"  the deployment overflows fp16 before this tensor in calibration variant {o['variant']}, "
-                         f"first at {where}: a device computing as declared can fail here too, so this may be the "
-                         "model's fp16 headroom, not the device ('refsd fp16-check' shows the op)")
-    not_checked = [c for c in cert.exact_checks if not c.get("checked", True)]
-    for c in not_checked:
-        lines.append(f"  {c['tensor']}: {c['detail']}")
-    if cert.unknown_intermediates:
-        lines.append(f"  {len(cert.unknown_intermediates)} intermediates not judged (the reference does not record "
-                     "them; see certificate.json not_judged, 'refsd-validate names')")
-    if cert.not_observable:
-        lines.append(f"  {len(cert.not_observable)} intermediates not judged (not observable on this device)")
-    res = cert.resolution
-    if res is not None:
-        weak = " (weak: a 1 % gain error at one step can pass)" if res["gain_every_step"] > 0.01 else ""
-        lines.append(f"resolution: a gain error on the UNet output is rejected above {res['gain_every_step']:.2%} at "
-                     f"any step, above {res['gain_best_step']:.2%} at the best-resolved step{weak}")
+            lines.append(("  " if ln.kind in DETAIL_KINDS else "") + ln.text)
     rc = cert.provenance.get("rerun_cache")
     if rc:
         lines.append(f"rerun cache: {rc['hits']} hits, {rc['misses']} reruns ({rc['hit_rate']:.0%} hit rate), "
                      f"{rc['bytes_after'] / 2**30:.2f} of {rc['budget_bytes'] / 2**30:.0f} GiB used, {rc['evicted']} evicted")
-    cost = cert.deployment_cost
-    if cost:
-        gate = cost.get("gate")
-        verdict = "" if gate is None else (" (within" if gate["passed"] else " (FAILS") + \
-            f" --max-deployment-cost {gate['kind']}:{gate['limit']:g})"
-        lines.append(f"deployment cost ({cost['deployment']} vs {cost['original']}): image PSNR "
-                     f"{cost['image_psnr_db']:.1f} dB, worst relative error {cost['worst_rel_peak']:.3g}"
-                     f" at {cost['worst_tensor']}{verdict}")
     return lines
 
 

@@ -4,15 +4,15 @@ reference reruns as Dask tasks keyed by their content hash.
 A device lab captures R requests on D devices. Each certificate needs the
 reference, V calibration runs free-running and V fed the reference's own
 trajectory, the original model's run and one run fed the device's trajectory
-(``certify.Plan.jobs``). All but the last depend only on the model, the
+(``plan.Plan.jobs``). All but the last depend only on the model, the
 deployment, the declared stages and the request, so bundles of one request and
 deployment share them: their ``RerunJob.key`` is the same, and a Dask graph
 runs a key once. N bundles of one request cost one set of calibration runs plus
 N teacher-forced runs, and independent runs go in parallel on the workers.
 
-Each certificate is then judged in this process exactly as ``certify`` judges a
-single bundle (``certify.certificate_from``), so a fleet gives the same
-verdicts as certifying its bundles one by one.
+Each certificate is then judged in this process by the driver ``certify``
+uses (``certify.certify_plans``; this module supplies its executor), so a
+fleet gives the same verdicts as certifying its bundles one by one.
 
 A local cluster gets no more workers than that many reruns fit in the memory
 available (:func:`rerun_memory_bytes`; an SD 2.1 calibration run with Winograd
@@ -35,17 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from refsd_validate.certify import (
-    Certificate,
-    Plan,
-    certificate_from,
-    check_model_dir,
-    needs_full_design,
-    prepare,
-    tflite_tensor_names,
-    write_outputs,
-)
+from refsd_validate.certificate import Certificate
+from refsd_validate.certify import certify_plans
 from refsd_validate.certify_rerun import CACHE_BUDGET_BYTES, RerunJob, model_options
+from refsd_validate.outputs import tflite_tensor_names, write_outputs
+from refsd_validate.plan import Plan, check_model_dir, prepare
 from refsd_validate.reader import BundleError
 from refsd_validate.tolerance import K
 
@@ -64,15 +58,35 @@ class FleetEntry:
     request: str
     certificate: Certificate
     out: Path
+    declared: dict  # what the bundle declares about the device: soc, gpu, driver, runtime (device_declaration)
+
+    @property
+    def failing_module(self) -> str | None:
+        """The first failure's module path, or its stage for a boundary tensor (None: none, or an exact check)."""
+        first = self.certificate.first_failure
+        return None if first is None else (first.module_path or first.stage)
 
     def to_dict(self) -> dict:
         cert, first = self.certificate, self.certificate.first_failure
         worst = max((r.verdict.k_needed for r in cert.results), default=0.0)
-        return {"bundle": self.bundle, "device": self.device, "request": self.request,
+        return {"bundle": self.bundle, "device": self.device, "request": self.request, "declared": self.declared,
                 "verdict": "certified" if cert.certified else "not certified",
                 "worst_k": worst if worst != float("inf") else "inf",
                 "first_failure": None if first is None else f"{first.name} ({first.mode})",
+                "first_failing_module": self.failing_module,
+                "explanation": cert.explanation.to_dict(),
                 "certificate": f"{self.out.name}/certificate.json"}  # relative to the fleet folder
+
+
+DECLARED = ("soc", "gpu", "driver", "runtime")
+
+
+def device_declaration(plan: Plan) -> dict:
+    """What a bundle declares about the device it ran on, for grouping a fleet's rejections."""
+    d, r = plan.bundle.capture["device"], plan.bundle.capture["runtime"]
+    delegate = (r.get("delegate") or {}).get("name")
+    return {"soc": d.get("soc"), "gpu": d.get("gpu"), "driver": (r.get("accelerator") or {}).get("driver"),
+            "runtime": f"{r['name']} {r['version']}" + (f" ({delegate})" if delegate else "")}
 
 
 def device_label(plan: Plan) -> str:
@@ -262,12 +276,8 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
                 for line in cluster_warnings(client, largest_rerun(plans)):
                     print(line, file=console.err())
             futures: dict[str, object] = {}
-            certs: dict[int, Certificate] = {}
-            todo = dict(enumerate(plans))
             with console.progress(total=0, desc="certify-fleet: reference reruns", unit="run", enabled=progress) as bar:
-                # A certificate its half-fraction design rejects is judged again with the full design, as
-                # certify does (certify.needs_full_design): a second round with only those plans' new reruns.
-                while todo:
+                def execute(todo: dict[int, Plan], traces: dict[int, dict], check) -> None:
                     before = len(futures)
                     per_plan = schedule(todo, client, futures)
                     bar.total += len(futures) - before
@@ -275,9 +285,8 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
                     for _ in as_completed(list(futures.values())[before:]):
                         bar.update()
                     for p, plan in todo.items():
-                        plans[p] = plan
                         try:
-                            traces = {role: f.result() for role, f in per_plan[p].items()}
+                            traces[p].update({role: f.result() for role, f in per_plan[p].items()})
                         except KilledWorker as e:
                             raise BundleError(
                                 f"certify-fleet: the workers running {e.task} died "
@@ -285,16 +294,15 @@ def certify_fleet(bundles: list[str | Path], model_dir: str | Path, out: str | P
                                 f"(out of memory? a rerun of this model needs up to about "
                                 f"{largest_rerun([plan]) / 2**30:.1f} GiB): use fewer "
                                 "--workers, or workers with more memory") from None
-                        certs[p] = certificate_from(plan, traces)
-                    todo = {p: plan.completed(because) for p, plan in todo.items()
-                            if (because := needs_full_design(plan, certs[p]))}
+                        check(plan, traces[p]["reference", 0])
+
+                plans, certs = certify_plans(plans, execute)
             entries = []
-            for p, plan in enumerate(plans):
-                cert = certs[p]
+            for p, (plan, cert) in enumerate(zip(plans, certs)):
                 where = out / _folder(p, plan)
                 write_outputs(cert, where, tflite_names)
                 entries.append(FleetEntry(str(plan.bundle.source), device_label(plan), request_label(plan), cert,
-                                          where))
+                                          where, device_declaration(plan)))
     finally:
         if cluster is not None:
             cluster.close()
@@ -332,6 +340,7 @@ shared between bundles of one request).</p>
 <table><tr><th>device</th>$head</tr>
 $rows
 </table>
+$groups
 </body></html>
 """)
 
@@ -351,15 +360,45 @@ def render_fleet(entries: list[FleetEntry], counts: dict) -> str:
                 x = e.to_dict()
                 link = html.escape(f"{e.out.name}/report.html")
                 k_text = x["worst_k"] if isinstance(x["worst_k"], str) else f"{x['worst_k']:.2f}"
+                verdict_line = e.certificate.explanation.line("verdict")
                 parts.append(f'<a href="{link}">{html.escape(x["verdict"])}</a>, worst k {k_text}'
-                             + (f"<br>{html.escape(x['first_failure'])}" if x["first_failure"] else ""))
+                             + ("" if e.certificate.certified else f"<br>{html.escape(verdict_line.text)}"))
             cls = "none" if not parts else ("ok" if all(e.certificate.certified for e in cells[d, r]) else "bad")
             tds.append(f'<td class="{cls}">' + ("<hr>".join(parts) or "no bundle") + "</td>")
         rows.append(f"<tr><th>{html.escape(d)}</th>{''.join(tds)}</tr>")
     k = entries[0].certificate.rule["k"] if entries else K
-    return _PAGE.substitute(certified=sum(e.certificate.certified for e in entries), total=len(entries), k=k,
+    return _PAGE.substitute(groups=_groups(entries), certified=sum(e.certificate.certified for e in entries), total=len(entries), k=k,
                             reruns=counts["reruns_run"], needed=counts["reruns_needed"],
                             head="".join(f"<th>{html.escape(r)}</th>" for r in requests), rows="\n".join(rows))
+
+
+def _groups(entries: list[FleetEntry]) -> str:
+    """The rejections grouped by first failing module, and by what the bundles
+    declare about the device against that module: "every device with driver X
+    fails at module Y" at a glance."""
+    rejected = [e for e in entries if not e.certificate.certified]
+    if not rejected:
+        return ""
+    by_module: dict[str, list[FleetEntry]] = {}
+    for e in rejected:
+        by_module.setdefault(e.failing_module or "(an exact check)", []).append(e)
+    rows = "".join(f"<tr><td><code>{html.escape(m)}</code></td><td>{len(es)}</td><td>"
+                   + "<br>".join(html.escape(f"{e.device}; {e.request}") for e in es) + "</td></tr>"
+                   for m, es in sorted(by_module.items(), key=lambda kv: -len(kv[1])))
+    out = ["<h2>Rejections by first failing module</h2><table><tr><th>module</th><th>bundles</th>"
+           f"<th>devices</th></tr>{rows}</table>"]
+    for key in DECLARED:
+        counts: dict[tuple[str, str], list[FleetEntry]] = {}
+        for e in rejected:
+            counts.setdefault((str(e.declared.get(key)), e.failing_module or "(an exact check)"), []).append(e)
+        total = {}
+        for e in entries:
+            total[str(e.declared.get(key))] = total.get(str(e.declared.get(key)), 0) + 1
+        rows = "".join(f"<tr><td>{html.escape(v)}</td><td><code>{html.escape(m)}</code></td>"
+                       f"<td>{len(es)} of {total[v]}</td></tr>" for (v, m), es in sorted(counts.items()))
+        out.append(f"<h3>by declared {key}</h3><table><tr><th>{key}</th><th>first failing module</th>"
+                   f"<th>rejected</th></tr>{rows}</table>")
+    return "\n".join(out)
 
 
 __all__ = ["FLEET", "FleetEntry", "certify_fleet", "render_fleet", "schedule", "write_fleet"]

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from refsd.export.build import export
 from refsd.pipeline import Request
-from refsd_validate.certify import Certificate, certify, tflite_tensor_names, write_outputs
+from refsd_validate.certificate import Certificate
+from refsd_validate.certify import certify
+from refsd_validate.outputs import tflite_tensor_names, write_outputs
 
 NO_ADAPTER = "found no GPU adapter"
 

@@ -37,6 +37,8 @@ trust the reference.
 
 from __future__ import annotations
 
+import functools
+
 import bz2
 import collections
 import hashlib
@@ -57,17 +59,17 @@ from refsd_validate.bundle import (
     BundleError,
     ModelGeometry,
     check_document,
+    StageDeclaration,
     declared_stages,
     required_tensors,
 )
 
 from refsd.limits import check_request
+from refsd.trace import parse_intermediate
 from refsd.safe_io import MAX_TENSOR_BYTES, npy_header, open_regular, parse_json
 
 MAX_CAPTURE_JSON = 4 << 20
 NPY_HEADER_ALLOWANCE = 16 << 10  # real .npy headers are 128-4096 bytes
-_STEP = re.compile(r"^(unet/step_(\d+)/noise_pred|scheduler/step_(\d+)/latents)$")
-_INTERMEDIATE = re.compile(r"^(text_encoder|unet|vae)/(?:step_(\d+)/)?([A-Za-z0-9_.]+(?:#\d+)?)$")
 
 
 @dataclass
@@ -86,9 +88,9 @@ class Bundle:
     def request(self) -> dict:
         return self.capture["request"]
 
-    @property
-    def stages(self) -> dict[str, dict]:
-        """Where and in what precision each stage ran (``bundle.declared_stages``)."""
+    @functools.cached_property
+    def stages(self) -> dict[str, StageDeclaration]:
+        """Where and in what precision each stage ran (``bundle.declared_stages``), read once."""
         return declared_stages(self.capture)
 
     def tensor(self, name: str) -> np.ndarray:
@@ -115,11 +117,12 @@ def read_bundle(path: str | Path, geometry: ModelGeometry | None = None) -> Bund
     for name, entry in table.items():
         if name in expected or name == "scheduler/timesteps":
             continue
-        if _STEP.match(name) or not _INTERMEDIATE.match(name):
+        parsed = parse_intermediate(name)
+        if parsed is None:
             raise BundleError(f"tensor {name}: not a boundary tensor of this request ({request['steps']} steps) "
                               "nor an intermediate named {stage}/step_{i}/{module path}")
-        step = _INTERMEDIATE.match(name).group(2)
-        if step is not None and int(step) >= request["steps"]:
+        step = parsed[1]
+        if step is not None and step >= request["steps"]:
             raise BundleError(f"tensor {name}: step {step} is past the request's {request['steps']} steps")
         if entry["dtype"] not in FLOATS:
             raise BundleError(f"tensor {name}: dtype {entry['dtype']}; intermediates are float32 or float16")

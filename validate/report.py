@@ -31,7 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
+from refsd_validate.explain import source_words
+
 from refsd.image import encode_png, side_by_side, to_image
+from refsd.trace import leaf
 
 NAN_VALUE = 1e30  # Model Explorer values must be numbers: a non-finite error shows as the worst there is
 TEMPLATE = Path(__file__).with_name("templates") / "report.html"  # string.Template: $name fields, $$ a dollar
@@ -43,25 +46,10 @@ def _template() -> string.Template:
 
 
 def render_report(cert) -> str:
-    doc = cert.to_dict()
-    f = doc["first_failure"]
     verdict = ("<span class='verdict ok'>CERTIFIED</span>" if cert.certified
                else "<span class='verdict bad'>NOT CERTIFIED</span>")
-    where = ""
-    if f is not None:
-        where = (f"<p>First failing tensor: <code>{_e(f['tensor'])}</code> ({_e(f['mode'])}-running"
-                 if f["mode"] == "free" else f"<p>First failing tensor: <code>{_e(f['tensor'])}</code> (teacher-forced")
-        where += (f"; stage <b>{_e(f['stage'])}</b>" + (f", step <b>{f['step']}</b>" if f["step"] is not None else "")
-                  + (f", module <code>{_e(f['module_path'])}</code>" if f["module_path"] else "")
-                  + f"): {_e(', '.join(f['failed']))}, needs k = {_num(f['k_needed'])} (bar: k = {cert.rule['k']:g})</p>")
-    o = doc["overflow_before_failure"]
-    if o is not None:
-        where += (f"<p>The deployment overflows fp16 before this tensor: calibration variant <code>{_e(o['variant'])}"
-                  f"</code> first at <code>{_e(o['op'] or o['detail'])}</code> (stage {_e(o['stage'])}, step "
-                  f"{_e(o['step'])}). A device computing as declared can fail here too: this may be the model's fp16 "
-                  "headroom on this request, not the device (<code>refsd fp16-check</code> shows the op).</p>")
-    exact_bad = [c for c in cert.exact_checks if not c["passed"]]
-    where += "".join(f"<p>Exact check failed: <code>{_e(c['tensor'])}</code>: {_e(c['detail'])}</p>" for c in exact_bad)
+    where = "".join(f"<p class='why {ln.kind}'>{_e(ln.text)}</p>" for ln in cert.explanation.lines
+                    if ln.kind not in ("cost",))
     prov, dev = cert.provenance, cert.provenance["device"]
     rule = cert.rule
     fields = {
@@ -78,6 +66,7 @@ def render_report(cert) -> str:
         "not_judged": _not_judged(cert),
         "k": f"{rule['k']:g}",
         "plot": _plot(cert),
+        "per_step": _per_step(cert),
         "worst": _table(sorted(cert.results, key=lambda r: -_finite(r.verdict.k_needed))[:15], cert),
         "statement": _e(rule["statement"]),
         "rule": f"k = {rule['k']:g}; calibration variants ({_e(rule['calibration_design'])}): "
@@ -155,7 +144,7 @@ def _plot(cert, width: int = 640, height: int = 260) -> str:
     series = {}
     for r in cert.results:
         if r.module_path is None and r.step is not None:
-            series.setdefault(f"{r.mode} {r.name.rsplit('/', 1)[1]}", []).append((r.step, r.verdict.k_needed))
+            series.setdefault(f"{r.mode} {leaf(r.name)}", []).append((r.step, r.verdict.k_needed))
     if not series:
         return "<p>(no per-step tensors)</p>"
     k = cert.rule["k"]
@@ -200,17 +189,47 @@ def _plot(cert, width: int = 640, height: int = 260) -> str:
 
 def _table(results, cert) -> str:
     rows = ["<table><tr><th class='l'>tensor</th><th>mode</th><th>pass</th><th>k needed</th><th>failed</th>"
-            "<th>peak / floor</th><th>rms / floor</th><th>gain / floor</th><th>cosine</th><th>max fp16 ULP</th></tr>"]
+            "<th>peak / floor</th><th>rms / floor</th><th>gain / floor</th><th class='l'>floor set by</th>"
+            "<th class='l'>nearest calibration run</th><th>resolution: gain</th><th>offset</th>"
+            "<th>cosine</th><th>max fp16 ULP</th></tr>"]
     for r in results:
         v = r.verdict
         rows.append(f"<tr class='{'' if v.passed else 'fail'}'><td class='l'>{_e(r.name)}</td><td>{r.mode}</td>"
                     f"<td>{'yes' if v.passed else 'NO'}</td><td>{_num(v.k_needed)}</td>"
                     f"<td>{_e(', '.join(v.failed))}</td>"
                     + "".join(f"<td>{_num(v.stats.get(s))} / {_num(v.floor.get(s))}</td>" for s in ("peak", "rms", "gain"))
+                    + f"<td class='l'>{_e(v.binding)}: {_e(source_words(r.floor_source))}</td>"
+                    + f"<td class='l'>{_e(r.closest_run)}</td>"
+                    + "".join(f"<td>{_pct(None if r.resolution is None else getattr(r.resolution, a))}</td>"
+                              for a in ("gain", "offset"))
                     + "".join(f"<td>{_num((r.compare or {}).get(key))}</td>" for key in ("cosine", "max_ulp_f16"))
                     + "</tr>")
     rows.append("</table>")
     return "".join(rows)
+
+
+def _per_step(cert) -> str:
+    """Per step, the UNet output's error (k needed) beside its resolution: what the check could not have seen."""
+    rows = {}
+    for r in cert.results:
+        if r.stage == "unet" and r.module_path is None and r.step is not None:
+            rows.setdefault(r.step, {})[r.mode] = r
+    if not rows:
+        return ""
+    modes = [m for m in ("teacher", "free") if any(m in v for v in rows.values())]
+    head = "<tr><th>step</th>" + "".join(f"<th>{m}: k needed</th><th>{m}: gain resolution</th>"
+                                          f"<th>{m}: offset resolution</th>" for m in modes) + "</tr>"
+    body = []
+    for step in sorted(rows):
+        cells = []
+        for m in modes:
+            r = rows[step].get(m)
+            res = None if r is None else r.resolution
+            cells.append(f"<td>{_num(None if r is None else r.verdict.k_needed)}</td>"
+                         f"<td>{_pct(None if res is None else res.gain)}</td>"
+                         f"<td>{_pct(None if res is None else res.offset)}</td>")
+        body.append(f"<tr><td>{step}</td>{''.join(cells)}</tr>")
+    return f"<table>{head}{''.join(body)}</table>"
 
 
 def model_explorer_node_data(cert, tflite_names: dict[str, dict[str, str]] | None = None) -> dict[str, dict]:
@@ -253,6 +272,10 @@ def _num(v) -> str:
     if not math.isfinite(v):
         return "NaN" if math.isnan(v) else ("inf" if v > 0 else "-inf")
     return f"{v:.3g}"
+
+
+def _pct(v) -> str:
+    return "-" if v is None else (f"{100 * v:.3g} %" if math.isfinite(v) else "inf")
 
 
 def _e(v) -> str:

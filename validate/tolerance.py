@@ -1,11 +1,10 @@
 """Tolerances from physics: each tensor's bar is k times the reference's own
-noise floor for that tensor, measured on the same request and inputs.
-
-The rule (written into every certificate)::
+noise floor for that tensor, measured on the same request and inputs. The
+rule as certificates state it is :func:`rule_statement`; in short::
 
     e = device - reference(f32)                                   (per tensor)
     peak = max|e|,  rms = sqrt(mean e^2),  and the least-squares fit e ~ offset + gain * reference
-    floor_s = max over calibration variants v of scale_v * |s(T_v - T_f32)|,  at least minimum_floor
+    floor_s = max over calibration runs v of scale_v * |s(T_v - T_f32)|,  at least minimum_floor
     pass  <=>  no NaN / unmatched inf  and  s <= K * floor_s  for every s in (peak, rms, offset, gain)
 
 ``k_needed = max_s s / floor_s`` is the smallest k that would have passed.
@@ -13,61 +12,28 @@ The rule (written into every certificate)::
 Why four statistics: ``peak`` catches a local fault (a NaN, a saturated
 patch), ``rms`` a broad one, ``offset`` and ``gain`` a *systematic* one.
 Rounding noise is nearly uncorrelated with the signal, so a +1 % gain stands
-out in ``gain`` even where it hides under the rms noise: on the tiny SD 2.1
-model in f32_f16 with FTZ and fused kernels the rms error reaches 2.7 % of a
-tensor's rms while the gain error stays below 2.1e-3.
+out in ``gain`` even where it hides under the rms noise (on the tiny SD 2.1 in
+f32_f16 with FTZ and fused kernels the rms error reaches 2.7 % of a tensor's
+rms while the gain error stays below 2.1e-3).
 
-Calibration variants (:func:`calibration_variants`): reference runs that a
-correct delegate of the declared precision could equally be.
+Calibration runs (:func:`calibration_variants`) are reference runs that a
+correct device of the declared precision could equally be: for f32_f16 / f16
+the mode with FTZ off and on (only the declared setting when known), with and
+without :data:`ALGORITHMS` (other summation orders and fused kernels, as GPU
+delegates run them), half of those combinations (:func:`half_fraction`); for
+f32 the ALGORITHMS run and fp16 storage noise scaled to fp32
+(``F32_KERNEL_ROUNDINGS``). Other kernels move f32_f16 outputs 1.5-4x further
+than rounding placement alone, FTZ another 2-3x (tiny model, measured).
 
-* f32_f16 / f16: the mode with FTZ off and on (only the declared setting when
-  the capture states it), with and without :data:`ALGORITHMS` (the same
-  function with other summation orders and fused kernels, as GPU delegates run
-  it: Winograd, flash attention, fused GELU and GroupNorm). Measured on the
-  tiny model: other kernels move f32_f16 outputs 1.5-4x further than rounding
-  placement alone, FTZ another 2-3x. f16 adds the f32_f16 variants. Of these
-  factors' combinations a half fraction runs (:func:`half_fraction`): FTZ
-  unknown in f32_f16 is (FTZ off, plain) and (FTZ on, other kernels). A
-  certificate the half rejects is judged again on the full design when that
-  could change it (``certify.needs_full_design``).
-* f32: the ALGORITHMS variant, and the f32_f16 spread scaled to fp32 by
-  ``F32_KERNEL_ROUNDINGS * 2^-24 / 2^-11``. Scaling fp16 storage noise by
-  2^-13 alone models one fp32 rounding per op output; another fp32 kernel
-  (LiteRT's FULLY_CONNECTED, its time embedding) differs by its summation order,
-  ~sqrt(K) roundings, and was measured at up to 10x that.
-
-The systematic floors are at least one standard error of the fit under noise
-of the rms floor (rms / sqrt(N) for offset, rms / (std(ref) sqrt(N)) for gain,
-and for the gain also sqrt(sum rc^2 e^2) / sum rc^2 from the calibration runs'
-errors e, rc the centred reference: rounding errors grow with |value|), each
-times the calibration runs' design effect: two or four calibration runs
-estimate a gain poorly, and one run's gain can be small by chance (measured:
-5.9e-5 where the device showed 2.0e-4).
-
-``minimum_floor``: one unit roundoff of the storage precision at the tensor's
-scale (peak, rms); ``SYSTEMATIC`` unit roundoffs of the arithmetic precision
-for offset and gain (a variance computed as E[x^2] - E[x]^2 loses bits to
-cancellation, consistently: LiteRT's builtin kernels show gain errors up to
-33 u32 against refsd on the tiny model, which no refsd variant reproduces).
+The floors (:func:`explained_noise_floor`) are at least the minimum floor
+(:func:`minimum_floor`) and the fit's standard errors, widened by the design
+effect the calibration runs show (:func:`design_effects`) and scaled for the
+number of checks in a certificate (:func:`standard_error_scale`).
 
 K = 4: a device is one more draw of the same noise, not the calibration draw
-itself. Measured on the tiny model (64x64, 4 DDIM steps, tests/test_certify.py's
-request): LiteRT's CPU kernels (declared f32, an independent implementation)
-need k <= 1.49 over 1364 tensors, every intermediate included; an emulated
-f32_f16 device with Google's fused kernels and FTZ needs k <= 2.01 (a
-mid-block attention key; 3.27 before the channel-major design effect, see
-``design_effects``); 48 correct devices on held-out tiny models (SD 2.1
-seeds 1-4, SD 1.5 seeds 1-2; two requests, four f32_f16 device
-configurations each) all certify, at k <= 3.48 (before the heteroscedastic
-gain floor and the channel-major design effect, five of them were rejected
-at k 4.17 to 11.6); 24 more (SD 2.1 seeds 5-6, SD 1.5 seed 3) at k <= 3.61,
-3.23 with the standard errors scaled for the number of checks
-(``standard_error_scale``). A +1 % gain on the UNet output from step 1 needs k = 152
-teacher-forced at ``unet/step_1/noise_pred`` (7.9 free-running, where the
-drift of earlier steps is in the floor). The weakest such rejection in the
-capture matrix: LiteRT CPU's int8 hybrid kernels, whose biased capture first
-fails at k = 7.3. (Before the LiteRT Winograd matrices and the half-fraction
-design: 2.19 and 17.7.)
+itself. The measurements behind it (correct devices at k <= 3.61 on held-out
+tiny models, a +1 % UNet bias from step 1 rejected at k >= 7.3 in the weakest
+capture cell) are in docs/certification.md and bench/README.md.
 """
 
 from __future__ import annotations
@@ -82,14 +48,12 @@ from refsd.numerics import U_F16, U_F32, Precision
 from refsd.trace import STAGES
 
 K = 4.0
-# The largest k a certificate may be asked for: past it a +1 % gain on the UNet output from step 1 passes where
-# the floors are widest (17.7 teacher-forced on the tiny model when this was set; 7.3 now for the int8 hybrid
-# capture cell, so a k between 7.3 and 16 already lets that one pass).
+# The largest k a certificate may be asked for. A +1 % gain on the UNet output from step 1 is rejected at k 7.3
+# where the floors are widest (LiteRT CPU's int8 hybrid kernels), so a k above that already lets it pass there.
 MAX_K = 16.0
-# How far the other half of a half-fraction design (half_fraction) may widen a floor: full-design floor over
-# half-design floor, largest of any tensor and statistic, measured on correct emulated devices (tiny SD 2.1 seeds 0
-# and 1, SD 1.5 seed 2; f32_f16 with FTZ unknown, f16 with FTZ unknown or off; kernels other than Google's): 2.09 (an
-# offset; gains <= 1.83); about twice that. A first failure needing more than k times this stays a failure (certify).
+# How far the other half of a half-fraction design (half_fraction) may widen a floor: about twice the largest
+# full-design over half-design floor measured on correct emulated devices (2.09, an offset; gains <= 1.83). A first
+# failure needing more than k times this stays a failure (certify.needs_full_design).
 FULL_DESIGN_WIDENING = 4.0
 # Family-wise rate at which a correct device fails on a standard-error floor (offset, gain) somewhere in its
 # certificate, at the default k, for Gaussian errors (standard_error_scale).
@@ -173,7 +137,7 @@ class CalibrationRun:
         return body + ("" if self.scale == 1.0 else f" (spread x 2^{math.log2(self.scale):g})")
 
 
-REFERENCE = CalibrationRun()
+REFERENCE_RUN = CalibrationRun()
 
 
 def unit_roundoff(precision: str) -> float:
@@ -259,7 +223,7 @@ def half_fraction(levels: list[tuple], factors: tuple[list, ...], *, complement:
     return [lv for lv in levels if sum(factors[i].index(lv[i]) for i in varying) % 2 == parity]
 
 
-def calibration_variants(stages: dict[str, dict], weights: str = "fp32", *,
+def calibration_variants(stages: dict, weights: str = "fp32", *,
                          complement: bool = False) -> list[CalibrationRun]:
     """The calibration runs for a deployment whose stages are declared as
     ``stages`` (``refsd_validate.bundle.declared_stages``). Each stage's own
@@ -272,9 +236,9 @@ def calibration_variants(stages: dict[str, dict], weights: str = "fp32", *,
     stages not halved cycling their own runs; none when no stage is halved.
     Both lists together are the full design."""
     def per_stage(complement):
-        return [stage_variants(stages[s]["precision"], stages[s]["ftz"], fast_math=bool(stages[s]["fast_math"]),
+        return [stage_variants(stages[s].precision, stages[s].ftz, fast_math=stages[s].fast_math,
                                kernels=s != "guidance_scheduler", half_weights=weights in ("fp16", "bf16"),
-                               hybrid=stages[s].get("int8_kernels") == "hybrid", gpu=stages[s]["processor"] == "gpu",
+                               hybrid=stages[s].int8_kernels == "hybrid", gpu=stages[s].processor == "gpu",
                                complement=complement)
                 for s in STAGES]
 
@@ -373,50 +337,62 @@ def noise_floor(ref: np.ndarray, runs: list[tuple[np.ndarray, float]], precision
     and, for offset and gain, ``se_scale`` standard errors of the fit
     (:func:`standard_error_scale`). A calibration run that is itself non-finite
     cannot define a floor and raises."""
+    return explained_noise_floor(ref, runs, precision, se_scale)[0]
+
+
+MINIMUM, STANDARD_ERROR = "minimum", "standard_error"  # floor sources that are not a calibration run
+
+
+def explained_noise_floor(ref: np.ndarray, runs: list[tuple[np.ndarray, float]], precision: str,
+                          se_scale: float = 1.0, labels: list[str] | None = None) -> tuple[ErrorProfile, dict]:
+    """:func:`noise_floor`, and per statistic the term that set it: ``MINIMUM``,
+    ``STANDARD_ERROR``, or the label of the calibration run (``labels``, one per
+    run; else the run's index) whose spread it is. A tie keeps the earlier term."""
     floor = asdict(minimum_floor(ref, precision))
+    source = dict.fromkeys(STATS, MINIMUM)
+    labels = labels if labels is not None else [f"calibration run {i}" for i in range(len(runs))]
+
+    def widen(stat: str, value: float, why: str) -> None:
+        if value > floor[stat]:
+            floor[stat], source[stat] = value, why
+
     r = np.asarray(ref, np.float64).ravel()
     rc = r - r.mean() if r.size else r
     deff = [1.0, 1.0]
     channels = int(np.shape(ref)[-1]) if np.ndim(ref) >= 2 else 1
     score = 0.0  # rms of e * (ref - mean), the gain's score, over the runs
-    for run, scale in runs:
+    for (run, scale), label in zip(runs, labels):
         s = error_stats(ref, run)
         if math.isnan(s.peak):
             raise ValueError("a calibration run of the reference holds NaN or inf: the model overflows in this "
                              "precision on this request; no noise floor can be measured")
         for k in STATS:
-            floor[k] = max(floor[k], scale * s.get(k))
+            widen(k, scale * s.get(k), label)
         e = np.asarray(run, np.float64).ravel() - r
         deff = [max(a, b) for a, b in zip(deff, design_effects(e, rc, channels=channels))]
         if r.size:
             x = e * rc
             score = max(score, scale * math.sqrt(float(np.dot(x, x)) / r.size))
-    # A few calibration runs estimate the systematic statistics poorly (their |gain| can be small by
-    # chance): at least one standard error of the least-squares fit under noise of the floor's rms. Errors
-    # are correlated (a layer mixes every channel's rounding into each output, a Winograd tile shares its
-    # transforms' errors), which makes that error larger than for independent elements, by the design effect
-    # the calibration runs show (design_effects; a correct device's mid-block attention offset on the tiny
-    # SD 2.1 was 4.6 independent-element standard errors).
-    # The gain's standard error is that of a weighted sum: sqrt(sum rc^2 e^2) / sum rc^2 (White's
-    # heteroscedasticity-consistent form). Rounding errors scale with |value|, and activations are heavy-tailed
-    # (a few large channels), so the few largest elements carry most of that sum: the form rms(e) / (std(ref)
-    # sqrt(n)), which assumes every element equally noisy, is smaller by up to sqrt(kurtosis). Measured: a
-    # correct device's GEGLU output on a tiny SD 2.1 (seed 1) had a gain 9.7 times that form (k = 6.42: a
-    # false rejection); k = 3.24 with this one.
+    # Two or four calibration runs estimate the systematic statistics poorly (a run's |gain| can be small by
+    # chance), so offset and gain are at least the fit's standard error under noise of the rms floor, times
+    # the design effect the runs show (errors are correlated across elements: design_effects). The gain's
+    # also in White's heteroscedasticity-consistent form sqrt(sum rc^2 e^2) / sum rc^2: rounding errors grow
+    # with |value| and activations are heavy-tailed, so the form rms(e) / (std(ref) sqrt(n)), which assumes
+    # every element equally noisy, is smaller by up to sqrt(kurtosis) (bench/README: a tiny SD 2.1 GEGLU
+    # output's correct gain was 9.7 times it).
     if r.size:
         n, std = r.size, float(r.std())
-        floor["offset"] = max(floor["offset"], se_scale * deff[0] * floor["rms"] / math.sqrt(n))
+        widen("offset", se_scale * deff[0] * floor["rms"] / math.sqrt(n), STANDARD_ERROR)
         if std > 0:
-            floor["gain"] = max(floor["gain"], se_scale * deff[1] * floor["rms"] / (std * math.sqrt(n)),
-                                se_scale * deff[1] * score / (std * std * math.sqrt(n)))
-    return ErrorProfile(**floor)
+            widen("gain", se_scale * deff[1] * floor["rms"] / (std * math.sqrt(n)), STANDARD_ERROR)
+            widen("gain", se_scale * deff[1] * score / (std * std * math.sqrt(n)), STANDARD_ERROR)
+    return ErrorProfile(**floor), source
 
 
-# Fewest batches a design effect is estimated from: offset 8, gain 32. The offset of a correct device's error
-# varies more between inputs than 32 batches show (tiny SD 2.1, FTZ, Google's kernels: a mid-block attention
-# output's offset was 4.6 independent-element standard errors: k = 3.79 with 32 batches' design effect, 3.27 with
-# 8 batches', both in stored order only). The gain keeps 32: it is what rejects a +1 % bias, by k = 7.3 in the
-# weakest capture-matrix cell (int8 hybrid kernels), which a factor-2 wider gain floor would let pass.
+# Fewest batches a design effect is estimated from: offset 8, gain 32. A correct device's offset varies between
+# inputs more than 32 batches show (a mid-block attention output's offset at 4.6 independent-element standard
+# errors on the tiny SD 2.1); the gain keeps 32 because it is what rejects a +1 % bias, by k = 7.3 in the weakest
+# capture cell (int8 hybrid kernels), which a factor-2 wider gain floor would let pass.
 DESIGN_MIN_BATCHES = (8, 32)
 
 
@@ -462,6 +438,7 @@ class Verdict:
     stats: ErrorProfile
     floor: ErrorProfile
     tolerance: ErrorProfile
+    binding: str | None = None  # the statistic whose ratio to its floor is k_needed (None: non-finite)
 
 
 def judge(ref: np.ndarray, test: np.ndarray, floor: ErrorProfile, k: float = K) -> Verdict:
@@ -472,4 +449,22 @@ def judge(ref: np.ndarray, test: np.ndarray, floor: ErrorProfile, k: float = K) 
     ratios = {s: (stats.get(s) / floor.get(s) if floor.get(s) > 0 else (math.inf if stats.get(s) > 0 else 0.0))
               for s in STATS}
     failed = tuple(s for s in STATS if ratios[s] > k)
-    return Verdict(not failed, max(ratios.values()), failed, stats, floor, tol)
+    binding = max(ratios, key=ratios.get)
+    return Verdict(not failed, ratios[binding], failed, stats, floor, tol, binding)
+
+
+def rule_statement(k: float, se_scale: float, checks: int) -> str:
+    """The rule as a certificate states it, from this module's constants."""
+    return (f"a tensor passes iff it is finite where the reference is and each of {', '.join(STATS)} "
+            "(peak = max|e|, rms(e), |offset| and |gain| of the least-squares fit e ~ offset + gain * reference, "
+            f"e = device - reference) is <= k * its noise floor, k = {k:g}. The reference is the model as deployed "
+            "(its weights as stored, its rewrites, its int8 kernels) in f32. The floor of each statistic is the "
+            "largest spread of the calibration variants around the reference on this request (times the variant's "
+            "scale; a variant non-finite at the tensor is left out), at least one unit roundoff u of the stage's "
+            "declared storage precision at the tensor's scale (peak: u max|ref|, rms: u rms(ref)), "
+            f"{SYSTEMATIC} unit roundoffs of its arithmetic precision for offset and gain ({SYSTEMATIC_F16} in fp16 "
+            "arithmetic), and s standard errors of the fit under noise of the rms floor, and for the gain also its "
+            "heteroscedasticity-consistent standard error from the calibration runs' errors (each times the "
+            "calibration runs' design effect: errors correlated across elements); "
+            f"s = {se_scale:.3f} makes {K:g} times it the two-sided normal quantile at {FAMILY_ALPHA:g} / {checks} "
+            "(the certificate's offset and gain checks: Bonferroni)")

@@ -50,9 +50,9 @@ from refsd import console
 from refsd.export.tflite_edit import widen_gather_tables
 from refsd.models.rewrites import Rewrites
 from refsd.safe_io import read_json
-from refsd.trace import CFG_ORDER, TOKENS
+from refsd.trace import CFG_ORDER, MODELS, TOKENS
 
-COMPONENTS = ("text_encoder", "unet", "vae")
+COMPONENTS = MODELS  # every model of the trace is exported
 WEIGHTS = ("fp32", "fp16", "int8")
 # Rewrites that change the graph; the rest of refsd's rewrites are GPU kernel
 # fusions (the delegate's business, not a graph) or, int8_weights, a storage choice (--weights int8).

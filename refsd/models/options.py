@@ -13,6 +13,7 @@ import numpy as np
 
 from refsd.models.rewrites import Rewrites
 from refsd.numerics import Precision
+from refsd.trace import MODELS
 
 WEIGHT_STORAGE = ("fp32", "fp16", "bf16", "int8")
 INT8_KERNELS = ("dequantize", "hybrid")
@@ -115,9 +116,9 @@ class ModelOptions:
         if int8_values is not None:
             if weights != "int8":
                 raise ValueError(f"int8_values given with weights={weights!r}: they need weights='int8'")
-            bad = sorted(set(int8_values) - {"text_encoder", "unet", "vae"})
+            bad = sorted(set(int8_values) - set(MODELS))
             if bad:
-                raise ValueError(f"int8_values: unknown component {bad[0]!r} (expected text_encoder, unet, vae)")
+                raise ValueError(f"int8_values: unknown component {bad[0]!r} (expected {', '.join(MODELS)})")
         if weight_jitter and weights not in ("fp16", "bf16"):
             raise ValueError(f"weight_jitter moves fp16 / bf16 weights; weights={weights!r} has none")
         return cls(ops, rw, p, gelu_approximate, weights_f16, weights, int8_kernels, int8_values, weight_jitter)
