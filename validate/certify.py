@@ -61,6 +61,7 @@ from refsd_validate.certify_rerun import (
     teacher_inputs,
 )
 from refsd_validate.compare import compare, json_safe, psnr
+from refsd_validate.declarations import declaration_checks
 from refsd_validate.reader import Bundle, read_bundle
 from refsd_validate.tolerance import (
     MAX_K,
@@ -85,6 +86,7 @@ from refsd import __version__
 from refsd import trace as names
 from refsd.image import to_image
 from refsd.trace import parse_name
+from refsd.weights import load_scheduler_config
 
 CERTIFICATE = "refsd-certificate"
 CERTIFICATE_VERSION = 2
@@ -429,7 +431,8 @@ def certificate_from(plan: Plan, traces: dict[tuple[str, int], dict], cache_stat
             floor = noise_floor(ref[n], runs, precision, se_scale)
             results.append(_judge(n, m, expected[n], device(n), floor, k))
 
-    exact = _exact_checks(bundle, ref, plan.model_dir)
+    exact = _exact_checks(bundle, ref, plan.model_dir) + declaration_checks(
+        bundle.tensors, stages, req, load_scheduler_config(plan.model_dir / "scheduler"))
     failures = [r for r in results if not r.verdict.passed]
     # Teacher-forced failures localize better: they are the step's own error, not inherited drift.
     by_mode = {m: next((r for r in failures if r.mode == m), None) for m in modes}

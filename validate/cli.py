@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from refsd_validate.compare import CHECK_MODES, DEFAULT_ATOL, DEFAULT_QUANTILE, DEFAULT_RTOL
+from refsd_validate.declarations import declared_stage
 
 from refsd.arguments import EXIT_FAIL, EXIT_OK, add_prompt_args, check_request_args, run
 from refsd.arguments import build_parser as _build
@@ -209,7 +210,7 @@ def summary_lines(cert, k: float, out: Path) -> list[str]:
     elif cert.hint:
         lines = [f"NOT CERTIFIED: {cert.hint}; {out}/"]
     else:
-        where = (f"{f.name} ({f.mode}; stage {f.stage}" + (f", step {f.step}" if f.step is not None else "")
+        where = (f"{f.name} ({f.mode}; stage {declared_stage(f.stage)}" + (f", step {f.step}" if f.step is not None else "")
                  + (f", module {f.module_path}" if f.module_path else "") + f"): {', '.join(f.verdict.failed)}, "
                  f"needs k={f.verdict.k_needed:.3g}")
         lines = [f"NOT CERTIFIED: first failing tensor {where}; {out}/"]
