@@ -208,10 +208,18 @@ def test_attention_fault_enters_at_the_first_attention(diffusers_bundles):
 
 def test_pytorch_cpu_fp16_is_f32_f16():
     """Why the example declares its fp16 run ``f32_f16``: PyTorch's CPU kernels compute in fp32 and
-    round each op's output to fp16 once (a kernel that accumulated in fp16 would be off by ~3 % on
-    the 4096-term sum, and by more than one fp16 rounding elsewhere)."""
+    round each op's output to fp16 (a kernel that accumulated in fp16 would be off by ~3 % on the
+    4096-term sum, and by more than one fp16 rounding elsewhere). What holds on every CPU kernel path
+    (ATEN_CPU_CAPABILITY default, avx2, avx512; measured on an AMD EPYC with AVX512 under all three):
+    sums accumulate in fp32 (within 1 ulp of the exactly rounded result); softmax and GELU are fp32 math
+    rounded once, within one fp16 ulp of fp32 math rounded once wherever the result is not a cancellation
+    (GELU's tail x < -3, where 1 + erf(x / sqrt 2) cancels: PyTorch's fp32 GELU itself is up to 5 fp16
+    ulps from the exact value there, its fp16 kernel within 2, and which of them a CPU's fp16 path calls
+    varies), and within one fp16 unit roundoff of the tensor's peak everywhere, the least refsd's f32_f16
+    peak floor allows (``tolerance.minimum_floor``)."""
     torch = pytest.importorskip("torch")
     F = torch.nn.functional
+    path = f"PyTorch {torch.__version__}, kernel path {torch.backends.cpu.get_cpu_capability()}"
     g = torch.Generator().manual_seed(0)
     a = (torch.rand(64, 4096, generator=g) + 0.5).half()
     b = (torch.rand(4096, 1, generator=g) + 0.5).half()
@@ -225,13 +233,17 @@ def test_pytorch_cpu_fp16_is_f32_f16():
 
     # fp32 accumulation then one rounding: within 1 ulp of the exactly rounded sum (equal but for near-ties);
     # an fp16 running sum of 4096 terms near 4000 (spacing 2..4) would be hundreds of ulps off.
-    assert ulps(a @ b, once(torch.matmul, a, b)).max() <= 1
+    assert ulps(a @ b, once(torch.matmul, a, b)).max() <= 1, path
     x = (torch.rand(1, 512, 8, 8, generator=g) + 0.5).half()
     w = (torch.rand(4, 512, 3, 3, generator=g) + 0.5).half()
-    assert ulps(F.conv2d(x, w, padding=1), once(lambda x, w: F.conv2d(x, w, padding=1), x, w)).max() <= 1
+    assert ulps(F.conv2d(x, w, padding=1), once(lambda x, w: F.conv2d(x, w, padding=1), x, w)).max() <= 1, path
     s = (torch.randn(4, 1024, generator=g) * 5).half()
-    for f in (lambda t: torch.softmax(t, -1), F.gelu):  # fp32 math, one rounding
-        assert torch.equal(f(s), f(s.float()).half())
+    no_cancellation = (s >= -3).numpy()
+    for name, f in (("softmax", lambda t: torch.softmax(t, -1)), ("gelu", F.gelu)):
+        y, exact = f(s), f(s.double())
+        assert ulps(y, f(s.float()).half())[no_cancellation].max() <= 1, (name, path)
+        peak = float(exact.abs().max())
+        assert float((y.double() - exact).abs().max()) <= 2.0**-11 * peak, (name, path)
 
 
 def test_pytorch_fp16_scheduler_rounds_its_coefficients():
