@@ -261,6 +261,29 @@ def test_pytorch_fp16_scheduler_rounds_its_coefficients():
         assert not torch.equal(c * x, exactly_rounded)
 
 
+def test_declarations_are_checked_against_the_tensors(diffusers_bundles, tiny_sd21):
+    """diffusers' scheduler on fp16 tensors is refsd's f16 guidance and scheduler step bit for bit (every
+    primitive and coefficient rounded): declared f32 there, the exact check says what it matches (the
+    correct fp16 device was rejected at k 94.5 with no hint before, issue 28); as declared, nothing. The bf16
+    run's outputs hold bfloat16 values only: each stage is named, whatever 16-bit precision it declares."""
+    from refsd_validate.declarations import declaration_checks
+
+    from refsd.weights import load_scheduler_config
+
+    config = load_scheduler_config(tiny_sd21 / "scheduler")
+    fp16 = read_bundle(diffusers_bundles["fp16"])
+    assert declaration_checks(fp16.tensors, fp16.stages, fp16.request, config) == []
+    as_f32 = {**fp16.stages, "guidance_scheduler": {**fp16.stages["guidance_scheduler"], "precision": "f32"}}
+    (check,) = declaration_checks(fp16.tensors, as_f32, fp16.request, config)
+    assert check["detail"].startswith("these latents match guidance and the scheduler in f16, ftz false bit for bit "
+                                      "at every step; the bundle declares guidance_scheduler f32"), check["detail"]
+    bf16 = read_bundle(diffusers_bundles["bf16_as_fp16"])
+    checks = declaration_checks(bf16.tensors, bf16.stages, bf16.request, config)
+    assert [c["declaration"] for c in checks] == [f"stages.{s}" for s in ("text_encoder", "unet",
+                                                                          "guidance_scheduler", "vae")]
+    assert all("ran in bf16; the bundle declares f16" in c["detail"] for c in checks)
+
+
 def test_timestep_embedding_differs_by_a_freedom_of_exp(tiny_sd21):
     """torch.exp and NumPy's float32 exp differ by 1 ulp on some of the embedding's frequencies; at
     t = 751 the argument t * freq moves by up to t * 2^-23 * freq, so sin / cos differ by up to
@@ -317,6 +340,7 @@ def test_bf16_declared_as_fp16_is_rejected(diffusers_bundles, tiny_sd21, certify
     text_encoder/hidden_states, peak and rms, k = 5.5; the UNet's outputs stay under k = 2.3)."""
     cert, d = _certify(diffusers_bundles, "bf16_as_fp16", tiny_sd21, certify_cache)
     assert not cert.certified and d["first_failure"] is not None
+    assert [c["tensor"] for c in d["exact_checks"] if not c["passed"]][0] == "text_encoder/hidden_states"
 
 
 def test_scaled_attention_scores_are_rejected_at_the_first_attention(diffusers_bundles, tiny_sd21, certify_cache):

@@ -61,6 +61,7 @@ from refsd_validate.certify_rerun import (
     teacher_inputs,
 )
 from refsd_validate.compare import compare, json_safe, psnr
+from refsd_validate.declaration_cost import f16_declaration_cost
 from refsd_validate.declarations import declaration_checks
 from refsd_validate.reader import Bundle, read_bundle
 from refsd_validate.tolerance import (
@@ -133,6 +134,7 @@ class Certificate:
     # The calibration overflow at or before the first failure (same mode): a device computing as declared can
     # fail there too, so the failure may be the deployment's fp16 headroom rather than the device.
     overflow_before_failure: dict | None = None
+    declaration_cost: dict | None = None  # what an f16 declaration costs (declaration_cost.f16_declaration_cost)
 
     @property
     def cost_gate_failed(self) -> bool:
@@ -171,6 +173,7 @@ class Certificate:
             "overflow_before_failure": self.overflow_before_failure,
             "hint": self.hint,
             "resolution": json_safe(self.resolution),
+            "declaration_cost": json_safe(self.declaration_cost),
             "rule": self.rule, "provenance": self.provenance, "request": self.request,
             "tensors": [r.to_dict() for r in self.results],
         }
@@ -406,12 +409,13 @@ def certificate_from(plan: Plan, traces: dict[tuple[str, int], dict], cache_stat
     expected_by_mode: dict[str, dict] = {}
     results: list[TensorResult] = []
     overflows: list[dict] = []
+    cuts: dict[str, list[int]] = {}
     for m in modes:
         calib = [traces[m, i] for i in range(len(variants))]
         expected = ref if m == "free" else traces["device_teacher", 0]
         expected_by_mode[m] = expected
         # A variant that overflowed fp16 (even into a finite result) is no calibration from that step on.
-        usable_until = []
+        usable_until = cuts[m] = []
         for v, c in zip(variants, calib):
             event = first_severe_event(c)
             bad = next((n for n in order if not np.isfinite(c[n]).all()), None)
@@ -484,9 +488,14 @@ def certificate_from(plan: Plan, traces: dict[tuple[str, int], dict], cache_stat
         "certified_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     images = {"reference": ref[names.IMAGE][0], "device": np.asarray(bundle.tensors[names.IMAGE][0], np.float32)}
-    return Certificate(certified, first, results, rule, provenance, dict(req), exact, images, deployment_cost=cost,
+    cert = Certificate(certified, first, results, rule, provenance, dict(req), exact, images, deployment_cost=cost,
                        unknown_intermediates=unknown, not_observable=plan.not_observable, calibration_overflows=overflows,
                        hint=hint, overflow_before_failure=before_first)
+    res = cert.resolution
+    if res is not None:
+        cert.declaration_cost = f16_declaration_cost(variants, traces, ref, order, cuts[res["mode"]], stages,
+                                                     res["mode"], k, se_scale, res["gain_every_step"])
+    return cert
 
 
 

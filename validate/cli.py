@@ -237,6 +237,8 @@ def summary_lines(cert, k: float, out: Path) -> list[str]:
         weak = " (weak: a 1 % gain error at one step can pass)" if res["gain_every_step"] > 0.01 else ""
         lines.append(f"resolution: a gain error on the UNet output is rejected above {res['gain_every_step']:.2%} at "
                      f"any step, above {res['gain_best_step']:.2%} at the best-resolved step{weak}")
+    if cert.declaration_cost is not None:
+        lines.append(f"  {cert.declaration_cost['statement']}")
     rc = cert.provenance.get("rerun_cache")
     if rc:
         lines.append(f"rerun cache: {rc['hits']} hits, {rc['misses']} reruns ({rc['hit_rate']:.0%} hit rate), "
