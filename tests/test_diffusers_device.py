@@ -93,6 +93,10 @@ BUNDLES = {
     "fp16_declared_f16": dict(dtype="fp16", declare="f16"),
     "bf16_as_fp16": dict(dtype="bf16", declare="f16"),
     "fp16_attention_fault": dict(dtype="fp16", intermediates=True, fault="attention_scale"),
+    # Two more of the fault matrix (bench/fault_matrix.py), cheap here: no intermediates, and the calibration
+    # runs are the fp16 bundle's (same request and declaration).
+    "fp16_plus_0.3pct": dict(dtype="fp16", fault="noise_pred_plus_0.3pct"),
+    "fp16_timestep_off_by_one": dict(dtype="fp16", fault="timestep_off_by_one"),
 }
 
 
@@ -115,11 +119,11 @@ def refsd_recorded(diffusers_bundles, tiny_sd21):
 
 
 @pytest.mark.parametrize("name", list(BUNDLES))
-def test_bundle_reads_and_declares_what_ran(diffusers_bundles, tiny_sd21, name):
+def test_bundle_reads_and_declares_what_ran(example, diffusers_bundles, tiny_sd21, name):
     b = read_bundle(diffusers_bundles[name], ModelGeometry.from_dir(tiny_sd21))
     assert set(boundary_names(4)) <= set(b.tensors)
     assert all(v.dtype in (np.float32, np.int64) for v in b.tensors.values())  # bf16 / fp16 widened to float32
-    want = {"fp32": "f32", "fp16": "f32_f16", "fp16_attention_fault": "f32_f16"}.get(name, "f16")
+    want = BUNDLES[name].get("declare", example.DECLARED[BUNDLES[name]["dtype"]])
     assert {s: (d["processor"], d["precision"]) for s, d in b.stages.items()} == {
         s: ("cpu", want) for s in ("text_encoder", "unet", "vae", "guidance_scheduler")}
     assert b.capture["model"]["weights"] == BUNDLES[name]["dtype"]
@@ -329,9 +333,18 @@ def test_fp16_certifies(diffusers_bundles, tiny_sd21, certify_cache, name):
     or f16 (looser). The step's fp16-rounded coefficients are a systematic gain
     (test_pytorch_fp16_scheduler_rounds_its_coefficients): a reference that runs the declared
     guidance_scheduler stage in f32 rejects scheduler/step_3/latents on gain (measured k = 46). With the
-    stage followed: certified, max k 1.3 (f32_f16) and 0.9 (f16)."""
+    stage followed: certified, max k 1.3 (f32_f16) and 0.9 (f16). Declared f16, the certificate says what
+    that cost: its UNet-output resolution is the f16 floor's minimum (4 x 2 u16 = 0.39 %), where the
+    design's f32_f16 runs alone give 0.0093 % (measured on this request)."""
     cert, d = _certify(diffusers_bundles, name, tiny_sd21, certify_cache)
     assert cert.certified, d["first_failure"]
+    cost = d["declaration_cost"]
+    if name == "fp16":
+        assert cost is None
+        return
+    assert cost["minimum_sets_it"] and cost["gain_every_step"] == pytest.approx(4 * 2 * 2.0**-11)
+    assert cost["f32_f16_runs_gain_every_step"] < cost["gain_every_step"] / 10
+    assert cost["statement"].startswith("the UNet is declared f16: a gain error on its output is rejected above 0.39 %")
 
 
 def test_bf16_declared_as_fp16_is_rejected(diffusers_bundles, tiny_sd21, certify_cache):
@@ -355,6 +368,23 @@ def test_scaled_attention_scores_are_rejected_at_the_first_attention(diffusers_b
     first = d["first_failure"]
     assert (first["stage"], first["step"]) == ("unet", 0), first
     assert first["module_path"] is not None and first["module_path"].startswith(FIRST_ATTENTION), first
+
+
+def test_a_third_of_a_percent_from_step_1_is_rejected_at_its_step(diffusers_bundles, tiny_sd21, certify_cache):
+    """The UNet output times 1.003 from step 1 (fp16, declared f32_f16): rejected first at
+    unet/step_1/noise_pred, with margin (k >= 6, the fault matrix's goal)."""
+    cert, d = _certify(diffusers_bundles, "fp16_plus_0.3pct", tiny_sd21, certify_cache)
+    first = d["first_failure"]
+    assert not cert.certified and first["tensor"] == "unet/step_1/noise_pred", first
+    assert first["k_needed"] >= 6, first
+
+
+def test_a_timestep_off_by_one_is_named(diffusers_bundles, tiny_sd21, certify_cache):
+    """Step 1 run at t + 1 (UNet and scheduler, recorded as run): the exact check names the step."""
+    cert, d = _certify(diffusers_bundles, "fp16_timestep_off_by_one", tiny_sd21, certify_cache)
+    (bad,) = [c for c in d["exact_checks"] if not c["passed"]]
+    t = int(read_bundle(diffusers_bundles["fp16"]).tensors["scheduler/timesteps"][1])
+    assert not cert.certified and bad["detail"] == f"step 1: device ran t={t + 1}, reference t={t}", bad
 
 
 # ---------------------------------------------------------------- the example as a user runs it
