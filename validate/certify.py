@@ -493,8 +493,9 @@ def certificate_from(plan: Plan, traces: dict[tuple[str, int], dict], cache_stat
                        hint=hint, overflow_before_failure=before_first)
     res = cert.resolution
     if res is not None:
-        cert.declaration_cost = f16_declaration_cost(variants, traces, ref, order, cuts[res["mode"]], stages,
-                                                     res["mode"], k, se_scale, res["gain_every_step"])
+        m = res["mode"]
+        cert.declaration_cost = f16_declaration_cost(variants, traces, ref, expected_by_mode[m], device, order, cuts[m],
+                                                     stages, m, k, se_scale, res["gain_every_step"])
     return cert
 
 
