@@ -73,7 +73,8 @@ def main() -> int:
         rows.append(f"| {path} | {ran} | {a.declared} | {cert['verdict']} | {worst:.2f} | {differ} | {units:.2f} |")
         print(rows[-1], flush=True)
     table = ["| ATEN_CPU_CAPABILITY | PyTorch ran | declared | verdict | worst k | boundary elements differing from "
-             "the first path | largest difference (fp16 unit roundoffs of the tensor's peak) |", "|---|---|---|---|---|---|---|", *rows]
+             "the first path | largest difference (fp16 unit roundoffs of the tensor's peak) |",
+             "|---|---|---|---|---|---|---|", *rows]
     (a.out / "table.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     return 0

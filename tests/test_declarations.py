@@ -93,7 +93,8 @@ def test_latents_that_match_another_guidance_declaration_say_so(tiny_sd21, sched
     tensors = _steps(config, request, "f16")
 
     def checks(precision, ftz=False):
-        stages = {s: {"precision": precision, "ftz": ftz} for s in ("text_encoder", "unet", "vae", "guidance_scheduler")}
+        stages = {s: {"precision": precision, "ftz": ftz}
+                  for s in ("text_encoder", "unet", "vae", "guidance_scheduler")}
         return declarations.declaration_checks(tensors, stages, request, config)
 
     (c,) = checks("f32")

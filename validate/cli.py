@@ -210,7 +210,8 @@ def summary_lines(cert, k: float, out: Path) -> list[str]:
     elif cert.hint:
         lines = [f"NOT CERTIFIED: {cert.hint}; {out}/"]
     else:
-        where = (f"{f.name} ({f.mode}; stage {declared_stage(f.stage)}" + (f", step {f.step}" if f.step is not None else "")
+        where = (f"{f.name} ({f.mode}; stage {declared_stage(f.stage)}"
+                 + (f", step {f.step}" if f.step is not None else "")
                  + (f", module {f.module_path}" if f.module_path else "") + f"): {', '.join(f.verdict.failed)}, "
                  f"needs k={f.verdict.k_needed:.3g}")
         lines = [f"NOT CERTIFIED: first failing tensor {where}; {out}/"]

@@ -74,7 +74,7 @@ RUNTIMES = [
     ("LiteRT, GPU, fp32 precision (no precision loss)", "gpu, f32", "where the app runs it", ""),
     ("PyTorch CPU, float32", "cpu, f32", "cpu, f32", ""),
     ("PyTorch CPU, float16 (diffusers)", "cpu, f32_f16, ftz false", "cpu, f16 (or f32_f16: calibrated alike)",
-     "each op in fp32, rounded once, within one fp16 ulp on every CPU kernel path (README)"),
+     "each op in fp32, rounded once; which fp32 formula varies by CPU kernel path, far below the floors (below)"),
     ("PyTorch CPU, bfloat16", "not certifiable", "", BF16),
     ("ONNX Runtime, CPU, fp32 model", "cpu, f32", "where the app runs it", ""),
     ("ONNX Runtime, fp16 model (CPU, CUDA, DirectML, NNAPI)", "f16 on the processor that ran it", "as it ran",
@@ -231,7 +231,9 @@ def _guidance_match(tensors, declared: Mapping, request: Mapping, scheduler_conf
         return None
     precision, ftz = matched[0]
     ftz_text = f", ftz {str(ftz).lower()}" if precision != "f32" else ""
-    said = declared["precision"] + ("" if declared["ftz"] is None or not sixteen else f", ftz {str(declared['ftz']).lower()}")
+    said = declared["precision"]
+    if declared["ftz"] is not None and sixteen:
+        said += f", ftz {str(declared['ftz']).lower()}"
     return {"tensor": "scheduler latents", "passed": False, "declaration": "stages.guidance_scheduler",
             "detail": f"these latents match guidance and the scheduler in {precision}{ftz_text} bit for bit at "
                       f"every step; the bundle declares guidance_scheduler {said}: declare "
