@@ -108,6 +108,9 @@ def test_latents_that_match_another_guidance_declaration_say_so(tiny_sd21, sched
     f32 = _steps(config, request, "f32")
     assert declarations.declaration_checks(f32, {"guidance_scheduler": {"precision": "f32", "ftz": None}},
                                            request, config) == []
+    # More precise than declared (f32 latents, f16 declared): not a declaration error; the floors judge it.
+    assert declarations.declaration_checks(f32, {"guidance_scheduler": {"precision": "f16", "ftz": False}},
+                                           request, config) == []
     # A step that matches nothing (a device's own arithmetic, or a fault): nothing claimed either.
     tensors[latents(1)] = tensors[latents(1)] * np.float32(1.001)
     assert checks("f32") == []

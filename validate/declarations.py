@@ -176,8 +176,10 @@ def declaration_checks(tensors: Mapping[str, np.ndarray], stages: Mapping[str, d
     * guidance_scheduler: the device's latents at every step, recomputed from
       its own noise prediction and previous latents by refsd's guidance and
       scheduler step (``refsd.pipeline.guided_step``) in each precision and
-      FTZ setting, match another declaration bit for bit and not the one
-      declared (f32_f16 and f16 count as one here: calibrated alike)."""
+      FTZ setting, match a coarser declaration bit for bit (16-bit where f32
+      is declared, FTZ where it is declared off) and not the one declared
+      (f32_f16 and f16 count as one here: calibrated alike). A device more
+      precise than it declares is left to the floors, which it passes."""
     checks = []
     for stage, name in STAGE_OUTPUTS.items():
         if name in tensors and bf16_valued(tensors[name]):
@@ -227,9 +229,12 @@ def _guidance_match(tensors, declared: Mapping, request: Mapping, scheduler_conf
     def as_declared(precision, ftz):
         return (precision != "f32") == sixteen and (declared["ftz"] is None or not sixteen or ftz == declared["ftz"])
 
-    if any(as_declared(*m) for m in matched):
+    def coarser(precision, ftz):  # than declared; a device more precise than it declares is not refused
+        return (not sixteen and precision != "f32") or (sixteen and declared["ftz"] is False and ftz)
+
+    if any(as_declared(*m) for m in matched) or not any(coarser(*m) for m in matched):
         return None
-    precision, ftz = matched[0]
+    precision, ftz = next(m for m in matched if coarser(*m))
     ftz_text = f", ftz {str(ftz).lower()}" if precision != "f32" else ""
     said = declared["precision"]
     if declared["ftz"] is not None and sixteen:
