@@ -37,8 +37,9 @@ Precision: with ``--dtype fp16`` the models run as ``torch.float16`` modules
 and the scheduler step run on the fp16 tensors too. PyTorch's CPU kernels
 compute each op in fp32 and round its output to fp16 (measured with torch 2.13
 on x86: a 4096-long fp16 matmul and a 512-channel 3x3 conv correctly rounded in
-64 of 64 outputs; softmax, GELU and GroupNorm equal to fp32 math rounded once;
-fp16 accumulation would be off by ~3 %). That is refsd's ``f32_f16`` (fp16
+64 of 64 outputs; softmax and GroupNorm equal to fp32 math rounded once, GELU
+within one fp16 ulp of it but in its far negative tail, where which fp32 formula
+runs varies by CPU kernel path: README; fp16 accumulation would be off by ~3 %). That is refsd's ``f32_f16`` (fp16
 storage, fp32 math inside an op), so every stage is declared ``f32_f16``; the
 coarser ``f16`` (fp16 math inside ops too) would be true as a bound but widens
 the validator's floors, and a real fault can hide under them. The capture

@@ -433,6 +433,32 @@ def test_example_runs_as_a_script(example, tiny_sd21, diffusers_bundles, tmp_pat
                                    err_msg=n)
 
 
+@pytest.mark.slow
+def test_fp16_from_another_cpu_kernel_path_certifies(diffusers_bundles, tiny_sd21, certify_cache, tmp_path):
+    """The fp16 run from PyTorch's portable kernels (ATEN_CPU_CAPABILITY=default) where the session's
+    bundle came from the CPU's best path: the values differ (measured against AVX512: 60302 of 70464
+    boundary elements) and the bundle still certifies as f32_f16 (measured k 1.03; bench/cpu_paths.py has
+    every path). Slow (a capture in a fresh process, about 20 s); the calibration runs are the fp16 bundle's."""
+    torch = pytest.importorskip("torch")
+    if torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("this CPU's best kernel path is the portable one")
+    out = tmp_path / "bundle"
+    r = certify_request()
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--model", str(tiny_sd21), "--prompt", r.prompt, "--negative-prompt",
+         r.negative_prompt, "--seed", str(r.seed), "--steps", str(r.steps), "--guidance", str(r.guidance),
+         "--height", str(r.height), "--width", str(r.width), "--dtype", "fp16", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    native = read_bundle(diffusers_bundles["fp16"]).tensors
+    portable = read_bundle(out).tensors
+    assert any(not np.array_equal(portable[n], native[n]) for n in boundary_names(r.steps))
+    cert, d = _certify({"default": out}, "default", tiny_sd21, certify_cache)
+    assert cert.certified, d["first_failure"]
+
+
 def test_nchw_written_as_nhwc_is_refused(diffusers_bundles, tiny_sd21, tmp_path):
     """A capture that forgot PyTorch's NCHW -> NHWC transpose: 32x32 latents with 4 channels are
     (1, 4, 32, 32), not (1, 32, 32, 4), so the shape checks catch it before any value is compared."""
