@@ -37,8 +37,9 @@ Precision: with ``--dtype fp16`` the models run as ``torch.float16`` modules
 and the scheduler step run on the fp16 tensors too. PyTorch's CPU kernels
 compute each op in fp32 and round its output to fp16 (measured with torch 2.13
 on x86: a 4096-long fp16 matmul and a 512-channel 3x3 conv correctly rounded in
-64 of 64 outputs; softmax, GELU and GroupNorm equal to fp32 math rounded once;
-fp16 accumulation would be off by ~3 %). That is refsd's ``f32_f16`` (fp16
+64 of 64 outputs; softmax and GroupNorm equal to fp32 math rounded once, GELU
+within one fp16 ulp of it but in its far negative tail, where which fp32 formula
+runs varies by CPU kernel path: README; fp16 accumulation would be off by ~3 %). That is refsd's ``f32_f16`` (fp16
 storage, fp32 math inside an op), so every stage is declared ``f32_f16``; the
 coarser ``f16`` (fp16 math inside ops too) would be true as a bound but widens
 the validator's floors, and a real fault can hide under them. The capture
@@ -71,7 +72,15 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # What each dtype is declared as (schema: f32 | f32_f16 | f16; see the module docstring). bf16 has no
 # entry in the schema; f16 is the most lenient 16-bit one, and the validator should still refuse it.
 DECLARED = {"fp32": "f32", "fp16": "f32_f16", "bf16": "f16"}
-FAULTS = ("attention_scale",)
+# Faults a broken runtime could have, to show the validator catches them (bench/fault_matrix.py runs them all):
+# fault -> (what, first step it acts on).
+FAULTS = {
+    "attention_scale": ("every attention's scores scaled by 1.01 (a 1 % softmax temperature)", 0),
+    "attention_scale_from_step_1": ("the same, from step 1 on", 1),
+    "noise_pred_plus_1pct": ("the UNet output times 1.01 from step 1 on", 1),
+    "noise_pred_plus_0.3pct": ("the UNet output times 1.003 from step 1 on", 1),
+    "timestep_off_by_one": ("step 1 runs timestep t + 1 (UNet and scheduler), as the device records it", 1),
+}
 
 
 # ---------------------------------------------------------------- 1. the runtime: load the components
@@ -189,7 +198,13 @@ class ScaledScoresAttnProcessor(AttnProcessor):
     a kernel bug a 1 % off softmax temperature would be. (``AttnProcessor2_0``, the default,
     calls ``scaled_dot_product_attention`` without ``attn.scale``; the plain processor uses it.)"""
 
+    def __init__(self, active=lambda: True) -> None:
+        super().__init__()
+        self.active = active  # whether the fault acts now (a fault from step 1 leaves step 0 alone)
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        if not self.active():
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         scale = attn.scale
         attn.scale = scale * 1.01
         try:
@@ -210,10 +225,13 @@ def run(model_dir: str | Path, *, prompt: str, negative_prompt: str = "", seed: 
         raise ValueError(f"unknown fault {fault!r}; expected one of {', '.join(FAULTS)}")
     torch_dtype = DTYPES[dtype]
     tokenizer, text_encoder, unet, vae, scheduler = load(Path(model_dir), dtype)
-    if fault == "attention_scale":  # every diffusers attention (UNet, VAE); CLIP's is transformers' own
-        unet.set_attn_processor(ScaledScoresAttnProcessor())
-        vae.set_attn_processor(ScaledScoresAttnProcessor())
     rec = Recorder()
+    from_step = FAULTS[fault][1] if fault is not None else None
+    if fault is not None and fault.startswith("attention_scale"):
+        # every diffusers attention (UNet, VAE: the VAE runs after the loop, step None); CLIP's is transformers' own
+        processor = ScaledScoresAttnProcessor(lambda: rec.step is None or rec.step >= from_step)
+        unet.set_attn_processor(processor)
+        vae.set_attn_processor(processor)
     handles = []
     if intermediates:
         for component, model in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
@@ -230,6 +248,8 @@ def run(model_dir: str | Path, *, prompt: str, negative_prompt: str = "", seed: 
 
     # Initial noise: refsd's documented draw (NHWC float32) times init_noise_sigma, as NCHW in the model's dtype.
     scheduler.set_timesteps(steps)
+    if fault == "timestep_off_by_one":
+        scheduler.timesteps[from_step] += 1
     scale = 2 ** (len(vae.config.block_out_channels) - 1)  # image pixels per latent pixel (8 for SD)
     h, w = height // scale, width // scale
     noise = initial_latents(seed, h, w, unet.config.in_channels) * np.float32(scheduler.init_noise_sigma)
@@ -243,6 +263,8 @@ def run(model_dir: str | Path, *, prompt: str, negative_prompt: str = "", seed: 
         x_in = scheduler.scale_model_input(torch.cat([x, x]), t)
         # The UNet's raw output (epsilon or v, as the folder's prediction type says), (2, C, h, w), [uncond, cond]
         out = unet(x_in, t, encoder_hidden_states=context).sample
+        if fault is not None and fault.startswith("noise_pred_plus") and i >= from_step:
+            out = out * (1.01 if fault == "noise_pred_plus_1pct" else 1.003)
         uncond, cond = out.chunk(2)
         # Guidance and the scheduler step in the model's dtype, as diffusers' pipeline does.
         x = scheduler.step(uncond + guidance * (cond - uncond), t, x).prev_sample

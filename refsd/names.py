@@ -127,6 +127,42 @@ def layout(shape: tuple[int, ...]) -> str:
     return {4: "NHWC", 3: "N,L,C (tokens or pixels, channels)", 2: "N,C", 1: "vector"}.get(len(shape), f"rank {len(shape)}")
 
 
+@dataclass(frozen=True)
+class RecordedShape:
+    shape: tuple[int, ...]
+    # identical for both CFG rows (the time embedding of one timestep): a device that computes it once may
+    # hold it with batch 1
+    batch_invariant: bool
+
+
+def recorded_shapes(model_dir: str | Path, *, height: int, width: int,
+                    progress: bool = False) -> dict[str, RecordedShape]:
+    """Every tensor one denoising step at ``height`` x ``width`` records (the
+    loop's names at step 0), with its shape and whether both CFG rows are
+    equal: one f32 run of the pipeline at that size (a bundle's check needs
+    the values, not only the shapes ``recorded_names`` scales)."""
+    from refsd.context import recording  # noqa: PLC0415
+    from refsd.pipeline import Pipeline, Request  # noqa: PLC0415
+
+    pipe = Pipeline(model_dir, low_memory=True)
+    with recording() as rec:
+        result = pipe(Request("", steps=1, scheduler="ddim", height=height, width=width), progress=progress)
+    out = {}
+    for n, v in {**result.trace, **rec}.items():
+        v = np.asarray(v)
+        out[n] = RecordedShape(tuple(v.shape), v.ndim >= 1 and v.shape[0] == 2 and np.array_equal(v[0], v[1]))
+    return out
+
+
+def recorded_shape(name: str, shapes: dict[str, RecordedShape]) -> RecordedShape | None:
+    """The shape a name at any step has (``recorded_shapes`` holds step 0's); None if not recorded."""
+    try:
+        stage, step, path = trace.parse_name(name)
+    except ValueError:
+        return None
+    return shapes.get(name if step is None else name.replace(f"/step_{step}/", "/step_0/", 1))
+
+
 def default_size(model_dir: str | Path) -> tuple[int, int]:
     """The model's own image size: the UNet's ``sample_size`` (latent pixels) times the VAE's factor."""
     return _default_size(_models(model_dir))

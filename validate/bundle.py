@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+from refsd_validate.declarations import refuse_bf16_precision
 
 from refsd import trace
 from refsd.models.vae import downscale
@@ -175,6 +176,7 @@ def check_document(doc: Mapping) -> None:
     if type(version) is not int or version not in SCHEMA_VERSIONS:  # not 2.0, not True
         raise ValueError(f"capture.json: unsupported schema_version {version!r} (this validator reads versions "
                          f"{', '.join(map(str, SCHEMA_VERSIONS))})")
+    refuse_bf16_precision(doc)
     check_schema(doc, _schema(version), "capture.json")  # refsd.safe_io: integers strictly integers
 
 
@@ -283,3 +285,39 @@ def _check_against_model(doc: Mapping, arrays: Mapping[str, np.ndarray], model_d
     if unknown:
         raise ValueError(f"tensors the reference does not record ({len(unknown)}): {', '.join(unknown[:5])} "
                          "(see 'refsd-validate names --model DIR')")
+    check_intermediate_shapes({n: a.shape for n, a in arrays.items() if n not in expected}, doc["request"], model_dir)
+
+
+def _module_path(name: str) -> str | None:
+    try:
+        return trace.parse_name(name)[2]
+    except ValueError:
+        return None
+
+
+def check_intermediate_shapes(shapes: Mapping[str, tuple], request: Mapping, model_dir) -> None:
+    """Raise ``BundleError`` (one line) for the first intermediate in
+    ``shapes`` (name -> shape) whose shape is not what the reference records
+    at the request's size, naming an NCHW tensor as such. One f32 denoising
+    step is run for the shapes (``refsd.names.recorded_shapes``), only when
+    there are intermediates; names the reference does not record are skipped
+    (listed elsewhere). A tensor identical for both CFG rows may be held with
+    batch 1 (certify accepts it)."""
+    from refsd.names import recorded_shape, recorded_shapes  # noqa: PLC0415
+
+    inner = {n: tuple(int(d) for d in s) for n, s in shapes.items() if _module_path(n) is not None}
+    if not inner:
+        return
+    recorded = recorded_shapes(model_dir, height=int(request["height"]), width=int(request["width"]))
+    for name in trace.execution_order(list(inner)):
+        want, got = recorded_shape(name, recorded), inner[name]
+        if want is None or got == want.shape or (want.batch_invariant and got == (1, *want.shape[1:])):
+            continue
+        w = want.shape
+        hint = ""
+        if len(w) == 4 and got == (w[0], w[3], w[1], w[2]):
+            hint = " (NCHW: bundles hold NHWC activations; transpose (0, 2, 3, 1), or write_bundle(..., layout='NCHW'))"
+        elif len(w) == 3 and got == (w[0], w[2], w[1]):
+            hint = " (N, C, L: bundles hold (N, L, C); transpose (0, 2, 1))"
+        raise BundleError(f"tensor {name}: shape {got}, the reference records {w} at {request['height']}x"
+                          f"{request['width']}{hint}")

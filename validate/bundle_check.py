@@ -3,10 +3,14 @@ reference (``refsd-validate check`` and ``refsd-validate names``).
 
 ``check BUNDLE [--model DIR]``: the bundle is read as certify reads it
 (schema, files, sha256 of every tensor, dtypes, boundary shapes against the
-model's configs), the model hash is compared, and each intermediate is
-sorted into "judged" (the reference records that module: ``refsd.names``)
-or "not judged" (unknown to the reference, or marked not observable by the
-capture). Exit 0 if certify can run on it, 2 otherwise.
+model's configs), the model hash is compared, each intermediate is sorted
+into "judged" (the reference records that module: ``refsd.names``) or "not
+judged" (unknown to the reference, or marked not observable by the
+capture), and each judged one's shape and layout is checked against what the
+reference records at the request's size (``bundle.check_intermediate_shapes``:
+one f32 denoising step is run for the shapes, as ``names`` does; write_bundle
+refuses the same tensors with the same message). Exit 0 if certify can run on
+it, 2 otherwise.
 
 ``names --model DIR``: every name the reference records, with shape, layout
 and meaning (one denoising step is run for the shapes).
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from refsd_validate.bundle import BundleError, ModelGeometry, model_sha256
+from refsd_validate.bundle import BundleError, ModelGeometry, check_intermediate_shapes, model_sha256
 from refsd_validate.reader import read_bundle
 
 from refsd import trace
@@ -56,4 +60,9 @@ def check_bundle(bundle_path: str | Path, model_dir: str | Path | None = None) -
     lines += [f"  unknown: {n}" for n in unknown[:20]]
     if len(unknown) > 20:
         lines.append(f"  ... and {len(unknown) - 20} more")
+    judged_names = [n for n in b.intermediates if n not in unknown and n not in not_observable]
+    check_intermediate_shapes({n: doc["tensors"][n]["shape"] for n in judged_names}, doc["request"], model_dir)
+    if judged_names:
+        lines.append(f"intermediates: every judged one has the shape and layout (NHWC) the reference records at "
+                     f"{doc['request']['height']}x{doc['request']['width']}")
     return lines

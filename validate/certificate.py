@@ -88,6 +88,7 @@ class Certificate:
     # A calibration overflow the first failure may come from (explain.possible_overflow): a device computing as
     # declared can fail there too, so the failure may be the deployment's fp16 headroom rather than the device.
     overflow_before_failure: dict | None = None
+    declaration_cost: dict | None = None  # what an f16 declaration costs (declaration_cost.f16_declaration_cost)
 
     @property
     def cost_gate_failed(self) -> bool:
@@ -116,6 +117,7 @@ class Certificate:
             "overflow_before_failure": self.overflow_before_failure,
             "hint": self.hint,
             "resolution": json_safe(self.resolution),
+            "declaration_cost": json_safe(self.declaration_cost),
             "rule": self.rule, "provenance": self.provenance, "request": self.request,
             "tensors": [r.to_dict() for r in self.results],
         }

@@ -16,18 +16,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from refsd_validate.declarations import declared_stage
 from refsd_validate.tolerance import MINIMUM, STANDARD_ERROR
 
 from refsd.trace import position
 
 # Line kinds a terminal indents under the verdict: details of it.
-DETAIL_KINDS = frozenset({"possible_cause", "first_failure", "narrowest_pass", "not_checked", "not_judged"})
+DETAIL_KINDS = frozenset({"possible_cause", "first_failure", "narrowest_pass", "not_checked", "not_judged",
+                          "declaration_cost"})
 WEAK_GAIN = 0.01  # a certificate that cannot see a 1 % gain error at some step says so
 
 
 @dataclass(frozen=True)
 class Line:
-    kind: str  # verdict | possible_cause | first_failure | narrowest_pass | not_checked | not_judged | resolution | cost
+    kind: str  # verdict | possible_cause | first_failure | narrowest_pass | not_checked | not_judged | resolution |
+    #            declaration_cost | cost
     text: str
     facts: dict
 
@@ -162,7 +165,7 @@ def _resolution_lines(res: dict | None) -> list[Line]:
 
 def explain(*, certified: bool, k: float, results: list, first, exact_checks: list[dict], hint: str | None,
             overflows: list[dict], order: list[str], device_nonfinite_from: int | None, unknown: list[str],
-            not_observable: list[str], cost: dict) -> Explanation:
+            not_observable: list[str], cost: dict, declaration_cost: dict | None = None) -> Explanation:
     """The certificate's explanation (see the module docstring)."""
     lines = []
     exact_bad = [c for c in exact_checks if not c["passed"]]
@@ -177,7 +180,7 @@ def explain(*, certified: bool, k: float, results: list, first, exact_checks: li
         lines.append(Line("verdict", f"NOT CERTIFIED: {hint}", {"certified": False, "hint": True}))
     else:
         f = first
-        where = (f"{f.name} ({f.mode}; stage {f.stage}" + (f", step {f.step}" if f.step is not None else "")
+        where = (f"{f.name} ({f.mode}; stage {declared_stage(f.stage)}" + (f", step {f.step}" if f.step is not None else "")
                  + (f", module {f.module_path}" if f.module_path else "") + f"): {', '.join(f.verdict.failed)}, "
                  f"needs k={_g(f.verdict.k_needed)}")
         lines.append(Line("verdict", f"NOT CERTIFIED: first failing tensor {where}", {"certified": False}))
@@ -202,6 +205,8 @@ def explain(*, certified: bool, k: float, results: list, first, exact_checks: li
                           "device)", {"count": len(not_observable)}))
     res = resolution(results)
     lines += _resolution_lines(res)
+    if declaration_cost is not None:
+        lines.append(Line("declaration_cost", declaration_cost["statement"], {}))
     if cost:
         gate = cost.get("gate")
         verdict = "" if gate is None else (" (within" if gate["passed"] else " (FAILS") + \

@@ -23,7 +23,9 @@ from refsd_validate.certify_rerun import (
     first_severe_event,
 )
 from refsd_validate.compare import compare, psnr
-from refsd_validate.explain import explain
+from refsd_validate.declaration_cost import f16_declaration_cost
+from refsd_validate.declarations import declaration_checks
+from refsd_validate.explain import explain, resolution
 from refsd_validate.plan import Plan
 from refsd_validate.rerun_cache import cache_bytes
 from refsd_validate.tolerance import (
@@ -42,6 +44,7 @@ from refsd import __version__, kernels
 from refsd import trace
 from refsd.image import to_image
 from refsd.trace import parse_name, position
+from refsd.weights import load_scheduler_config
 
 
 def judge_certificate(plan: Plan, traces: dict[tuple[str, int], dict],
@@ -66,12 +69,13 @@ def judge_certificate(plan: Plan, traces: dict[tuple[str, int], dict],
     overflows: list[dict] = []
     nonfinite: set[str] = set()  # device tensors holding NaN or inf
     labels = [v.label for v in variants]
+    cuts: dict[str, list[int]] = {}
     for m in modes:
         calib = [traces[m, i] for i in range(len(variants))]
         expected = ref if m == "free" else traces["device_teacher", 0]
         expected_by_mode[m] = expected
         # A variant that overflowed fp16 (even into a finite result) is no calibration from that step on.
-        usable_until = []
+        usable_until = cuts[m] = []
         for v, c in zip(variants, calib):
             event = first_severe_event(c)
             bad = next((n for n in order if not np.isfinite(c[n]).all()), None)
@@ -101,7 +105,9 @@ def judge_certificate(plan: Plan, traces: dict[tuple[str, int], dict],
                                               float(np.abs(r).max(initial=0.0)))
             results.append(result)
 
-    exact = _exact_checks(bundle, ref, plan.model_dir)
+    stage_dicts = {s: asdict(d) for s, d in stages.items()}
+    exact = _exact_checks(bundle, ref, plan.model_dir) + declaration_checks(
+        bundle.tensors, stage_dicts, req, load_scheduler_config(plan.model_dir / "scheduler"))
     failures = [r for r in results if not r.verdict.passed]
     # Teacher-forced failures localize better: they are the step's own error, not inherited drift.
     by_mode = {m: next((r for r in failures if r.mode == m), None) for m in modes}
@@ -142,13 +148,19 @@ def judge_certificate(plan: Plan, traces: dict[tuple[str, int], dict],
         "certified_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     nonfinite_from = next((i for i, n in enumerate(order) if n in nonfinite), None)
+    res = resolution(results)
+    declared_cost = None if res is None else f16_declaration_cost(
+        variants, traces, ref, expected_by_mode[res["mode"]], device, order, cuts[res["mode"]], stage_dicts,
+        res["mode"], k, se_scale, res["gain_every_step"])
     explanation = explain(certified=certified, k=k, results=results, first=first, exact_checks=exact, hint=hint,
                           overflows=overflows, order=order, device_nonfinite_from=nonfinite_from,
-                          unknown=unknown, not_observable=plan.not_observable, cost=cost)
+                          unknown=unknown, not_observable=plan.not_observable, cost=cost,
+                          declaration_cost=declared_cost)
     images = {"reference": ref[trace.IMAGE][0], "device": np.asarray(bundle.tensors[trace.IMAGE][0], np.float32)}
     return Certificate(certified, first, results, rule, provenance, dict(req), explanation, exact, images,
                        deployment_cost=cost, unknown_intermediates=unknown, not_observable=plan.not_observable,
-                       calibration_overflows=overflows, hint=hint, overflow_before_failure=before_first)
+                       calibration_overflows=overflows, hint=hint, overflow_before_failure=before_first,
+                       declaration_cost=declared_cost)
 
 
 def _closest_run(ref: np.ndarray, expected: np.ndarray, test: np.ndarray, runs: list[tuple[np.ndarray, float]],
