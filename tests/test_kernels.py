@@ -254,3 +254,30 @@ def test_cache_dir_unwritable_falls_back_to_a_temporary_one(tmp_path, monkeypatc
     assert err.count("\n") == 1 and "no writable cache directory" in err
     monkeypatch.setenv("REFSD_KERNEL_CACHE", str(tmp_path / "ok"))
     assert kernels.cache_dir() == tmp_path / "ok"
+
+
+@pytest.mark.parametrize("ftz", [False, True])
+@pytest.mark.parametrize("block,device", [(1, "litert-gpu"), (4, None)])
+def test_parallel_paths_same_bits_and_events(block, device, ftz):
+    """Past the one-thread limit (``fp16._SERIAL_WORK``): the parallel accumulation and sequential matmul,
+    with subnormal products, overflowing sums and cancellations, against the definitions."""
+    from refsd.kernels import fp16
+
+    rng = np.random.default_rng(3)
+    m, k, n = 96, 320, 160
+    assert m * k * n > fp16._SERIAL_WORK and (k // block) * m * n > fp16._SERIAL_WORK
+    with precision("f32_f16"):
+        a = np.array(_core.load((rng.standard_normal((m, k)) * 2.0 ** rng.integers(-14, 9, (m, k))).astype(np.float32)))
+        b = np.array(_core.load((rng.standard_normal((k, n)) * 2.0 ** rng.integers(-12, 4, (k, n))).astype(np.float32)))
+    a[0, :] = 300.0  # row 0 times column 0: products of 90000 overflow fp16
+    b[:, 0] = 300.0
+
+    def run():
+        with precision("f16", ftz=ftz, block=block, device_model=device):
+            with monitoring() as mon:
+                y = _core.matmul(a, b)
+        return _bits(y).copy(), _events(mon)
+
+    (wy, we), (gy, ge) = both(run)
+    np.testing.assert_array_equal(gy, wy)
+    assert ge == we and any(e[0] == "overflow" for e in we) and any(e[0] == "underflow" for e in we)

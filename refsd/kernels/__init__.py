@@ -99,15 +99,20 @@ def threads() -> int:
 
 
 def _configure_numba() -> None:
-    """Cache directory and thread count, which numba reads once, at import
-    (the thread count also for threads started later, such as a Dask
-    worker's); a caller's own settings stand."""
+    """Cache directory, thread count and how idle kernel threads wait, which
+    numba and its OpenMP runtime read once, at load (the thread count also
+    for threads started later, such as a Dask worker's); a caller's own
+    settings stand."""
     if "numba" in sys.modules:
         return
     if not os.environ.get("NUMBA_CACHE_DIR"):
         os.environ["NUMBA_CACHE_DIR"] = str(cache_dir())
     if not os.environ.get("NUMBA_NUM_THREADS"):
         os.environ["NUMBA_NUM_THREADS"] = str(threads())
+    if not os.environ.get("OMP_WAIT_POLICY"):
+        # Kernel threads sleep between parallel regions instead of spinning: on a loaded machine a
+        # spinning team made f16 runs 4x slower than one thread (bench/README.md); passive, 1.1x.
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def cache_dir() -> Path:

@@ -34,6 +34,9 @@ from numba.extending import intrinsic
 # Elements per parallel chunk: below this a kernel runs on one thread (a
 # parallel launch costs more than rounding 64K elements).
 CHUNK = 1 << 16
+# Element-steps (accumulation) or multiply-adds (sequential matmul) below
+# which a kernel runs on one thread.
+_SERIAL_WORK = 1 << 20
 # Counter layout returned by the rounding kernels (``numerics.round_into``'s tuple).
 HI, TOP, OVERFLOW, TO_ZERO, TO_SUBNORMAL, HAD_INF = range(6)
 NCOUNT = 6
@@ -234,6 +237,15 @@ def round_into(x: np.ndarray, out: np.ndarray, ftz: bool, stats: bool) -> tuple:
     return _counters(c)
 
 
+def _merge_pieces(cs: np.ndarray) -> np.ndarray:
+    """Counters of pieces (axis 0) merged, as ``_merge`` does: maxima and sums."""
+    c = cs.sum(axis=0)
+    c[..., HI] = cs[..., HI].max(axis=0)
+    c[..., TOP] = cs[..., TOP].max(axis=0)
+    c[..., HAD_INF] = cs[..., HAD_INF].max(axis=0)
+    return c
+
+
 def _counters(c) -> tuple:
     return int(c[HI]), int(c[TOP]), int(c[OVERFLOW]), int(c[TO_ZERO]), int(c[TO_SUBNORMAL]), bool(c[HAD_INF])
 
@@ -282,21 +294,27 @@ def _step(pu, s, first, ftz, stats, cp, ca, w):
             _tally(w[:n], ftz, ca)
 
 
+@njit(cache=True, nogil=True)
+def _accumulate_piece(pu, s, k, first, ftz, stats, ck):
+    """Output piece ``k`` (``_PIECE`` elements) through every block."""
+    n = pu.shape[1]
+    lo = k * _PIECE
+    hi = min(lo + _PIECE, n)
+    w = np.empty(hi - lo, np.uint32)
+    for j in range(pu.shape[0]):
+        _step(pu[j, lo:hi], s[lo:hi], first and j == 0, ftz, stats, ck[j, 0], ck[j, 1], w)
+
+
+@njit(cache=True, nogil=True)
+def _accumulate_serial(pu, s, first, ftz, stats, cs):
+    for k in range(cs.shape[0]):
+        _accumulate_piece(pu, s, k, first, ftz, stats, cs[k])
+
+
 @njit(cache=True, nogil=True, parallel=True)
-def _accumulate(pu, s, first, ftz, stats, c):
-    nb, n = pu.shape
-    nchunk = (n + _PIECE - 1) // _PIECE
-    cs = np.zeros((nchunk, nb, 2, NCOUNT), np.int64)
-    for k in prange(nchunk):
-        lo = k * _PIECE
-        hi = min(lo + _PIECE, n)
-        w = np.empty(hi - lo, np.uint32)
-        for j in range(nb):
-            _step(pu[j, lo:hi], s[lo:hi], first and j == 0, ftz, stats, cs[k, j, 0], cs[k, j, 1], w)
-    if stats:
-        for j in range(nb):
-            _merge(cs[:, j, 0], c[j, 0])
-            _merge(cs[:, j, 1], c[j, 1])
+def _accumulate_parallel(pu, s, first, ftz, stats, cs):
+    for k in prange(cs.shape[0]):
+        _accumulate_piece(pu, s, k, first, ftz, stats, cs[k])
 
 
 def accumulate(parts: np.ndarray, s: np.ndarray, first: bool, ftz: bool, stats: bool):
@@ -306,11 +324,14 @@ def accumulate(parts: np.ndarray, s: np.ndarray, first: bool, ftz: bool, stats: 
     rounding and addition loops of ``_core._matmul_blocked`` and
     ``_core._reduce_sum_blocked``. Returns, with ``stats``, per block its
     (partial, accumulate) counter tuples (accumulate None for a first block)."""
-    nb = parts.shape[0]
-    c = np.zeros((nb, 2, NCOUNT), np.int64)
-    _accumulate(parts.view(np.uint32), s, first, ftz, stats, c)
+    nb, n = parts.shape
+    cs = np.zeros(((n + _PIECE - 1) // _PIECE, nb, 2, NCOUNT), np.int64)
+    # Small sums on one thread: a parallel launch costs more than it saves there.
+    run = _accumulate_serial if parts.size <= _SERIAL_WORK else _accumulate_parallel
+    run(parts.view(np.uint32), s, first, ftz, stats, cs)
     if not stats:
         return None
+    c = _merge_pieces(cs)
     return [(_counters(c[j, 0]), None if j == 0 and first else _counters(c[j, 1])) for j in range(nb)]
 
 
@@ -348,17 +369,20 @@ def _matmul_rows(a, b, out, r0, r1, ftz, stats, cg):
                     o[q] = _r16_nan_free(o[q] + p, ftz)
 
 
-@njit(cache=True, nogil=True, parallel=True)
-def _matmul_sequential(a, b, out, ftz, stats, c):
+@njit(cache=True, nogil=True)
+def _matmul_serial(a, b, out, ftz, stats, cs):
     rows = a.shape[0] * a.shape[1]
-    ng = max(1, min(rows, _ROW_GROUPS))
-    cs = np.zeros((ng, a.shape[2], 2, NCOUNT), np.int64)
+    ng = cs.shape[0]
+    for g in range(ng):
+        _matmul_rows(a, b, out, rows * g // ng, rows * (g + 1) // ng, ftz, stats, cs[g])
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _matmul_parallel(a, b, out, ftz, stats, cs):
+    rows = a.shape[0] * a.shape[1]
+    ng = cs.shape[0]
     for g in prange(ng):
         _matmul_rows(a, b, out, rows * g // ng, rows * (g + 1) // ng, ftz, stats, cs[g])
-    if stats:
-        for j in range(a.shape[2]):
-            _merge(cs[:, j, 0], c[j, 0])
-            _merge(cs[:, j, 1], c[j, 1])
 
 
 def matmul_sequential(a: np.ndarray, b: np.ndarray, ftz: bool, stats: bool):
@@ -370,10 +394,12 @@ def matmul_sequential(a: np.ndarray, b: np.ndarray, ftz: bool, stats: bool):
     result and, with ``stats``, per K the (partial, accumulate) counters."""
     nbatch, m, k = a.shape
     out = np.empty((nbatch, m, b.shape[2]), np.float32)
-    c = np.zeros((k, 2, NCOUNT), np.int64)
-    _matmul_sequential(a, b, out, ftz, stats, c)
+    cs = np.zeros((max(1, min(nbatch * m, _ROW_GROUPS)), k, 2, NCOUNT), np.int64)
+    run = _matmul_serial if nbatch * m * k * b.shape[2] <= _SERIAL_WORK else _matmul_parallel
+    run(a, b, out, ftz, stats, cs)
     if not stats:
         return out, None
+    c = _merge_pieces(cs)
     return out, [(_counters(c[j, 0]), None if j == 0 else _counters(c[j, 1])) for j in range(k)]
 
 
@@ -382,11 +408,14 @@ def warm_up() -> None:
     calls it with, so a failure shows at the switch, not mid-run."""
     x = np.linspace(-70000, 70000, 2 * CHUNK + 3, dtype=np.float32)
     out = np.empty_like(x)
+    big = np.linspace(-1, 1, 2 * _SERIAL_WORK + 2, dtype=np.float32)  # past the one-thread limits
     for ftz in (False, True):
         for stats in (False, True):
             round_into(x, out, ftz, stats)
             round_into(x[:5], out[:5], ftz, stats)
-            accumulate(x[:12].reshape(3, 4), np.zeros(4, np.float32), True, ftz, stats)
-            accumulate(x[:12].reshape(3, 4), np.zeros(4, np.float32), False, ftz, stats)
+            for first in (True, False):
+                accumulate(x[:12].reshape(3, 4), np.zeros(4, np.float32), first, ftz, stats)
+                accumulate(big.reshape(2, -1), np.zeros(big.size // 2, np.float32), first, ftz, stats)
             matmul_sequential(x[:6].reshape(1, 2, 3), x[:12].reshape(1, 3, 4), ftz, stats)
+            matmul_sequential(big[: 64 * 128].reshape(1, 64, 128), big[: 128 * 129].reshape(1, 128, 129), ftz, stats)
         truncate_into(x, out, ftz)
