@@ -86,6 +86,13 @@ def _steps(config, request, precision, seed=0):
     return out
 
 
+def _declared(precision, ftz):
+    from refsd_validate.bundle import StageDeclaration
+
+    return StageDeclaration(processor="cpu", precision=precision, ftz=ftz, int8_kernels=None, fast_math=False,
+                            fully_accelerated=None, fallback_ops=(), runtime=None)
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "euler", "dpm++2m"])
 def test_latents_that_match_another_guidance_declaration_say_so(tiny_sd21, scheduler):
     config = load_scheduler_config(tiny_sd21 / "scheduler")
@@ -93,8 +100,7 @@ def test_latents_that_match_another_guidance_declaration_say_so(tiny_sd21, sched
     tensors = _steps(config, request, "f16")
 
     def checks(precision, ftz=False):
-        stages = {s: {"precision": precision, "ftz": ftz}
-                  for s in ("text_encoder", "unet", "vae", "guidance_scheduler")}
+        stages = {s: _declared(precision, ftz) for s in ("text_encoder", "unet", "vae", "guidance_scheduler")}
         return declarations.declaration_checks(tensors, stages, request, config)
 
     (c,) = checks("f32")
@@ -106,10 +112,10 @@ def test_latents_that_match_another_guidance_declaration_say_so(tiny_sd21, sched
     assert checks("f16", None) == []
     # An f32 stage's latents match no 16-bit declaration: nothing to say.
     f32 = _steps(config, request, "f32")
-    assert declarations.declaration_checks(f32, {"guidance_scheduler": {"precision": "f32", "ftz": None}},
+    assert declarations.declaration_checks(f32, {"guidance_scheduler": _declared("f32", None)},
                                            request, config) == []
     # More precise than declared (f32 latents, f16 declared): not a declaration error; the floors judge it.
-    assert declarations.declaration_checks(f32, {"guidance_scheduler": {"precision": "f16", "ftz": False}},
+    assert declarations.declaration_checks(f32, {"guidance_scheduler": _declared("f16", False)},
                                            request, config) == []
     # A step that matches nothing (a device's own arithmetic, or a fault): nothing claimed either.
     tensors[latents(1)] = tensors[latents(1)] * np.float32(1.001)

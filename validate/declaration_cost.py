@@ -53,7 +53,7 @@ def f16_declaration_cost(variants: Sequence, traces: dict, ref: dict, expected: 
 
     from refsd.numerics import U_F16  # noqa: PLC0415
 
-    if stages["unet"]["precision"] != "f16":
+    if stages["unet"].precision != "f16":
         return None
     chosen = [i for i, v in enumerate(variants) if v.stage("unet").precision == "f32_f16"]
     gains, failure = [], None

@@ -165,7 +165,7 @@ def bf16_valued(a: np.ndarray) -> bool:
     return v.size >= BF16_MIN_ELEMENTS and not np.any(v.view(np.uint32) & np.uint32(0xFFFF))
 
 
-def declaration_checks(tensors: Mapping[str, np.ndarray], stages: Mapping[str, dict], request: Mapping,
+def declaration_checks(tensors: Mapping[str, np.ndarray], stages: Mapping, request: Mapping,
                        scheduler_config) -> list[dict]:
     """Exact checks of the declaration against the boundary ``tensors``
     (certify's ``exact_checks``): a failed one is a tensor the declared
@@ -185,7 +185,7 @@ def declaration_checks(tensors: Mapping[str, np.ndarray], stages: Mapping[str, d
         if name in tensors and bf16_valued(tensors[name]):
             checks.append({"tensor": name, "passed": False, "declaration": f"stages.{stage}",
                            "detail": f"every value is a bfloat16 (the low 16 bits of each float32 are zero): "
-                                     f"{stage} ran in bf16; the bundle declares {stages[stage]['precision']}. {BF16}"})
+                                     f"{stage} ran in bf16; the bundle declares {stages[stage].precision}. {BF16}"})
     match = _guidance_match(tensors, stages["guidance_scheduler"], request, scheduler_config)
     if match is not None:
         checks.append(match)
@@ -197,7 +197,7 @@ STAGE_OUTPUTS = {"text_encoder": trace.HIDDEN_STATES, "unet": trace.noise_pred(0
                  "guidance_scheduler": trace.latents(0), "vae": trace.IMAGE}
 
 
-def _guidance_match(tensors, declared: Mapping, request: Mapping, scheduler_config) -> dict | None:
+def _guidance_match(tensors, declared, request: Mapping, scheduler_config) -> dict | None:
     from refsd.numerics import Precision  # noqa: PLC0415
     from refsd.pipeline import guided_step  # noqa: PLC0415
     from refsd.schedulers import make_scheduler  # noqa: PLC0415
@@ -224,21 +224,21 @@ def _guidance_match(tensors, declared: Mapping, request: Mapping, scheduler_conf
             matched.append((precision, ftz))
     if not matched:
         return None
-    sixteen = declared["precision"] != "f32"
+    sixteen = declared.precision != "f32"
 
     def as_declared(precision, ftz):
-        return (precision != "f32") == sixteen and (declared["ftz"] is None or not sixteen or ftz == declared["ftz"])
+        return (precision != "f32") == sixteen and (declared.ftz is None or not sixteen or ftz == declared.ftz)
 
     def coarser(precision, ftz):  # than declared; a device more precise than it declares is not refused
-        return (not sixteen and precision != "f32") or (sixteen and declared["ftz"] is False and ftz)
+        return (not sixteen and precision != "f32") or (sixteen and declared.ftz is False and ftz)
 
     if any(as_declared(*m) for m in matched) or not any(coarser(*m) for m in matched):
         return None
     precision, ftz = next(m for m in matched if coarser(*m))
     ftz_text = f", ftz {str(ftz).lower()}" if precision != "f32" else ""
-    said = declared["precision"]
-    if declared["ftz"] is not None and sixteen:
-        said += f", ftz {str(declared['ftz']).lower()}"
+    said = declared.precision
+    if declared.ftz is not None and sixteen:
+        said += f", ftz {str(declared.ftz).lower()}"
     return {"tensor": "scheduler latents", "passed": False, "declaration": "stages.guidance_scheduler",
             "detail": f"these latents match guidance and the scheduler in {precision}{ftz_text} bit for bit at "
                       f"every step; the bundle declares guidance_scheduler {said}: declare "

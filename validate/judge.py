@@ -105,9 +105,8 @@ def judge_certificate(plan: Plan, traces: dict[tuple[str, int], dict],
                                               float(np.abs(r).max(initial=0.0)))
             results.append(result)
 
-    stage_dicts = {s: asdict(d) for s, d in stages.items()}
     exact = _exact_checks(bundle, ref, plan.model_dir) + declaration_checks(
-        bundle.tensors, stage_dicts, req, load_scheduler_config(plan.model_dir / "scheduler"))
+        bundle.tensors, stages, req, load_scheduler_config(plan.model_dir / "scheduler"))
     failures = [r for r in results if not r.verdict.passed]
     # Teacher-forced failures localize better: they are the step's own error, not inherited drift.
     by_mode = {m: next((r for r in failures if r.mode == m), None) for m in modes}
@@ -150,7 +149,7 @@ def judge_certificate(plan: Plan, traces: dict[tuple[str, int], dict],
     nonfinite_from = next((i for i, n in enumerate(order) if n in nonfinite), None)
     res = resolution(results)
     declared_cost = None if res is None else f16_declaration_cost(
-        variants, traces, ref, expected_by_mode[res["mode"]], device, order, cuts[res["mode"]], stage_dicts,
+        variants, traces, ref, expected_by_mode[res["mode"]], device, order, cuts[res["mode"]], stages,
         res["mode"], k, se_scale, res["gain_every_step"])
     explanation = explain(certified=certified, k=k, results=results, first=first, exact_checks=exact, hint=hint,
                           overflows=overflows, order=order, device_nonfinite_from=nonfinite_from,
