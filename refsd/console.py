@@ -71,8 +71,9 @@ def captured(program: str, *, verbose: bool = False, keep: bool = False) -> Iter
         finally:
             _prog, _out, _err = saved
         return
-    for key, value in QUIET_ENVIRONMENT.items():
-        os.environ.setdefault(key, value)
+    quieted = [key for key in QUIET_ENVIRONMENT if key not in os.environ]
+    for key in quieted:
+        os.environ[key] = QUIET_ENVIRONMENT[key]
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     log = tempfile.TemporaryFile()
@@ -108,6 +109,8 @@ def captured(program: str, *, verbose: bool = False, keep: bool = False) -> Iter
                     own.close()
             sys.stdout = stdout
             _prog, _out, _err = saved
+            for key in quieted:  # a caller in the same process (a test, a script) gets its environment back
+                os.environ.pop(key, None)
         log.close()
 
 

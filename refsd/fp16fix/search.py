@@ -394,9 +394,12 @@ class Search:
         return chosen
 
 
-def find_fix(model_dir, request: Request, precision: Precision, **kw) -> FixResult:
-    """Search the smallest fix of ``request`` on the deployment (see the module doc)."""
-    return Search(model_dir, request, precision, **kw).run()
+def find_fix(model_dir, request: Request, precision: Precision, *, rewrites="none",
+             min_psnr: float = DEFAULT_MIN_PSNR, max_reruns: int = DEFAULT_MAX_RERUNS, **kw) -> FixResult:
+    """Search the smallest fix of ``request`` on the deployment (see the module doc); ``kw``: the
+    rest of ``Search``'s options."""
+    return Search(model_dir, request, precision, rewrites=rewrites, min_psnr=min_psnr, max_reruns=max_reruns,
+                  **kw).run()
 
 
 __all__ = ["DEFAULT_MAX_RERUNS", "DEFAULT_MIN_PSNR", "BudgetExhausted", "Chosen", "FixResult", "Outcome", "Search",

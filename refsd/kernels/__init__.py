@@ -78,10 +78,13 @@ def _load(forced: bool):
     if not forced and requested() == "numpy":
         return None
     try:
-        _configure_numba()
+        set_here = _configure_numba()
         from refsd.kernels import fp16
 
         fp16.warm_up()
+        # OpenMP has read it (the first parallel region ran): later processes and libraries keep their own.
+        if "OMP_WAIT_POLICY" in set_here:
+            os.environ.pop("OMP_WAIT_POLICY", None)
     except Exception as exc:  # any failure to import or compile: the definitions still run
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         _say(f"compiled kernels unavailable ({type(exc).__name__}: {reason[:200]}); running the NumPy definitions")
@@ -98,21 +101,22 @@ def threads() -> int:
     return max(1, n)
 
 
-def _configure_numba() -> None:
+def _configure_numba() -> set[str]:
     """Cache directory, thread count and how idle kernel threads wait, which
     numba and its OpenMP runtime read once, at load (the thread count also
     for threads started later, such as a Dask worker's); a caller's own
     settings stand."""
     if "numba" in sys.modules:
-        return
-    if not os.environ.get("NUMBA_CACHE_DIR"):
-        os.environ["NUMBA_CACHE_DIR"] = str(cache_dir())
-    if not os.environ.get("NUMBA_NUM_THREADS"):
-        os.environ["NUMBA_NUM_THREADS"] = str(threads())
-    if not os.environ.get("OMP_WAIT_POLICY"):
-        # Kernel threads sleep between parallel regions instead of spinning: on a loaded machine a
-        # spinning team made f16 runs 4x slower than one thread (bench/README.md); passive, 1.1x.
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        return set()
+    wanted = {"NUMBA_CACHE_DIR": lambda: str(cache_dir()), "NUMBA_NUM_THREADS": lambda: str(threads()),
+              # Kernel threads sleep between parallel regions instead of spinning: on a loaded machine a
+              # spinning team made f16 runs 4x slower than one thread (bench/README.md); passive, 1.1x.
+              "OMP_WAIT_POLICY": lambda: "PASSIVE"}
+    # numba's compiler rereads its NUMBA_ variables at each compilation, so those stay set.
+    set_here = {key for key in wanted if not os.environ.get(key)}
+    for key in set_here:
+        os.environ[key] = wanted[key]()
+    return set_here
 
 
 def cache_dir() -> Path:
