@@ -184,18 +184,6 @@ def _tally(u, ftz, c):
     c[HAD_INF] |= had_inf
 
 
-@njit(cache=True, nogil=True)
-def _merge(cs, c):
-    """Counters of pieces (rows of ``cs``) into ``c``: maxima and sums."""
-    for k in range(cs.shape[0]):
-        c[HI] = max(c[HI], cs[k, HI])
-        c[TOP] = max(c[TOP], cs[k, TOP])
-        c[OVERFLOW] += cs[k, OVERFLOW]
-        c[TO_ZERO] += cs[k, TO_ZERO]
-        c[TO_SUBNORMAL] += cs[k, TO_SUBNORMAL]
-        c[HAD_INF] |= cs[k, HAD_INF]
-
-
 # Elements rounded before their statistics are taken, while still in L1.
 _PIECE = 1 << 12
 
@@ -214,31 +202,28 @@ def _round_serial(u, out, ftz, stats, c):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _round_parallel(u, out, ftz, stats, c):
+def _round_parallel(u, out, ftz, stats, cs):
     n = u.size
-    nchunk = (n + CHUNK - 1) // CHUNK
-    cs = np.zeros((nchunk, NCOUNT), np.int64)
-    for k in prange(nchunk):
+    for k in prange(cs.shape[0]):
         lo = k * CHUNK
         hi = min(lo + CHUNK, n)
         _round_serial(u[lo:hi], out[lo:hi], ftz, stats, cs[k])
-    if stats:
-        _merge(cs, c)
 
 
 def round_into(x: np.ndarray, out: np.ndarray, ftz: bool, stats: bool) -> tuple:
     """``numerics.round_into``: same arguments, same bits, same counters."""
-    c = np.zeros(NCOUNT, np.int64)
     u, o = x.view(np.uint32), out.view(np.uint32)
     if x.size <= CHUNK:
+        c = np.zeros(NCOUNT, np.int64)
         _round_serial(u, o, ftz, stats, c)
-    else:
-        _round_parallel(u, o, ftz, stats, c)
-    return _counters(c)
+        return _counters(c)
+    cs = np.zeros(((x.size + CHUNK - 1) // CHUNK, NCOUNT), np.int64)
+    _round_parallel(u, o, ftz, stats, cs)
+    return _counters(_merge_pieces(cs))
 
 
 def _merge_pieces(cs: np.ndarray) -> np.ndarray:
-    """Counters of pieces (axis 0) merged, as ``_merge`` does: maxima and sums."""
+    """Counters of pieces (axis 0) merged: maxima of the magnitudes and of had_inf, sums of the counts."""
     c = cs.sum(axis=0)
     c[..., HI] = cs[..., HI].max(axis=0)
     c[..., TOP] = cs[..., TOP].max(axis=0)
