@@ -13,7 +13,15 @@ Shrunk failures worth keeping are pinned in the tests as ``@example(...)``.
 
 import os
 
-from hypothesis import HealthCheck, settings
+# Under pytest-xdist (pyproject's addopts: one worker per core) each worker keeps to one BLAS / OpenMP / PyTorch
+# thread, so the two workers do not fight over two cores; numba keeps two, so that the kernels' thread-count tests
+# still run a second thread. Set before anything imports numpy, torch or numba; a caller's own settings stand.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_key, "1")
+    os.environ.setdefault("NUMBA_NUM_THREADS", "2")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 settings.register_profile(
     "ci",

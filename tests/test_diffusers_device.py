@@ -337,17 +337,20 @@ def test_fp16_certifies(diffusers_bundles, tiny_sd21, certify_cache, name):
     (test_pytorch_fp16_scheduler_rounds_its_coefficients): a reference that runs the declared
     guidance_scheduler stage in f32 rejects scheduler/step_3/latents on gain (measured k = 46). With the
     stage followed: certified, max k 1.3 (f32_f16) and 0.9 (f16). Declared f16, the certificate says what
-    that cost: its UNet-output resolution is the f16 floor's minimum (4 x 2 u16 = 0.39 %), where the
-    design's f32_f16 runs alone give 0.0093 % (measured on this request)."""
+    that cost: its UNet-output resolution is at least the f16 floor's minimum (4 x 1 u16 = 0.195 %; measured
+    0.21 % over every step, where an f16 calibration run spreads wider), where the design's f32_f16 runs alone
+    give 0.0093 % (measured on this request)."""
     cert, d = _certify(diffusers_bundles, name, tiny_sd21, certify_cache)
     assert cert.certified, d["first_failure"]
     cost = d["declaration_cost"]
     if name == "fp16":
         assert cost is None
         return
-    assert cost["minimum_sets_it"] and cost["gain_every_step"] == pytest.approx(4 * 2 * 2.0**-11)
+    assert d["resolution"]["gain_best_step"] >= 4 * 2.0**-11 * (1 - 1e-9)  # the minimum holds at every step
+    assert cost["gain_every_step"] == d["resolution"]["gain_every_step"]
     assert cost["f32_f16_runs_gain_every_step"] < cost["gain_every_step"] / 10
-    assert cost["statement"].startswith("the UNet is declared f16: a gain error on its output is rejected above 0.39 %")
+    gain = f"{100 * cost['gain_every_step']:.2g} %"
+    assert cost["statement"].startswith(f"the UNet is declared f16: a gain error on its output is rejected above {gain}")
     assert cost["stricter_first_failure"] is None  # a correct device: nothing past 4 k of the f32_f16 runs' floors
 
 
@@ -392,22 +395,19 @@ def test_a_timestep_off_by_one_is_named(diffusers_bundles, tiny_sd21, certify_ca
 
 
 @pytest.mark.slow
-def test_scaled_attention_scores_declared_f16_are_never_certified_silently(diffusers_bundles, tiny_sd21,
-                                                                           certify_cache, tmp_path):
-    """The issue-28 false accept: the attention fault with every stage declared f16. The f16 floors' gain
-    minimum (2 fp16 unit roundoffs) hides it (measured: certified, k 3.45 at the first attention), so the
-    certificate must say what the declaration cost: the fault at the first attention against the design's
-    f32_f16 runs' floors beyond 4 k (measured k 75.5; a correct device 5.5). Slow (about a minute: f16
-    calibration runs that record every intermediate, shared with no other test); it is the issue's case."""
+def test_scaled_attention_scores_declared_f16_are_rejected_at_the_first_attention(diffusers_bundles, tiny_sd21,
+                                                                                  certify_cache, tmp_path):
+    """The issue-28 false accept: the attention fault with every stage declared f16. With the f16 floors' gain
+    minimum at 2 fp16 unit roundoffs it was certified (k 3.45 at the first attention); at 1 (a model stage's
+    one fp16-rounded coefficient, tolerance.SYSTEMATIC_F16) it is rejected there, at step 0 (measured k 6.05,
+    its floor set by an f32_f16 calibration run; a correct device's largest k 0.89). Slow (about a minute:
+    f16 calibration runs that record every intermediate, shared with no other test); it is the issue's case."""
     bundle = rewrite_bundle(diffusers_bundles["fp16_attention_fault"], tmp_path / "f16",
                             doc=lambda d: [st.update(precision="f16") for st in d["stages"].values()])
     cert, d = _certify({"f16": bundle}, "f16", tiny_sd21, certify_cache)
-    cost = d["declaration_cost"]
-    first = cost["stricter_first_failure"]
-    assert first is not None and first["tensor"].startswith(f"unet/step_0/{FIRST_ATTENTION}"), cost
-    assert first["k_needed"] > 4 * 4
-    if cert.certified:
-        assert f"this device first fails at {first['tensor']}" in "\n".join(summary_lines(cert, tmp_path))
+    assert not cert.certified
+    first = d["first_failure"]
+    assert first["tensor"].startswith(f"unet/step_0/{FIRST_ATTENTION}"), first
 
 
 # ---------------------------------------------------------------- the example as a user runs it

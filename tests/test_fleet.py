@@ -220,6 +220,8 @@ def test_local_workers_run_without_dasks_malloc_trim_threshold(restored_environ)
     1.3x the time). The fleet's own cluster leaves it unset and gives the workers their share of the cores."""
     from distributed import Client
 
+    for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):  # a caller's own setting would stand
+        os.environ.pop(v, None)  # (as under the test suite's workers: tests/conftest.py); restored_environ restores
     with fleet.local_cluster(1, 2) as cluster, Client(cluster) as client:
         env = client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_"), client.run(os.getenv, "OPENBLAS_NUM_THREADS")
         assert fleet.cluster_warnings(client, 1 << 20) == []

@@ -90,13 +90,15 @@ def judge_certificate(plan: Plan, traces: dict[tuple[str, int], dict],
             if not np.isfinite(test).all():
                 nonfinite.add(n)
             stage = parse_name(n)[0]
-            precision = stages[stage if stage in stages else "guidance_scheduler"].precision
+            stage = stage if stage in stages else "guidance_scheduler"  # the declaration's key for scheduler/...
+            precision = stages[stage].precision
             usable = [j for j, cut in enumerate(usable_until) if i < cut]
             if not usable:
-                results.append(_no_floor(n, m, expected[n], test, precision))
+                results.append(_no_floor(n, m, expected[n], test, precision, stage))
                 continue
             runs = [(calib[j][n], variants[j].scale) for j in usable]
-            floor, sources = explained_noise_floor(ref[n], runs, precision, se_scale, [labels[j] for j in usable])
+            floor, sources = explained_noise_floor(ref[n], runs, precision, se_scale, [labels[j] for j in usable],
+                                                   stage=stage)
             result = _judge(n, m, expected[n], test, floor, k)
             result.floor_sources = sources
             result.closest_run = _closest_run(ref[n], expected[n], test, runs, [labels[j] for j in usable])
@@ -255,11 +257,11 @@ def _deployment_cost(deployed: dict, original: dict, deployment: Deployment) -> 
             "worst_tensor": max(per, key=lambda n: per[n]["rel_peak"]) if per else None, "tensors": per}
 
 
-def _no_floor(name: str, mode: str, ref: np.ndarray, test: np.ndarray, precision: str) -> TensorResult:
+def _no_floor(name: str, mode: str, ref: np.ndarray, test: np.ndarray, precision: str, stage: str) -> TensorResult:
     """Every calibration variant is non-finite here: the declared precision
     overflows on this request, so a finite device did not compute as declared
     (an fp32 accumulation, say) and a non-finite one cannot be told from a fault."""
-    stats, floor = error_stats(ref, test), minimum_floor(ref, precision)
+    stats, floor = error_stats(ref, test), minimum_floor(ref, precision, stage)
     verdict = Verdict(False, math.inf, ("calibration_overflow",), stats, floor, floor)
     stage, step, path = parse_name(name)
     return TensorResult(name, mode, stage, step, path, verdict, None)

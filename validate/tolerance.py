@@ -65,9 +65,19 @@ STATS = ("peak", "rms", "offset", "gain")
 F32_KERNEL_ROUNDINGS = 16
 SYSTEMATIC = 64  # unit roundoffs of a kernel's fp32 arithmetic it may err by systematically (minimum_floor)
 # In fp16 arithmetic the same cancellation would be 64 u16 = 3 %, a floor no 1 % bias could pass: there the systematic
-# freedom the calibration runs cannot show is a scalar coefficient rounded to fp16 (a framework multiplies an fp16
-# tensor by a float32 scalar in fp16: the scheduler's square roots, the guidance scale), up to u16 each, two in a row.
-SYSTEMATIC_F16 = 2
+# freedom the calibration runs cannot show is a scalar coefficient rounded to fp16 either way (a framework multiplies an
+# fp16 tensor by a float32 scalar in fp16), up to u16 of gain each. A model stage's tensors follow a normalization
+# (GroupNorm, LayerNorm) that divides out every gain before it, so one coefficient reaches them: its 1/n or 1/sqrt(var)
+# (half a u16), or an input scale such as 1 / scaling_factor on a path around it. The guidance and the scheduler step
+# apply two in a row (the guidance scale, then the step's square roots).
+SYSTEMATIC_F16 = {"model": 1, "guidance_scheduler": 2}
+
+
+def systematic(precision: str, stage: str) -> float:
+    """Unit roundoffs of its arithmetic a correct kernel of ``stage`` may err by systematically (minimum_floor)."""
+    if precision != "f16":
+        return SYSTEMATIC
+    return SYSTEMATIC_F16["guidance_scheduler" if stage == "guidance_scheduler" else "model"]
 
 
 # Transcendental results (exp, sin, cos, tanh, erf, rsqrt) of a correct runtime, in ulp of float32 from NumPy's:
@@ -299,16 +309,16 @@ def math_roundoff(precision: str) -> float:
     return U_F16 if Precision(precision).math16 else U_F32
 
 
-def minimum_floor(ref: np.ndarray, precision: str) -> ErrorProfile:
+def minimum_floor(ref: np.ndarray, precision: str, stage: str) -> ErrorProfile:
     """What no calibration run can show but a correct device may do: one unit
     roundoff of the storage precision at the tensor's scale (peak, rms), and
     SYSTEMATIC unit roundoffs of its arithmetic as a systematic error (offset,
     gain): a kernel computing a variance as E[x^2] - E[x]^2 loses bits to
     cancellation, consistently (LiteRT's builtin kernels against refsd in f32:
     gain errors up to 33 u32, measured on the tiny model); in f16 arithmetic
-    SYSTEMATIC_F16 unit roundoffs (fp16-rounded scalar coefficients)."""
+    SYSTEMATIC_F16 unit roundoffs of the stage (fp16-rounded scalar coefficients)."""
     u = unit_roundoff(precision)
-    s = (SYSTEMATIC_F16 if precision == "f16" else SYSTEMATIC) * math_roundoff(precision)
+    s = systematic(precision, stage) * math_roundoff(precision)
     r = np.asarray(ref, np.float64)
     rms = float(np.sqrt(np.mean(r * r))) if r.size else 0.0
     return ErrorProfile(u * float(np.abs(r).max(initial=0.0)), u * rms, s * rms, s)
@@ -331,24 +341,25 @@ def standard_error_scale(checks: int) -> float:
 
 
 def noise_floor(ref: np.ndarray, runs: list[tuple[np.ndarray, float]], precision: str,
-                se_scale: float = 1.0) -> ErrorProfile:
+                se_scale: float = 1.0, stage: str = "unet") -> ErrorProfile:
     """Per statistic, the largest spread of the calibration runs ((tensor, scale)
     pairs: every statistic is homogeneous in the error), at least the minimum floor
     and, for offset and gain, ``se_scale`` standard errors of the fit
     (:func:`standard_error_scale`). A calibration run that is itself non-finite
     cannot define a floor and raises."""
-    return explained_noise_floor(ref, runs, precision, se_scale)[0]
+    return explained_noise_floor(ref, runs, precision, se_scale, stage=stage)[0]
 
 
 MINIMUM, STANDARD_ERROR = "minimum", "standard_error"  # floor sources that are not a calibration run
 
 
 def explained_noise_floor(ref: np.ndarray, runs: list[tuple[np.ndarray, float]], precision: str,
-                          se_scale: float = 1.0, labels: list[str] | None = None) -> tuple[ErrorProfile, dict]:
+                          se_scale: float = 1.0, labels: list[str] | None = None,
+                          stage: str = "unet") -> tuple[ErrorProfile, dict]:
     """:func:`noise_floor`, and per statistic the term that set it: ``MINIMUM``,
     ``STANDARD_ERROR``, or the label of the calibration run (``labels``, one per
     run; else the run's index) whose spread it is. A tie keeps the earlier term."""
-    floor = asdict(minimum_floor(ref, precision))
+    floor = asdict(minimum_floor(ref, precision, stage))
     source = dict.fromkeys(STATS, MINIMUM)
     labels = labels if labels is not None else [f"calibration run {i}" for i in range(len(runs))]
 
@@ -462,8 +473,8 @@ def rule_statement(k: float, se_scale: float, checks: int) -> str:
             "largest spread of the calibration variants around the reference on this request (times the variant's "
             "scale; a variant non-finite at the tensor is left out), at least one unit roundoff u of the stage's "
             "declared storage precision at the tensor's scale (peak: u max|ref|, rms: u rms(ref)), "
-            f"{SYSTEMATIC} unit roundoffs of its arithmetic precision for offset and gain ({SYSTEMATIC_F16} in fp16 "
-            "arithmetic), and s standard errors of the fit under noise of the rms floor, and for the gain also its "
+            f"{SYSTEMATIC} unit roundoffs of its arithmetic precision for offset and gain (in fp16 arithmetic "
+            f"{SYSTEMATIC_F16['model']} in a model stage, {SYSTEMATIC_F16['guidance_scheduler']} in guidance_scheduler), and s standard errors of the fit under noise of the rms floor, and for the gain also its "
             "heteroscedasticity-consistent standard error from the calibration runs' errors (each times the "
             "calibration runs' design effect: errors correlated across elements); "
             f"s = {se_scale:.3f} makes {K:g} times it the two-sided normal quantile at {FAMILY_ALPHA:g} / {checks} "
