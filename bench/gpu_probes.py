@@ -92,6 +92,20 @@ def _all_fp16():
     return (x[np.isfinite(x)].astype(np.float32).reshape(1, -1),)
 
 
+def _gn_conv1x1(ns, x):
+    """GroupNorm then a 1x1 conv, as ``refsd.models.unet.Transformer2DModel``
+    runs its norm and proj_in: under a device model that folds the norm's
+    gamma and beta into the conv, refsd's ops get the folded weight and bias
+    (the TF twins, the plain graph)."""
+    from refsd.numerics import current_precision
+
+    g, b, w, cb = _GAMMA[:32], _BETA[:32], _W_CONV[:1, :1, :32, :32], _B_CONV[:32]
+    p = current_precision()
+    if isinstance(ns, _Namespace) and ns.is_refsd and p.device and p.device.fold_norm_into_conv:
+        return ns.conv2d(ns.gn4d(x, None, None, num_groups=32, eps=1e-6), w * g[:, None], cb + b @ w[0, 0])
+    return ns.conv2d(ns.gn4d(x, g, b, num_groups=32, eps=1e-6), w, cb)
+
+
 def _t_values():
     # DDIM's 20-step timesteps for 1000 training steps (951 ... 1) and the worst case 999.
     return (_h(np.array([999, 951, 751, 501, 251, 51, 1], np.float32)),)
@@ -146,6 +160,9 @@ PROBES: tuple[Probe, ...] = (
     Probe("group_norm", "MEAN / GroupNorm", "gn4d 32 groups over 16x16x64, N(5, 40^2) (d*d up to ~4e4)",
           lambda: (_h(_rng(17).normal(5, 40, (1, 16, 16, 64))),),
           lambda ns, x: ns.gn4d(x, _GAMMA, _BETA, num_groups=32)),
+    Probe("gn_conv1x1", "MEAN / GroupNorm", "GroupNorm (gn4d, 32 groups, eps 1e-6, gamma, beta) then a 1x1 conv 32->32 on 32x32: SD 1.x's norm + proj_in",
+          lambda: (_h(_rng(39).normal(0, 3, (1, 32, 32, 32))),),
+          lambda ns, x: _gn_conv1x1(ns, x)),
     Probe("layer_norm", "MEAN / GroupNorm", "LayerNorm over 320, 64 tokens, N(0, 20^2)",
           lambda: (_h(_rng(18).normal(0, 20, (1, 64, 320))),),
           lambda ns, x: ns.layer_norm(x)),
@@ -224,6 +241,7 @@ class _Namespace:
 
     def __init__(self, ops_mod, tf_mod=None):
         self._ops = ops_mod
+        self.is_refsd = tf_mod is None
         if tf_mod is not None:
             self.mul = lambda a, b: a * b
             self.softmax = lambda x: tf_mod.nn.softmax(x, axis=-1)

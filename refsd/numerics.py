@@ -121,13 +121,17 @@ class DeviceModel:
     # inverse stored in fp16 (truncated), then an fp16 elementwise kernel.
     # Measured: bit-identical at 1024 to 4096 rows, the fused kernel below.
     softmax_split_rows: int = 0
+    # A GroupNorm's gamma and beta before a 1x1 CONV_2D (SD 1.x's proj_in) are
+    # folded into the conv's weight and bias (``refsd.models.unet``): the
+    # normalized values feed the conv unscaled. Measured: bit-identical.
+    fold_norm_into_conv: bool = False
 
 
 DEVICE_MODELS = {
     "litert-gpu": DeviceModel("litert-gpu", matmul_block=1, fp32_reductions=True, truncating_stores=True, exp2=True,
                               fused_softmax=True, fused_layer_norm=True, linked_eps=True, gelu_builtin=True,
                               per_op_fp32=False, fc_split_rows=16, fc_split_threads=8, gelu_kernel=True,
-                              softmax_split_rows=1024),
+                              softmax_split_rows=1024, fold_norm_into_conv=True),
 }
 
 

@@ -332,3 +332,32 @@ def test_fp16_check_device_model(tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-m", "refsd", "fp16-check", *req, "--precision", "f32_f16",
                            "--device-model", "litert-gpu"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "needs mode 'f16'" in proc.stderr
+
+
+def test_group_norm_affine_is_folded_into_sd15_proj_in(tiny_sd15):
+    """SD 1.x's transformer: GroupNorm, then the 1x1 proj_in. The device folds
+    gamma and beta into the conv (measured, ``gn_conv1x1`` probe): the conv
+    reads the unscaled normalized values, with weight w * gamma and bias
+    b + beta @ w; the generic f16 model keeps the graph's order."""
+    from refsd.models.options import ModelOptions
+    from refsd.weights import load_unet
+
+    rng = np.random.default_rng(7)
+    model = load_unet(tiny_sd15 / "unet", options=ModelOptions.make(precision=GPU))
+    block = model.down_blocks[0].attentions[0]
+    x = round_f16(rng.normal(0, 3, (1, 8, 8, block.norm.num_channels)).astype(np.float32))
+    got = {}
+    with precision(GPU), scope("t"):
+        from refsd.context import recording
+
+        with recording(got):
+            block(x, round_f16(rng.normal(0, 1, (1, 77, 32)).astype(np.float32)))
+    proj_in = next(v for k, v in got.items() if k.endswith("proj_in"))
+    g, b = np.asarray(block.norm.weight, np.float32), np.asarray(block.norm.bias, np.float32)
+    w, cb = np.asarray(block.proj_in.weight, np.float32), np.asarray(block.proj_in.bias, np.float32)
+    with precision(GPU):
+        want = ops.conv2d(ops.gn4d(x, None, None, num_groups=block.norm.num_groups, eps=1e-6),
+                          w * g[:, None], cb + b @ w[0, 0])
+        plain = ops.conv2d(ops.gn4d(x, g, b, num_groups=block.norm.num_groups, eps=1e-6), w, cb)
+    assert np.array_equal(np.asarray(proj_in).reshape(want.shape), want)
+    assert not np.array_equal(want, plain)

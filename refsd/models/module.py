@@ -444,7 +444,28 @@ class Conv2d(_DeployedWeight):
         self.set_weight(np.ascontiguousarray(w[:, :, keep, :]))
         self.in_keep = base[keep]
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def can_fold(self) -> bool:
+        """A per-input-channel affine before this conv can be folded into its
+        float weight and bias (a 1x1 float conv, unpruned)."""
+        return self.kernel_size == 1 and self.int8 is None and self.in_keep is None
+
+    def _folded(self, scale: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(weight, bias) with ``x * scale + shift`` folded in, float32:
+        ``w[.., i, o] * scale[i]`` and ``b[o] + sum_i shift[i] w[0, 0, i, o]``."""
+        w = np.asarray(self.weight, np.float32)
+        s, t = np.asarray(scale, np.float32), np.asarray(shift, np.float32)
+        b = np.zeros(w.shape[-1], np.float32) if self.bias is None else np.asarray(self.bias, np.float32)
+        return w * s[:, None], b + t @ w[0, 0]
+
+    def forward(self, x: np.ndarray, fold: tuple | None = None) -> np.ndarray:
+        """``fold``: (scale, shift) of a per-channel affine the caller left out,
+        folded into the weight and bias (``can_fold`` convs only), as LiteRT's
+        GPU accelerator does to a GroupNorm's gamma and beta before a 1x1 conv."""
+        if fold is not None:
+            if not self.can_fold():
+                raise ValueError(f"{self._path}: only a 1x1 float conv can take a folded affine")
+            w, b = self._folded(*fold)
+            return conv_op(self, 1, None)(x, w, b)
         if self.in_keep is not None:
             x = x[..., self.in_keep]
         b, d = self._bias(), self.int8
@@ -468,9 +489,11 @@ class GroupNorm(Module):
         self.declare("weight", (num_channels,), "vector")
         self.declare("bias", (num_channels,), "vector")
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, affine: bool = True) -> np.ndarray:
+        """``affine=False``: without gamma and beta (folded into the next conv)."""
         fn = group_norm_op(self)
-        return fn(x, self.weight, self.bias, num_groups=self.num_groups, eps=norm_eps(self))
+        w, b = (self.weight, self.bias) if affine else (None, None)
+        return fn(x, w, b, num_groups=self.num_groups, eps=norm_eps(self))
 
 
 class LayerNorm(Module):
