@@ -338,7 +338,8 @@ def test_group_norm_affine_is_folded_into_sd15_proj_in(tiny_sd15):
     """SD 1.x's transformer: GroupNorm, then the 1x1 proj_in. The device folds
     gamma and beta into the conv (measured, ``gn_conv1x1`` probe): the conv
     reads the unscaled normalized values, with weight w * gamma and bias
-    b + beta @ w; the generic f16 model keeps the graph's order."""
+    b + beta @ w from the deployed (float32) values; the generic f16 model
+    keeps the graph's order."""
     from refsd.models.options import ModelOptions
     from refsd.weights import load_unet
 
@@ -353,8 +354,10 @@ def test_group_norm_affine_is_folded_into_sd15_proj_in(tiny_sd15):
         with recording(got):
             block(x, round_f16(rng.normal(0, 1, (1, 77, 32)).astype(np.float32)))
     proj_in = next(v for k, v in got.items() if k.endswith("proj_in"))
-    g, b = np.asarray(block.norm.weight, np.float32), np.asarray(block.norm.bias, np.float32)
-    w, cb = np.asarray(block.proj_in.weight, np.float32), np.asarray(block.proj_in.bias, np.float32)
+    # Folded from the values as deployed (an fp32-weight export: the float32 checkpoint), not the held fp16 ones.
+    g, b = (np.asarray(block.norm.deployed(n), np.float32) for n in ("weight", "bias"))
+    w, cb = (np.asarray(block.proj_in.deployed(n), np.float32) for n in ("weight", "bias"))
+    assert not np.array_equal(w, round_f16(w))
     with precision(GPU):
         want = ops.conv2d(ops.gn4d(x, None, None, num_groups=block.norm.num_groups, eps=1e-6),
                           w * g[:, None], cb + b @ w[0, 0])

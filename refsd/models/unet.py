@@ -208,6 +208,8 @@ class Transformer2DModel(Module):
         self.norm = GroupNorm(groups, channels, 1e-6)
         proj = (lambda: Linear(channels, channels)) if linear_projection else (lambda: Conv2d(channels, channels, 1))
         self.proj_in = proj()
+        # What a device folds (refsd.numerics.DeviceModel.fold_norm_into_conv) is folded from the deployed values.
+        self.norm.keep_deployed = self.proj_in.keep_deployed = not linear_projection
         self.transformer_blocks = [BasicTransformerBlock(channels, heads, context_dim, upcast_attention)
                                    for _ in range(layers)]
         self.proj_out = proj()
@@ -219,7 +221,7 @@ class Transformer2DModel(Module):
         if device and device.fold_norm_into_conv and not self.linear_projection and self.proj_in.can_fold():
             # The device folds the GroupNorm's gamma and beta into the 1x1 proj_in (measured).
             t = self.norm(x, affine=False)
-            t = self.proj_in(t, fold=(self.norm.weight, self.norm.bias)).reshape(n, h * w, c)
+            t = self.proj_in(t, fold=(self.norm.deployed("weight"), self.norm.deployed("bias"))).reshape(n, h * w, c)
         elif self.linear_projection:
             t = self.norm(x)
             t = self.proj_in(t.reshape(n, h * w, c))
