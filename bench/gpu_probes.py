@@ -80,8 +80,30 @@ _W_CONV = _conv_w(10, 3, 64, 64)
 _B_CONV = _h(_rng(11).standard_normal(64) * 0.1)
 _W_FC = _lin_w(12, 1280, 320)
 _B_FC = _h(_rng(13).standard_normal(320) * 0.1)
+_W_FC36 = _lin_w(27, 36, 64)
+_B_FC36 = _h(_rng(28).standard_normal(64) * 0.1)
 _GAMMA = _h(1 + 0.1 * _rng(14).standard_normal(64))
 _BETA = _h(0.1 * _rng(15).standard_normal(64))
+
+
+def _all_fp16():
+    """Every finite fp16 value, once (63488)."""
+    x = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    return (x[np.isfinite(x)].astype(np.float32).reshape(1, -1),)
+
+
+def _gn_conv1x1(ns, x):
+    """GroupNorm then a 1x1 conv, as ``refsd.models.unet.Transformer2DModel``
+    runs its norm and proj_in: under a device model that folds the norm's
+    gamma and beta into the conv, refsd's ops get the folded weight and bias
+    (the TF twins, the plain graph)."""
+    from refsd.numerics import current_precision
+
+    g, b, w, cb = _GAMMA[:32], _BETA[:32], _W_CONV[:1, :1, :32, :32], _B_CONV[:32]
+    p = current_precision()
+    if isinstance(ns, _Namespace) and ns.is_refsd and p.device and p.device.fold_norm_into_conv:
+        return ns.conv2d(ns.gn4d(x, None, None, num_groups=32, eps=1e-6), w * g[:, None], cb + b @ w[0, 0])
+    return ns.conv2d(ns.gn4d(x, g, b, num_groups=32, eps=1e-6), w, cb)
 
 
 def _t_values():
@@ -120,6 +142,12 @@ PROBES: tuple[Probe, ...] = (
     Probe("linear_row", "FC / matmul", "FullyConnected 1280 -> 320 + bias on a single row (the time embedding's shape)",
           lambda: (_h(_rng(26).normal(0, 2, (1, 1280))),),
           lambda ns, x: ns.linear(x, _W_FC, _B_FC)),
+    Probe("linear_rows16", "FC / matmul", "FullyConnected 36 -> 64 + bias on 16 rows (the last row count of the split kernel)",
+          lambda: (_h(_rng(29).normal(0, 2, (1, 16, 36))),),
+          lambda ns, x: ns.linear(x, _W_FC36, _B_FC36)),
+    Probe("linear_rows17", "FC / matmul", "the same on 17 rows (the sequential kernel)",
+          lambda: (_h(_rng(30).normal(0, 2, (1, 17, 36))),),
+          lambda ns, x: ns.linear(x, _W_FC36, _B_FC36)),
     Probe("reduce_sum", "REDUCE_SUM", "sum over 4096 of N(2, 1) (~8200)",
           lambda: (_h(_rng(8).normal(2, 1, (1, 64, 64, 4))),),
           lambda ns, x: ns.reduce_sum(x, axis=(1, 2))),
@@ -132,14 +160,26 @@ PROBES: tuple[Probe, ...] = (
     Probe("group_norm", "MEAN / GroupNorm", "gn4d 32 groups over 16x16x64, N(5, 40^2) (d*d up to ~4e4)",
           lambda: (_h(_rng(17).normal(5, 40, (1, 16, 16, 64))),),
           lambda ns, x: ns.gn4d(x, _GAMMA, _BETA, num_groups=32)),
+    Probe("gn_conv1x1", "MEAN / GroupNorm", "GroupNorm (gn4d, 32 groups, eps 1e-6, gamma, beta) then a 1x1 conv 32->32 on 32x32: SD 1.x's norm + proj_in",
+          lambda: (_h(_rng(39).normal(0, 3, (1, 32, 32, 32))),),
+          lambda ns, x: _gn_conv1x1(ns, x)),
     Probe("layer_norm", "MEAN / GroupNorm", "LayerNorm over 320, 64 tokens, N(0, 20^2)",
           lambda: (_h(_rng(18).normal(0, 20, (1, 64, 320))),),
           lambda ns, x: ns.layer_norm(x)),
+    Probe("layer_norm_affine", "MEAN / GroupNorm", "LayerNorm over 32 with gamma and beta, 2 x 64 tokens, N(0, 3^2) (the tiny UNets' norm1-3)",
+          lambda: (_h(_rng(31).normal(0, 3, (2, 64, 32))),),
+          lambda ns, x: ns.layer_norm(x, _GAMMA[:32], _BETA[:32])),
     Probe("softmax", "softmax / attention", "softmax over 256, scores N(0, 4^2)",
           lambda: (_h(_rng(19).normal(0, 4, (1, 2, 64, 256))),),
           lambda ns, x: ns.softmax(x)),
     Probe("attention", "softmax / attention", "self-attention 256 tokens, 2 heads x 32, N(0, 2^2)",
           lambda: tuple(_h(_rng(20 + i).normal(0, 2, (1, 256, 64))) for i in range(3)),
+          lambda ns, q, k, v: ns.attention(q, k, v, heads=2)),
+    Probe("softmax_rows1024", "softmax / attention", "softmax over 64 on 1024 rows, scores N(0, 4^2) (two kernels from 1024 rows)",
+          lambda: (_h(_rng(36).normal(0, 4, (1, 4, 256, 64))),),
+          lambda ns, x: ns.softmax(x)),
+    Probe("attention_1024", "softmax / attention", "self-attention 2 x 1024 tokens, 2 heads x 16, N(0, 1) (the tiny UNets' attn1 at 64x64)",
+          lambda: tuple(_h(_rng(37 + i).normal(0, 1, (2, 1024, 32))) for i in range(3)),
           lambda ns, q, k, v: ns.attention(q, k, v, heads=2)),
     Probe("gelu_erf", "GELU", "GELU (erf; the GELU builtin), N(0, 4^2)",
           lambda: (_h(_rng(23).normal(0, 4, (1, 8, 8, 64))),),
@@ -150,6 +190,13 @@ PROBES: tuple[Probe, ...] = (
     Probe("geglu", "GELU", "GEGLU gate (erf) on 2x320, N(0, 3^2)",
           lambda: (_h(_rng(25).normal(0, 3, (1, 64, 640))),),
           lambda ns, h: ns.geglu(h)),
+    Probe("geglu_clip", "GELU", "GEGLU gate with gelu_clip (M=10, unfused tanh-GELU: the paper's rewrite) on 2x320, N(0, 3^2)",
+          lambda: (_h(_rng(38).normal(0, 3, (1, 64, 640))),),
+          lambda ns, h: ns.geglu_clip(h)),
+    Probe("gelu_all", "GELU", "GELU (erf) on every finite fp16 value",
+          _all_fp16, lambda ns, x: ns.gelu(x)),
+    Probe("gelu_tanh_all", "GELU", "tanh-GELU (unfused) on every finite fp16 value",
+          _all_fp16, lambda ns, x: ns.gelu(x, approximate="tanh")),
     Probe("timestep_embedding", "timestep embedding", "SD's 320-dim sinusoidal embedding (flip_sin_to_cos, shift 0)",
           _t_values,
           lambda ns, t: ns.timestep_embedding(t, dim=320, flip_sin_to_cos=True, downscale_freq_shift=0.0)),
@@ -194,6 +241,7 @@ class _Namespace:
 
     def __init__(self, ops_mod, tf_mod=None):
         self._ops = ops_mod
+        self.is_refsd = tf_mod is None
         if tf_mod is not None:
             self.mul = lambda a, b: a * b
             self.softmax = lambda x: tf_mod.nn.softmax(x, axis=-1)

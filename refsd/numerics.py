@@ -74,8 +74,8 @@ class DeviceModel:
     name: str
     # FULLY_CONNECTED, CONV_2D, BATCH_MATMUL: the accumulation block. 1: a
     # sequential fp16 sum of fp16-rounded products in (kh, kw, cin) order, the
-    # bias added last (bit-identical on every probe but one: FULLY_CONNECTED on
-    # a single row runs another kernel, order not identified, 3-26% identical).
+    # bias added last (bit-identical on every probe; FULLY_CONNECTED on few
+    # rows runs another kernel, ``fc_split_rows``).
     matmul_block: int
     # MEAN and SUM keep a float32 accumulator (the mean of 12288 x 100 is
     # exactly 100); only the result is stored as fp16.
@@ -100,18 +100,38 @@ class DeviceModel:
     # truncates), and RSQRT is 1 / sqrt with the sqrt rounded.
     linked_eps: bool
     # The converter fuses the unfused tanh-GELU pattern into the GELU builtin
-    # (one kernel, no x**3 tensor): float32 math, truncated (92% bit-identical,
-    # all within 4 ulps; the erf form matched best as fp16 primitives, 82%).
+    # (one kernel, no x**3 tensor: finite where x**3 overflows fp16).
     gelu_builtin: bool
     # Graph-level float32 requests (diffusers' upcast_attention) do not exist
     # on the device: the whole graph runs in fp16.
     per_op_fp32: bool
+    # FULLY_CONNECTED on at most this many rows (all dims but the last) splits
+    # K over ``fc_split_threads`` threads (``refsd.ops._core.matmul_split``:
+    # slice c of 4 inputs on thread c mod 8, each thread a sequential fp16 sum,
+    # a halving tree across threads, bias last). Measured: 100% bit-identical
+    # from 1 to 16 rows, K 4 to 2048; from 17 rows the sequential kernel.
+    fc_split_rows: int = 0
+    fc_split_threads: int = 1
+    # The GELU builtin computed as its kernel does (``refsd.ops.activations``,
+    # ``gelu_erf_kernel`` / ``gelu_tanh_kernel``): bit-identical on every
+    # finite fp16 input, erf and tanh forms.
+    gelu_kernel: bool = False
+    # SOFTMAX on at least this many rows (all dims but the last) runs as two
+    # kernels (``refsd.ops.attention._softmax_math``): float32 row sums, the
+    # inverse stored in fp16 (truncated), then an fp16 elementwise kernel.
+    # Measured: bit-identical at 1024 to 4096 rows, the fused kernel below.
+    softmax_split_rows: int = 0
+    # A GroupNorm's gamma and beta before a 1x1 CONV_2D (SD 1.x's proj_in) are
+    # folded into the conv's weight and bias (``refsd.models.unet``): the
+    # normalized values feed the conv unscaled. Measured: bit-identical.
+    fold_norm_into_conv: bool = False
 
 
 DEVICE_MODELS = {
     "litert-gpu": DeviceModel("litert-gpu", matmul_block=1, fp32_reductions=True, truncating_stores=True, exp2=True,
                               fused_softmax=True, fused_layer_norm=True, linked_eps=True, gelu_builtin=True,
-                              per_op_fp32=False),
+                              per_op_fp32=False, fc_split_rows=16, fc_split_threads=8, gelu_kernel=True,
+                              softmax_split_rows=1024, fold_norm_into_conv=True),
 }
 
 

@@ -99,14 +99,141 @@ def test_exp_error_grows_with_its_argument():
 
 
 def test_linear_is_the_sequential_fp16_dot_product():
-    """FULLY_CONNECTED on the GPU is bit for bit the generic model's block=1."""
+    """FULLY_CONNECTED on more than 16 rows is bit for bit the generic model's block=1."""
     rng = np.random.default_rng(1)
-    x, w, b = (round_f16(rng.standard_normal(s).astype(np.float32)) for s in ((3, 40), (8, 40), (8,)))
+    x, w, b = (round_f16(rng.standard_normal(s).astype(np.float32)) for s in ((17, 40), (8, 40), (8,)))
     with precision(GPU):
         dev = ops.linear(x, w, b)
     with precision("f16", block=1):
         seq = ops.linear(x, w, b)
     assert np.array_equal(dev, seq)
+
+
+def _split_reference(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The split FULLY_CONNECTED in np.float16 scalar arithmetic, one rounding
+    per operation: input j on thread (j // 4) % 8, each thread's sum from +0 in
+    order, the halving tree (4, 2, 1), the bias last."""
+    h = np.float16
+    out = np.empty((x.shape[0], w.shape[0]), np.float32)
+    for r in range(x.shape[0]):
+        for o in range(w.shape[0]):
+            s = [h(0.0)] * 8
+            for j in range(x.shape[1]):
+                s[(j // 4) % 8] = h(s[(j // 4) % 8] + h(x[r, j]) * h(w[o, j]))
+            for half in (4, 2, 1):
+                for t in range(half):
+                    s[t] = h(s[t] + s[t + half])
+            out[r, o] = h(s[0] + h(b[o]))
+    return out
+
+
+@pytest.mark.parametrize("rows,k", [(1, 1280), (1, 36), (16, 12), (5, 128)])
+def test_linear_on_few_rows_splits_k_over_eight_threads(rows, k):
+    """FULLY_CONNECTED on at most 16 rows (the time embedding's linears) runs the
+    split kernel; K = 12 leaves five threads without inputs."""
+    rng = np.random.default_rng(k)
+    x = round_f16(rng.normal(0, 2, (rows, k)).astype(np.float32))
+    w = round_f16((rng.standard_normal((24, k)) / np.sqrt(k)).astype(np.float32))
+    b = round_f16(rng.normal(0, 0.1, 24).astype(np.float32))
+    with precision(GPU):
+        dev = ops.linear(x[None], w, b)[0]
+    with np.errstate(over="ignore"):
+        assert np.array_equal(dev, _split_reference(x, w, b))
+    with precision("f16", block=1):
+        assert not np.array_equal(dev, ops.linear(x, w, b)) or k < 32  # another order than the sequential one
+
+
+def test_split_order_is_what_cancellation_shows():
+    """The structured probe that pinned the order: +B and -B at inputs i and j,
+    1 at input k, B = 2**15 (spacing 32: B + 1 rounds back to B). The sum is 1
+    exactly when k meets the pair after i and j have cancelled."""
+    big = np.float32(2.0**15)
+
+    def result(i, j, k):
+        x = np.zeros((1, 1280), np.float32)
+        x[0, i], x[0, j], x[0, k] = big, -big, 1.0
+        with precision(GPU):
+            return float(ops.linear(x, np.ones((4, 1280), np.float32))[0, 0])
+
+    assert result(0, 1, 2) == 1.0  # inputs 0, 1, 2 in order on thread 0
+    assert result(0, 4, 2) == 0.0  # slices 0 and 1: threads 0 and 1 meet last
+    assert result(0, 8, 4) == 1.0  # threads 0 and 2 meet before the odd threads join
+    assert result(0, 640, 32) == 0.0 and result(0, 640, 672) == 1.0  # slice 160 is thread 0's, after slice 8
+
+
+def _gelu_erf_reference(x: np.ndarray) -> np.ndarray:
+    """The GELU builtin's erf form in np.float16 arithmetic (one rounding per
+    operation), constants truncated toward zero, exp(v) = exp2(v log2 e)."""
+    h = np.float16
+
+    def c(v):
+        n = np.float16(np.float32(v))
+        return n if abs(float(n)) <= abs(float(np.float32(v))) else np.nextafter(n, h(0))
+
+    x = x.astype(np.float16)
+    z = x * c(0.707106781186548)
+    a = np.abs(z)
+    t = h(1.0) / (h(1.0) + c(0.3275911) * a)
+    poly = c(1.061405429)
+    for coeff in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
+        poly = poly * t + c(coeff)
+    e = np.exp2((-a * (a * h(1 / math.log(2)))).astype(np.float32)).astype(np.float16)
+    erf = (h(1.0) - poly * t * e) * np.sign(z)
+    return (h(0.5) * x * (h(1.0) + erf)).astype(np.float32)
+
+
+def test_gelu_builtin_erf_form_is_the_kernels_fp16_polynomial():
+    """Every finite fp16 input: the device model's erf-GELU is the kernel's
+    Abramowitz-Stegun 7.1.26 in fp16 arithmetic. Its distance to the true GELU
+    is what fp16 costs there: erf off by at most the truncated coefficients
+    (sum |a_i| = 4.48, each off < 2**-10 relative) plus 16 roundings of values
+    below 2 (each < 2**-11 absolute; the fit's own 1.5e-7 is far below), times
+    0.5 |x|; plus two output roundings (2**-11 relative each)."""
+    x = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    x = x[np.isfinite(x)].astype(np.float32)
+    with monitoring() as mon, precision(GPU):
+        dev = ops.gelu(x)
+    with np.errstate(all="ignore"):
+        assert np.array_equal(dev, _gelu_erf_reference(x))
+    assert mon.report().clean  # the kernel's internal inf (a log2 e past 65504) is no event
+    xd = x.astype(np.float64)
+    ideal = 0.5 * xd * (1 + np.vectorize(math.erf)(xd / math.sqrt(2)))
+    erf_err = 4.48 * 2.0**-10 + 16 * 2.0**-11
+    bound = 0.5 * np.abs(xd) * erf_err + np.abs(ideal) * 2 * 2.0**-11 + 2.0**-24
+    assert np.all(np.abs(dev - ideal) <= bound)
+
+
+def test_gelu_builtin_tanh_form_is_float32_with_the_compilers_tanh():
+    """The tanh form: float32, tanh as (e^u - e^-u) / (e^u + e^-u) on u clamped
+    to +-10, truncated to fp16: within one fp16 spacing toward zero of the true
+    value, up to float32's own error delta (tanh: two exp2 results whose
+    relative errors reach it damped by 1 - tanh^2, three roundings; about
+    5 * 2**-24 absolute, times 0.5 |x|; then 2**-24 relative per operation
+    after it: delta = |x| 2**-21 + |gelu| 2**-22)."""
+    x = round_f16(np.linspace(-12, 12, 20001, dtype=np.float32))
+    with precision(GPU):
+        dev = ops.gelu(x, approximate="tanh").astype(np.float64)
+    xd = x.astype(np.float64)
+    true = 0.5 * xd * (1 + np.tanh(math.sqrt(2 / math.pi) * (xd + 0.044715 * xd**3)))
+    delta = np.abs(xd) * 2.0**-21 + np.abs(true) * 2.0**-22
+    spacing = np.exp2(np.floor(np.log2(np.maximum(np.abs(true), 2.0**-14))) - 10)
+    assert np.all(np.abs(dev) <= np.abs(true) + delta)  # truncated: never outward
+    assert np.all(np.abs(true) - np.abs(dev) < spacing + delta)
+    assert np.all(np.sign(dev) * np.sign(true) >= 0)
+
+
+def test_layer_norm_affine_rounds_the_normalized_value_to_nearest():
+    """With gamma and beta the fused LayerNorm converts to fp16 in registers
+    (nearest) before the affine; alone its stored output is truncated."""
+    rng = np.random.default_rng(6)
+    x = round_f16(rng.normal(0, 3, (4, 32)).astype(np.float32))
+    g, b = np.ones(32, np.float32), np.zeros(32, np.float32)
+    mean = x.mean(-1, keepdims=True, dtype=np.float32)
+    d = x - mean
+    norm = d / np.sqrt(np.mean(d * d, -1, keepdims=True, dtype=np.float32) + np.float32(1e-5))
+    with precision(GPU):
+        assert np.array_equal(ops.layer_norm(x, g, b), round_f16(norm))
+        assert np.array_equal(ops.layer_norm(x), truncate_f16(norm))
 
 
 def test_timestep_arguments_are_stored_in_fp16():
@@ -162,7 +289,8 @@ def test_catalogue_outcome_on_the_device_model_matches_the_real_kernels(case):
 
 # Probes whose emulation is bit-identical to the GPU (README table); the
 # catalogue probes check the recorded outcomes.
-GPU_PROBES = ("mul", "exp", "silu", "linear", "reduce_sum_big", "mean", "group_norm", "timestep_embedding")
+GPU_PROBES = ("mul", "exp", "silu", "linear", "linear_row", "linear_rows16", "linear_rows17", "reduce_sum_big", "mean",
+              "group_norm", "layer_norm_affine", "gelu_all", "gelu_tanh_all", "geglu", "timestep_embedding")
 
 
 def test_real_gpu_kernels(tmp_path):
@@ -204,3 +332,35 @@ def test_fp16_check_device_model(tmp_path, capsys):
     proc = subprocess.run([sys.executable, "-m", "refsd", "fp16-check", *req, "--precision", "f32_f16",
                            "--device-model", "litert-gpu"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "needs mode 'f16'" in proc.stderr
+
+
+def test_group_norm_affine_is_folded_into_sd15_proj_in(tiny_sd15):
+    """SD 1.x's transformer: GroupNorm, then the 1x1 proj_in. The device folds
+    gamma and beta into the conv (measured, ``gn_conv1x1`` probe): the conv
+    reads the unscaled normalized values, with weight w * gamma and bias
+    b + beta @ w from the deployed (float32) values; the generic f16 model
+    keeps the graph's order."""
+    from refsd.models.options import ModelOptions
+    from refsd.weights import load_unet
+
+    rng = np.random.default_rng(7)
+    model = load_unet(tiny_sd15 / "unet", options=ModelOptions.make(precision=GPU))
+    block = model.down_blocks[0].attentions[0]
+    x = round_f16(rng.normal(0, 3, (1, 8, 8, block.norm.num_channels)).astype(np.float32))
+    got = {}
+    with precision(GPU), scope("t"):
+        from refsd.context import recording
+
+        with recording(got):
+            block(x, round_f16(rng.normal(0, 1, (1, 77, 32)).astype(np.float32)))
+    proj_in = next(v for k, v in got.items() if k.endswith("proj_in"))
+    # Folded from the values as deployed (an fp32-weight export: the float32 checkpoint), not the held fp16 ones.
+    g, b = (np.asarray(block.norm.deployed(n), np.float32) for n in ("weight", "bias"))
+    w, cb = (np.asarray(block.proj_in.deployed(n), np.float32) for n in ("weight", "bias"))
+    assert not np.array_equal(w, round_f16(w))
+    with precision(GPU):
+        want = ops.conv2d(ops.gn4d(x, None, None, num_groups=block.norm.num_groups, eps=1e-6),
+                          w * g[:, None], cb + b @ w[0, 0])
+        plain = ops.conv2d(ops.gn4d(x, g, b, num_groups=block.norm.num_groups, eps=1e-6), w, cb)
+    assert np.array_equal(np.asarray(proj_in).reshape(want.shape), want)
+    assert not np.array_equal(want, plain)

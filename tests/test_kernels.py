@@ -149,6 +149,37 @@ def test_blocked_matmul_same_bits_and_events(block, device, ftz, data):
 
 
 @pytest.mark.parametrize("ftz", [False, True])
+@pytest.mark.parametrize("threads", [1, 2, 8])
+@given(data=st.data())
+def test_split_matmul_same_bits_and_events(threads, ftz, data):
+    """``litert-gpu``'s FULLY_CONNECTED on few rows (``_core.matmul_split``: each
+    thread's sequential sum, then the halving tree), through ``ops.linear``
+    with its bias too: the sequential kernel per thread against the definition."""
+    from refsd import ops
+
+    m, k, n = data.draw(st.integers(1, 16)), data.draw(st.integers(1, 80)), data.draw(st.integers(1, 9))
+    a = np.array(_fp16_operands(data, (m, k), data.draw(st.sampled_from([-20, 0, 7]))))
+    b = np.array(_fp16_operands(data, (k, n), data.draw(st.sampled_from([-12, 0, 8]))))
+    bias = np.array(_fp16_operands(data, (n,), 0))
+    if data.draw(st.booleans()):
+        a.reshape(-1)[data.draw(st.integers(0, a.size - 1))] = data.draw(st.sampled_from([np.inf, -np.inf, np.nan]))
+    if data.draw(st.booleans()):
+        a.reshape(-1)[:: max(1, a.size // 3)] = -0.0
+
+    def run():
+        with precision("f16", ftz=ftz, device_model="litert-gpu"):
+            with monitoring() as mon:
+                y = _core.matmul_split(a, b, threads)
+                z = ops.linear(a, b.T, bias)
+            return _bits(y).copy(), _bits(z).copy(), _events(mon)
+
+    want, got = both(run)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[2] == want[2]
+
+
+@pytest.mark.parametrize("ftz", [False, True])
 @pytest.mark.parametrize("block", [1, 5, 32])
 @given(data=st.data())
 def test_blocked_reduce_sum_same_bits_and_events(block, ftz, data):

@@ -42,6 +42,7 @@ from refsd.models.loading import (
     WeightsError,
     check_state,
     checkpoint_array,
+    deployed_float,
     drop_mapped_pages,
     read_only,
     store_float,
@@ -180,8 +181,20 @@ class Module:
         setattr(self, name, self._store(checkpoint_array(value, spec), name))
 
     def _store(self, arr: np.ndarray, name: str = "") -> np.ndarray:
-        """A float32 parameter as the model holds it (``loading.store_float``)."""
+        """A float32 parameter as the model holds it (``loading.store_float``);
+        a module marked ``keep_deployed`` under a device model that folds it
+        (``fold_norm_into_conv``) also keeps the value as deployed (``deployed``)."""
+        if getattr(self, "keep_deployed", False):
+            device = self.opts.precision.device
+            if device is not None and device.fold_norm_into_conv and name:
+                self.__dict__.setdefault("_deployed", {})[name] = read_only(deployed_float(arr, self.opts))
         return store_float(arr, self.opts)
+
+    def deployed(self, name: str) -> np.ndarray | None:
+        """Parameter ``name`` as the deployment stores it (float32, before the
+        precision mode's rounding) where kept (``keep_deployed``), else as held."""
+        kept = self.__dict__.get("_deployed", {})
+        return kept[name] if name in kept else getattr(self, name)
 
 
 class RootModel(Module):
@@ -444,7 +457,30 @@ class Conv2d(_DeployedWeight):
         self.set_weight(np.ascontiguousarray(w[:, :, keep, :]))
         self.in_keep = base[keep]
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def can_fold(self) -> bool:
+        """A per-input-channel affine before this conv can be folded into its
+        float weight and bias (a 1x1 float conv, unpruned)."""
+        return self.kernel_size == 1 and self.int8 is None and self.in_keep is None
+
+    def _folded(self, scale: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(weight, bias) with ``x * scale + shift`` folded in, float32, from the
+        values as deployed (``deployed``: a converter folds the .tflite's
+        constants): ``w[.., i, o] * scale[i]`` and ``b[o] + sum_i shift[i] w[0, 0, i, o]``."""
+        w = np.asarray(self.deployed("weight"), np.float32)
+        s, t = np.asarray(scale, np.float32), np.asarray(shift, np.float32)
+        bias = self.deployed("bias")
+        b = np.zeros(w.shape[-1], np.float32) if bias is None else np.asarray(bias, np.float32)
+        return w * s[:, None], b + t @ w[0, 0]
+
+    def forward(self, x: np.ndarray, fold: tuple | None = None) -> np.ndarray:
+        """``fold``: (scale, shift) of a per-channel affine the caller left out,
+        folded into the weight and bias (``can_fold`` convs only), as LiteRT's
+        GPU accelerator does to a GroupNorm's gamma and beta before a 1x1 conv."""
+        if fold is not None:
+            if not self.can_fold():
+                raise ValueError(f"{self._path}: only a 1x1 float conv can take a folded affine")
+            w, b = self._folded(*fold)
+            return conv_op(self, 1, None)(x, w, b)
         if self.in_keep is not None:
             x = x[..., self.in_keep]
         b, d = self._bias(), self.int8
@@ -468,9 +504,11 @@ class GroupNorm(Module):
         self.declare("weight", (num_channels,), "vector")
         self.declare("bias", (num_channels,), "vector")
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, affine: bool = True) -> np.ndarray:
+        """``affine=False``: without gamma and beta (folded into the next conv)."""
         fn = group_norm_op(self)
-        return fn(x, self.weight, self.bias, num_groups=self.num_groups, eps=norm_eps(self))
+        w, b = (self.weight, self.bias) if affine else (None, None)
+        return fn(x, w, b, num_groups=self.num_groups, eps=norm_eps(self))
 
 
 class LayerNorm(Module):

@@ -26,6 +26,7 @@ from refsd.models.config import config_from_dict
 from refsd.models.module import Conv2d, GroupNorm, LayerNorm, Linear, Module, RootModel, activation
 from refsd.models.options import ModelOptions
 from refsd.models.rewrites import attention_op, gelu_op
+from refsd.numerics import current_precision
 
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -207,17 +208,25 @@ class Transformer2DModel(Module):
         self.norm = GroupNorm(groups, channels, 1e-6)
         proj = (lambda: Linear(channels, channels)) if linear_projection else (lambda: Conv2d(channels, channels, 1))
         self.proj_in = proj()
+        # What a device folds (refsd.numerics.DeviceModel.fold_norm_into_conv) is folded from the deployed values.
+        self.norm.keep_deployed = self.proj_in.keep_deployed = not linear_projection
         self.transformer_blocks = [BasicTransformerBlock(channels, heads, context_dim, upcast_attention)
                                    for _ in range(layers)]
         self.proj_out = proj()
 
     def forward(self, x: np.ndarray, context: np.ndarray) -> np.ndarray:
         n, h, w, c = x.shape
-        t = self.norm(x)
-        if self.linear_projection:
+        p = current_precision()
+        device = p.device if p.math16 else None
+        if device and device.fold_norm_into_conv and not self.linear_projection and self.proj_in.can_fold():
+            # The device folds the GroupNorm's gamma and beta into the 1x1 proj_in (measured).
+            t = self.norm(x, affine=False)
+            t = self.proj_in(t, fold=(self.norm.deployed("weight"), self.norm.deployed("bias"))).reshape(n, h * w, c)
+        elif self.linear_projection:
+            t = self.norm(x)
             t = self.proj_in(t.reshape(n, h * w, c))
         else:
-            t = self.proj_in(t).reshape(n, h * w, c)
+            t = self.proj_in(self.norm(x)).reshape(n, h * w, c)
         for block in self.transformer_blocks:
             t = block(t, context)
         if self.linear_projection:

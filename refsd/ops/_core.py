@@ -284,6 +284,35 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return _matmul_blocked(a, b, block, p.ftz)
 
 
+def matmul_split(a: np.ndarray, b: np.ndarray, threads: int) -> np.ndarray:
+    """``a`` (m, k) @ ``b`` (k, n) as LiteRT's GPU FULLY_CONNECTED kernel for
+    few rows sums it in fp16 (measured on lavapipe, ``bench/gpu_probes.py``
+    ``linear_row``; the device model's ``fc_split_rows``): K in slices of 4
+    inputs, slice ``c`` on thread ``c % threads``; each thread a sequential fp16
+    sum of fp16-rounded products over its inputs in order (``matmul`` with
+    block 1, from a zero accumulator: a thread without inputs holds +0); then
+    a halving tree, ``s[t] = r16(s[t] + s[t + h])`` for ``t < h``, ``h =
+    threads/2, ..., 1``. The caller adds the bias. (One product per step, no
+    fused multiply-add: each product is rounded, then each sum.)"""
+    if threads < 1 or threads & (threads - 1):
+        raise ValueError(f"matmul_split needs a power-of-two thread count, got {threads!r}")
+    k = a.shape[-1]
+    owner = (np.arange(k) // 4) % threads
+    parts = []
+    for t in range(threads):
+        idx = np.flatnonzero(owner == t)
+        if idx.size:
+            parts.append(matmul(a[..., idx], b[idx, :]))
+        else:
+            parts.append(np.zeros(a.shape[:-1] + b.shape[-1:], np.float32))
+    h = threads
+    while h > 1:
+        h //= 2
+        for t in range(h):
+            parts[t] = prim(parts[t] + parts[t + h], "matmul.reduce")
+    return parts[0]
+
+
 def _matmul_sequential(k, a: np.ndarray, b: np.ndarray, ftz: bool) -> np.ndarray:
     """``_matmul_blocked`` with ``block=1`` as one compiled kernel
     (``kernels.fp16.matmul_sequential``), monitor events in the same order."""

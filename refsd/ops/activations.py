@@ -6,9 +6,11 @@ is eight kernels; in ``f16`` each rounds, and ``x**3`` overflows fp16 for
 ``|x| >= 40.3`` (41**3 = 68921 > 65504).
 
 ``litert-gpu`` (measured): TFLite's converter turns that unclipped pattern
-into the GELU builtin, one float32 kernel with no ``x**3`` tensor; the
-clipped form stays unfused. SiLU's exp is the kernel's
-``exp2`` form (``refsd.ops._core.exp``).
+into the GELU builtin, one kernel with no ``x**3`` tensor; the clipped form
+stays unfused. The builtin's two forms are computed as the kernel does
+(``gelu_erf_kernel``, ``gelu_tanh_kernel``; bit-identical to lavapipe on every
+finite fp16 input). SiLU's exp is the kernel's ``exp2`` form
+(``refsd.ops._core.exp``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import math
 
 import numpy as np
 
-from refsd.numerics import current_precision
+from refsd.numerics import current_precision, round_f16, truncate_f16
 from refsd.ops._core import const, exp, kernel_out, load, op, prim, store
 from refsd.ops.transcendental import perturb
 
@@ -83,25 +85,88 @@ def erf(x: np.ndarray) -> np.ndarray:
     return out.reshape(x.shape)
 
 
+# The erf form of LiteRT's GPU GELU builtin: Abramowitz & Stegun 7.1.26 (the
+# accelerator's shader template, ``{ // erf approximation``), in fp16.
+_AS26 = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+_AS26_P = 0.3275911
+_LOG2E = np.float32(1.0 / np.log(2.0))
+
+
+def gelu_erf_kernel(x: np.ndarray, ftz: bool = False) -> np.ndarray:
+    """The GELU builtin (erf form) as LiteRT's GPU kernel computes it in fp16
+    (float32 arrays of fp16 values in and out; measured on lavapipe,
+    bit-identical on all 63488 finite fp16 inputs, ``tests/test_gpu_emulation.py``)::
+
+        z = x * 0.70710678;  a = |z|;  t = 1 / (1 + p a)
+        erf = sign(z) (1 - ((((a5 t + a4) t + a3) t + a2) t + a1) t exp(-a a))
+        gelu = 0.5 x (1 + erf)
+
+    every operation one fp16 rounding (no fused multiply-add), left to right,
+    with three details of the shader compiler (Mesa's NIR on lavapipe) that
+    the measurement pins: the float32 literals become fp16 constants by
+    truncation (toward zero), as the device's float32 -> fp16 stores do;
+    ``exp(v)`` is ``exp2(v * r16(log2 e))``, as the EXP op; and the constant
+    is moved inward, ``exp(-a a) = exp2(-a r16(a r16(log2 e)))``. Intermediate
+    infinities (``a log2 e`` past 65504 for ``|x| > 212``) are the kernel's own
+    and harmless (``exp2(-inf) = 0``), so no monitor event is reported."""
+    def h(v):
+        return round_f16(np.asarray(v, np.float32), ftz=ftz)
+
+    def c(v):
+        return truncate_f16(np.float32(v))
+
+    x = np.asarray(x, np.float32)
+    z = h(x * c(_INV_SQRT2))
+    a = np.abs(z)
+    t = h(np.float32(1.0) / h(np.float32(1.0) + h(c(_AS26_P) * a)))
+    poly = c(_AS26[4])
+    for coeff in _AS26[3::-1]:
+        poly = h(h(poly * t) + c(coeff))
+    poly = h(poly * t)
+    e = h(perturb(np.exp2(h(-a * h(a * round_f16(_LOG2E))))))
+    erf = h(np.float32(1.0) - h(poly * e)) * np.sign(z)
+    return h(h(np.float32(0.5) * x) * h(np.float32(1.0) + erf))
+
+
+def gelu_tanh_kernel(x: np.ndarray) -> np.ndarray:
+    """The GELU builtin (tanh form) as LiteRT's GPU kernel computes it: in
+    float32 (the caller stores it, truncated: ``kernel_out``), with tanh as
+    the shader compiler lowers it, ``(e^u - e^-u) / (e^u + e^-u)`` on ``u``
+    clamped to [-10, 10] and ``e^u = exp2(u log2 e)`` (measured on lavapipe,
+    bit-identical on every finite fp16 input once truncated)."""
+    x = np.asarray(x, np.float32)
+    u = np.float32(0.7978845608) * (x + np.float32(GELU_COEFF) * x * x * x)
+    u = np.clip(u, np.float32(-10.0), np.float32(10.0))
+    ep = perturb(np.exp2(u * _LOG2E))
+    em = perturb(np.exp2(-u * _LOG2E))
+    return np.float32(0.5) * x * (np.float32(1.0) + (ep - em) / (ep + em))
+
+
 def _check_approximate(approximate: str) -> None:
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"gelu approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
 
 
 def _gelu_unfused(x: np.ndarray, approximate: str, clip: float | None = None) -> np.ndarray:
-    device = current_precision().device
+    p = current_precision()
+    device = p.device if p.math16 else None
+    if device and device.gelu_kernel and approximate == "none":
+        return gelu_erf_kernel(x, p.ftz)  # the GELU builtin's fp16 kernel
     if device and device.gelu_builtin and approximate == "tanh" and clip is None:
         # The converter matches the unclipped pattern to the GELU builtin: one
         # float32 kernel, no x**3 tensor (measured: finite where x**3 overflows).
-        return kernel_out(gelu_f32(x, approximate), "gelu")
+        return kernel_out(gelu_tanh_kernel(x) if device.gelu_kernel else gelu_f32(x, approximate), "gelu")
     if approximate == "none":
         e = prim(perturb(erf(prim(x * const(_INV_SQRT2, "inv_sqrt2"), "scale"))), "erf")
     else:
         g = x if clip is None else np.clip(x, -np.float32(clip), np.float32(clip))
-        cube = prim(g * g * g, "pow3")
+        # The graph's two MULs; a device model rounds each (the generic f16 model, one pow3 primitive).
+        cube = prim(prim(g * g, "square") * g, "pow3") if device else prim(g * g * g, "pow3")
         inner = prim(g + prim(cube * const(GELU_COEFF, "gelu_coeff"), "mul_coeff"), "add")
         e = prim(perturb(np.tanh(prim(inner * const(SQRT_2_OVER_PI, "sqrt_2_over_pi"), "mul_sqrt_2_over_pi"))), "tanh")
-    return prim(x * np.float32(0.5), "half") * prim(np.float32(1.0) + e, "add_one")
+    y = prim(x * np.float32(0.5), "half") * prim(np.float32(1.0) + e, "add_one")
+    # A device model rounds the product before GEGLU's gate multiplies it (a MUL of its own).
+    return prim(y, "gelu") if device else y
 
 
 def gelu_f32(x: np.ndarray, approximate: str = "none") -> np.ndarray:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from refsd.ops._core import load, matmul, op, param, prim, store
+from refsd.numerics import current_precision
+from refsd.ops._core import load, matmul, matmul_split, op, param, prim, store
 from refsd.ops.conv import conv2d
 
 
@@ -20,10 +21,19 @@ def _check_linear(x: np.ndarray, w: np.ndarray, b) -> None:
 @op
 def linear(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None) -> np.ndarray:
     """``y = x @ w.T + b`` with ``w`` of shape (out_features, in_features), as
-    ``torch.nn.functional.linear``. Accumulates like ``conv2d`` (blocked in f16)."""
+    ``torch.nn.functional.linear``. Accumulates like ``conv2d`` (blocked in f16);
+    a device model with ``fc_split_rows`` sums few rows as its kernel does
+    (``matmul_split``: the time embedding's linears)."""
     x, w = load(x), param(w, "weight")
     _check_linear(x, w, b)
-    y = matmul(x.reshape(-1, x.shape[-1]), w.T).reshape(*x.shape[:-1], w.shape[0])
+    x2 = x.reshape(-1, x.shape[-1])
+    p = current_precision()
+    device = p.device if p.math16 else None
+    if device and device.fc_split_rows and x2.shape[0] <= device.fc_split_rows:
+        y = matmul_split(x2, w.T, device.fc_split_threads)
+    else:
+        y = matmul(x2, w.T)
+    y = y.reshape(*x.shape[:-1], w.shape[0])
     if b is not None:
         y = prim(np.add(y, param(b, "bias"), out=y), "bias_add")  # y is this op's own fresh array
     return store(y)
