@@ -39,7 +39,7 @@ from refsd.monitor import Monitor, Report, monitoring
 from refsd.numerics import Precision, round_f16
 from refsd.schedulers import DDIMScheduler, make_scheduler
 from refsd.trace import MODELS, TOKENS
-from refsd.weights import load_scheduler_config, load_text_encoder, load_tokenizer, load_unet, load_vae, read_config
+from refsd.weights import load_model, load_scheduler_config, load_tokenizer, read_config
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,7 @@ class Pipeline:
     # -- stages, each loading its model in low-memory mode
 
     def _load(self, name: str):
-        loader = {"text_encoder": load_text_encoder, "unet": load_unet, "vae": load_vae}[name]
-        return loader(self.model_dir / name, options=self.options[name])
+        return load_model(self.model_dir / name, name, options=self.options[name])
 
     def model(self, name: str):
         """The stage's model (``text_encoder``, ``unet``, ``vae``): loaded with the pipeline, or now
