@@ -133,16 +133,16 @@ def store_float(arr: np.ndarray, opts) -> np.ndarray:
     """A float32 parameter as a model with options ``opts`` (``ModelOptions``)
     holds it: rounded once to fp16 / bf16 under ``weights="fp16"`` / ``"bf16"``
     (nearest even, subnormals kept, as the converter rounds; moved first under
-    ``weight_jitter``), then to fp16 in fp16-storage modes (registered with
+    ``settings.weight_jitter``), then to fp16 in fp16-storage modes (registered with
     ``ops.mark_stored``); read-only."""
     stored_as = opts.weights
-    if stored_as in ("fp16", "bf16") and opts.weight_jitter:
+    if stored_as in ("fp16", "bf16") and opts.settings.weight_jitter:
         arr = _jitter(arr, U_F16 if stored_as == "fp16" else 2.0**-8)
     if stored_as == "fp16":
         arr = round_f16(arr)
     elif stored_as == "bf16":
         arr = round_bf16(arr)
-    p = opts.precision
+    p = opts.settings.precision
     if p.storage16:
         return mark_stored(arr, ftz=p.ftz, f16=opts.weights_f16)
     return read_only(arr)
