@@ -29,6 +29,11 @@ by what LiteRT's GPU accelerator's fp16 kernels were measured to do
 ``ftz=True`` flushes fp16 subnormals (``|x| < 2**-14``) to signed zero, as many
 mobile GPUs do.
 
+The precision is one field of ``RunSettings``, the one immutable object that
+says how the running ops compute (with perturbed transcendentals,
+either-rounding, weight jitter and the recorder): ops read it with
+``current_settings()``; ``run_settings`` and ``precision`` set it for a block.
+
 All arrays stay ``float32`` holding fp16 values: rounding is emulated around
 float32 BLAS, never computed in ``np.float16`` loops (NumPy's float16 matmul is
 hundreds of times slower and accumulates in float32 anyway).
