@@ -381,7 +381,8 @@ def _cmd_fp16_fix(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub) -> None:
-    from refsd.export.build import COMPONENTS, WEIGHTS  # noqa: PLC0415 (no TensorFlow at import)
+    from refsd.export.build import WEIGHTS  # noqa: PLC0415 (no TensorFlow at import)
+    from refsd.trace import MODELS  # noqa: PLC0415
     from refsd.models.rewrites import DEFAULT_SERIAL_CONV_LIMIT  # noqa: PLC0415
 
     p = sub.add_parser(
@@ -405,7 +406,7 @@ def _add_export(sub) -> None:
                    "lint-gpu --max-conv-activation uses the same measure")
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
-    p.add_argument("--component", action="append", choices=COMPONENTS,
+    p.add_argument("--component", action="append", choices=MODELS,
                    help="export only this component (repeatable; default all three)")
     p.add_argument("--gelu-approximate", choices=("none", "tanh"), default=None,
                    help="the GELU the graph computes: none (erf; default) or tanh")
@@ -415,7 +416,8 @@ def _add_export(sub) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from refsd.export.build import COMPONENTS, export, graph_rewrites  # noqa: PLC0415
+    from refsd.export.build import export, graph_rewrites  # noqa: PLC0415
+    from refsd.trace import MODELS  # noqa: PLC0415
     from refsd.models.rewrites import Rewrites  # noqa: PLC0415
 
     if args.serial_conv_limit < 1:
@@ -427,7 +429,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"refsd: note: int8_weights is a weight storage choice for export; the graph uses {rw}, "
               f"weights {args.weights} (use --weights int8 for int8 weights)", file=console.err())
     manifest = export(args.model, args.out, weights=args.weights, rewrites=rw, height=args.height,
-                      width=args.width, components=tuple(args.component or COMPONENTS), progress=not args.quiet,
+                      width=args.width, components=tuple(args.component or MODELS), progress=not args.quiet,
                       gelu_approximate=gelu)
     for name, entry in manifest["components"].items():
         print(f"{args.out}/{entry['file']}: output {'x'.join(map(str, entry['output']))}, "

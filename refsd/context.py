@@ -1,11 +1,12 @@
-"""Where the running ops are: the module path, the pipeline stage and step, and
-an optional recorder of module outputs.
+"""Where the running ops are: the module path, the pipeline stage and step;
+and recording module outputs.
 
-These three context variables are what lets a module call deep inside a model
+These two context variables are what lets a module call deep inside a model
 be named ``unet/step_3/unet.mid_block.attentions.0`` without threading a name
 through every op signature. The exception monitor (``refsd.monitor``) and the
 capture tooling read them; the models set them (``scope``, ``location``) and
-``Module.__call__`` feeds ``record``.
+``Module.__call__`` feeds ``record``, which stores into the recorder of the
+run's settings (``refsd.numerics.RunSettings.recorder``, set by ``recording``).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import contextlib
 import contextvars
 from typing import Iterator
 
+from refsd.numerics import current_settings, run_settings
+
 _PATH: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("refsd_path", default=())
 _WHERE: contextvars.ContextVar[tuple[str | None, int | None]] = contextvars.ContextVar(
     "refsd_where", default=(None, None)
 )
-_RECORDER: contextvars.ContextVar[dict | None] = contextvars.ContextVar("refsd_recorder", default=None)
 
 
 @contextlib.contextmanager
@@ -56,18 +58,15 @@ def recording(into: dict | None = None) -> Iterator[dict]:
     called twice at one location keeps its first output and the second goes
     under ``name#1`` (and so on), so nothing is silently overwritten."""
     store = into if into is not None else {}
-    token = _RECORDER.set(store)
-    try:
+    with run_settings(recorder=store):
         yield store
-    finally:
-        _RECORDER.reset(token)
 
 
 def record(path: str, value) -> None:
     """Store a module output if a ``recording()`` is active (cheap otherwise).
     Only tensor outputs are kept (down blocks return ``(x, skips)`` tuples;
     their tensors are recorded by the modules inside)."""
-    store = _RECORDER.get()
+    store = current_settings().recorder
     if store is None or not path or not hasattr(value, "shape"):
         return
     name = tensor_name(path)

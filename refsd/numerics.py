@@ -29,6 +29,11 @@ by what LiteRT's GPU accelerator's fp16 kernels were measured to do
 ``ftz=True`` flushes fp16 subnormals (``|x| < 2**-14``) to signed zero, as many
 mobile GPUs do.
 
+The precision is one field of ``RunSettings``, the one immutable object that
+says how the running ops compute (with perturbed transcendentals,
+either-rounding, weight jitter and the recorder): ops read it with
+``current_settings()``; ``run_settings`` and ``precision`` set it for a block.
+
 All arrays stay ``float32`` holding fp16 values: rounding is emulated around
 float32 BLAS, never computed in ``np.float16`` loops (NumPy's float16 matmul is
 hundreds of times slower and accumulates in float32 anyway).
@@ -38,7 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
 
 import numpy as np
@@ -178,13 +183,76 @@ class Precision:
         return U_F32 if self.mode == "f32" else U_F16
 
 
-_PRECISION: contextvars.ContextVar[Precision] = contextvars.ContextVar("refsd_precision", default=Precision())
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run computes: one immutable object, the only one an op reads
+    (``current_settings()``) to know how to compute. A run sets it once
+    (``run_settings``); a model carries its own (``ModelOptions.settings``) and
+    runs its entry points under it. A rerun's cache key is its ``content()``.
+
+    ``precision``: the precision mode, FTZ, accumulation block and device
+    model. ``transcendental_ulps``: every transcendental result moved by that
+    many float32 ulp (``refsd.ops.transcendental``; 0: NumPy's results).
+    ``either_rounding``: hybrid int8 kernels round each activation to either
+    neighbour (``refsd.ops.hybrid``). ``weight_jitter``: fp16 / bf16 weights
+    rounded from a value moved by +-1 unit roundoff (``refsd.models.loading``,
+    read when a model loads its weights). ``recorder``: where module outputs
+    are recorded (``refsd.context.recording``), None when not recording; what
+    is kept, not how it is computed, so no part of ``content()``."""
+
+    precision: Precision = Precision()
+    transcendental_ulps: float = 0.0
+    either_rounding: bool = False
+    weight_jitter: bool = False
+    recorder: dict | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.precision, Precision):
+            raise TypeError(f"precision must be a Precision, got {type(self.precision).__name__}")
+        ulps = self.transcendental_ulps
+        if not (ulps >= 0 and np.isfinite(ulps)):
+            raise ValueError(f"transcendental ulps must be finite and >= 0, got {ulps!r}")
+        object.__setattr__(self, "transcendental_ulps", float(ulps))
+
+    def content(self) -> dict:
+        """What a computation under these settings is a function of, as JSON."""
+        return {"precision": asdict(self.precision), "transcendental_ulps": self.transcendental_ulps,
+                "either_rounding": self.either_rounding, "weight_jitter": self.weight_jitter}
+
+
+_SETTINGS: contextvars.ContextVar[RunSettings] = contextvars.ContextVar("refsd_run_settings", default=RunSettings())
+
+
+def current_settings() -> RunSettings:
+    """The settings the running ops compute under."""
+    return _SETTINGS.get()
+
+
+@contextlib.contextmanager
+def run_settings(settings: RunSettings | None = None, /, **changes) -> Iterator[RunSettings]:
+    """Run the enclosed ops under ``settings`` (default: the current ones),
+    with the fields named in ``changes`` replaced::
+
+        with run_settings(RunSettings(Precision("f16"), transcendental_ulps=4)):
+            ...
+        with run_settings(either_rounding=True):
+            ...
+    """
+    s = settings if settings is not None else _SETTINGS.get()
+    if changes:
+        s = replace(s, **changes)
+    token = _SETTINGS.set(s)
+    try:
+        yield s
+    finally:
+        _SETTINGS.reset(token)
 
 
 @contextlib.contextmanager
 def precision(mode: str | Precision = "f32", *, ftz: bool = False, block: int = 32,
               device_model: str | None = None) -> Iterator[Precision]:
-    """Run the enclosed ops under a precision mode::
+    """Run the enclosed ops under a precision mode (the ``precision`` of the
+    current ``RunSettings``)::
 
         with precision("f16", ftz=True):
             y = ops.gelu(x, approximate="tanh")
@@ -192,15 +260,13 @@ def precision(mode: str | Precision = "f32", *, ftz: bool = False, block: int = 
             ...
     """
     p = mode if isinstance(mode, Precision) else Precision(mode, ftz, block, device_model)
-    token = _PRECISION.set(p)
-    try:
+    with run_settings(precision=p):
         yield p
-    finally:
-        _PRECISION.reset(token)
 
 
 def current_precision() -> Precision:
-    return _PRECISION.get()
+    """``current_settings().precision``."""
+    return _SETTINGS.get().precision
 
 
 @dataclass(frozen=True)
@@ -298,10 +364,10 @@ def _round_f16(x: np.ndarray, ftz: bool, stats: bool) -> tuple[np.ndarray, Round
     out = out.reshape(shape)
     if not stats:
         return out, None
-    return out, _stats(c, ftz)
+    return out, rounding_stats(c, ftz)
 
 
-def _stats(c: tuple, ftz: bool) -> RoundingStats:
+def rounding_stats(c: tuple, ftz: bool) -> RoundingStats:
     """``RoundingStats`` from ``round_into``'s counters."""
     hi, top, overflow, to_zero, to_subnormal, had_inf = c
     had_nan = hi > int(_INF)
@@ -337,7 +403,7 @@ def _scratch(n: int) -> _Scratch:
 def round_into(x: np.ndarray, out: np.ndarray, ftz: bool, stats: bool) -> tuple:
     """Round the contiguous 1-D float32 ``x`` onto fp16 into ``out`` (float32,
     same size; may be ``x`` itself), chunk by chunk. Returns counters for
-    ``_stats`` (with ``stats``; zeros otherwise): (max |bits|, max non-NaN
+    ``rounding_stats`` (with ``stats``; zeros otherwise): (max |bits|, max non-NaN
     |bits|, overflow, to_zero, to_subnormal, had_inf)."""
     k = kernels.compiled()
     if k is not None:

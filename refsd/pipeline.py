@@ -39,7 +39,7 @@ from refsd.monitor import Monitor, Report, monitoring
 from refsd.numerics import Precision, round_f16
 from refsd.schedulers import DDIMScheduler, make_scheduler
 from refsd.trace import MODELS, TOKENS
-from refsd.weights import load_scheduler_config, load_text_encoder, load_tokenizer, load_unet, load_vae, read_config
+from refsd.weights import load_model, load_scheduler_config, load_tokenizer, read_config
 
 
 @dataclass(frozen=True)
@@ -103,13 +103,14 @@ class Pipeline:
     A deployment whose stages differ (the text encoder on a CPU in fp32, the
     UNet on a GPU in fp16, int8 weights) passes ``options``: one
     ``ModelOptions`` per model (``refsd.trace.MODELS``), which then replace
-    precision / rewrites; ``guidance``: the precision of classifier-free
+    precision / rewrites; ``guidance_precision``: the precision of classifier-free
     guidance and the scheduler step (float32 by default, as a phone's host
     CPU runs them; see :func:`guided_step`)."""
 
     def __init__(self, model_dir: str | Path, *, precision: str | Precision = "f32", ftz: bool = False,
                  block: int = 32, rewrites: str = "none", low_memory: bool = False,
-                 options: Mapping[str, ModelOptions] | None = None, guidance: Precision | None = None) -> None:
+                 options: Mapping[str, ModelOptions] | None = None,
+                 guidance_precision: Precision | None = None) -> None:
         self.model_dir = Path(model_dir)
         if not self.model_dir.is_dir():
             raise FileNotFoundError(2, "no such model folder", str(self.model_dir))
@@ -124,7 +125,7 @@ class Pipeline:
         if missing:
             raise ValueError(f"options must name every model ({', '.join(MODELS)}); missing {', '.join(missing)}")
         self.options = dict(options)
-        self.guidance_precision = guidance if guidance is not None else Precision()
+        self.guidance_precision = guidance_precision if guidance_precision is not None else Precision()
         self.low_memory = low_memory
         self.tokenizer = load_tokenizer(self.model_dir / "tokenizer")
         self.scheduler_config = load_scheduler_config(self.model_dir / "scheduler")
@@ -138,8 +139,7 @@ class Pipeline:
     # -- stages, each loading its model in low-memory mode
 
     def _load(self, name: str):
-        loader = {"text_encoder": load_text_encoder, "unet": load_unet, "vae": load_vae}[name]
-        return loader(self.model_dir / name, options=self.options[name])
+        return load_model(self.model_dir / name, name, options=self.options[name])
 
     def model(self, name: str):
         """The stage's model (``text_encoder``, ``unet``, ``vae``): loaded with the pipeline, or now

@@ -34,9 +34,10 @@ from refsd.models.options import ModelOptions
 from refsd.models.unet import UNet2DConditionModel, UNetConfig
 from refsd.models.vae import AutoencoderKL, VaeConfig
 from refsd.safe_io import check_regular, check_schema, open_regular, parse_json, read_json, read_text, sha256_file
+from refsd.trace import MODELS
 
 __all__ = [
-    "MODELS", "Components", "WeightsError", "find_weights", "load_component_state", "load_model", "load_pipeline",
+    "MODEL_CLASSES", "Components", "WeightsError", "find_weights", "load_component_state", "load_model", "load_pipeline",
     "load_scheduler_config", "load_text_encoder", "load_tokenizer", "load_unet", "load_vae", "model_files",
     "model_sha256", "read_config", "read_safetensors", "write_safetensors",
 ]
@@ -261,23 +262,20 @@ def _options(options: ModelOptions | None, kw: dict) -> ModelOptions:
     return ModelOptions.make(**kw)
 
 
-# component -> (model class, config class)
-MODELS = {
-    "text_encoder": (ClipTextModel, ClipTextConfig),
-    "unet": (UNet2DConditionModel, UNetConfig),
-    "vae": (AutoencoderKL, VaeConfig),
-}
+# model -> (model class, config class), in ``refsd.trace.MODELS``' order
+MODEL_CLASSES = dict(zip(MODELS, ((ClipTextModel, ClipTextConfig), (UNet2DConditionModel, UNetConfig),
+                                  (AutoencoderKL, VaeConfig))))
 
 
 def load_model(path: str | os.PathLike, component: str, *, options: ModelOptions | None = None,
                variant: str | None = None, **option_kw):
-    """``<component>/`` (or a folder containing it) -> its model (``MODELS``), built
+    """``<component>/`` (or a folder containing it) -> its model (``MODEL_CLASSES``), built
     from its ``config.json`` and loaded strictly from its safetensors weights.
     ``option_kw``: ``precision``, ``rewrites``, ``ops``, ``gelu_approximate``, rewrite
     parameters (or ``options=``, not both)."""
-    if component not in MODELS:
+    if component not in MODEL_CLASSES:
         raise ValueError(f"unknown component {component!r}; expected one of {', '.join(MODELS)}")
-    model_cls, config_cls = MODELS[component]
+    model_cls, config_cls = MODEL_CLASSES[component]
     d = _component(path, component)
     model = _build(model_cls, config_cls, d, _options(options, option_kw))
     model.load_state_dict(load_component_state(d, variant=variant), source=str(d))
@@ -294,7 +292,7 @@ def check_component(path: str | os.PathLike, component: str) -> None:
     memory stays bounded whatever the checkpoint's size. For commands that
     hand the weights to another runtime (``refsd export``), where a
     non-finite weight would be a silently broken artifact."""
-    model_cls, config_cls = MODELS[component]
+    model_cls, config_cls = MODEL_CLASSES[component]
     d = _component(path, component)
     state = _build(model_cls, config_cls, d, ModelOptions.make()).check_state_dict(load_component_state(d),
                                                                                    source=str(d))
@@ -408,7 +406,7 @@ def load_pipeline(path: str | os.PathLike, *, options: ModelOptions | None = Non
             raise WeightsError(_pickle_message(pickles))
         raise WeightsError(f"{p}: not a diffusers folder (no model_index.json)")
     index = read_config(index_path)
-    missing = [c for c in ("text_encoder", "unet", "vae", "tokenizer", "scheduler") if not (p / c).is_dir()]
+    missing = [c for c in (*MODELS, "tokenizer", "scheduler") if not (p / c).is_dir()]
     if missing:
         raise WeightsError(f"{p}: missing component folder(s) {', '.join(missing)}")
     opts = _options(options, option_kw)

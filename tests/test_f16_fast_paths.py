@@ -250,10 +250,10 @@ def test_winograd_weight_transform_cache(mode):
 def test_round_sum_f16_stats_of_negative_zeros_are_not_a_nan():
     """Sums that are all -0 (products of opposite signs rounded to zero): the largest magnitude is 0, not the
     bit pattern 0x80000000, which the monitor would read as a NaN ('invalid' from NaN-free inputs)."""
-    from refsd.numerics import _stats
+    from refsd.numerics import rounding_stats
 
     buf = np.float32([-0.0, -0.0])
     with kernels.using("numpy"):
         c = round_sum_f16(buf, False, True)
-    st = _stats(c, False)
+    st = rounding_stats(c, False)
     assert not st.had_nan and st.max_abs == 0.0

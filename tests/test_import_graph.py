@@ -8,7 +8,7 @@ same) and mapped to the module it names. The layers, lowest first:
 0     foundations: numerics, kernels, trace, safe_io, limits, blas, image, data, console
 1     where ops run: context, monitor
 2     ops
-3     models, schedulers
+3     models, schedulers, schedulers_config
 4     weights, pipeline, names, tiny, catalogue, testing, fp16fix
 5     export, golden
 6     the validator (refsd_validate), below its command line
@@ -37,7 +37,7 @@ LAYERS = [
      "refsd.image", "refsd.data", "refsd.console"),
     ("refsd.context", "refsd.monitor"),
     ("refsd.ops",),
-    ("refsd.models", "refsd.schedulers"),
+    ("refsd.models", "refsd.schedulers", "refsd.schedulers_config"),
     ("refsd.weights", "refsd.pipeline", "refsd.names", "refsd.tiny", "refsd.catalogue", "refsd.testing",
      "refsd.fp16fix"),
     ("refsd.export", "refsd.golden"),

@@ -5,7 +5,7 @@ structured pruning change the model and are measured and reported.
 
 The bound, elementwise: ``|y_rw - y| <= BUDGET * u * max|y|`` with
 ``u = 2**-24`` (float32 unit roundoff) and ``BUDGET = 256``, the float32
-entry of refsd's tolerance table (refsd/testing/tolerance.py): a rewrite in
+entry of refsd's rounding-budget table (refsd/testing/rounding_budgets.py): a rewrite in
 float32 only reorders sums or moves where float32 roundings happen, each
 rewritten op adds a few ``u`` of its output's magnitude, and the tiny models
 chain ~30 such ops with residual adds, so the accumulated error is tens of

@@ -1,6 +1,6 @@
 """Differential tests: every rewrite in ``refsd.ops.REWRITES`` against the op it
 replaces, with ``assert_rewrite_equivalent`` and budgets from
-``refsd.testing.tolerance``; plus the int8 weight round trip, the serialization
+``refsd.testing.rounding_budgets``; plus the int8 weight round trip, the serialization
 factor, and negative tests showing the assertion does fail on wrong rewrites.
 
 Where the default scale (the original op on ``|inputs|``) is not the right
@@ -30,9 +30,9 @@ from refsd import ops
 from refsd.numerics import U_F16, precision, round_f16
 from refsd.testing import RewriteMismatch, assert_rewrite_equivalent, compare
 from refsd.testing import strategies as rst
-from refsd.testing.tolerance import BUDGET, blocked_budget, serial_conv_budget, winograd_budget
-from refsd.testing.tolerance import floor as tolerance_floor
-from refsd.testing.tolerance import flush_floor
+from refsd.testing.rounding_budgets import BUDGET, blocked_budget, serial_conv_budget, winograd_budget
+from refsd.testing.rounding_budgets import floor as tolerance_floor
+from refsd.testing.rounding_budgets import flush_floor
 
 MODES = ("f32", "f32_f16", "f16")
 f64 = np.float64

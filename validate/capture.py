@@ -33,6 +33,7 @@ from refsd_validate.bundle import model_sha256, write_bundle
 from refsd_validate.pipeline_capture import capture_document, pipeline_tensors
 
 from refsd.pipeline import Pipeline
+from refsd.trace import MODELS
 
 PRECISIONS = ("f32", "f32_f16", "f16")
 ACCELERATORS = ("cpu", "gpu")
@@ -153,7 +154,7 @@ def capture(tflite_dir, model_dir, request, out, *, delegate: str | None = None,
     ``accelerator="gpu"``: LiteRT's GPU accelerator (``refsd_validate.capture_gpu``)
     in ``gpu_precision`` fp16 or fp32; a component that is not fully accelerated is
     refused unless ``allow_cpu_fallback``."""
-    from refsd.export.build import COMPONENTS, read_manifest  # noqa: PLC0415
+    from refsd.export.build import read_manifest  # noqa: PLC0415
     from refsd.schedulers import default_scheduler_name  # noqa: PLC0415
 
     if accelerator not in ACCELERATORS:
@@ -162,7 +163,7 @@ def capture(tflite_dir, model_dir, request, out, *, delegate: str | None = None,
         raise ValueError("--delegate loads an Interpreter delegate; it does not combine with --accelerator gpu")
     tflite_dir, model_dir = Path(tflite_dir), Path(model_dir)
     manifest = read_manifest(tflite_dir)
-    missing = [c for c in COMPONENTS if c not in manifest.get("components", {})]
+    missing = [c for c in MODELS if c not in manifest.get("components", {})]
     if missing:
         raise ValueError(f"{tflite_dir}: the export has no {', '.join(missing)}")
     if model_sha256(model_dir) != manifest["model_sha256"]:
@@ -171,7 +172,7 @@ def capture(tflite_dir, model_dir, request, out, *, delegate: str | None = None,
         raise ValueError(f"the .tflite files were exported for {manifest['height']}x{manifest['width']} images, "
                          f"the request asks for {request.height}x{request.width}")
     files = {}
-    for name in COMPONENTS:
+    for name in MODELS:
         entry = manifest["components"][name]
         path = tflite_dir / entry["file"]
         if not path.is_file():
@@ -186,12 +187,12 @@ def capture(tflite_dir, model_dir, request, out, *, delegate: str | None = None,
 
         session = GpuSession(gpu_precision, allow_cpu_fallback)
         runners = {name: GpuModel(session, tflite_dir / manifest["components"][name]["file"],
-                                  manifest["components"][name], intermediates=intermediates) for name in COMPONENTS}
+                                  manifest["components"][name], intermediates=intermediates) for name in MODELS}
     else:
         loaded, delegate_info = _delegate(delegate, delegate_precision)
         runners = {name: _InterpreterRunner(tflite_dir / manifest["components"][name]["file"],
                                             manifest["components"][name], delegate=loaded,
-                                            intermediates=intermediates) for name in COMPONENTS}
+                                            intermediates=intermediates) for name in MODELS}
     models = {name: _LiteRTModel(name, manifest["components"][name], runner) for name, runner in runners.items()}
     pipe = _LiteRTPipeline(model_dir, models)
     result = pipe(request, progress=progress)
@@ -210,7 +211,7 @@ def capture(tflite_dir, model_dir, request, out, *, delegate: str | None = None,
                          "precision": delegate_info["precision"], "ftz": delegate_info["ftz"],
                          "fast_math": delegate is not None,
                          "runtime": "LiteRT builtin kernels" if delegate is None else delegate_info["name"]}
-                     for c in COMPONENTS}, **host}
+                     for c in MODELS}, **host}
         gpu_name = None
     doc = capture_document(
         tool=f"refsd-validate capture (refsd {_version()})",
@@ -230,7 +231,7 @@ def capture(tflite_dir, model_dir, request, out, *, delegate: str | None = None,
                 "measure": "max over runs of max|y_exposed - y| / max|y|: the final output of the model "
                            "with module outputs exposed against the unexposed model (which produced the "
                            "boundary tensors), same inputs, same GPU",
-                **{name: runners[name].effect for name in COMPONENTS}},
+                **{name: runners[name].effect for name in MODELS}},
         }
     return write_bundle(out, doc, tensors)
 

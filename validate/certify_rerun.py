@@ -5,14 +5,16 @@ The run is ``refsd.pipeline.Pipeline`` itself (its loop, its teacher forcing:
 each stage fed the *device's* inputs, so a tensor's error is that step's own
 error, separated from the drift of the trajectory), with one ``ModelOptions``
 per model built from the :class:`Deployment` (weights as stored, the graph's
-rewrites, how int8 weights ran) and the ``CalibrationRun`` (precision,
-FTZ, other kernels, perturbed transcendentals per stage).
+rewrites, how int8 weights ran) and the ``CalibrationRun``: each stage's
+``RunSettings`` (:func:`stage_settings`: precision, FTZ, device model,
+perturbed transcendentals, either-rounding, weight jitter) and other kernels.
 
 The run is a pure function of (the reference's code, model sha256,
-deployment, variant, request, token ids, initial latents, teacher tensors,
-intermediates asked for); its result is cached under ``sha256`` of those in
-``cache_dir`` (``refsd_validate.rerun_cache``: each entry proves its key's
-inputs, version and content before it is used), names in execution order.
+deployment, each stage's settings and kernels (:func:`run_content`), request,
+token ids, initial latents, teacher tensors, intermediates asked for); its
+result is cached under ``sha256`` of those in ``cache_dir``
+(``refsd_validate.rerun_cache``: each entry proves its key's inputs, version
+and content before it is used), names in execution order.
 "The code" is a hash of refsd's own source files plus NumPy's version and the
 machine architecture, so an edited checkout never reads a stale rerun (a
 version number would not change).
@@ -38,6 +40,7 @@ from refsd.trace import (
     HIDDEN_STATES,
     LATENTS_INIT,
     MODELS,
+    STAGES,
     TIMESTEPS,
     boundary_names,
     execution_order,
@@ -49,9 +52,7 @@ from refsd.context import recording
 from refsd.models.options import ModelOptions
 from refsd.models.rewrites import EXCLUSIVE, Rewrites
 from refsd.monitor import Monitor
-from refsd.numerics import Precision
-from refsd.ops.hybrid import either_rounding
-from refsd.ops.transcendental import perturbed
+from refsd.numerics import Precision, RunSettings
 from refsd.pipeline import Pipeline, Request
 
 # Reruns of the real SD 2.1 at 512x512 with intermediates are ~100s of MB; 50 certifications of the tiny model at
@@ -109,11 +110,31 @@ class Deployment:
 ORIGINAL_DEPLOYMENT = Deployment()  # the checkpoint as published: fp32 weights, no rewrites
 
 
+def stage_settings(variant: CalibrationRun) -> dict[str, RunSettings]:
+    """The settings each stage (``refsd.trace.STAGES``) runs under in
+    ``variant``: its precision, FTZ, device model and weight jitter, and the
+    run's transcendental ulps and either-rounding (run-wide: only the stages
+    that vary them have transcendentals perturbed enough to matter / hybrid
+    kernels)."""
+    return {name: RunSettings(Precision(sv.precision, sv.ftz, device_model=sv.device_model),
+                              transcendental_ulps=variant.libm_ulps, either_rounding=variant.either_rounding,
+                              weight_jitter=sv.weight_jitter)
+            for name, sv in zip(STAGES, variant.stages)}
+
+
+def run_content(variant: CalibrationRun) -> dict:
+    """What a rerun of a deployment computes under, as JSON (part of its cache
+    key): each stage's settings' content and the kernels it adds."""
+    return {name: {**s.content(), "kernels": variant.stage(name).kernels}
+            for name, s in stage_settings(variant).items()}
+
+
 def model_options(deployment: Deployment, variant: CalibrationRun) -> dict[str, ModelOptions]:
     """One ``ModelOptions`` per model: the deployment's weights and rewrites
-    under the variant's precision, plus the variant's kernel rewrites where
+    under the stage's settings, plus the variant's kernel rewrites where
     they do not replace an op the deployment already rewrote."""
     out = {}
+    settings = stage_settings(variant)
     for model, kernels in zip(MODELS, deployment.int8_kernels):
         sv = variant.stage(model)
         deployed = Rewrites.parse(deployment.rewrites)
@@ -121,9 +142,8 @@ def model_options(deployment: Deployment, variant: CalibrationRun) -> dict[str, 
         extra = [n for n in Rewrites.parse(sv.kernels) if n not in taken]
         rw = Rewrites.parse([*deployed, *extra], **{f.name: getattr(deployed, f.name)
                                                    for f in dataclasses.fields(deployed) if f.name != "names"})
-        out[model] = ModelOptions.make(precision=Precision(sv.precision, sv.ftz, device_model=sv.device_model),
-                                       rewrites=rw,
-                                       weight_jitter=sv.weight_jitter, **_weight_options(deployment, kernels))
+        out[model] = ModelOptions.make(settings=settings[model], rewrites=rw,
+                                       **_weight_options(deployment, kernels))
     return out
 
 
@@ -144,11 +164,6 @@ def _int8_values(folder: str) -> dict:
     from refsd.export.tflite_weights import read_int8_weights  # noqa: PLC0415 (needs ai-edge-litert's schema)
 
     return read_int8_weights(folder)
-
-
-def _guidance_precision(variant: CalibrationRun) -> Precision:
-    sv = variant.stage("guidance_scheduler")
-    return Precision(sv.precision, sv.ftz)
 
 
 class _Keep(dict):
@@ -218,7 +233,8 @@ OVERFLOW_KEY = "meta/first_severe_event"  # in a trace: JSON bytes (uint8) of th
 
 def _run(model_dir, deployment: Deployment, variant: CalibrationRun, request, ids, x0, teacher, intermediates,
          monitor) -> dict[str, np.ndarray]:
-    pipe = Pipeline(model_dir, options=model_options(deployment, variant), guidance=_guidance_precision(variant))
+    pipe = Pipeline(model_dir, options=model_options(deployment, variant),
+                    guidance_precision=stage_settings(variant)["guidance_scheduler"].precision)
     req = Request(prompt="", steps=int(request["steps"]), guidance=float(request["guidance"]),
                   scheduler=request["scheduler"], height=int(request["height"]), width=int(request["width"]))
     steps = req.steps
@@ -228,8 +244,7 @@ def _run(model_dir, deployment: Deployment, variant: CalibrationRun, request, id
     # the monitor's first severe event (overflow, invalid) is kept with the trace.
     if monitor is None and any(sv.precision != "f32" for sv in variant.stages):
         monitor = Monitor()
-    # Both run-wide: only the stages that vary them have transcendentals perturbed enough to matter / hybrid kernels.
-    with recording(into=keep), perturbed(variant.libm_ulps), either_rounding(variant.either_rounding):
+    with recording(into=keep):
         result = pipe(req, latents=x0, token_ids=ids, teacher=teacher, monitor=monitor, progress=False)
     wanted = (set(boundary_names(steps)) | {TIMESTEPS}) - {LATENTS_INIT}  # an input, not a result
     trace = {n: v for n, v in result.trace.items() if n in wanted}
@@ -270,7 +285,7 @@ def _key_inputs(model_sha, deployment, variant, request, ids, x0, teacher, inter
 
     return {"blas": blas_fingerprint(),  # results depend on BLAS threads (refsd.blas)
             "code": code_fingerprint(), "model": model_sha, "deployment": dataclasses.asdict(deployment),
-            "int8_source": _source_digest(deployment.int8_source), "variant": dataclasses.asdict(variant),
+            "int8_source": _source_digest(deployment.int8_source), "run": run_content(variant),
             "request": {k: request[k] for k in ("steps", "scheduler", "guidance", "height", "width")},
             "intermediates": sorted(intermediates), "token_ids": digest(ids), "latents_init": digest(x0),
             "teacher": {n: digest(np.asarray(teacher[n], np.float32)) for n in sorted(teacher or {})}}
@@ -315,7 +330,7 @@ class RerunJob:
             if reference_key is None:
                 raise ValueError("a job fed the reference's trajectory is keyed by the reference run's key")
             h = hashlib.sha256(b"teacher-forced on reference " + reference_key.encode())
-            h.update(json.dumps({"variant": dataclasses.asdict(self.variant),
+            h.update(json.dumps({"run": run_content(self.variant),
                                  "deployment": dataclasses.asdict(self.deployment),
                                  "intermediates": sorted(self.intermediates)}, sort_keys=True).encode())
             return h.hexdigest()

@@ -94,13 +94,15 @@ class StageVariant:
     """How one stage runs in a reference run: precision mode, flush-to-zero,
     kernel rewrites added to the deployment's (other summation orders and
     fused kernels, as a delegate may run them), and how far its transcendental
-    functions are moved (``refsd.ops.transcendental``)."""
+    functions are moved (``refsd.ops.transcendental``): the validator's
+    description of a stage, from which a rerun builds the stage's
+    ``refsd.numerics.RunSettings`` (``certify_rerun.stage_settings``)."""
 
     precision: str = "f32"
     ftz: bool = False
     kernels: str = "none"
     libm_ulps: float = 0.0
-    weight_jitter: bool = False  # fp16 / bf16 weights each possibly the other neighbour (ModelOptions.weight_jitter)
+    weight_jitter: bool = False  # fp16 / bf16 weights each possibly the other neighbour (RunSettings.weight_jitter)
     either_rounding: bool = False  # hybrid int8 activations rounded to either neighbour (refsd.ops.hybrid)
     device_model: str | None = None  # a measured GPU's fp16 kernels (refsd.numerics.DEVICE_MODELS), f16 only
 
@@ -169,8 +171,8 @@ def stage_variants(precision: str, ftz: bool | None, *, fast_math: bool = False,
     1e-6 moves some activations across a rounding boundary, and those flips
     compound through the layers (1-5e-2 end to end on the tiny UNet and VAE,
     measured, from op-by-op agreement), so one run rounds activations either
-    way (``refsd.ops.hybrid.either_rounding``) and another takes the plain
-    float path's flips. ``complement``: the other half of the factorial design
+    way (``RunSettings.either_rounding``) and another takes the plain float
+    path's flips. ``complement``: the other half of the factorial design
     instead (:func:`half_fraction`; nothing where the design is not halved)."""
     ulps = LIBM_ULPS_FAST if fast_math else LIBM_ULPS
     other = ALGORITHMS if kernels else "none"

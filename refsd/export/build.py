@@ -52,7 +52,6 @@ from refsd.models.rewrites import Rewrites
 from refsd.safe_io import read_json
 from refsd.trace import CFG_ORDER, MODELS, TOKENS
 
-COMPONENTS = MODELS  # every model of the trace is exported
 WEIGHTS = ("fp32", "fp16", "int8")
 # Rewrites that change the graph; the rest of refsd's rewrites are GPU kernel
 # fusions (the delegate's business, not a graph) or, int8_weights, a storage choice (--weights int8).
@@ -165,16 +164,16 @@ def _tensor_map(model_bytes: bytes, concrete, ops: dict[str, tuple[str, list]]) 
 
 
 def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: int = 512, width: int = 512,
-           serial_conv_limit: int | None = None, components=COMPONENTS, progress: bool = True,
+           serial_conv_limit: int | None = None, components=MODELS, progress: bool = True,
            gelu_approximate: str = "none") -> dict:
     """Export the components of a diffusers folder to ``out``/{component}.tflite
     and write ``out``/refsd_export.json; returns the manifest. ``gelu_approximate``:
     the GELU of the graph (``"tanh"``: the unfused tanh form, e.g. under a recipe's ``gelu_clip``)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
-    unknown = [c for c in components if c not in COMPONENTS]
+    unknown = [c for c in components if c not in MODELS]
     if unknown:
-        raise ValueError(f"unknown component {unknown[0]!r}; expected some of {', '.join(COMPONENTS)}")
+        raise ValueError(f"unknown component {unknown[0]!r}; expected some of {', '.join(MODELS)}")
     params = {} if serial_conv_limit is None else {"serial_conv_limit": serial_conv_limit}
     rw = graph_rewrites(rewrites, **params)
     model_dir = Path(model_dir)
@@ -198,11 +197,10 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
 
     from refsd.weights import model_sha256  # noqa: PLC0415
     from refsd.models.options import ModelOptions  # noqa: PLC0415
-    from refsd.weights import load_text_encoder, load_unet, load_vae  # noqa: PLC0415
+    from refsd.weights import load_model  # noqa: PLC0415
 
     tf_ops = _tf_namespace()
     options = ModelOptions.make(ops=tf_ops, rewrites=rw, gelu_approximate=gelu_approximate)
-    loaders = {"text_encoder": load_text_encoder, "unet": load_unet, "vae": load_vae}
     manifest = {"format": "refsd-export", "version": 1, "model_sha256": model_sha256(model_dir),
                 "weights": weights, "rewrites": str(rw), "serial_conv_limit": rw.serial_conv_limit,
                 "gelu_approximate": gelu_approximate,
@@ -210,7 +208,7 @@ def export(model_dir, out, *, weights: str = "fp32", rewrites="none", height: in
     bar = console.progress(components, desc="export", unit="model", enabled=progress)
     for name in bar:
         bar.set_postfix_str(f"{name}: tracing")
-        model = loaders[name](model_dir / name, options=options)
+        model = load_model(model_dir / name, name, options=options)
         specs = input_specs(name, model, h, w)
         with tf_ops.fp16_exact_constants(weights == "fp16"):
             concrete, ops = _trace(model, specs)
@@ -267,5 +265,5 @@ def _tf_namespace():
     return tf_ops
 
 
-__all__ = ["BATCH", "COMPONENTS", "GRAPH_REWRITES", "MANIFEST", "WEIGHTS", "export", "graph_rewrites",
+__all__ = ["BATCH", "GRAPH_REWRITES", "MANIFEST", "WEIGHTS", "export", "graph_rewrites",
            "input_specs", "read_manifest"]

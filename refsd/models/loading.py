@@ -133,9 +133,9 @@ def deployed_float(arr: np.ndarray, opts) -> np.ndarray:
     """A float32 parameter as the deployment stores it (``ModelOptions.weights``):
     rounded once to fp16 / bf16 under ``weights="fp16"`` / ``"bf16"`` (nearest
     even, subnormals kept, as the converter rounds; moved first under
-    ``weight_jitter``), else as given."""
+    ``settings.weight_jitter``), else as given."""
     stored_as = opts.weights
-    if stored_as in ("fp16", "bf16") and opts.weight_jitter:
+    if stored_as in ("fp16", "bf16") and opts.settings.weight_jitter:
         arr = _jitter(arr, U_F16 if stored_as == "fp16" else 2.0**-8)
     if stored_as == "fp16":
         arr = round_f16(arr)
@@ -149,7 +149,7 @@ def store_float(arr: np.ndarray, opts) -> np.ndarray:
     holds it: as deployed (``deployed_float``), then rounded to fp16 in
     fp16-storage modes (registered with ``ops.mark_stored``); read-only."""
     arr = deployed_float(arr, opts)
-    p = opts.precision
+    p = opts.settings.precision
     if p.storage16:
         return mark_stored(arr, ftz=p.ftz, f16=opts.weights_f16)
     return read_only(arr)

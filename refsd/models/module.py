@@ -59,7 +59,7 @@ from refsd.models.rewrites import (
     norm_eps,
     serial_conv_split,
 )
-from refsd.numerics import Precision
+from refsd.numerics import Precision, current_settings, run_settings
 from refsd.numerics import precision as _precision
 
 
@@ -199,7 +199,7 @@ class Module:
 
 class RootModel(Module):
     """A loadable model (text encoder, UNet, VAE): owns the options, names
-    the module tree, and runs its entry points under its precision mode and
+    the module tree, and runs its entry points under its run settings and
     its root scope (``text_encoder``, ``unet``, ``vae``)."""
 
     def _finish(self, name: str, options: ModelOptions) -> None:
@@ -249,7 +249,9 @@ class RootModel(Module):
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:
-        with _precision(self.opts.precision), scope(self._name):
+        """The model's settings (``ModelOptions.settings``; a recording of the
+        caller goes on) and its root scope."""
+        with run_settings(self.opts.settings, recorder=current_settings().recorder), scope(self._name):
             yield
 
     def __call__(self, *args, **kwargs):

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from refsd.models.rewrites import Rewrites
-from refsd.numerics import Precision
+from refsd.numerics import Precision, RunSettings
 from refsd.trace import MODELS
 
 WEIGHT_STORAGE = ("fp32", "fp16", "bf16", "int8")
@@ -44,7 +44,9 @@ class Int8Weight(NamedTuple):
 @dataclass(frozen=True)
 class ModelOptions:
     """How a model runs, fixed at construction: op namespace, rewrites,
-    precision mode, the GELU approximation of its GELU / GEGLU layers
+    its run settings (``settings``: precision mode, transcendental ulps,
+    either-rounding, weight jitter; ``refsd.numerics.RunSettings``, under which
+    the model runs its entry points), the GELU approximation of its GELU / GEGLU layers
     (``"none"`` = erf, as diffusers and transformers compute it), and
     ``weights_f16``: in fp16-storage modes, keep the (fp16-rounded) weights as
     float16 arrays, widened to float32 at each use: half the weight memory
@@ -74,7 +76,7 @@ class ModelOptions:
       hybrid kernels, which also quantize activations: ``ops.hybrid``). The
       ``int8_weights`` rewrite is ``weights="int8", int8_kernels="dequantize"``.
 
-    ``weight_jitter`` (a validator calibration variant, fp16 / bf16 weights):
+    ``settings.weight_jitter`` (a validator calibration variant, fp16 / bf16 weights):
     each weight is rounded from its value moved by a pseudo-random +-1 unit
     roundoff, so about half land on the other neighbour. A converter stores
     folded constants (``fp16(W * gamma)`` of a LayerNorm folded into the next
@@ -85,21 +87,38 @@ class ModelOptions:
 
     ops: Any = None
     rewrites: Rewrites = dataclasses.field(default_factory=Rewrites)
-    precision: Precision = dataclasses.field(default_factory=Precision)
+    settings: RunSettings = dataclasses.field(default_factory=RunSettings)
     gelu_approximate: str = "none"
     weights_f16: bool = False
     weights: str = "fp32"
     int8_kernels: str = "dequantize"
     int8_values: Mapping[str, Mapping[str, Any]] | None = dataclasses.field(default=None, compare=False)
-    weight_jitter: bool = False
+
+    @property
+    def precision(self) -> Precision:
+        return self.settings.precision
+
+    @property
+    def weight_jitter(self) -> bool:
+        return self.settings.weight_jitter
 
     @classmethod
     def make(cls, *, ops=None, rewrites="none", precision="f32", gelu_approximate: str = "none",
              weights_f16: bool = False, weights: str = "fp32", int8_kernels: str = "dequantize",
-             int8_values: Mapping | None = None, weight_jitter: bool = False, **rewrite_params) -> "ModelOptions":
+             int8_values: Mapping | None = None, weight_jitter: bool = False, settings: RunSettings | None = None,
+             **rewrite_params) -> "ModelOptions":
+        """``settings`` (a ``RunSettings``), or its ``precision`` (a mode or a
+        ``Precision``) and ``weight_jitter`` alone."""
         if ops is None:
             import refsd.ops as ops  # noqa: PLC0415 (the default namespace)
-        p = precision if isinstance(precision, Precision) else Precision(precision)
+        if settings is None:
+            settings = RunSettings(precision if isinstance(precision, Precision) else Precision(precision),
+                                   weight_jitter=weight_jitter)
+        elif precision != "f32" or weight_jitter:
+            raise ValueError("give precision and weight_jitter in settings or as arguments, not both")
+        if settings.recorder is not None:
+            raise ValueError("a model's settings record nothing: record a run with refsd.context.recording")
+        p, weight_jitter = settings.precision, settings.weight_jitter
         if gelu_approximate not in ("none", "tanh"):
             raise ValueError(f"gelu_approximate must be 'none' or 'tanh', got {gelu_approximate!r}")
         if weights_f16 and not p.storage16:
@@ -121,4 +140,4 @@ class ModelOptions:
                 raise ValueError(f"int8_values: unknown component {bad[0]!r} (expected {', '.join(MODELS)})")
         if weight_jitter and weights not in ("fp16", "bf16"):
             raise ValueError(f"weight_jitter moves fp16 / bf16 weights; weights={weights!r} has none")
-        return cls(ops, rw, p, gelu_approximate, weights_f16, weights, int8_kernels, int8_values, weight_jitter)
+        return cls(ops, rw, settings, gelu_approximate, weights_f16, weights, int8_kernels, int8_values)

@@ -1,6 +1,7 @@
-"""The ops: pure functions on NumPy arrays, NHWC, each honouring the active
-precision mode (``refsd.numerics.precision``) and reporting to the active
-exception monitor (``refsd.monitor.monitoring``).
+"""The ops: pure functions on NumPy arrays, NHWC, each honouring the run's
+settings (``refsd.numerics.current_settings``: the precision mode, perturbed
+transcendentals, either-rounding) and reporting to the active exception
+monitor (``refsd.monitor.monitoring``).
 
 Arrays are positional, attributes keyword-only. Every rewrite sits beside the
 op it replaces; ``REWRITES`` maps each to its original (the rewrite names a

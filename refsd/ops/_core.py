@@ -23,8 +23,8 @@ import numpy as np
 from refsd import kernels
 from refsd import monitor as _mon
 from refsd.ops.transcendental import perturb
-from refsd.numerics import (FP16_MIN_NORMAL, RoundingStats, _stats, current_precision, round_f16, round_f16_stats,
-                            round_into, round_sum_f16, truncate_f16)
+from refsd.numerics import (FP16_MIN_NORMAL, RoundingStats, current_precision, round_f16, round_f16_stats,
+                            round_into, round_sum_f16, rounding_stats, truncate_f16)
 
 # ---------------------------------------------------------------- op frames
 
@@ -330,9 +330,9 @@ def _report_blocks(counters, ftz: bool, what: str) -> None:
     """Report the blocked model's roundings block by block, in the loop's
     order (partial, then accumulate)."""
     for part, acc in counters:
-        _report(_stats(part, ftz), f"{what}.partial")
+        _report(rounding_stats(part, ftz), f"{what}.partial")
         if acc is not None:
-            _report(_stats(acc, ftz), f"{what}.accumulate")
+            _report(rounding_stats(acc, ftz), f"{what}.accumulate")
 
 
 def _matmul_loop(a: np.ndarray, b: np.ndarray, block: int) -> np.ndarray:
@@ -521,12 +521,12 @@ def _reduce_sum_blocked(flat: np.ndarray, block: int, ftz: bool) -> np.ndarray:
         s = None
         for j in range(nb):
             pj = parts[j]
-            _report(_stats(round_into(pj, pj, ftz, True), ftz), "sum.partial")
+            _report(rounding_stats(round_into(pj, pj, ftz, True), ftz), "sum.partial")
             if s is None:
                 s = pj.copy()
                 continue
             np.add(s, pj, out=s)
-            _report(_stats(round_into(s, s, ftz, True), ftz), "sum.accumulate")
+            _report(rounding_stats(round_into(s, s, ftz, True), ftz), "sum.accumulate")
         return s.reshape(outer)
     pf = parts.reshape(-1)
     round_into(pf, pf, ftz, False)

@@ -46,39 +46,22 @@ widest int8 weight); longer reductions (SD's 3x3 convs over 320+ channels, K >=
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Iterator
-
 import numpy as np
 
+from refsd.numerics import current_settings
 from refsd.ops._core import load, op, store
 from refsd.ops.conv import _check_conv, _conv_acc
 from refsd.ops.elementwise import add
 from refsd.ops.linear import _check_linear
 from refsd.ops.quant import round_half_away
 
-# A validator calibration variant (``either_rounding``): each activation rounded to either neighbouring integer.
+# How far ``quantize_activations`` moves each ``x * inv`` under the run's ``either_rounding`` (a validator
+# calibration variant, ``refsd.numerics.RunSettings``): +-JITTER of a step, so activations near a rounding boundary
+# go either way. End to end, a hybrid-int8 model's activation roundings compound: refsd and LiteRT's CPU kernels
+# agree op by op on the same input, but one flipped activation moves a layer's output by a quantization step, and
+# the tiny UNet / VAE end 1-5e-2 apart. A calibration run in this mode shows the spread that any rounding of the
+# same scales gives, so a correct hybrid device's flips are inside the floor (and a biased or broken one is not).
 JITTER = 0.25
-_EITHER: contextvars.ContextVar[bool] = contextvars.ContextVar("refsd_hybrid_either_rounding", default=False)
-
-
-@contextlib.contextmanager
-def either_rounding(on: bool = True) -> Iterator[None]:
-    """Within it, ``quantize_activations`` rounds each ``x * inv`` moved by a
-    fixed pseudo-random amount within +-``JITTER`` of a step, so activations
-    near a rounding boundary go either way. End to end, a hybrid-int8 model's activation roundings compound:
-    refsd and LiteRT's CPU kernels agree op by op on the same input, but one
-    flipped activation moves a layer's output by a quantization step, and the
-    tiny UNet / VAE end 1-5e-2 apart. A calibration run in this mode shows the
-    spread that any rounding of the same scales gives, so a correct hybrid
-    device's flips are inside the floor (and a biased or broken one is not)."""
-    token = _EITHER.set(on)
-    try:
-        yield
-    finally:
-        _EITHER.reset(token)
-
 
 _BLOCK = (2**24 - 1) // (255 * 128)  # 514 terms: every partial sum of a block is exact in float32
 
@@ -127,7 +110,7 @@ def quantize_activations(x: np.ndarray, *, asymmetric: bool) -> tuple[np.ndarray
         offset = np.zeros(x.shape[0], np.int32)
         lo_q, hi_q = -127, 127
     scaled = x * inv
-    if _EITHER.get():
+    if current_settings().either_rounding:
         # +-JITTER of a step before rounding to nearest: the elements within JITTER of a boundary (1 in 8)
         # may go either way, symmetric so unbiased.
         pick = np.random.default_rng(scaled.size).random(scaled.shape, dtype=np.float32)

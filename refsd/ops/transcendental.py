@@ -14,41 +14,28 @@ result perturbed by ``ulps`` units in the last place (relative
 that run around the plain reference is what a correct runtime's libm may
 cost, amplification included, and goes into the noise floor. Ops call
 :func:`perturb` on the result of each transcendental; it returns its input
-untouched outside :func:`perturbed` (the default), so ordinary runs are
-bit-identical to plain NumPy.
+untouched unless the run's settings ask for it
+(``refsd.numerics.RunSettings.transcendental_ulps``, 0 by default), so
+ordinary runs are bit-identical to plain NumPy.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Iterator
-
 import numpy as np
 
+from refsd.numerics import current_settings
+
 ULP_F32 = 2.0**-23  # float32 spacing at 1
-_ULPS: contextvars.ContextVar[float] = contextvars.ContextVar("refsd_transcendental_ulps", default=0.0)
 # A fixed sign pattern, tiled over a tensor: reproducible (the cache keys runs by their settings),
 # uncorrelated with the data, and free of the systematic bias a constant sign would add.
 _SIGNS = np.where(np.random.default_rng(20261129).random(1 << 16) < 0.5, -1.0, 1.0).astype(np.float32)
 
 
-@contextlib.contextmanager
-def perturbed(ulps: float) -> Iterator[None]:
-    """Within it, every transcendental result is moved by ``ulps`` ulp (0: off)."""
-    if not (ulps >= 0 and np.isfinite(ulps)):
-        raise ValueError(f"ulps must be finite and >= 0, got {ulps!r}")
-    token = _ULPS.set(float(ulps))
-    try:
-        yield
-    finally:
-        _ULPS.reset(token)
-
-
 def perturb(y: np.ndarray) -> np.ndarray:
     """``y * (1 + s * ulps * 2^-23)`` with a fixed pseudo-random sign ``s`` per
-    element, in place for a float32 array; ``y`` itself when not perturbing."""
-    ulps = _ULPS.get()
+    element, in place for a float32 array; ``y`` itself when not perturbing
+    (``ulps``: the run's ``transcendental_ulps``)."""
+    ulps = current_settings().transcendental_ulps
     if not ulps:
         return y
     y = np.asarray(y, np.float32)

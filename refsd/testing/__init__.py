@@ -19,7 +19,7 @@ Test your own rewrite::
 
 from refsd.testing import strategies
 from refsd.testing.equivalence import Comparison, RewriteMismatch, assert_rewrite_equivalent, compare
-from refsd.testing.tolerance import BUDGET, OVERRIDES, UNIT_ROUNDOFF
+from refsd.testing.rounding_budgets import BUDGET, OVERRIDES, UNIT_ROUNDOFF
 
 __all__ = ["BUDGET", "Comparison", "OVERRIDES", "RewriteMismatch", "UNIT_ROUNDOFF", "assert_rewrite_equivalent",
            "compare", "strategies"]

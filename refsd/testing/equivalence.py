@@ -9,8 +9,8 @@ from typing import Callable
 import numpy as np
 
 from refsd.numerics import precision
-from refsd.testing.tolerance import BUDGET, UNIT_ROUNDOFF
-from refsd.testing.tolerance import floor as default_floor
+from refsd.testing.rounding_budgets import BUDGET, UNIT_ROUNDOFF
+from refsd.testing.rounding_budgets import floor as default_floor
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def assert_rewrite_equivalent(original: Callable, rewritten: Callable, *inputs, 
                               scale=None, floor: float | None = None) -> Comparison:
     """Run ``original(*inputs)`` and ``rewritten(*inputs)`` under precision
     ``mode`` and assert they agree element by element within
-    ``budget * u * scale + floor`` (see ``refsd.testing.tolerance``).
+    ``budget * u * scale + floor`` (see ``refsd.testing.rounding_budgets``).
 
     ``scale`` defaults to ``|original(|inputs|)|`` in float32 (``sum |x||w|``
     for multilinear ops), never below ``|y|``. ``floor`` defaults to

@@ -9,7 +9,7 @@ Shapes are capped (batch <= 2, spatial <= 8, channels <= 16 by default) so an
 example runs in milliseconds; magnitudes are bounded (``|x| <= 4`` for
 activations, ``|w| <= 1`` for weights by default) so no intermediate of the
 original ops approaches fp16's 65504 and the rounding-error budgets of
-``refsd.testing.tolerance`` apply. Every bound is a parameter.
+``refsd.testing.rounding_budgets`` apply. Every bound is a parameter.
 
 Element strategies and arrays::
 

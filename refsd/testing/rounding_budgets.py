@@ -1,4 +1,4 @@
-"""Tolerances derived from rounding error, one table per mode.
+"""Rounding budgets: how far two computations of one op may differ, one table per mode.
 
 An element passes when ``|a - b| <= budget * u * scale + floor``:
 
