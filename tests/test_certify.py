@@ -380,6 +380,16 @@ def test_minimum_floor_is_one_unit_roundoff():
     assert floor.gain == SYSTEMATIC * U_F32  # f32_f16 computes inside ops in fp32
 
 
+def test_f16_minimum_gain_is_one_coefficient_in_a_model_stage_two_in_the_scheduler():
+    """A model stage's tensors follow a normalization, so one fp16-rounded coefficient reaches them; the guidance
+    and scheduler step apply two in a row (tolerance.SYSTEMATIC_F16)."""
+    ref = np.full(100, 2.0, np.float32)  # no spread: the standard-error terms vanish and the minimum sets the gain
+    for stage in ("text_encoder", "unet", "vae"):
+        assert noise_floor(ref, [(ref, 1.0)], "f16", stage=stage).gain == U_F16
+    assert noise_floor(ref, [(ref, 1.0)], "f16", stage="guidance_scheduler").gain == 2 * U_F16
+    assert noise_floor(ref, [(ref, 1.0)], "f32_f16", stage="guidance_scheduler").gain == SYSTEMATIC * U_F32
+
+
 def _stages(precision, ftz, guidance="f32", processor="cpu"):
     model = {"processor": processor, "precision": precision, "ftz": ftz, "fast_math": False}
     doc = {"schema_version": 2, "model": {"weights": "fp32"},
