@@ -16,8 +16,9 @@ unet:      one UNet step (batch 2, as classifier-free guidance runs it) at
            ``--size`` latents: diffusers fp32, then refsd in each ``--modes``
            precision without and with the fp16 exception monitor (``-w16``:
            weights kept as float16 arrays, as ``--low-memory`` does); the faster
-           of ``--repeats`` timed forwards each after a warm-up; both models
-           resident in this process.
+           of ``--repeats`` timed forwards each after a warm-up; each contender
+           in a fresh subprocess (PyTorch and numba in one process fight over
+           OpenMP runtimes).
 pipeline:  the whole text -> image run (``--steps`` DDIM steps, ``--image``
            pixels, guidance 7.5, the same initial latents) in a fresh
            subprocess per contender, so each peak RSS is its own: diffusers fp32
@@ -103,67 +104,99 @@ def ensure_folder(cache: Path) -> Path:
 # ---------------------------------------------------------------- unet step
 
 
-def bench_unet(folder: Path, size: int, modes: list[str], threads: int, repeats: int,
-               rewrites: str = "none", backends: tuple[str, ...] = ("numba",)) -> list[dict]:
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    from refsd import kernels, weights
-    from refsd.monitor import monitoring
-    from refsd.numerics import Precision
-
-    torch.set_num_threads(threads)
-    theirs = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval()
+def _unet_inputs(size: int):
     rng = np.random.default_rng(0)
     ctx = rng.standard_normal((2, 77, 1024)).astype(np.float32)
     lat = rng.standard_normal((1, size, size, 4)).astype(np.float32)
-    x = np.concatenate([lat, lat])
+    return np.concatenate([lat, lat]), ctx
 
-    def run_theirs(a):
+
+def _timed(fn, repeats: int):
+    best = out = None  # the fastest run: the VM's neighbours only ever add time
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t0
+        best = dt if best is None else min(best, dt)
+    return best, out
+
+
+def unet_diffusers(folder: Path, size: int, threads: int, repeats: int, out: Path) -> list[dict]:
+    """diffusers' UNet step (fp32), its output saved to ``out`` for the error column."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.set_num_threads(threads)
+    theirs = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval()
+    x, ctx = _unet_inputs(size)
+
+    def run(a):
         with torch.no_grad():
             y = theirs(torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2))), 981,
                        torch.from_numpy(ctx)).sample
         return y.numpy().transpose(0, 2, 3, 1)
 
-    def timed(fn):  # the faster of two runs: the VM's neighbours only ever add time
-        best = None
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = fn()
-            dt = time.perf_counter() - t0
-            best = dt if best is None else min(best, dt)
-        return best, out
+    run(x[:, : max(size // 4, 8), : max(size // 4, 8)])
+    dt, ref = _timed(lambda: run(x), repeats)
+    np.save(out, ref)
+    return [{"who": "diffusers fp32", "seconds": dt, "error": 0.0}]
 
-    warm = x[:, : max(size // 4, 8), : max(size // 4, 8)]
-    run_theirs(warm)
-    dt, ref = timed(lambda: run_theirs(x))
-    rows = [{"who": "diffusers fp32", "seconds": dt, "error": 0.0}]
-    print(f"diffusers fp32: {rows[0]['seconds']:.1f} s", flush=True)
-    for mode, backend in [(m, b) for m in modes for b in backends]:
-        # "-w16": weights kept as float16 arrays (what --low-memory does); "f16-gpu": the litert-gpu device model
-        base = mode.removesuffix("-w16").removesuffix("-gpu")
-        prec = Precision(base, device_model="litert-gpu" if mode.endswith("-gpu") else None)
-        with kernels.using(backend):
-            ours = weights.load_unet(folder / "unet", precision=prec, weights_f16=mode.endswith("-w16"),
-                                     rewrites=rewrites)
-            ours(warm, 981, ctx)
-        for monitored in (False, True):
-            if monitored:
-                def run():
-                    with kernels.using(backend), monitoring() as mon:
-                        return ours(x, 981, ctx), sum(mon.report().counts.values())
-            else:
-                def run():
-                    with kernels.using(backend):
-                        return ours(x, 981, ctx), None
-            dt, (y, events) = timed(run)
-            err = float(np.abs(y.astype(np.float64) - ref).max() / np.abs(ref).max())
-            tag = (mode if rewrites == "none" else f"{mode} [{rewrites}]") + f" ({backend})"
-            rows.append({"who": f"refsd {tag}" + (" + monitor" if monitored else ""), "seconds": dt,
-                         "error": err, "events": events})
-            print(f"refsd {tag}{' + monitor' if monitored else ''}: {dt:.1f} s, max rel error vs diffusers "
-                  f"{err:.2e}, peak RSS {peak_rss_mb() / 1024:.1f} GB", flush=True)
-        ours = None  # drop the weights before the next mode loads its own
+
+def unet_refsd(folder: Path, size: int, mode: str, backend: str, repeats: int, rewrites: str, ref: Path) -> list[dict]:
+    """refsd's UNet step in ``mode`` on ``backend``: unwatched, under the full
+    fp16 monitor (fp16-check) and under a certificate's calibration monitor
+    (no underflows)."""
+    from refsd import kernels, weights
+    from refsd.monitor import Monitor, monitoring
+    from refsd.numerics import Precision
+
+    x, ctx = _unet_inputs(size)
+    want = np.load(ref)
+    # "-w16": weights kept as float16 arrays (what --low-memory does); "-gpu": the litert-gpu device model
+    base = mode.removesuffix("-w16").removesuffix("-gpu")
+    prec = Precision(base, device_model="litert-gpu" if mode.endswith("-gpu") else None)
+    with kernels.using(backend):
+        ours = weights.load_unet(folder / "unet", precision=prec, weights_f16=mode.endswith("-w16"),
+                                 rewrites=rewrites)
+        ours(x[:, : max(size // 4, 8), : max(size // 4, 8)], 981, ctx)
+    rows = []
+    for watch in (None, "monitor", "calibration monitor"):
+        def run():
+            if watch is None:
+                with kernels.using(backend):
+                    return ours(x, 981, ctx), None
+            with kernels.using(backend), monitoring(Monitor(underflow=watch == "monitor")) as mon:
+                return ours(x, 981, ctx), sum(mon.report().counts.values())
+        dt, (y, events) = _timed(run, repeats)
+        err = float(np.abs(y.astype(np.float64) - want).max() / np.abs(want).max())
+        tag = (mode if rewrites == "none" else f"{mode} [{rewrites}]") + f" ({backend})"
+        who = f"refsd {tag}" + (f" + {watch}" if watch else "")
+        rows.append({"who": who, "seconds": dt, "error": err, "events": events})
+        print(f"{who}: {dt:.1f} s, max rel error vs diffusers {err:.2e}, peak RSS {peak_rss_mb() / 1024:.1f} GB",
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def bench_unet(folder: Path, size: int, modes: list[str], threads: int, repeats: int,
+               rewrites: str = "none", backends: tuple[str, ...] = ("numba",)) -> list[dict]:
+    """Each contender in its own process: PyTorch and refsd in one process
+    share (and fight over) OpenMP runtimes, and whichever loads first runs
+    faster (measured: diffusers 2.2 s and refsd f32_f16 5.7 s with torch
+    imported first, 3.0 s and 3.6 s with refsd first, 32x32 latents)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = Path(tmp) / "diffusers.npy"
+        specs = [["unet-diffusers", str(ref)]] + [["unet-refsd", m, b, rewrites, str(ref)]
+                                                  for m in modes for b in backends]
+        rows = []
+        for spec in specs:
+            cmd = [sys.executable, __file__, "--threads", str(threads), "--_child", *spec, "--cache", str(folder),
+                   "--size", str(size), "--repeats", str(repeats)]
+            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
+            rows += json.loads(out.strip().splitlines()[-1])
+            if spec[0] == "unet-diffusers":
+                print(f"diffusers fp32: {rows[0]['seconds']:.1f} s", flush=True)
     return rows
 
 
@@ -237,7 +270,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args._child:  # one pipeline run; prints one JSON line
         kind = args._child[0]
-        if kind == "diffusers":
+        if kind == "unet-diffusers":
+            res = unet_diffusers(args.cache, args.size, args.threads, args.repeats, Path(args._child[1]))
+        elif kind == "unet-refsd":
+            mode, backend, rewrites, ref = args._child[1:5]
+            res = unet_refsd(args.cache, args.size, mode, backend, args.repeats, rewrites, Path(ref))
+        elif kind == "diffusers":
             res = run_diffusers(args.cache, args.steps, args.image, args.threads)
         else:
             res = run_refsd(args.cache, args.steps, args.image, args._child[1], "low" in args._child[2:])
@@ -254,9 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---:|---:|---:|---:|---:|")
         plain = {}
         for r in rows:
-            mode = r["who"].replace(" + monitor", "")
+            mode = r["who"].split(" + ")[0]
             over = ""
-            if r["who"].endswith("monitor"):
+            if " + " in r["who"]:
                 over = f"{100 * (r['seconds'] / plain[mode] - 1):+.1f}%"
             else:
                 plain[mode] = r["seconds"]

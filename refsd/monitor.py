@@ -94,8 +94,12 @@ def headroom(max_abs: float) -> float:
 class Monitor:
     """Collects events and per-op magnitudes. Use via ``monitoring()``."""
 
-    def __init__(self, max_events: int = 10_000) -> None:
+    def __init__(self, max_events: int = 10_000, *, underflow: bool = True) -> None:
+        """``underflow=False``: collect no ``underflow`` events (a certificate's
+        calibration run needs only its overflows), which lets the fp16
+        accumulations skip their per-element counting (``refsd.ops._core.matmul``)."""
         self.max_events = max_events
+        self.underflow = underflow
         self.events: list[Event] = []
         self.dropped_events = 0
         self.stats: dict[tuple[str | None, str, str], OpStat] = {}
@@ -104,6 +108,8 @@ class Monitor:
 
     def event(self, kind: str, op: str, primitive: str, count: int, detail: str, severe: bool) -> None:
         assert kind in EVENT_KINDS, kind
+        if kind == "underflow" and not self.underflow:
+            return
         path, (stage, step) = current_path(), current_location()
         stat = self._stat(stage, path, op)
         stat.counts[kind] = stat.counts.get(kind, 0) + count
@@ -248,5 +254,16 @@ def monitoring(monitor: Monitor | None = None) -> Iterator[Monitor]:
     token = _MONITOR.set(mon)
     try:
         yield mon
+    finally:
+        _MONITOR.reset(token)
+
+
+@contextlib.contextmanager
+def unwatched() -> Iterator[None]:
+    """Run the enclosed ops with no monitor (an op that computes unwatched
+    first and again watched only when it must)."""
+    token = _MONITOR.set(None)
+    try:
+        yield
     finally:
         _MONITOR.reset(token)

@@ -312,3 +312,34 @@ def test_parallel_paths_same_bits_and_events(block, device, ftz):
     (wy, we), (gy, ge) = both(run)
     np.testing.assert_array_equal(gy, wy)
     assert ge == we and any(e[0] == "overflow" for e in we) and any(e[0] == "underflow" for e in we)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "numba"])
+@pytest.mark.parametrize("block,device", [(1, "litert-gpu"), (32, None)])
+@pytest.mark.parametrize("overflows", [False, True])
+def test_monitor_without_underflow_sees_every_other_event(backend, block, device, overflows):
+    """``Monitor(underflow=False)`` (a certificate's calibration runs): the fp16
+    sums run unwatched and again watched only when their result is non-finite,
+    so the same bits and the full monitor's events less the underflows."""
+    from refsd.monitor import Monitor
+
+    rng = np.random.default_rng(5)
+    with precision("f32_f16"):
+        a = np.array(_core.load((rng.standard_normal((24, 96)) * 2.0 ** rng.integers(-14, 6, (24, 96))).astype(np.float32)))
+        b = np.array(_core.load((rng.standard_normal((96, 40)) * 2.0 ** rng.integers(-12, 3, (96, 40))).astype(np.float32)))
+    a[5, :] = np.float32(2.0**-10)  # row 5: every sum subnormal
+    if overflows:
+        a[3, :] = 300.0
+        b[:, 7] = 300.0
+
+    def run(mon):
+        with kernels.using(backend), precision("f16", block=block, device_model=device), monitoring(mon):
+            y = _core.matmul(a, b)
+        return _bits(y).copy(), _events(mon)
+
+    full_y, full_events = run(Monitor())
+    y, events = run(Monitor(underflow=False))
+    np.testing.assert_array_equal(y, full_y)
+    assert any(e[0] == "underflow" for e in full_events)
+    assert events == [e for e in full_events if e[0] != "underflow"]
+    assert any(e[0] == "overflow" for e in events) == overflows

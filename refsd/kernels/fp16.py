@@ -338,12 +338,14 @@ def _matmul_rows(a, b, out, r0, r1, ftz, stats, cg):
         for j in range(a.shape[2]):
             aj = a[bi, i, j]
             bj = b[bi, j]
-            if stats or j == 0:
+            if j == 0:
                 for q in range(n):
                     # ``+ 0``: a GEMM sums onto a zeroed accumulator, so a -0
                     # product comes out +0 (measured on NumPy's K=1 matmul).
                     pu[q] = _bits(aj * bj[q] + _FZERO)
-                _step(pu, o, j == 0, ftz, stats, cg[j, 0], cg[j, 1], w)
+                _step(pu, o, True, ftz, stats, cg[j, 0], cg[j, 1], w)
+            elif stats:
+                _fused_step_tallied(aj, bj, o, ftz, cg[j, 0], cg[j, 1], pu, w)
             else:
                 # One fused loop. Inputs are finite, so the only NaN a sum can
                 # make is inf - inf, x86's default NaN whatever the operand
@@ -352,6 +354,63 @@ def _matmul_rows(a, b, out, r0, r1, ftz, stats, cg):
                 for q in range(n):
                     p = _r16_nan_free(aj * bj[q] + _FZERO, ftz)
                     o[q] = _r16_nan_free(o[q] + p, ftz)
+
+
+_ONE = np.uint32(1)
+_SMALL_BELOW = np.uint32(_NORMAL_FROM - _ONE)
+
+
+@njit(cache=True, nogil=True)
+def _fused_step_tallied(aj, bj, o, ftz, cp, ca, pu, w):
+    """The fused loop's step ``o = r16(o + r16(aj * bj))`` with ``_tally``'s
+    counters of the products (``cp``) and of the sums (``ca``), counted in the
+    same pass. Inputs are finite, so a product is finite and a sum is NaN only
+    as the default NaN; the rare magnitudes past fp16's range are counted
+    again exactly (``_tally``) from the products recomputed into ``pu`` and the
+    sums kept in ``w``. Small magnitudes counted as ``a - 1 < bound`` in
+    unsigned arithmetic (zero wraps above every bound): one compare each."""
+    n = bj.size
+    hp = ha = _ZERO
+    zp = za = sp = sa = _ZERO
+    for q in range(n):
+        x = aj * bj[q] + _FZERO
+        t = o[q] + _r16_nan_free(x, ftz)
+        o[q] = _r16_nan_free(t, ftz)
+        w[q] = _bits(t)
+        ux = np.uint32(_bits(x) & _ABS)
+        ut = np.uint32(_bits(t) & _ABS)
+        hp = max(hp, ux)
+        ha = max(ha, ut)
+        ux1 = np.uint32(ux - _ONE)
+        ut1 = np.uint32(ut - _ONE)
+        zp = np.uint32(zp + np.uint32(ux1 < _ZERO_UPTO))
+        za = np.uint32(za + np.uint32(ut1 < _ZERO_UPTO))
+        sp = np.uint32(sp + np.uint32(ux1 < _SMALL_BELOW))
+        sa = np.uint32(sa + np.uint32(ut1 < _SMALL_BELOW))
+    if hp >= _OVERFLOW_FROM:
+        for q in range(n):
+            pu[q] = _bits(aj * bj[q] + _FZERO)
+        _tally(pu[:n], ftz, cp)
+    else:
+        _add_small(cp, hp, zp, sp, ftz)
+    if ha >= _OVERFLOW_FROM:
+        _tally(w[:n], ftz, ca)
+    else:
+        _add_small(ca, ha, za, sa, ftz)
+
+
+@njit(inline="always")
+def _add_small(c, hi, zero_flush, small, ftz):
+    """``_tally``'s counters for values below fp16's overflow (no inf, no
+    NaN): ``small`` nonzero values under 2**-14, ``zero_flush`` of them at
+    most 2**-25."""
+    c[HI] = max(c[HI], hi)
+    c[TOP] = max(c[TOP], hi)
+    if ftz:
+        c[TO_ZERO] += small
+    else:
+        c[TO_ZERO] += zero_flush
+        c[TO_SUBNORMAL] += small - zero_flush
 
 
 @njit(cache=True, nogil=True)

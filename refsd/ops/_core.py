@@ -273,6 +273,15 @@ def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     p = current_precision()
     if not p.math16:
         return np.matmul(a, b)
+    mon = _mon.active_monitor()
+    if mon is not None and not mon.underflow and _is_finite(a) and _is_finite(b):
+        # From finite inputs the only events left to report, overflow and invalid, leave the result
+        # non-finite: a product or running sum rounded to inf stays inf in every later fp16 sum, or
+        # becomes NaN. So the sum runs unwatched (no per-element counting) and again watched only then.
+        with _mon.unwatched():
+            out = matmul(a, b)
+        if _is_finite(out):
+            return out
     block = p.device.matmul_block if p.device else p.block
     k = kernels.compiled()
     if (k is not None and block == 1 and a.dtype == np.float32 and b.dtype == np.float32 and a.ndim >= 2
