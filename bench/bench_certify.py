@@ -1,13 +1,14 @@
 """What a certificate costs on the real SD 2.1-base architecture, as a ratio
 against one diffusers fp32 pipeline run of the same request, in one run.
 
-    python bench/bench_certify.py [--image 256] [--steps 10] [--threads 1] [--precisions f32_f16 f16]
-                                  [--bundles 3] [--cache DIR]
+    python bench/bench_certify.py [--image 256] [--steps 10] [--threads 1]
+                                  [--precisions f32_f16 f16 f16-gpu] [--bundles 3] [--cache DIR]
 
 The model is bench_pipeline's random SD 2.1-base folder (diffusers' own
 initialization, seed 0). Each declared precision gets an emulated device
 bundle (``emulated_capture``, FTZ not declared: unknown, as most delegates
-report it). Then, each in a fresh subprocess (so its peak RSS is its own):
+report it; ``f16-gpu``: fp16 under the ``litert-gpu`` device model, declared
+on a gpu, so the calibration adds the device model's runs). Then, each in a fresh subprocess (so its peak RSS is its own):
 
 - diffusers fp32, the whole pipeline of the same request (the unit);
 - ``certify`` with a cold rerun cache, then the same bundle again (warm);
@@ -20,6 +21,9 @@ report it). Then, each in a fresh subprocess (so its peak RSS is its own):
   of 1 where two reruns do not fit in memory (``fleet.local_workers``), cold.
 
 Prints a Markdown table; bench/README.md ("certification cost") records it.
+"limit": the certificate's reruns times one pipeline's FLOPs (PyTorch's
+FLOP counter on the diffusers run) at this machine's float32 GEMM peak, over
+the unit: what the reruns would cost if every FLOP ran at the sgemm peak.
 "resolution": the smallest gain error on the UNet output the certificate
 rejects at every step (``Certificate.resolution``).
 Not run in CI.
@@ -59,6 +63,14 @@ def _child(args) -> dict:
         from bench_pipeline import run_diffusers
 
         run_diffusers(args.cache, args.steps, args.image, args.threads)
+    elif kind == "flops":  # the same run under PyTorch's FLOP counter (not timed: the counter slows it)
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from bench_pipeline import run_diffusers
+
+        with FlopCounterMode(display=False) as counter:
+            run_diffusers(args.cache, args.steps, args.image, args.threads)
+        extra = {"flops": counter.get_total_flops()}
     elif kind == "certify":
         from refsd_validate.certify import certify
 
@@ -80,6 +92,23 @@ def _run(args, *spec) -> dict:
            str(args.image), "--steps", str(args.steps), "--_child", *map(str, spec)]
     out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def sgemm_peak(n: int = 2048, repeats: int = 5) -> float:
+    """float32 GEMM FLOP/s of NumPy's BLAS here (the fastest of ``repeats``
+    (n x n) @ (n x n) products)."""
+    import numpy as np
+
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    a @ a
+    best = min(_seconds(lambda: a @ a) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def _biased_unet(pipe) -> None:
@@ -104,7 +133,9 @@ def _bundle(folder: Path, out: Path, precision: str, args, *, ftz: bool = False,
 
     req = Request(PROMPT, seed=0, steps=args.steps, guidance=7.5, scheduler="ddim", height=args.image,
                   width=args.image)
-    return emulated_capture(folder, req, out, precision=precision, ftz=ftz, declare_ftz=None, fault=fault)
+    gpu = precision == "f16-gpu"  # an fp16 GPU: LiteRT's GPU kernels as refsd models them, declared on a gpu
+    return emulated_capture(folder, req, out, precision="f16" if gpu else precision, ftz=ftz, declare_ftz=None,
+                            fault=fault, device_model="litert-gpu" if gpu else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", type=int, default=256, help="image size (default 256)")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps (default 10)")
     p.add_argument("--threads", type=int, default=1, help="BLAS and PyTorch threads (default 1)")
-    p.add_argument("--precisions", nargs="+", choices=("f32", "f32_f16", "f16"), default=["f32_f16", "f16"])
+    p.add_argument("--precisions", nargs="+", choices=("f32", "f32_f16", "f16", "f16-gpu"), default=["f32_f16", "f16"])
     p.add_argument("--bundles", type=int, default=3, help="devices of one request for the sharing rows (default 3)")
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "refsd" / "bench-sd21-base"
     p.add_argument("--cache", type=Path, default=default_cache, help=f"model folder (default {default_cache})")
@@ -155,20 +186,27 @@ def main(argv: list[str] | None = None) -> int:
                 print(rows[-1][0], json.dumps(r), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    flops = _run(args, "flops")["flops"]
+    peak = sgemm_peak()
+    limit = flops / peak  # one pipeline's products at the sgemm peak: a rerun cannot cost less
     base = unit["seconds"]
+    print(f"\none pipeline: {flops / 1e12:.2f} TFLOP (PyTorch's counter); sgemm peak here {peak / 1e9:.0f} GFLOP/s "
+          f"at {args.threads} thread(s): {limit:.1f} s per pipeline run, {limit / base:.2f} of diffusers' time")
     print(f"\nCertification cost, SD 2.1-base architecture, {args.image}x{args.image}, {args.steps} DDIM steps, "
           f"{args.threads} thread(s), FTZ not declared\n")
-    print("| run | seconds | / diffusers pipeline | reruns (cache hits) | peak RSS GB | verdict, worst k | "
-          "resolution |")
-    print("|---|---:|---:|---:|---:|---|---:|")
+    print("| run | seconds | / diffusers pipeline | reruns (cache hits) | limit: reruns x FLOPs at peak | peak RSS GB | "
+          "verdict, worst k | resolution |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
     for name, r in rows:
         reruns = f"{r['reruns']} ({r['hits']})" if "reruns" in r else (
             f"{r['reruns_run']} of {r['reruns_needed']}" if "reruns_run" in r else "")
         verdict = "" if "certified" not in r else ("certified" if r["certified"] else "NOT certified") + (
             f", {r['worst_k']:.2f}" if "worst_k" in r else "")
         res = f"{r['resolution']:.2%}" if "resolution" in r else ""
-        print(f"| {name} | {r['seconds']:.1f} | {r['seconds'] / base:.2f} | {reruns} | {r['peak_rss_gb']:.2f} | "
-              f"{verdict} | {res} |")
+        runs = r.get("reruns", r.get("reruns_run"))
+        bound = "" if runs is None else f"{runs * limit / base:.2f}"
+        print(f"| {name} | {r['seconds']:.1f} | {r['seconds'] / base:.2f} | {reruns} | {bound} | "
+              f"{r['peak_rss_gb']:.2f} | {verdict} | {res} |")
     return 0
 
 

@@ -22,6 +22,7 @@ from refsd_validate.pipeline_capture import capture_document, pipeline_tensors
 
 from refsd import __version__
 from refsd.context import recording
+from refsd.numerics import Precision
 from refsd.pipeline import Pipeline, Request
 from refsd.trace import MODELS
 
@@ -40,17 +41,21 @@ class _Prefixed(dict):
 
 def emulated_capture(model_dir: str | Path, request: Request, out: str | Path, *, precision: str = "f32_f16",
                      ftz: bool = False, rewrites: str = "none", declare_ftz: bool | None = None,
-                     intermediates: Sequence[str] = (), fault: Callable[[Pipeline], None] | None = None) -> Path:
+                     intermediates: Sequence[str] = (), fault: Callable[[Pipeline], None] | None = None,
+                     device_model: str | None = None) -> Path:
     """Write the bundle of ``request`` run under ``precision``/``ftz``/``rewrites``.
     ``declare_ftz``: what the capture says about FTZ (None: unknown, as most
     delegates do not report it). ``intermediates``: name prefixes of module
     outputs to include (``"unet/step_2/unet.mid_block"``); none by default.
     ``fault``: called with the loaded pipeline before the run, to emulate a
     faulty device (wrap a module's ``forward`` to inject a NaN or a bias):
-    the fault then propagates through the rest of the run as on a device."""
+    the fault then propagates through the rest of the run as on a device.
+    ``device_model``: run under a measured GPU's fp16 kernels
+    (``refsd.numerics.DEVICE_MODELS``, ``precision="f16"``) and declare the
+    model stages as run on a ``gpu``."""
     if request.scheduler is None:
         raise ValueError("the request must name its scheduler (a bundle records it)")
-    pipe = Pipeline(model_dir, precision=precision, ftz=ftz, rewrites=rewrites)
+    pipe = Pipeline(model_dir, precision=Precision(precision, ftz, device_model=device_model), rewrites=rewrites)
     if fault is not None:
         fault(pipe)
     rec = _Prefixed(tuple(intermediates))  # only what was asked: every layer's output of a real UNet is ~10 GB
@@ -67,7 +72,7 @@ def emulated_capture(model_dir: str | Path, request: Request, out: str | Path, *
         model={"sha256": model_sha256(model_dir), "weights": "fp32", "rewrites": rewrites,
                "components": {c: {"format": "refsd-emulation", "name": "refsd", "version": __version__}
                               for c in MODELS}},
-        stages={**{c: {"processor": "other", "precision": precision, "ftz": declare_ftz, "fast_math": False,
+        stages={**{c: {"processor": "gpu" if device_model else "other", "precision": precision, "ftz": declare_ftz, "fast_math": False,
                        "runtime": "refsd emulation"} for c in MODELS},
                 "guidance_scheduler": {"processor": "host", "precision": "f32", "ftz": None}},
         request=request, scheduler=request.scheduler)
