@@ -67,12 +67,12 @@ def both(fn):
 
 
 @pytest.mark.parametrize("ftz", [False, True])
-@pytest.mark.parametrize("stats", [False, True])
+@pytest.mark.parametrize("stats,underflow", [(False, True), (True, True), (True, False)])
 @given(x=floats(st.integers(0, 300)))
-def test_round_into_same_bits_and_counters(x, ftz, stats):
+def test_round_into_same_bits_and_counters(x, ftz, stats, underflow):
     def run():
         out = np.empty_like(x)
-        c = round_into(x, out, ftz, stats)
+        c = round_into(x, out, ftz, stats, underflow)
         return _bits(out).copy(), c
 
     (want, cw), (got, cg) = both(run)
@@ -229,6 +229,35 @@ def test_pipeline_run_identical_under_both_backends(tiny_sd21, mode):
         np.testing.assert_array_equal(gt[name], wt[name], err_msg=name)
     assert ge == we
     assert len(we) > 0 or p.mode == "f32"
+
+
+@pytest.mark.parametrize("mode", PIPELINE_MODES[1:], ids=lambda m: "-".join(str(v) for v in m.values()))
+def test_pipeline_run_under_a_monitor_without_underflow(tiny_sd21, mode):
+    """A certificate's calibration monitor (``Monitor(underflow=False)``: sums run unwatched and
+    again watched only when non-finite, roundings count only their largest magnitude) gives a
+    whole run's bits and the full monitor's events less the underflows, under both backends."""
+    from refsd.monitor import Monitor
+    from refsd.numerics import Precision
+    from refsd.pipeline import Pipeline, Request
+
+    p = Precision(mode["precision"], ftz=mode.get("ftz", False), device_model=mode.get("device_model"))
+    req = Request("a photo of a cat", seed=2, steps=1, guidance=7.5, scheduler="ddim", height=16, width=16)
+
+    def run(underflow):
+        with monitoring(Monitor(underflow=underflow)) as mon:
+            r = Pipeline(tiny_sd21, precision=p)(req, progress=False)
+        return {k: _bits(v).copy() for k, v in r.trace.items()}, _events(mon), mon.stats
+
+    for backend in ("numba", "numpy") if p.device_model is None else ("numba",):
+        with kernels.using(backend), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            (ft, fe, fs), (t, e, s) = run(True), run(False)
+        for name in ft:
+            np.testing.assert_array_equal(t[name], ft[name], err_msg=name)
+        assert any(ev[0] == "underflow" for ev in fe)
+        assert e == [ev for ev in fe if ev[0] != "underflow"]
+        # per-op magnitudes (headroom) are the same
+        assert {key: repr(st.max_abs) for key, st in s.items()} == {key: repr(st.max_abs) for key, st in fs.items()}
 
 
 @pytest.mark.skipif(not os.environ.get("REFSD_EXHAUSTIVE"), reason="exhaustive: REFSD_EXHAUSTIVE=1 (minutes)")

@@ -189,37 +189,57 @@ _PIECE = 1 << 12
 
 
 @njit(cache=True, nogil=True)
-def _round_serial(u, out, ftz, stats, c):
+def _tally_severe(u, ftz, c):
+    """``_tally`` where the underflow counts are not wanted: the largest
+    magnitude alone (one max per element), and the whole tally only for a
+    piece that reaches fp16's overflow threshold (inf and NaN included)."""
+    hi = _ZERO
+    for i in range(u.size):
+        hi = max(hi, np.uint32(u[i] & _ABS))
+    if hi >= _OVERFLOW_FROM:
+        _tally(u, ftz, c)
+    else:
+        c[HI] = max(c[HI], hi)
+        c[TOP] = max(c[TOP], hi)
+
+
+@njit(cache=True, nogil=True)
+def _round_serial(u, out, ftz, stats, underflow, c):
     # Tallying and rounding as separate loops over a cache-resident piece:
     # each vectorizes, and memory is read once. Tally first: ``out`` may be ``u``.
     n = u.size
     for lo in range(0, n, _PIECE):
         hi = min(lo + _PIECE, n)
-        if stats:
+        if stats and underflow:
             _tally(u[lo:hi], ftz, c)
+        elif stats:
+            _tally_severe(u[lo:hi], ftz, c)
         for i in range(lo, hi):
             out[i] = _r16(u[i], ftz)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _round_parallel(u, out, ftz, stats, cs):
+def _round_parallel(u, out, ftz, stats, underflow, cs):
     n = u.size
     for k in prange(cs.shape[0]):
         lo = k * CHUNK
         hi = min(lo + CHUNK, n)
-        _round_serial(u[lo:hi], out[lo:hi], ftz, stats, cs[k])
+        _round_serial(u[lo:hi], out[lo:hi], ftz, stats, underflow, cs[k])
 
 
-def round_into(x: np.ndarray, out: np.ndarray, ftz: bool, stats: bool) -> tuple:
+def round_into(x: np.ndarray, out: np.ndarray, ftz: bool, stats: bool, underflow: bool = True) -> tuple:
     """``numerics.round_into``: same arguments, same bits, same counters."""
     u, o = x.view(np.uint32), out.view(np.uint32)
     if x.size <= CHUNK:
         c = np.zeros(NCOUNT, np.int64)
-        _round_serial(u, o, ftz, stats, c)
-        return _counters(c)
-    cs = np.zeros(((x.size + CHUNK - 1) // CHUNK, NCOUNT), np.int64)
-    _round_parallel(u, o, ftz, stats, cs)
-    return _counters(_merge_pieces(cs))
+        _round_serial(u, o, ftz, stats, underflow, c)
+    else:
+        cs = np.zeros(((x.size + CHUNK - 1) // CHUNK, NCOUNT), np.int64)
+        _round_parallel(u, o, ftz, stats, underflow, cs)
+        c = _merge_pieces(cs)
+    if not underflow:  # a piece tallied in full (past the overflow threshold) counted them too
+        c[TO_ZERO] = c[TO_SUBNORMAL] = 0
+    return _counters(c)
 
 
 def _merge_pieces(cs: np.ndarray) -> np.ndarray:
@@ -518,8 +538,9 @@ def warm_up() -> None:
     big = np.linspace(-1, 1, 2 * _SERIAL_WORK + 2, dtype=np.float32)  # past the one-thread limits
     for ftz in (False, True):
         for stats in (False, True):
-            round_into(x, out, ftz, stats)
-            round_into(x[:5], out[:5], ftz, stats)
+            for underflow in (False, True):
+                round_into(x, out, ftz, stats, underflow)
+                round_into(x[:5], out[:5], ftz, stats, underflow)
             for first in (True, False):
                 accumulate(x[:12].reshape(3, 4), np.zeros(4, np.float32), first, ftz, stats)
                 accumulate(big.reshape(2, -1), np.zeros(big.size // 2, np.float32), first, ftz, stats)

@@ -162,9 +162,11 @@ def _report(stats, primitive: str, *, constant: str | None = None) -> None:
 
 def _round(x: np.ndarray, primitive: str, *, constant: str | None = None) -> np.ndarray:
     ftz = current_precision().ftz
-    if _mon.active_monitor() is None:
+    mon = _mon.active_monitor()
+    if mon is None:
         return round_f16(x, ftz=ftz)
-    r, stats = round_f16_stats(x, ftz=ftz)
+    # A constant's subnormal or zero rounding is a ``constant`` event, never skipped.
+    r, stats = round_f16_stats(x, ftz=ftz, underflow=mon.underflow or constant is not None)
     _report(stats, primitive, constant=constant)
     return r
 
@@ -239,7 +241,7 @@ def store(y: np.ndarray, primitive: str = "output") -> np.ndarray:
             out = round_f16(y, ftz=p.ftz)
             finite = None
         else:
-            out, stats = round_f16_stats(y, ftz=p.ftz)
+            out, stats = round_f16_stats(y, ftz=p.ftz, underflow=mon.underflow)
             _report(stats, primitive)
             finite = not (stats.had_nan or stats.had_inf or stats.overflow)
             _frame().out_max_abs = float("nan") if stats.had_nan else (
@@ -267,17 +269,23 @@ def _f32_stats(y: np.ndarray) -> RoundingStats:
 # ---------------------------------------------------------------- accumulation
 
 
+def _severe_only(*inputs: np.ndarray) -> bool:
+    """Whether an fp16 sum of these inputs may run unwatched and again watched
+    only if its result is non-finite: under a monitor that collects no
+    underflows, from finite inputs. The events left to report, overflow and
+    invalid, leave such a sum non-finite: a product, partial or running sum
+    rounded to inf stays inf in every later fp16 addition, or becomes NaN."""
+    mon = _mon.active_monitor()
+    return mon is not None and not mon.underflow and all(_is_finite(x) for x in inputs)
+
+
 def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a @ b`` on float32 BLAS; in ``f16`` under the blocked model over K
     (the device model's measured block when one is set)."""
     p = current_precision()
     if not p.math16:
         return np.matmul(a, b)
-    mon = _mon.active_monitor()
-    if mon is not None and not mon.underflow and _is_finite(a) and _is_finite(b):
-        # From finite inputs the only events left to report, overflow and invalid, leave the result
-        # non-finite: a product or running sum rounded to inf stays inf in every later fp16 sum, or
-        # becomes NaN. So the sum runs unwatched (no per-element counting) and again watched only then.
+    if _severe_only(a, b):
         with _mon.unwatched():
             out = matmul(a, b)
         if _is_finite(out):
@@ -466,6 +474,11 @@ def reduce_sum(x: np.ndarray, axis, *, keepdims: bool = False) -> np.ndarray:
     p = current_precision()
     if not p.math16 or p.device and p.device.fp32_reductions:
         return np.sum(x, axis=axis, dtype=np.float32, keepdims=keepdims)
+    if _severe_only(x):
+        with _mon.unwatched():
+            out = reduce_sum(x, axis, keepdims=keepdims)
+        if _is_finite(out):
+            return out
     axes = tuple(sorted(a % x.ndim for a in ((axis,) if np.isscalar(axis) else axis)))
     keep = [i for i in range(x.ndim) if i not in axes]
     flat = np.transpose(x, keep + list(axes)).reshape([x.shape[i] for i in keep] + [-1])
