@@ -207,15 +207,18 @@ def _tally_severe(u, ftz, c):
 def _round_serial(u, out, ftz, stats, underflow, c):
     # Tallying and rounding as separate loops over a cache-resident piece:
     # each vectorizes, and memory is read once. Tally first: ``out`` may be ``u``.
+    # Loops index from 0 over slices: an index numba cannot prove non-negative gets a wraparound
+    # check, which stops LLVM vectorizing the loop (measured: 1.2 against 0.085 ns per element).
     n = u.size
     for lo in range(0, n, _PIECE):
         hi = min(lo + _PIECE, n)
+        up, op = u[lo:hi], out[lo:hi]
         if stats and underflow:
-            _tally(u[lo:hi], ftz, c)
+            _tally(up, ftz, c)
         elif stats:
-            _tally_severe(u[lo:hi], ftz, c)
-        for i in range(lo, hi):
-            out[i] = _r16(u[i], ftz)
+            _tally_severe(up, ftz, c)
+        for i in range(up.size):
+            op[i] = _r16(up[i], ftz)
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -260,8 +263,9 @@ def _truncate(u, out, ftz):
     n = u.size
     nchunk = (n + CHUNK - 1) // CHUNK
     for k in prange(nchunk):
-        for i in range(k * CHUNK, min(k * CHUNK + CHUNK, n)):
-            out[i] = _t16(u[i], ftz)
+        uk, ok = u[k * CHUNK : min(k * CHUNK + CHUNK, n)], out[k * CHUNK : min(k * CHUNK + CHUNK, n)]
+        for i in range(uk.size):  # from 0: see _round_serial
+            ok[i] = _t16(uk[i], ftz)
 
 
 def truncate_into(x: np.ndarray, out: np.ndarray, ftz: bool) -> None:
