@@ -372,3 +372,25 @@ def test_monitor_without_underflow_sees_every_other_event(backend, block, device
     assert any(e[0] == "underflow" for e in full_events)
     assert events == [e for e in full_events if e[0] != "underflow"]
     assert any(e[0] == "overflow" for e in events) == overflows
+
+
+@given(x=floats(st.integers(0, 300)), scale_exp=st.sampled_from([-8, 0, 2]))
+def test_erf_same_bits(x, scale_exp):
+    """``activations.erf``: the compiled passes around NumPy's ``exp`` against the
+    definition's NumPy passes (NaN, inf, subnormals, both branches: |x| < 0.5 and not)."""
+    from refsd.ops.activations import erf
+
+    with np.errstate(all="ignore"):
+        x = (x * np.float32(2.0**scale_exp)).astype(np.float32)
+    want, got = both(lambda: _bits(erf(x)).copy())
+    np.testing.assert_array_equal(got, want)
+
+
+def test_erf_same_bits_across_chunks_and_threads():
+    """Past one chunk (``refsd.kernels.erf.CHUNK``), so every thread runs; the values a GELU sees."""
+    from refsd.kernels import erf as erf_kernels
+    from refsd.ops.activations import erf
+
+    x = (np.random.default_rng(4).standard_normal(3 * erf_kernels.CHUNK + 5) * 3).astype(np.float32)
+    want, got = both(lambda: _bits(erf(x)).copy())
+    np.testing.assert_array_equal(got, want)

@@ -79,9 +79,10 @@ def _load(forced: bool):
         return None
     try:
         set_here = _configure_numba()
-        from refsd.kernels import fp16
+        from refsd.kernels import erf, fp16
 
         fp16.warm_up()
+        erf.warm_up()
         # OpenMP has read it (the first parallel region ran): later processes and libraries keep their own.
         if "OMP_WAIT_POLICY" in set_here:
             os.environ.pop("OMP_WAIT_POLICY", None)
@@ -90,6 +91,16 @@ def _load(forced: bool):
         _say(f"compiled kernels unavailable ({type(exc).__name__}: {reason[:200]}); running the NumPy definitions")
         return None
     return fp16
+
+
+def compiled_erf():
+    """The compiled passes of ``refsd.ops.activations.erf``
+    (``refsd.kernels.erf``), or None where ``compiled()`` is."""
+    if compiled() is None:
+        return None
+    from refsd.kernels import erf
+
+    return erf
 
 
 def threads() -> int:

@@ -19,6 +19,7 @@ import math
 
 import numpy as np
 
+from refsd import kernels
 from refsd.numerics import current_precision, round_f16, truncate_f16
 from refsd.ops._core import const, exp, kernel_out, load, op, prim, store
 from refsd.ops.transcendental import perturb
@@ -38,6 +39,10 @@ _ERFC_COEFFS = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806,
 _ERF_SERIES = tuple(2.0 / math.sqrt(math.pi) * (-1) ** n / (math.factorial(n) * (2 * n + 1)) for n in range(7))
 
 
+# The same constants as the compiled passes take them (``refsd.kernels.erf``).
+_ERFC_F32 = np.array(_ERFC_COEFFS, np.float32)
+_SERIES_F32 = np.array(_ERF_SERIES, np.float32)
+
 # Elements per chunk of ``erf``: its ~20 passes run on a chunk while it is in
 # cache, in place, instead of allocating and streaming a full-size temporary
 # per pass (a GEGLU gate at 64x64 latents is 10M elements): 2-3.5x faster, and
@@ -53,6 +58,11 @@ def erf(x: np.ndarray) -> np.ndarray:
     where ``erf >= 0.52``)."""
     x = np.asarray(x, dtype=np.float32)
     flat = np.ascontiguousarray(x).reshape(-1)
+    k = kernels.compiled_erf()
+    if k is not None:
+        out = k.erf(flat, _ERFC_F32, _SERIES_F32)
+        if out is not None:
+            return out.reshape(x.shape)
     out = np.empty_like(flat)
     n = min(flat.size, _ERF_CHUNK)
     z_buf, t_buf = np.empty(n, np.float32), np.empty(n, np.float32)
