@@ -80,6 +80,8 @@ _DEFAULT_NAN = np.uint32(0xFFC00000)
 _FZERO = np.float32(0.0)
 _F16_MIN_NORMAL = np.float32(2.0**-14)
 _GRID = np.float32(2.0**24)
+_ONE = np.uint32(1)
+_SMALL_BELOW = np.uint32(_NORMAL_FROM - _ONE)  # a - 1 below this: 0 < a < 2**-14
 
 
 @intrinsic
@@ -161,26 +163,36 @@ def _add(x, y):
 @njit(cache=True, nogil=True)
 def _tally(u, ftz, c):
     """Add the bit patterns ``u``'s rounding to the counters ``c`` (length 6),
-    as ``numerics._round_chunk`` and ``_underflows`` count them."""
-    hi = top = _ZERO
-    overflow = to_zero = to_subnormal = had_inf = 0
+    as ``numerics._round_chunk`` and ``_underflows`` count them (``u.size`` <
+    2**32). One vectorized pass takes the largest magnitude and counts the
+    small ones with one unsigned compare each (``a - 1 < bound``: zero wraps
+    above every bound); only where that maximum reaches fp16's overflow
+    threshold does a second pass count overflows and infinities and take the
+    largest non-NaN magnitude."""
+    hi = tiny = small = _ZERO
     for i in range(u.size):
         a = np.uint32(u[i] & _ABS)
         hi = max(hi, a)
-        top = max(top, a if a <= _INF else _ZERO)
-        had_inf |= a == _INF
-        overflow += (a >= _OVERFLOW_FROM) & (a < _INF)
-        small = (a < _NORMAL_FROM) & (a != _ZERO)
-        if ftz:
-            to_zero += small
-        else:
-            to_zero += small & (a <= _ZERO_UPTO)
-            to_subnormal += small & (a > _ZERO_UPTO)
+        a1 = np.uint32(a - _ONE)
+        tiny = np.uint32(tiny + np.uint32(a1 < _ZERO_UPTO))
+        small = np.uint32(small + np.uint32(a1 < _SMALL_BELOW))
+    top = hi
+    overflow = had_inf = 0
+    if hi >= _OVERFLOW_FROM:
+        top = _ZERO
+        for i in range(u.size):
+            a = np.uint32(u[i] & _ABS)
+            top = max(top, a if a <= _INF else _ZERO)
+            had_inf |= a == _INF
+            overflow += (a >= _OVERFLOW_FROM) & (a < _INF)
     c[HI] = max(c[HI], hi)
     c[TOP] = max(c[TOP], top)
     c[OVERFLOW] += overflow
-    c[TO_ZERO] += to_zero
-    c[TO_SUBNORMAL] += to_subnormal
+    if ftz:
+        c[TO_ZERO] += small
+    else:
+        c[TO_ZERO] += tiny
+        c[TO_SUBNORMAL] += small - tiny
     c[HAD_INF] |= had_inf
 
 
@@ -378,10 +390,6 @@ def _matmul_rows(a, b, out, r0, r1, ftz, stats, cg):
                 for q in range(n):
                     p = _r16_nan_free(aj * bj[q] + _FZERO, ftz)
                     o[q] = _r16_nan_free(o[q] + p, ftz)
-
-
-_ONE = np.uint32(1)
-_SMALL_BELOW = np.uint32(_NORMAL_FROM - _ONE)
 
 
 @njit(cache=True, nogil=True)
