@@ -326,11 +326,9 @@ def truncate_f16(x: np.ndarray, *, ftz: bool = False) -> np.ndarray:
     return r.view(np.float32).reshape(x.shape)
 
 
-def round_f16_stats(x: np.ndarray, *, ftz: bool = False, underflow: bool = True) -> tuple[np.ndarray, RoundingStats]:
-    """``round_f16`` plus what it did, for the exception monitor.
-    ``underflow=False``: the underflow counts are reported as 0 (a monitor
-    that collects no underflows), which the compiled kernels skip counting."""
-    return _round_f16(_as_float32(x), ftz, stats=True, underflow=underflow)
+def round_f16_stats(x: np.ndarray, *, ftz: bool = False) -> tuple[np.ndarray, RoundingStats]:
+    """``round_f16`` plus what it did, for the exception monitor."""
+    return _round_f16(_as_float32(x), ftz, stats=True)
 
 
 def _as_float32(x) -> np.ndarray:
@@ -358,11 +356,11 @@ def _as_float32(x) -> np.ndarray:
 _CHUNK = 1 << 15
 
 
-def _round_f16(x: np.ndarray, ftz: bool, stats: bool, underflow: bool = True) -> tuple[np.ndarray, RoundingStats | None]:
+def _round_f16(x: np.ndarray, ftz: bool, stats: bool) -> tuple[np.ndarray, RoundingStats | None]:
     shape = x.shape
     flat = np.ascontiguousarray(x).reshape(-1)
     out = np.empty(flat.size, np.float32)
-    c = round_into(flat, out, ftz, stats, underflow)
+    c = round_into(flat, out, ftz, stats)
     out = out.reshape(shape)
     if not stats:
         return out, None
@@ -402,18 +400,14 @@ def _scratch(n: int) -> _Scratch:
     return s
 
 
-def round_into(x: np.ndarray, out: np.ndarray, ftz: bool, stats: bool, underflow: bool = True) -> tuple:
+def round_into(x: np.ndarray, out: np.ndarray, ftz: bool, stats: bool) -> tuple:
     """Round the contiguous 1-D float32 ``x`` onto fp16 into ``out`` (float32,
     same size; may be ``x`` itself), chunk by chunk. Returns counters for
     ``rounding_stats`` (with ``stats``; zeros otherwise): (max |bits|, max non-NaN
-    |bits|, overflow, to_zero, to_subnormal, had_inf); ``underflow=False``:
-    to_zero and to_subnormal 0."""
+    |bits|, overflow, to_zero, to_subnormal, had_inf)."""
     k = kernels.compiled()
     if k is not None:
-        return k.round_into(x, out, ftz, stats, underflow)
-    if not underflow:
-        c = round_into(x, out, ftz, stats)
-        return c[:3] + (0, 0) + c[5:]
+        return k.round_into(x, out, ftz, stats)
     hi = top = 0
     overflow = to_zero = to_subnormal = 0
     had_inf = False

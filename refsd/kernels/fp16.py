@@ -176,24 +176,41 @@ def _tally(u, ftz, c):
         a1 = np.uint32(a - _ONE)
         tiny = np.uint32(tiny + np.uint32(a1 < _ZERO_UPTO))
         small = np.uint32(small + np.uint32(a1 < _SMALL_BELOW))
-    top = hi
+    if hi < _OVERFLOW_FROM:
+        _add_in_range(c, hi, tiny, small, ftz)
+        return
+    top = _ZERO
     overflow = had_inf = 0
-    if hi >= _OVERFLOW_FROM:
-        top = _ZERO
-        for i in range(u.size):
-            a = np.uint32(u[i] & _ABS)
-            top = max(top, a if a <= _INF else _ZERO)
-            had_inf |= a == _INF
-            overflow += (a >= _OVERFLOW_FROM) & (a < _INF)
+    for i in range(u.size):
+        a = np.uint32(u[i] & _ABS)
+        top = max(top, a if a <= _INF else _ZERO)
+        had_inf |= a == _INF
+        overflow += (a >= _OVERFLOW_FROM) & (a < _INF)
     c[HI] = max(c[HI], hi)
     c[TOP] = max(c[TOP], top)
     c[OVERFLOW] += overflow
+    c[HAD_INF] |= had_inf
+    _add_underflows(c, tiny, small, ftz)
+
+
+@njit(inline="always")
+def _add_in_range(c, hi, tiny, small, ftz):
+    """``_tally``'s counters for magnitudes all below fp16's overflow
+    threshold (no overflow, inf or NaN), the largest ``hi``."""
+    c[HI] = max(c[HI], hi)
+    c[TOP] = max(c[TOP], hi)
+    _add_underflows(c, tiny, small, ftz)
+
+
+@njit(inline="always")
+def _add_underflows(c, tiny, small, ftz):
+    """``small`` nonzero magnitudes under 2**-14, ``tiny`` of them at most
+    2**-25: all to zero under ``ftz``, else those to zero and the rest to subnormals."""
     if ftz:
         c[TO_ZERO] += small
     else:
         c[TO_ZERO] += tiny
         c[TO_SUBNORMAL] += small - tiny
-    c[HAD_INF] |= had_inf
 
 
 # Elements rounded before their statistics are taken, while still in L1.
@@ -201,22 +218,7 @@ _PIECE = 1 << 12
 
 
 @njit(cache=True, nogil=True)
-def _tally_severe(u, ftz, c):
-    """``_tally`` where the underflow counts are not wanted: the largest
-    magnitude alone (one max per element), and the whole tally only for a
-    piece that reaches fp16's overflow threshold (inf and NaN included)."""
-    hi = _ZERO
-    for i in range(u.size):
-        hi = max(hi, np.uint32(u[i] & _ABS))
-    if hi >= _OVERFLOW_FROM:
-        _tally(u, ftz, c)
-    else:
-        c[HI] = max(c[HI], hi)
-        c[TOP] = max(c[TOP], hi)
-
-
-@njit(cache=True, nogil=True)
-def _round_serial(u, out, ftz, stats, underflow, c):
+def _round_serial(u, out, ftz, stats, c):
     # Tallying and rounding as separate loops over a cache-resident piece:
     # each vectorizes, and memory is read once. Tally first: ``out`` may be ``u``.
     # Loops index from 0 over slices: an index numba cannot prove non-negative gets a wraparound
@@ -225,36 +227,31 @@ def _round_serial(u, out, ftz, stats, underflow, c):
     for lo in range(0, n, _PIECE):
         hi = min(lo + _PIECE, n)
         up, op = u[lo:hi], out[lo:hi]
-        if stats and underflow:
+        if stats:
             _tally(up, ftz, c)
-        elif stats:
-            _tally_severe(up, ftz, c)
         for i in range(up.size):
             op[i] = _r16(up[i], ftz)
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _round_parallel(u, out, ftz, stats, underflow, cs):
+def _round_parallel(u, out, ftz, stats, cs):
     n = u.size
     for k in prange(cs.shape[0]):
         lo = k * CHUNK
         hi = min(lo + CHUNK, n)
-        _round_serial(u[lo:hi], out[lo:hi], ftz, stats, underflow, cs[k])
+        _round_serial(u[lo:hi], out[lo:hi], ftz, stats, cs[k])
 
 
-def round_into(x: np.ndarray, out: np.ndarray, ftz: bool, stats: bool, underflow: bool = True) -> tuple:
+def round_into(x: np.ndarray, out: np.ndarray, ftz: bool, stats: bool) -> tuple:
     """``numerics.round_into``: same arguments, same bits, same counters."""
     u, o = x.view(np.uint32), out.view(np.uint32)
     if x.size <= CHUNK:
         c = np.zeros(NCOUNT, np.int64)
-        _round_serial(u, o, ftz, stats, underflow, c)
-    else:
-        cs = np.zeros(((x.size + CHUNK - 1) // CHUNK, NCOUNT), np.int64)
-        _round_parallel(u, o, ftz, stats, underflow, cs)
-        c = _merge_pieces(cs)
-    if not underflow:  # a piece tallied in full (past the overflow threshold) counted them too
-        c[TO_ZERO] = c[TO_SUBNORMAL] = 0
-    return _counters(c)
+        _round_serial(u, o, ftz, stats, c)
+        return _counters(c)
+    cs = np.zeros(((x.size + CHUNK - 1) // CHUNK, NCOUNT), np.int64)
+    _round_parallel(u, o, ftz, stats, cs)
+    return _counters(_merge_pieces(cs))
 
 
 def _merge_pieces(cs: np.ndarray) -> np.ndarray:
@@ -424,25 +421,11 @@ def _fused_step_tallied(aj, bj, o, ftz, cp, ca, pu, w):
             pu[q] = _bits(aj * bj[q] + _FZERO)
         _tally(pu[:n], ftz, cp)
     else:
-        _add_small(cp, hp, zp, sp, ftz)
+        _add_in_range(cp, hp, zp, sp, ftz)
     if ha >= _OVERFLOW_FROM:
         _tally(w[:n], ftz, ca)
     else:
-        _add_small(ca, ha, za, sa, ftz)
-
-
-@njit(inline="always")
-def _add_small(c, hi, zero_flush, small, ftz):
-    """``_tally``'s counters for values below fp16's overflow (no inf, no
-    NaN): ``small`` nonzero values under 2**-14, ``zero_flush`` of them at
-    most 2**-25."""
-    c[HI] = max(c[HI], hi)
-    c[TOP] = max(c[TOP], hi)
-    if ftz:
-        c[TO_ZERO] += small
-    else:
-        c[TO_ZERO] += zero_flush
-        c[TO_SUBNORMAL] += small - zero_flush
+        _add_in_range(ca, ha, za, sa, ftz)
 
 
 # Output rows summed together by the unwatched sequential matmul: each row of
@@ -550,9 +533,8 @@ def warm_up() -> None:
     big = np.linspace(-1, 1, 2 * _SERIAL_WORK + 2, dtype=np.float32)  # past the one-thread limits
     for ftz in (False, True):
         for stats in (False, True):
-            for underflow in (False, True):
-                round_into(x, out, ftz, stats, underflow)
-                round_into(x[:5], out[:5], ftz, stats, underflow)
+            round_into(x, out, ftz, stats)
+            round_into(x[:5], out[:5], ftz, stats)
             for first in (True, False):
                 accumulate(x[:12].reshape(3, 4), np.zeros(4, np.float32), first, ftz, stats)
                 accumulate(big.reshape(2, -1), np.zeros(big.size // 2, np.float32), first, ftz, stats)

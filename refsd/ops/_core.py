@@ -162,11 +162,9 @@ def _report(stats, primitive: str, *, constant: str | None = None) -> None:
 
 def _round(x: np.ndarray, primitive: str, *, constant: str | None = None) -> np.ndarray:
     ftz = current_precision().ftz
-    mon = _mon.active_monitor()
-    if mon is None:
+    if _mon.active_monitor() is None:
         return round_f16(x, ftz=ftz)
-    # A constant's subnormal or zero rounding is a ``constant`` event, never skipped.
-    r, stats = round_f16_stats(x, ftz=ftz, underflow=mon.underflow or constant is not None)
+    r, stats = round_f16_stats(x, ftz=ftz)
     _report(stats, primitive, constant=constant)
     return r
 
@@ -241,7 +239,7 @@ def store(y: np.ndarray, primitive: str = "output") -> np.ndarray:
             out = round_f16(y, ftz=p.ftz)
             finite = None
         else:
-            out, stats = round_f16_stats(y, ftz=p.ftz, underflow=mon.underflow)
+            out, stats = round_f16_stats(y, ftz=p.ftz)
             _report(stats, primitive)
             finite = not (stats.had_nan or stats.had_inf or stats.overflow)
             _frame().out_max_abs = float("nan") if stats.had_nan else (
