@@ -317,6 +317,14 @@ def with_outputs(tflite: bytes, tensor_names: list[str]) -> bytes:
     return bytes(b.Output())
 
 
+def run_some(out: Path, names: list[str]) -> None:
+    """Run ``names`` in order in this process, each announced on stderr (``_START``) before the native
+    runtime logs anything for it, so that its errors can be told apart."""
+    for name in names:
+        print(f"{_START}{name}", file=sys.stderr, flush=True)
+        run_one(out, name)
+
+
 def run_one(out: Path, name: str) -> None:
     with np.load(out / f"{name}.npz") as z:
         inputs = {f"in{i}": z[f"arr_{i}"] for i in range(len(z.files))}
@@ -329,16 +337,31 @@ def run_one(out: Path, name: str) -> None:
 _HARMLESS = re.compile(r"openvino|npu|libopencl", re.IGNORECASE)
 
 
+_START = "refsd-probe: "
+
+
 def run(out: Path, names: list[str]) -> dict[str, str]:
-    """Each probe in its own process; returns the native-stderr errors per probe."""
+    """The probes in one process (a process start and the accelerator's set-up cost about a second each);
+    when a probe crashes it, the rest run in a new one. Returns the native-stderr errors per probe."""
     errors = {}
-    for p in _select(names):
-        r = subprocess.run([sys.executable, __file__, "run-one", str(out), p.name], capture_output=True, text=True)
-        bad = [ln for ln in r.stderr.splitlines() if "error" in ln.lower() and not _HARMLESS.search(ln)]
-        if r.returncode:
-            errors[p.name] = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[-1]
-        elif bad:
-            errors[p.name] = bad[0]
+    pending = [p.name for p in _select(names)]
+    while pending:
+        r = subprocess.run([sys.executable, __file__, "run-some", str(out), *pending], capture_output=True, text=True)
+        logs: dict[str, list[str]] = {}
+        for line in r.stderr.splitlines():
+            if line.startswith(_START) and line[len(_START):] in pending:
+                logs[line[len(_START):]] = []
+            elif logs:
+                logs[list(logs)[-1]].append(line)
+        for name, lines in logs.items():
+            bad = [ln for ln in lines if "error" in ln.lower() and not _HARMLESS.search(ln)]
+            if bad:
+                errors[name] = bad[0]
+        if r.returncode:  # the last probe announced crashed: its last error line, else its last line
+            last = list(logs)[-1] if logs else pending[0]
+            lines = logs.get(last) or r.stderr.strip().splitlines() or [f"exit {r.returncode}"]
+            errors[last] = ([ln for ln in lines if "error" in ln.lower()] or lines)[-1]
+        pending = pending[pending.index(last) + 1:] if r.returncode else []
     return errors
 
 
@@ -422,8 +445,8 @@ def main(argv=None) -> int:
     if argv and argv[0] == "build":
         build(Path(argv[1]), argv[2:])
         return 0
-    if argv and argv[0] == "run-one":
-        run_one(Path(argv[1]), argv[2])
+    if argv and argv[0] == "run-some":
+        run_some(Path(argv[1]), argv[2:])
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="probe folder (default: a temporary one)")

@@ -20,7 +20,6 @@ the UNet is freed; weights are memory-mapped.
 
 from __future__ import annotations
 
-import gc
 import resource
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,8 +160,9 @@ class Pipeline:
         model = self.model("text_encoder")
         with location("text_encoder"):
             hidden = np.array(model(ids))
+        # Dropping the last reference frees the stage's weights before the next stage loads (a model holds no
+        # reference cycle: tests/test_pipeline.py proves it); a gc.collect() here cost 0.3 s in a big process.
         del model
-        gc.collect()
         return hidden
 
     def encode_text(self, prompt: str, negative_prompt: str = "") -> np.ndarray:
@@ -226,7 +226,6 @@ class Pipeline:
             if on_step is not None:
                 on_step(i, trace)
         del unet
-        gc.collect()
 
         vae = self.model("vae")
         with location("vae"):

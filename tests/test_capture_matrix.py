@@ -104,7 +104,9 @@ def test_litert_cpu_capture_of_the_deployed_model(arch, weights, rewrites, cell_
     assert rc == 0, out
     assert max(t["k_needed"] for t in cert["tensors"]) < 4
     cost = cert["deployment_cost"]
-    if weights == "fp32" and rewrites in EQUIVALENT:
+    if weights == "fp32" and rewrites == "none":
+        assert cost["worst_rel_peak"] == 0  # the model as published: the reference is the original run
+    elif weights == "fp32" and rewrites in EQUIVALENT:
         assert cost["worst_rel_peak"] < 1e-4  # float32 reordering only (serial sums, 1x1 convs for FC)
     else:  # fp16 / int8 weights or the clipped GELU change the model: its cost is measured and reported
         assert cost["worst_rel_peak"] > 1e-5, cost

@@ -35,6 +35,20 @@ def gelu_clip_device(tiny_sd21, tmp_path_factory):
                             precision="f32_f16", ftz=False, declare_ftz=False, rewrites="gelu_clip")
 
 
+def test_a_model_deployed_as_published_is_its_own_original(gelu_clip_device, tiny_sd21, certify_cache, tmp_path):
+    """The deployment cost compares the deployed reference with the published model's run; with fp32 weights
+    and no rewrites the two are one run, bit for bit, so it runs once."""
+    from refsd_validate.certify_rerun import ORIGINAL_DEPLOYMENT
+    from refsd_validate.plan import prepare
+
+    published = rewrite_bundle(gelu_clip_device, tmp_path / "published",
+                               doc=lambda d: d["model"].update(rewrites="none"))
+    roles = {j.role for j in prepare(published, tiny_sd21, cache_dir=certify_cache).jobs()}
+    assert "original" not in roles and {"reference", "free", "teacher"} <= roles
+    plan = prepare(gelu_clip_device, tiny_sd21, cache_dir=certify_cache)
+    assert plan.deployment != ORIGINAL_DEPLOYMENT and "original" in {j.role for j in plan.jobs()}
+
+
 def test_approximating_rewrite_certifies_and_its_cost_is_reported(gelu_clip_device, tiny_sd21, certify_cache,
                                                                    tmp_path, capsys):
     rc, cert, out = certify_cli(gelu_clip_device, tiny_sd21, tmp_path / "out", certify_cache, capsys)

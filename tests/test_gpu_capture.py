@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import jsonschema
@@ -51,8 +52,7 @@ def _cli(*args, env=None):
                           text=True, env=env)
 
 
-def _request_args(tflite: Path, model: Path, out: Path) -> list[str]:
-    r = REQUEST
+def _request_args(tflite: Path, model: Path, out: Path, r: Request = REQUEST) -> list[str]:
     return ["--tflite", str(tflite), "--model", str(model), "--out", str(out), "--prompt", r.prompt,
             "--negative-prompt", r.negative_prompt, "--seed", str(r.seed), "--steps", str(r.steps),
             "--guidance", str(r.guidance), "--scheduler", r.scheduler, "--quiet", "--accelerator", "gpu"]
@@ -273,7 +273,8 @@ def test_a_deployment_the_gpu_breaks_is_rejected_where_it_breaks(exports, tiny_s
         state[k] = state[k] * np.float32(300)
     save_file(state, str(weights))
     export(model, tmp_path / "tflite", weights="fp16", rewrites="paper", height=64, width=64, progress=False)
-    r = _cli(*_request_args(tmp_path / "tflite", model, tmp_path / "b"), "--intermediates")
+    # One step: the fault breaks step 0.
+    r = _cli(*_request_args(tmp_path / "tflite", model, tmp_path / "b", replace(REQUEST, steps=1)), "--intermediates")
     assert r.returncode == 0, r.stderr
     cert = certify(tmp_path / "b", model, mode="teacher", cache_dir=certify_cache)
     f = cert.to_dict()["first_failure"]

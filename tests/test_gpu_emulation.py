@@ -302,10 +302,10 @@ def test_real_gpu_kernels(tmp_path):
     finally:
         sys.path.remove(str(ROOT / "bench"))
     cat = [p.name for p in gpu_probes.CATALOGUE_PROBES]
-    first = gpu_probes.measure(tmp_path, ["mul"])[0]
+    rows = {r["probe"]: r for r in gpu_probes.measure(tmp_path, list(GPU_PROBES) + cat)}
+    first = rows["mul"]
     if "gpu" not in first or first["accel"] != "full":  # no output, or the CPU ran it
         pytest.skip(f"LiteRT's GPU accelerator does not run here (no Vulkan device?): {first['error'] or 'fallback'}")
-    rows = {r["probe"]: r for r in gpu_probes.measure(tmp_path, list(GPU_PROBES) + cat)}
     for name in GPU_PROBES:
         assert rows[name]["error"] is None, rows[name]["error"]
         assert rows[name]["new"]["bit_identical"] == 1.0, name

@@ -83,6 +83,35 @@ def test_supplied_latents_replay_the_seed(tiny):
         pipe(req, latents=np.zeros((1, 4, 4, 4), np.float32), progress=False)
 
 
+def test_low_memory_mode_frees_each_model_when_its_stage_ends(tiny, monkeypatch):
+    """Staged loading drops a stage's model before the next one loads, by reference counting alone (the
+    pipeline runs no garbage collection): no model, and no weight array of one, outlives its stage."""
+    import gc
+    import weakref
+
+    _, path = tiny
+    low = Pipeline(path, precision="f16", low_memory=True)
+    load, alive = low._load, {}
+
+    def tracked(name):
+        model = load(name)
+        alive[name] = [weakref.ref(model)] + [weakref.ref(w) for _, w in model.named_parameters()]
+        return model
+
+    def at_step(i, trace):
+        assert all(r() is None for r in alive["text_encoder"]), "the text encoder outlived its stage"
+
+    monkeypatch.setattr(low, "_load", tracked)
+    gc.disable()
+    try:
+        low(Request(PROMPT, steps=2, scheduler="ddim", height=32, width=32), progress=False, on_step=at_step)
+        assert set(alive) == {"text_encoder", "unet", "vae"}
+        assert all(r() is None for refs in alive.values() for r in refs), {n: sum(r() is not None for r in refs)
+                                                                          for n, refs in alive.items()}
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("precision", ["f32", "f32_f16", "f16"])
 def test_low_memory_mode_is_bitwise_identical(tiny, precision):
     # Staged loading, and in fp16-storage modes float16 weight arrays, change

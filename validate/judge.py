@@ -118,7 +118,8 @@ def judge_certificate(plan: Plan, traces: dict[tuple[str, int], dict],
          and order.index(o["first_affected_tensor"]) <= order.index(first.name)), None)
     certified = not failures and all(c["passed"] for c in exact)
     hint = _layout_hint(first, expected_by_mode[first.mode][first.name], device(first.name), k) if first else None
-    cost = _deployment_cost(ref, traces["original", 0], deployment)
+    original = ref if deployment == ORIGINAL_DEPLOYMENT else traces["original", 0]  # as Plan.jobs runs it
+    cost = _deployment_cost(ref, original, deployment)
     gate = plan.max_deployment_cost
     if gate is not None:
         cost["gate"] = {"kind": gate.kind, "limit": gate.limit, "passed": gate.passes(cost)}

@@ -88,7 +88,9 @@ class Plan:
         teacher-forced calibration runs are fed its trajectory). Calibration
         runs depend only on the model, the deployment, the declared stages
         and the request, not on what the device computed: bundles of one
-        request share them (same keys)."""
+        request share them (same keys). The original model's run (what the
+        deployment costs) is the reference itself when the model is deployed
+        as published (fp32 weights, no rewrites): not run twice."""
         b = self.bundle
 
         def job(role, variant=REFERENCE_RUN, index=0, teacher=None, dep=None, wanted=None, tensors=None):
@@ -103,7 +105,8 @@ class Plan:
             out += [job("teacher", v, i, teacher="reference") for i, v in enumerate(self.variants)]
             out.append(job("device_teacher", teacher="tensors",
                            tensors=teacher_inputs(b.tensors, b.request["steps"])))
-        out.append(job("original", dep=ORIGINAL_DEPLOYMENT, wanted=frozenset()))
+        if self.deployment != ORIGINAL_DEPLOYMENT:  # else the reference is that run, bit for bit
+            out.append(job("original", dep=ORIGINAL_DEPLOYMENT, wanted=frozenset()))
         return out
 
 
