@@ -2,7 +2,7 @@
 against one diffusers fp32 pipeline run of the same request, in one run.
 
     python bench/bench_certify.py [--image 256] [--steps 10] [--threads 1]
-                                  [--precisions f32_f16 f16 f16-gpu] [--bundles 3] [--cache DIR]
+                                  [--precisions f32_f16 f16 f16-gpu] [--bundles 3] [--no-fleet] [--cache DIR]
 
 The model is bench_pipeline's random SD 2.1-base folder (diffusers' own
 initialization, seed 0). Each declared precision gets an emulated device
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="BLAS and PyTorch threads (default 1)")
     p.add_argument("--precisions", nargs="+", choices=("f32", "f32_f16", "f16", "f16-gpu"), default=["f32_f16", "f16"])
     p.add_argument("--bundles", type=int, default=3, help="devices of one request for the sharing rows (default 3)")
+    p.add_argument("--no-fleet", action="store_true", help="skip the certify-fleet row (a second cold certificate)")
     default_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "refsd" / "bench-sd21-base"
     p.add_argument("--cache", type=Path, default=default_cache, help=f"model folder (default {default_cache})")
     p.add_argument("--_child", nargs="+", help=argparse.SUPPRESS)
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, d in enumerate(devices[1:], 1):
                 row(f"certify {precision}, device {i + 1} of one request ({'FTZ' if i == 1 else '+1 % bias'}; "
                     "calibration cached)", "certify", d, cache)
-            if len(devices) > 1:
+            if len(devices) > 1 and not args.no_fleet:
                 r = _run(args, "fleet", work / f"fleet-{precision}", work / f"fleet-cache-{precision}", *devices)
                 # 2 workers asked; the local cluster starts fewer where two reruns do not fit in memory
                 rows.append((f"certify-fleet {precision}, {len(devices)} bundles, {r['local_workers']} of 2 workers, "
