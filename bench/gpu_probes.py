@@ -9,8 +9,9 @@ importing tensorflow and ai_edge_litert in one process segfaults:
 1. ``build``: the probe through refsd's TensorFlow twins (``refsd.export.tf_ops``,
    the same code ``refsd export`` uses) -> ``NAME.tflite`` + ``NAME.npz`` (inputs);
 2. ``run``: LiteRT's GPU accelerator in fp16 (``enforce_f32=False``) -> ``NAME.gpu.npy``,
-   one subprocess per probe with native stderr captured (a shader that fails to
-   compile is only logged there, and its output is silently zeros);
+   the probes in one subprocess with native stderr captured and each probe's part of
+   it told apart by a marker line (a shader that fails to compile is only logged
+   there, and its output is silently zeros); after a crash the rest run in a new one;
 3. compare (this process, NumPy only): refsd's op in ``f32`` (the ideal), in
    ``f16`` (the old model) and in ``f16`` with ``device_model="litert-gpu"`` (the
    new one), each against the GPU: relative error ``max|y - y_f32| / max|y_f32|``
