@@ -316,6 +316,26 @@ def test_real_gpu_kernels(tmp_path):
                 assert (r["gpu"]["nonfinite"] == 0) == want, (case.name, variant)
 
 
+def test_gpu_probes_survive_a_probe_that_crashes(tmp_path):
+    """The probes share one process; one that dies takes its error with it and the rest run in a new one."""
+    pytest.importorskip("tensorflow", reason="needs the export extra (tensorflow-cpu) to build probes")
+    pytest.importorskip("ai_edge_litert", reason="needs the export extra (ai-edge-litert) to run probes")
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_probes
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    names = ["mul", "exp", "silu"]
+    subprocess.run([sys.executable, gpu_probes.__file__, "build", str(tmp_path), *names], check=True,
+                   stderr=subprocess.DEVNULL)
+    (tmp_path / "exp.npz").unlink()
+    errors = gpu_probes.run(tmp_path, names)
+    assert "exp.npz" in errors["exp"] and "FileNotFoundError" in errors["exp"], errors
+    if not (tmp_path / "mul.accel").exists():  # the probe before the crash did not run either
+        pytest.skip(f"LiteRT's GPU accelerator does not run here (no Vulkan device?): {errors}")
+    assert (tmp_path / "silu.accel").exists() and set(errors) == {"exp"}, errors  # ran after the crash
+
+
 def test_fp16_check_device_model(tmp_path, capsys):
     from refsd.cli import main
     from refsd.tiny import make_tiny
