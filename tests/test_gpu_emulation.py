@@ -293,7 +293,8 @@ GPU_PROBES = ("mul", "exp", "silu", "linear", "linear_row", "linear_rows16", "li
               "group_norm", "layer_norm_affine", "gelu_all", "gelu_tanh_all", "geglu", "timestep_embedding")
 
 
-def test_real_gpu_kernels(tmp_path):
+def _gpu_probes():
+    """bench/gpu_probes.py as a module (skips without the export extra)."""
     pytest.importorskip("tensorflow", reason="needs the export extra (tensorflow-cpu) to build probes")
     pytest.importorskip("ai_edge_litert", reason="needs the export extra (ai-edge-litert) to run probes")
     sys.path.insert(0, str(ROOT / "bench"))
@@ -301,6 +302,11 @@ def test_real_gpu_kernels(tmp_path):
         import gpu_probes
     finally:
         sys.path.remove(str(ROOT / "bench"))
+    return gpu_probes
+
+
+def test_real_gpu_kernels(tmp_path):
+    gpu_probes = _gpu_probes()
     cat = [p.name for p in gpu_probes.CATALOGUE_PROBES]
     rows = {r["probe"]: r for r in gpu_probes.measure(tmp_path, list(GPU_PROBES) + cat)}
     first = rows["mul"]
@@ -318,13 +324,7 @@ def test_real_gpu_kernels(tmp_path):
 
 def test_gpu_probes_survive_a_probe_that_crashes(tmp_path):
     """The probes share one process; one that dies takes its error with it and the rest run in a new one."""
-    pytest.importorskip("tensorflow", reason="needs the export extra (tensorflow-cpu) to build probes")
-    pytest.importorskip("ai_edge_litert", reason="needs the export extra (ai-edge-litert) to run probes")
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import gpu_probes
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    gpu_probes = _gpu_probes()
     names = ["mul", "exp", "silu"]
     subprocess.run([sys.executable, gpu_probes.__file__, "build", str(tmp_path), *names], check=True,
                    stderr=subprocess.DEVNULL)
