@@ -341,6 +341,10 @@ _HARMLESS = re.compile(r"openvino|npu|libopencl", re.IGNORECASE)
 _START = "refsd-probe: "
 
 
+def _error_lines(lines: list[str]) -> list[str]:
+    return [ln for ln in lines if "error" in ln.lower() and not _HARMLESS.search(ln)]
+
+
 def run(out: Path, names: list[str]) -> dict[str, str]:
     """The probes in one process (a process start and the accelerator's set-up cost about a second each);
     when a probe crashes it, the rest run in a new one. Returns the native-stderr errors per probe."""
@@ -349,20 +353,23 @@ def run(out: Path, names: list[str]) -> dict[str, str]:
     while pending:
         r = subprocess.run([sys.executable, __file__, "run-some", str(out), *pending], capture_output=True, text=True)
         logs: dict[str, list[str]] = {}
+        current = None
         for line in r.stderr.splitlines():
             if line.startswith(_START) and line[len(_START):] in pending:
-                logs[line[len(_START):]] = []
-            elif logs:
-                logs[list(logs)[-1]].append(line)
+                current = line[len(_START):]
+                logs[current] = []
+            elif current is not None:
+                logs[current].append(line)
         for name, lines in logs.items():
-            bad = [ln for ln in lines if "error" in ln.lower() and not _HARMLESS.search(ln)]
-            if bad:
+            if bad := _error_lines(lines):
                 errors[name] = bad[0]
-        if r.returncode:  # the last probe announced crashed: its last error line, else its last line
-            last = list(logs)[-1] if logs else pending[0]
-            lines = logs.get(last) or r.stderr.strip().splitlines() or [f"exit {r.returncode}"]
-            errors[last] = ([ln for ln in lines if "error" in ln.lower()] or lines)[-1]
-        pending = pending[pending.index(last) + 1:] if r.returncode else []
+        if not r.returncode:
+            break
+        # The last probe announced crashed it: its last error line, else its last line.
+        last = current or pending[0]
+        lines = logs.get(last) or r.stderr.strip().splitlines() or [f"exit {r.returncode}"]
+        errors[last] = (_error_lines(lines) or lines)[-1]
+        pending = pending[pending.index(last) + 1:]
     return errors
 
 

@@ -118,7 +118,7 @@ def judge_certificate(plan: Plan, traces: dict[tuple[str, int], dict],
          and order.index(o["first_affected_tensor"]) <= order.index(first.name)), None)
     certified = not failures and all(c["passed"] for c in exact)
     hint = _layout_hint(first, expected_by_mode[first.mode][first.name], device(first.name), k) if first else None
-    original = ref if deployment == ORIGINAL_DEPLOYMENT else traces["original", 0]  # as Plan.jobs runs it
+    original = ref if plan.original_is_reference else traces["original", 0]
     cost = _deployment_cost(ref, original, deployment)
     gate = plan.max_deployment_cost
     if gate is not None:

@@ -83,6 +83,12 @@ class Plan:
                     + (f" ({self.completed_because})" if self.completed_because else ""))
         return "full design"
 
+    @property
+    def original_is_reference(self) -> bool:
+        """The model is deployed as published (fp32 weights, no rewrites): the
+        original model's run is the reference run, bit for bit."""
+        return self.deployment == ORIGINAL_DEPLOYMENT
+
     def jobs(self) -> list[RerunJob]:
         """Every rerun the certificate needs, the reference first (the
         teacher-forced calibration runs are fed its trajectory). Calibration
@@ -105,7 +111,7 @@ class Plan:
             out += [job("teacher", v, i, teacher="reference") for i, v in enumerate(self.variants)]
             out.append(job("device_teacher", teacher="tensors",
                            tensors=teacher_inputs(b.tensors, b.request["steps"])))
-        if self.deployment != ORIGINAL_DEPLOYMENT:  # else the reference is that run, bit for bit
+        if not self.original_is_reference:
             out.append(job("original", dep=ORIGINAL_DEPLOYMENT, wanted=frozenset()))
         return out
 

@@ -452,7 +452,7 @@ def _batch_means_ratio(x: np.ndarray, min_batches: int) -> float:
     ``min_batches`` of them; at least 1. Each level's sums are the previous
     level's summed four at a time (strided adds: NumPy's sum over an axis of
     length 4 is several times slower), so all levels cost about two passes."""
-    base = float(x.std())
+    base = _std(x)
     out = 1.0
     sums, b = x, 1
     while base > 0 and sums.size // 4 >= min_batches:
